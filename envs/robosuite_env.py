@@ -1,0 +1,226 @@
+"""A robosuite manipulation task behind the gymnasium API.
+
+This is the only module that imports robosuite, and only when an env is built.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from envs.tasks import ACTION_DIM, OBS_KEYS, TaskSpec, get_task
+
+# Offscreen rendering through EGL works on the CPU (Mesa) here; set before mujoco is imported.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+def _quiet_robosuite() -> None:
+    # robosuite logs several warnings at import (private macros, optional robot models) that
+    # are noise for our users; keep its errors.
+    import logging
+
+    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+
+
+class RobosuiteEnv(gym.Env):
+    """One robosuite task with robomimic's low-dim observation as a float32 vector.
+
+    - `observation_layout`: key -> (start, stop) slice of the observation vector.
+    - `info["success"]`: the task's own success check after the step.
+    - `reset(seed=s)`: the same `s` gives the same initial MuJoCo state, bit for bit.
+    - `get_state()` / `set_state()`: the flattened MuJoCo state, for replaying recorded episodes.
+    - Episodes are truncated at the task's horizon; `terminate_on_success` ends them at success.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(
+        self,
+        task: str | TaskSpec,
+        seed: int | None = None,
+        render: bool = False,
+        terminate_on_success: bool = True,
+        camera: str = "agentview",
+        render_size: tuple[int, int] = (256, 256),
+    ):
+        self.spec_task = task if isinstance(task, TaskSpec) else get_task(task)
+        self.render_mode = "rgb_array" if render else None
+        self.terminate_on_success = terminate_on_success
+        self.camera = camera
+        self.render_size = render_size
+        self._default_seed = seed
+        self._seeded = False
+        self._t = 0
+
+        _quiet_robosuite()
+        import robosuite
+        from robosuite.controllers import load_composite_controller_config
+
+        _quiet_robosuite()
+        t = self.spec_task
+        self._env = robosuite.make(
+            t.env_name,
+            robots=t.robot,
+            controller_configs=load_composite_controller_config(controller=t.controller),
+            has_renderer=False,
+            has_offscreen_renderer=render,
+            use_camera_obs=False,
+            use_object_obs=True,
+            control_freq=t.control_freq,
+            horizon=t.horizon,
+            ignore_done=True,  # the horizon is enforced here, as gymnasium truncation
+            reward_shaping=False,
+            hard_reset=False,  # rebuilding the model every reset is slow and changes nothing
+            seed=seed,
+            **t.env_kwargs,
+        )
+        self.observation_layout = t.obs_layout
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (t.obs_dim,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+        self._last_obs: dict[str, np.ndarray] | None = None
+
+    # -- gymnasium API -------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is None and not self._seeded:
+            seed = self._default_seed
+        if seed is not None:
+            # robosuite samples initial placements and joint noise from env.rng, an object shared
+            # with its placement samplers: re-seed it in place so all of them see the new stream.
+            self._env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+            self._seeded = True
+        raw = self._env.reset()
+        # Without hard resets robosuite keeps each gripper's commanded position from the previous
+        # episode; a new episode starts from zero, as a freshly built env does.
+        for g in self._grippers():
+            g.current_action = np.zeros_like(g.current_action)
+        # robosuite builds the controllers before its last forward pass, so their first step uses
+        # a stale mass matrix; anchoring them here, as set_state does, makes a replay from the
+        # first recorded state take exactly the steps the episode took.
+        self._anchor_controllers()
+        raw = self._fresh_observations()
+        self._t = 0
+        self._last_obs = raw
+        return self._flatten(raw), {"success": False}
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64).reshape(ACTION_DIM)
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be finite, got {action}")
+        raw, reward, _, _ = self._env.step(np.clip(action, -1.0, 1.0))
+        self._t += 1
+        self._last_obs = raw
+        success = bool(self._env._check_success())
+        terminated = success and self.terminate_on_success
+        truncated = self._t >= self.spec_task.horizon
+        return self._flatten(raw), float(reward), terminated, truncated, {"success": success}
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            raise RuntimeError("this env was made without render=True")
+        w, h = self.render_size
+        frame = self._env.sim.render(camera_name=self.camera, width=w, height=h)
+        return np.ascontiguousarray(frame[::-1])  # MuJoCo's image origin is bottom-left
+
+    def close(self):
+        self._env.close()
+
+    # -- state for replay ------------------------------------------------------------------
+    # The state is MuJoCo's full integration state (time, qpos, qvel, actuator activations,
+    # warm-start accelerations, ctrl, mocap, ...) followed by each gripper's commanded position,
+    # which robosuite keeps in Python between steps. With less than that (robosuite's own
+    # time/qpos/qvel flattening) a replay drifts by ~1e-3 within a few steps.
+    def get_state(self) -> np.ndarray:
+        """The simulator's complete dynamic state as a float64 vector (see `set_state`)."""
+        import mujoco
+
+        m, d = self._mj
+        full = np.empty(mujoco.mj_stateSize(m, mujoco.mjtState.mjSTATE_INTEGRATION))
+        mujoco.mj_getState(m, d, full, mujoco.mjtState.mjSTATE_INTEGRATION)
+        return np.concatenate([full, *[g.current_action for g in self._grippers()]])
+
+    def set_state(self, state: np.ndarray) -> np.ndarray:
+        """Restore a state from `get_state()`, or robosuite's (time, qpos, qvel) flattening as
+        robomimic stores it; returns the observation there. Controllers are re-anchored at the
+        restored pose, as at the start of an episode."""
+        import mujoco
+
+        state = np.asarray(state, dtype=np.float64).ravel()
+        m, d = self._mj
+        n_full = mujoco.mj_stateSize(m, mujoco.mjtState.mjSTATE_INTEGRATION)
+        grippers = self._grippers()
+        n_grip = sum(g.current_action.size for g in grippers)
+        if state.size == n_full + n_grip:
+            mujoco.mj_setState(m, d, state[:n_full], mujoco.mjtState.mjSTATE_INTEGRATION)
+            offset = n_full
+            for g in grippers:
+                g.current_action = state[offset : offset + g.current_action.size].copy()
+                offset += g.current_action.size
+        elif state.size == 1 + m.nq + m.nv:
+            self._env.sim.set_state_from_flattened(state)
+            for g in grippers:
+                g.current_action = np.zeros_like(g.current_action)
+        else:
+            raise ValueError(
+                f"state has {state.size} values; {self.spec_task.name} expects {n_full + n_grip} "
+                f"(get_state) or {1 + m.nq + m.nv} (time, qpos, qvel)"
+            )
+        mujoco.mj_forward(m, d)
+        self._anchor_controllers()
+        raw = self._fresh_observations()
+        self._last_obs = raw
+        return self._flatten(raw)
+
+    @property
+    def _mj(self):
+        sim = self._env.sim
+        return sim.model._model, sim.data._data
+
+    def _grippers(self) -> list:
+        return [g for robot in self._env.robots for g in robot.gripper.values()]
+
+    def _fresh_observations(self) -> dict[str, np.ndarray]:
+        # Each robosuite observable samples on its own timer, which runs on across episodes; the
+        # phase decides which physics substep a step's observation comes from. Restarting the
+        # timers here makes the observations a function of the state alone.
+        env = self._env
+        env._obs_cache = {}
+        for observable in env._observables.values():
+            observable.reset()
+        return env._get_observations(force_update=True)
+
+    def _anchor_controllers(self) -> None:
+        for robot in self._env.robots:
+            for ctrl in robot.composite_controller.part_controllers.values():
+                ctrl.update(force=True)
+                if hasattr(ctrl, "update_initial_joints"):
+                    ctrl.update_initial_joints(ctrl.joint_pos)  # also resets the goal to here
+                else:
+                    ctrl.reset_goal()
+
+    # -- privileged access for scripted experts ------------------------------------------------
+    @property
+    def unwrapped_robosuite(self):
+        """The underlying robosuite environment (privileged state for scripted experts)."""
+        return self._env
+
+    @property
+    def raw_obs(self) -> dict[str, np.ndarray]:
+        """robosuite's observation dict from the last reset/step."""
+        return self._last_obs
+
+    @property
+    def elapsed_steps(self) -> int:
+        return self._t
+
+    def _flatten(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        parts = [raw["object-state"] if key == "object" else raw[key] for key in OBS_KEYS]
+        return np.concatenate(parts).astype(np.float32)
+
+
+def make_env(task: str, seed: int | None = None, render: bool = False, **kwargs: Any) -> RobosuiteEnv:
+    """A gymnasium env for `task` (lift, can or square); see `RobosuiteEnv`."""
+    return RobosuiteEnv(task, seed=seed, render=render, **kwargs)
