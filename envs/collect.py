@@ -1,0 +1,134 @@
+"""`dp-collect`: scripted-expert demonstrations for a task, written as a demonstration store.
+
+Episode seeds are tried in order from `seed`; the store keeps the first `n_demos` successful
+ones. Which seeds those are does not depend on the number of workers or their timing, so the
+same arguments give the same bytes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from envs.cli import command
+from envs.errors import UserError
+from envs.tasks import get_task
+
+
+@dataclass
+class TaskConfig:
+    name: str = "lift"
+
+
+@dataclass
+class CollectConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    n_demos: int = 200
+    seed: int = 0
+    out: str = "data/${task.name}.zarr"
+    workers: int = 0  # 0: one per core
+    max_attempts: int | None = None  # default: 2 * n_demos + 20
+    overwrite: bool = False
+
+
+# -- worker side: one environment per process, reused across episodes --------------------------
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(task: str) -> None:
+    from envs.robosuite_env import make_env
+
+    _worker["task"] = task
+    _worker["env"] = make_env(task)
+
+
+def _run_seed(seed: int) -> dict:
+    from envs.experts import expert_episode
+
+    return expert_episode(_worker["env"], _worker["task"], seed)
+
+
+# -- parent side ----------------------------------------------------------------------------------
+def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attempts: int | None = None,
+            progress: bool = True) -> tuple[list[dict], list[int]]:
+    """Run the task's expert on seeds seed, seed+1, ... until `n_demos` succeed.
+
+    Returns (successful episodes in seed order, failed seeds). Raises UserError when
+    `max_attempts` seeds were tried without reaching `n_demos`.
+    """
+    get_task(task)  # unknown task: fail before starting workers
+    if n_demos < 1:
+        raise UserError(f"n_demos: must be >= 1, got {n_demos}")
+    max_attempts = max_attempts or 2 * n_demos + 20
+    workers = workers or os.cpu_count() or 1
+    kept: list[dict] = []
+    failed: list[int] = []
+    seeds = range(seed, seed + max_attempts)
+    bar = tqdm(total=n_demos, desc=f"collect {task}", unit="demo", disable=not progress)
+    # spawn, not fork: each worker builds its own simulator and OpenGL context from scratch.
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(task,)) as pool:
+        # imap keeps seed order, so "the first n_demos successes" is the same set on any machine.
+        for episode in pool.imap(_run_seed, seeds):
+            if episode["succeeded"]:
+                kept.append(episode)
+                bar.update(1)
+            else:
+                failed.append(int(episode["seed"]))
+            bar.set_postfix(failed=len(failed))
+            if len(kept) == n_demos:
+                pool.terminate()  # stop the seeds already handed out beyond the last one needed
+                break
+    bar.close()
+    if len(kept) < n_demos:
+        raise UserError(
+            f"max_attempts: only {len(kept)} of {n_demos} demos succeeded in {max_attempts} seeds "
+            f"(failed: {len(failed)}); raise max_attempts"
+        )
+    return kept, failed
+
+
+def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int) -> dict:
+    """What a store records about how its demonstrations were made."""
+    spec = get_task(task)
+    seeds = [int(e["seed"]) for e in episodes]
+    return {
+        "task": task,
+        "env": spec.env_settings(),
+        "controller": {"type": spec.controller, "arm": "OSC_POSE", "input_type": "delta"},
+        "obs_keys": list(spec.obs_layout),
+        "obs_layout": {k: list(v) for k, v in spec.obs_layout.items()},
+        "source": "scripted-expert",
+        "collect_seed": seed,
+        "episode_seeds": seeds,
+        # every seed tried, kept or not: an evaluation must not start from any of them
+        "seeds_used": sorted(seeds + failed),
+        "failed_seeds": failed,
+        "parapolicy_version": version("parapolicy"),
+    }
+
+
+@command("collect", CollectConfig)
+def main(cfg: CollectConfig) -> None:
+    from envs.store import write_store
+
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"{out}: already exists; pass overwrite=true to replace it")
+    episodes, failed = collect(cfg.task.name, cfg.n_demos, cfg.seed, cfg.workers, cfg.max_attempts)
+    keys = ("obs", "action", "state", "reward", "success")
+    write_store(out, [{k: e[k] for k in keys} for e in episodes],
+                store_attrs(cfg.task.name, episodes, failed, cfg.seed), overwrite=cfg.overwrite)
+    steps = sum(len(e["action"]) for e in episodes)
+    print(f"wrote {out}: {len(episodes)} demos, {steps} steps; {len(failed)} expert failures "
+          f"(seeds {failed[:10]}{' ...' if len(failed) > 10 else ''})")
+
+
+if __name__ == "__main__":
+    main()
