@@ -1,16 +1,19 @@
 """The one way every `dp-<command>` starts: Hydra config, typed schema, one-line user errors.
 
 A command is a function of its composed config. Mistakes a user can make (a missing file, a
-store of another task, an unknown task) raise `UserError`; they are printed as one line,
-`dp-<command>: <message>`, with exit code 2 and no traceback.
+store of another task, an unknown task, a misspelt key, a value of the wrong type) are printed
+as one line, `dp-<command>: <message>`, with exit code 2 and no traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -39,6 +42,50 @@ def _check_group_choices(command: str, argv: list[str]) -> None:
             fail(command, f"unknown {key} {value!r}; known: {known}")
 
 
+def _keys(schema: type | None) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)] if schema is not None else []
+
+
+def _unknown_key(key: str, schema: type | None) -> str:
+    return f"unknown key {key!r} (keys: {', '.join(_keys(schema))})"
+
+
+def _config_message(err: BaseException, schema: type | None) -> str:
+    """One line for a Hydra/OmegaConf error: the key at fault first, then what is wrong."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+            return _unknown_key(key, schema)
+        text = getattr(cause, "msg", None) or str(cause)
+        return f"{key}: {text.splitlines()[0]}" if key else text.splitlines()[0]
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def _config_errors_in_one_line(name: str, schema: type | None) -> Iterator[None]:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    # Hydra prints its config errors over several lines and exits 1; told that a full error is
+    # wanted, it raises them instead, and we print them our way.
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException) as err:
+        fail(name, _config_message(err, schema))
+    finally:
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
+
+
 def command(config_name: str, schema: type | None = None) -> Callable[[Callable[[Any], Any]], Callable[[], None]]:
     """Make `fn(cfg)` a console-script entry point reading `conf/<config_name>.yaml`.
 
@@ -47,6 +94,7 @@ def command(config_name: str, schema: type | None = None) -> Callable[[Callable[
     """
     import hydra
     from hydra.core.config_store import ConfigStore
+    from omegaconf.errors import MissingMandatoryValue
 
     from envs.errors import UserError
 
@@ -57,10 +105,16 @@ def command(config_name: str, schema: type | None = None) -> Callable[[Callable[
     def wrap(fn: Callable[[Any], Any]) -> Callable[[], None]:
         @functools.wraps(fn)
         def task(cfg):
+            # Hydra lets `+key=value` add a key even to a typed config; we have no use for one.
+            extra = [k for k in cfg if schema is not None and k not in _keys(schema)]
+            if extra:
+                fail(name, _unknown_key(str(extra[0]), schema))
             try:
                 return fn(cfg)
             except UserError as err:
                 fail(name, str(err))
+            except MissingMandatoryValue as err:
+                fail(name, f"{err.full_key}: required")
             except FileNotFoundError as err:
                 fail(name, f"{err.filename}: no such file or directory")
             except KeyboardInterrupt:
@@ -72,7 +126,8 @@ def command(config_name: str, schema: type | None = None) -> Callable[[Callable[
             argv = sys.argv[1:]
             _check_group_choices(name, argv)
             sys.argv = [name, *argv, *HYDRA_QUIET]
-            hydra_main()
+            with _config_errors_in_one_line(name, schema):
+                hydra_main()
 
         return main
 

@@ -30,8 +30,11 @@ class RobosuiteEnv(gym.Env):
 
     - `observation_layout`: key -> (start, stop) slice of the observation vector.
     - `info["success"]`: the task's own success check after the step.
-    - `reset(seed=s)`: the same `s` gives the same initial MuJoCo state, bit for bit.
-    - `get_state()` / `set_state()`: the flattened MuJoCo state, for replaying recorded episodes.
+    - `reset(seed=s)`: the same `s` gives the same model (object sizes) and the same initial
+      MuJoCo state, bit for bit. `reset()` without a seed keeps the model and draws the next
+      initial state from the running stream.
+    - `get_state()` / `set_state()`: the complete dynamic state, for replaying recorded episodes:
+      `reset(seed=episode_seed)`, then `set_state(first_state)`, then the episode's actions.
     - Episodes are truncated at the task's horizon; `terminate_on_success` ends them at success.
     """
 
@@ -73,7 +76,7 @@ class RobosuiteEnv(gym.Env):
             horizon=t.horizon,
             ignore_done=True,  # the horizon is enforced here, as gymnasium truncation
             reward_shaping=False,
-            hard_reset=False,  # rebuilding the model every reset is slow and changes nothing
+            hard_reset=False,  # only seeded resets rebuild the model (see reset)
             seed=seed,
             **t.env_kwargs,
         )
@@ -88,15 +91,16 @@ class RobosuiteEnv(gym.Env):
         if seed is None and not self._seeded:
             seed = self._default_seed
         if seed is not None:
-            # robosuite samples initial placements and joint noise from env.rng, an object shared
-            # with its placement samplers: re-seed it in place so all of them see the new stream.
+            # robosuite draws object sizes (Lift's cube), placements and joint noise from env.rng,
+            # an object shared with its placement samplers: re-seed it in place, and rebuild the
+            # model (a hard reset, ~0.2 s) so that the seed determines the sizes too.
             self._env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
             self._seeded = True
+        self._env.hard_reset = seed is not None
+        if self._env.hard_reset:
+            self._free_render_context()
         raw = self._env.reset()
-        # Without hard resets robosuite keeps each gripper's commanded position from the previous
-        # episode; a new episode starts from zero, as a freshly built env does.
-        for g in self._grippers():
-            g.current_action = np.zeros_like(g.current_action)
+        self._zero_gripper_commands()
         # robosuite builds the controllers before its last forward pass, so their first step uses
         # a stale mass matrix; anchoring them here, as set_state does, makes a replay from the
         # first recorded state take exactly the steps the episode took.
@@ -126,6 +130,7 @@ class RobosuiteEnv(gym.Env):
         return np.ascontiguousarray(frame[::-1])  # MuJoCo's image origin is bottom-left
 
     def close(self):
+        self._free_render_context()
         self._env.close()
 
     # -- state for replay ------------------------------------------------------------------
@@ -161,8 +166,7 @@ class RobosuiteEnv(gym.Env):
                 offset += g.current_action.size
         elif state.size == 1 + m.nq + m.nv:
             self._env.sim.set_state_from_flattened(state)
-            for g in grippers:
-                g.current_action = np.zeros_like(g.current_action)
+            self._zero_gripper_commands()
         else:
             raise ValueError(
                 f"state has {state.size} values; {self.spec_task.name} expects {n_full + n_grip} "
@@ -181,6 +185,24 @@ class RobosuiteEnv(gym.Env):
 
     def _grippers(self) -> list:
         return [g for robot in self._env.robots for g in robot.gripper.values()]
+
+    def _free_render_context(self) -> None:
+        # A hard reset drops the simulator but robosuite never frees its offscreen GL context:
+        # ~100 MB leak per episode. Free the MuJoCo and EGL contexts ourselves first.
+        ctx = getattr(self._env.sim, "_render_context_offscreen", None)
+        if ctx is not None:
+            ctx.con.free()
+            ctx.gl_ctx.free()
+            self._env.sim._render_context_offscreen = None
+
+    def _zero_gripper_commands(self) -> None:
+        # Without hard resets robosuite keeps each gripper's commanded position from the previous
+        # episode; a new episode starts from zero, as a freshly built env does. The command is
+        # created with one value per gripper DOF but holds one per finger after the first step;
+        # formatting a zero action gives it that final shape now, so every state has one length.
+        for g in self._grippers():
+            g.current_action = np.zeros(g.dof)
+            g.format_action(np.zeros(g.dof))
 
     def _fresh_observations(self) -> dict[str, np.ndarray]:
         # Each robosuite observable samples on its own timer, which runs on across episodes; the

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from envs.errors import UserError
+
 # robomimic's low-dim observation keys, in the order they are concatenated into the vector.
 OBS_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 
@@ -16,7 +18,7 @@ HORIZON = 400  # control steps per episode, robomimic's PH protocol
 ACTION_DIM = 7  # OSC_POSE delta: dx dy dz, axis-angle drx dry drz, gripper (-1 open, +1 close)
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(UserError, ValueError):
     """A task name that is not in the registry."""
 
 

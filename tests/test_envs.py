@@ -71,7 +71,9 @@ def test_replay_from_saved_state_reproduces_the_episode_exactly(env):
     env.reset(seed=3)
     start = env.get_state()
     recorded = np.array([env.step(a)[0] for a in actions])
-    env.reset(seed=4)  # a different episode, then jump to the saved state
+    env.reset(seed=4)
+    env.step(actions[0])  # something else happens in between
+    env.reset(seed=3)  # the episode's seed fixes the model (object sizes); the state does the rest
     env.set_state(start)
     replayed = np.array([env.step(a)[0] for a in actions])
     np.testing.assert_array_equal(recorded, replayed)
@@ -103,12 +105,25 @@ def test_episode_is_truncated_at_the_horizon():
     assert steps == TASKS["lift"].horizon == 400
 
 
-def test_offscreen_rgb_rendering():
+def test_offscreen_rgb_rendering_across_seeded_resets():
     e = envs.make_env("lift", seed=0, render=True)
-    e.reset(seed=0)
-    frame = e.render()
-    assert frame.shape == (256, 256, 3) and frame.dtype == np.uint8
-    assert frame.std() > 10  # a scene, not a blank image
+    frames = []
+    for seed in (0, 1, 0):  # each seeded reset rebuilds the model and its render context
+        e.reset(seed=seed)
+        frames.append(e.render())
+    assert frames[0].shape == (256, 256, 3) and frames[0].dtype == np.uint8
+    assert frames[0].std() > 10  # a scene, not a blank image
+    assert np.array_equal(frames[0], frames[2]) and not np.array_equal(frames[0], frames[1])
+    e.close()
+
+
+def test_seed_fixes_the_object_sizes_too():
+    e = envs.make_env("lift")
+    sizes = []
+    for seed in (0, 1, 0):
+        e.reset(seed=seed)
+        sizes.append(e.unwrapped_robosuite.cube.size.copy())
+    assert np.array_equal(sizes[0], sizes[2]) and not np.array_equal(sizes[0], sizes[1])
 
 
 def test_non_finite_action_is_refused(env):

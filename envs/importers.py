@@ -1,0 +1,233 @@
+"""Importers: demonstrations made elsewhere, converted into a demonstration store.
+
+`import_robomimic` reads robomimic's low-dim HDF5 (`data/demo_<i>/{obs/<key>, actions, rewards,
+dones, states}` with a JSON `env_args` attribute on `data`). `dp-import in=demo.hdf5
+out=data/x.zarr [overwrite=true]` is its command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import MISSING
+
+from envs.cli import command
+from envs.errors import SourceError, UserError
+from envs.store import check_destination, open_store, write_store
+from envs.tasks import ACTION_DIM, TASKS, TaskSpec
+
+_DEMO_NAME = re.compile(r"^demo_(\d+)$")
+
+
+def import_robomimic(hdf5_path: str | os.PathLike, out_path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Convert the robomimic low-dim HDF5 at `hdf5_path` into a store at `out_path`.
+
+    - Task: from `env_args.env_name` through the registry (Lift -> lift, PickPlaceCan -> can,
+      NutAssemblySquare -> square).
+    - Episodes: the demos in numeric order (demo_2 before demo_10).
+    - obs: robomimic's `obs/<key>` concatenated in `envs.tasks.OBS_KEYS` order, float32; each
+      key's width must match the task's observation layout.
+    - action, reward, state: robomimic's `actions`, `rewards`, `states` (flattened sim states).
+    - success, per step: with robosuite's sparse reward (env_kwargs.reward_shaping false, as in
+      robomimic's datasets) the reward is positive exactly when the task's success check holds
+      after the step, so success = reward > 0. With shaped rewards, `dones` when every demo
+      has them (robomimic's done_mode 2 also marks each demo's last step), else only the last
+      step of each demo. Which rule was used is recorded in attrs["success_source"].
+    - attrs record the source file (absolute path, sha256), its demo names and filter masks,
+      its env_args, the task's env settings and the observation layout.
+
+    Raises SourceError naming the file and the missing or malformed field, StoreError if
+    `out_path` exists and not `overwrite`. Writing is atomic (see `write_store`).
+    """
+    out_path = check_destination(out_path, overwrite)
+    source = read_robomimic(hdf5_path)
+    return write_store(out_path, source.episodes, source.attrs(), overwrite=overwrite)
+
+
+@dataclasses.dataclass
+class RobomimicSource:
+    """The demonstrations of one robomimic HDF5, converted to store episodes."""
+
+    path: Path
+    spec: TaskSpec
+    env_args: dict
+    demo_names: list[str]
+    episodes: list[dict[str, np.ndarray]]
+    success_source: str
+    masks: dict[str, list[str]]
+
+    def attrs(self) -> dict[str, Any]:
+        layout = self.spec.obs_layout
+        return {
+            "task": self.spec.name,
+            "env": self.spec.env_settings(),
+            "obs_keys": list(layout),
+            "obs_layout": {k: list(v) for k, v in layout.items()},
+            "source": "robomimic",
+            "source_file": str(self.path.resolve()),
+            "source_sha256": _sha256(self.path),
+            "source_demos": self.demo_names,
+            "source_masks": self.masks,
+            "robomimic_env_args": self.env_args,
+            "success_source": self.success_source,
+            "parapolicy_version": version("parapolicy"),
+        }
+
+
+def read_robomimic(hdf5_path: str | os.PathLike) -> RobomimicSource:
+    """Read and check a robomimic low-dim HDF5 (see `import_robomimic` for the conversion)."""
+    import h5py
+
+    path = Path(hdf5_path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise SourceError(f"{path}: not a readable HDF5 file ({err})") from None
+    with f:
+        if "data" not in f or not isinstance(f["data"], h5py.Group):
+            raise SourceError(f"{path}: missing group 'data' (not a robomimic dataset?)")
+        data = f["data"]
+        env_args = _env_args(path, data)
+        spec = _task_for_env(path, env_args)
+        names = sorted((n for n in data if isinstance(data[n], h5py.Group)), key=_demo_order)
+        if not names:
+            raise SourceError(f"{path}: data: no demonstrations")
+        shaped = bool(env_args.get("env_kwargs", {}).get("reward_shaping", False))
+        if not shaped:
+            success_source = "rewards"
+        elif all("dones" in data[n] for n in names):
+            success_source = "dones"
+        else:
+            success_source = "final_step"
+        episodes = [_episode(path, spec, n, data[n], success_source) for n in names]
+        masks = {k: sorted((_str(v) for v in f["mask"][k][()]), key=_demo_order) for k in f.get("mask", {})}
+    return RobomimicSource(path, spec, env_args, names, episodes, success_source, masks)
+
+
+def _env_args(path: Path, data: Any) -> dict:
+    if "env_args" not in data.attrs:
+        raise SourceError(f"{path}: data: missing attribute 'env_args'")
+    try:
+        env_args = json.loads(_str(data.attrs["env_args"]))
+    except (ValueError, TypeError) as err:
+        raise SourceError(f"{path}: data.attrs['env_args']: not a JSON object ({err})") from None
+    if not isinstance(env_args, dict) or "env_name" not in env_args:
+        raise SourceError(f"{path}: data.attrs['env_args']: missing 'env_name'")
+    return env_args
+
+
+def _task_for_env(path: Path, env_args: dict) -> TaskSpec:
+    by_env = {spec.env_name: spec for spec in TASKS.values()}
+    env_name = env_args["env_name"]
+    if env_name not in by_env:
+        known = ", ".join(f"{e} -> {s.name}" for e, s in sorted(by_env.items()))
+        raise SourceError(f"{path}: env_args.env_name {env_name!r} is not a known task (known: {known})")
+    return by_env[env_name]
+
+
+def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: str) -> dict[str, np.ndarray]:
+    where = f"{path}: data/{name}"
+    for key in ("obs", "actions", "rewards", "states"):
+        if key not in demo:
+            raise SourceError(f"{where}: missing {key!r}")
+    parts = []
+    for key, (start, stop) in spec.obs_layout.items():
+        if key not in demo["obs"]:
+            raise SourceError(f"{where}/obs: missing {key!r}")
+        value = np.asarray(demo["obs"][key], dtype=np.float32)
+        if value.ndim != 2 or value.shape[1] != stop - start:
+            raise SourceError(f"{where}/obs/{key}: shape {value.shape}, task {spec.name!r} expects [T, {stop - start}]")
+        parts.append(value)
+    episode = {
+        "obs": np.concatenate(parts, axis=1),
+        "action": np.asarray(demo["actions"], dtype=np.float32),
+        "state": np.asarray(demo["states"], dtype=np.float64),
+        "reward": np.asarray(demo["rewards"], dtype=np.float32),
+    }
+    if episode["action"].ndim != 2 or episode["action"].shape[1] != ACTION_DIM:
+        raise SourceError(f"{where}/actions: shape {episode['action'].shape}, expected [T, {ACTION_DIM}]")
+    if episode["state"].ndim != 2:
+        raise SourceError(f"{where}/states: shape {episode['state'].shape}, expected [T, S]")
+    if episode["reward"].ndim != 1:
+        raise SourceError(f"{where}/rewards: shape {episode['reward'].shape}, expected [T]")
+    n = len(episode["action"])
+    if n == 0:
+        raise SourceError(f"{where}/actions: no steps")
+    if success_source == "rewards":
+        episode["success"] = episode["reward"] > 0
+    elif success_source == "dones":
+        episode["success"] = np.asarray(demo["dones"]).astype(bool).reshape(-1)
+    else:
+        episode["success"] = np.arange(n) == n - 1
+    lengths = {k: len(v) for k, v in episode.items()}
+    if len(set(lengths.values())) > 1:
+        raise SourceError(f"{where}: lengths differ ({', '.join(f'{k} {v}' for k, v in lengths.items())})")
+    return episode
+
+
+def _demo_order(name: str) -> tuple[int, int, str]:
+    """demo_2 before demo_10; names of another pattern after all demo_<i>, by name."""
+    m = _DEMO_NAME.match(name)
+    return (0, int(m.group(1)), name) if m else (1, 0, name)
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- command line -------------------------------------------------------------------------------
+
+# The schema of conf/import.yaml. Its first key is the Python keyword `in`, which the dataclass
+# decorator accepts only without a generated __init__/__repr__/__eq__ (they would name it as a
+# variable); Hydra and OmegaConf only read the fields, so nothing is lost.
+ImportConfig = dataclasses.dataclass(init=False, repr=False, eq=False)(
+    type(
+        "ImportConfig",
+        (),
+        {
+            "__module__": __name__,
+            "__doc__": "dp-import: in=<robomimic .hdf5> out=<store path> overwrite=<bool>.",
+            "__annotations__": {"in": str, "out": str, "overwrite": bool},
+            "in": MISSING,
+            "out": MISSING,
+            "overwrite": False,
+        },
+    )
+)
+
+_USAGE = "usage: dp-import in=demo.hdf5 out=data/lift.zarr [overwrite=true]"
+
+
+def _run(cfg: Any) -> None:
+    from omegaconf import OmegaConf
+
+    for key in ("in", "out"):
+        if OmegaConf.is_missing(cfg, key):
+            raise UserError(f"{key}: required; {_USAGE}")
+    try:
+        out = import_robomimic(cfg["in"], cfg["out"], overwrite=cfg["overwrite"])
+    except OSError as err:  # permissions, a full disk, ...: a file problem, not a bug
+        raise UserError(f"{err.filename or cfg['out']}: {err.strerror or err}") from err
+    with open_store(out) as store:
+        print(f"wrote {out}: task {store.task}, {store.n_episodes} demos, {store.n_steps} steps")
+
+
+main = command("import", ImportConfig)(_run)
