@@ -1,0 +1,41 @@
+"""Training windows over a demonstration store, as Diffusion Policy samples them.
+
+A window starting at step s of an episode holds observations s .. s+n_obs-1 and actions
+s .. s+horizon-1. Starts range from -(n_obs-1) (so the first action of an episode is predicted
+from a history padded with the first observation) to len-n_action_steps (so the last executed
+actions exist); indices outside the episode repeat its first or last step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.errors import UserError
+
+
+def episode_split(n_episodes: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Episode indices (train, val); at least one training episode, val may be empty."""
+    if n_episodes < 1:
+        raise UserError("store: has no episodes")
+    order = np.random.default_rng(seed).permutation(n_episodes)
+    n_val = min(int(round(val_fraction * n_episodes)), n_episodes - 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def window_index(episode_ends: np.ndarray, episodes: np.ndarray, horizon: int, n_obs: int,
+                 n_action: int) -> np.ndarray:
+    """Rows (episode_start, episode_end, window_start) of every window of the given episodes."""
+    starts = np.concatenate([[0], episode_ends[:-1]])
+    rows = []
+    for e in episodes:
+        a, b = int(starts[e]), int(episode_ends[e])
+        for s in range(-(n_obs - 1), (b - a) - n_action + 1):
+            rows.append((a, b, a + s))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def gather(data: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
+    """data[start + 0 .. start + length-1] for each row, clamped to its episode (edge padding)."""
+    a, b, s = rows[:, 0:1], rows[:, 1:2], rows[:, 2:3]
+    idx = np.clip(s + np.arange(length)[None, :], a, b - 1)
+    return data[idx]
