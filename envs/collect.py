@@ -18,12 +18,7 @@ from tqdm import tqdm
 
 from envs.cli import command
 from envs.errors import UserError
-from envs.tasks import get_task
-
-
-@dataclass
-class TaskConfig:
-    name: str = "lift"
+from envs.tasks import TaskConfig, get_task
 
 
 @dataclass

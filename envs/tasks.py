@@ -18,6 +18,13 @@ HORIZON = 400  # control steps per episode, robomimic's PH protocol
 ACTION_DIM = 7  # OSC_POSE delta: dx dy dz, axis-angle drx dry drz, gripper (-1 open, +1 close)
 
 
+@dataclass
+class TaskConfig:
+    """The `task` config group of every command (conf/task/<name>.yaml)."""
+
+    name: str = "lift"
+
+
 class UnknownTaskError(UserError, ValueError):
     """A task name that is not in the registry."""
 

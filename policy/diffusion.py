@@ -1,0 +1,111 @@
+"""The diffusion policy: a denoiser over action chunks conditioned on the observation history.
+
+`plan(obs_history)` is the whole robot-side API: it needs torch and this package, no simulator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from envs.errors import UserError
+from policy.network import ConditionalUnet1D, UNetConfig
+from policy.normalizer import Normalizer
+from policy.samplers import SampleResult, get_sampler
+from policy.schedule import ScheduleConfig, add_noise, make_scheduler
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "ddpm"
+    steps: int | None = None  # None: every training step
+
+
+@dataclass
+class PolicyConfig:
+    horizon: int = 16  # actions predicted per plan
+    n_obs_steps: int = 2  # observation history the plan is conditioned on
+    n_action_steps: int = 8  # actions executed per plan
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self):
+        if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
+            raise UserError(
+                f"policy.n_action_steps: {self.n_action_steps} does not fit a horizon of {self.horizon} "
+                f"after {self.n_obs_steps} observation steps"
+            )
+
+
+@dataclass
+class PlanResult:
+    actions: np.ndarray  # [n_action_steps, action_dim], in the env's action units
+    latency_ms: float  # wall clock of the whole plan call
+    model_evals: int
+    parallel_iters: int
+    converged: bool
+
+
+class DiffusionPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int, normalizer: Normalizer,
+                 meta: dict | None = None):
+        super().__init__()
+        self.cfg, self.obs_dim, self.action_dim = cfg, obs_dim, action_dim
+        self.normalizer = normalizer
+        self.meta = dict(meta or {})  # task, obs_layout, ...: what a checkpoint must match
+        self.net = ConditionalUnet1D(action_dim, obs_dim * cfg.n_obs_steps, cfg.unet)
+        self.scheduler = make_scheduler(cfg.schedule)
+        self.sampler = SamplerConfig()
+        self.generator: torch.Generator | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def seed(self, seed: int) -> None:
+        """Seed the noise of subsequent plans."""
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def condition(self, obs: torch.Tensor) -> torch.Tensor:
+        """[B, n_obs_steps, obs_dim] raw observations -> [B, cond_dim] denoiser condition."""
+        return self.normalizer.normalize("obs", obs).flatten(1)
+
+    def loss(self, obs: torch.Tensor, action: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Epsilon-prediction MSE on a batch of raw windows (obs [B, n_obs, D], action [B, H, A])."""
+        x0 = self.normalizer.normalize("action", action)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        t = torch.randint(0, self.cfg.schedule.num_train_timesteps, (x0.shape[0],), generator=generator,
+                          device=x0.device)
+        x_t = add_noise(self.scheduler, x0, noise, t)
+        return nn.functional.mse_loss(self.net(x_t, t.float(), self.condition(obs)), noise)
+
+    @torch.no_grad()
+    def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, SampleResult]:
+        """Raw action chunks [B, horizon, A] for raw observation histories [B, n_obs, D]."""
+        b = obs.shape[0]
+        if noise is None:
+            noise = torch.randn((b, self.cfg.horizon, self.action_dim), generator=self.generator, device=self.device)
+        sampler = get_sampler(self.sampler.name)
+        options = {k: v for k, v in asdict(self.sampler).items() if k != "name"}
+        result = sampler(self.net, self.condition(obs), self.scheduler, noise, self.generator, **options)
+        return self.normalizer.unnormalize("action", result.x), result
+
+    def plan(self, obs_history: np.ndarray) -> PlanResult:
+        """The actions to execute next for one observation history [n_obs_steps, obs_dim]."""
+        start = time.perf_counter()
+        obs = np.asarray(obs_history, dtype=np.float32)
+        want = (self.cfg.n_obs_steps, self.obs_dim)
+        if obs.shape != want:
+            raise ValueError(f"obs_history: shape {obs.shape}, expected {want}")
+        chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None])
+        first = self.cfg.n_obs_steps - 1  # the chunk starts at the oldest observation's step
+        actions = chunk[0, first : first + self.cfg.n_action_steps]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        actions = actions.cpu().numpy()
+        return PlanResult(actions, (time.perf_counter() - start) * 1e3, result.model_evals,
+                          result.parallel_iters, result.converged)

@@ -1,0 +1,227 @@
+"""`dp-train`: the Diffusion Policy recipe on a demonstration store.
+
+AdamW with warm-up and cosine decay, EMA weights (diffusers' EMAModel), periodic validation
+loss, TensorBoard logs, atomic checkpoints. Running the same command again resumes from the
+run's `latest` checkpoint; the same seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from envs.cli import command
+from envs.errors import UserError
+from envs.store import open_store
+from envs.tasks import TaskConfig, get_task
+from policy.checkpoint import latest, save_checkpoint
+from policy.diffusion import DiffusionPolicy, PolicyConfig
+from policy.network import UNetConfig
+from policy.normalizer import Normalizer
+from policy.schedule import ScheduleConfig
+from policy.windows import episode_split, gather, window_index
+
+
+@dataclass
+class TrainConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: str = "data/${task.name}.zarr"
+    out: str = "outputs/${task.name}"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    steps: int = 6000
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    warmup_steps: int = 500
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+    val_fraction: float = 0.05
+    val_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 25
+    min_episodes: int = 2
+    seed: int = 0
+    threads: int = 2
+    device: str = "auto"  # auto: cuda when present
+    stop_at: int | None = None  # stop (with a checkpoint) after this step, as an interruption would
+    progress: bool = True
+
+
+class Batches:
+    """Random training windows drawn from arrays held in memory (stores here are small)."""
+
+    def __init__(self, obs: np.ndarray, action: np.ndarray, rows: np.ndarray, cfg: PolicyConfig):
+        self.obs, self.action, self.rows, self.cfg = obs, action, rows, cfg
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        obs = gather(self.obs, rows, self.cfg.n_obs_steps)
+        act = gather(self.action, rows, self.cfg.horizon)
+        return torch.as_tensor(obs, device=device), torch.as_tensor(act, device=device)
+
+    def sample(self, rng: np.random.Generator, batch: int, device: torch.device):
+        return self.get(self.rows[rng.integers(0, len(self.rows), batch)], device)
+
+
+def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, dict]:
+    spec = get_task(cfg.task.name)
+    with open_store(cfg.data, task=cfg.task.name) as store:
+        if store.n_episodes < cfg.min_episodes:
+            raise UserError(f"{cfg.data}: has {store.n_episodes} episodes; training needs at least {cfg.min_episodes}")
+        for key in ("obs", "action"):
+            if key not in store.keys:
+                raise UserError(f"{cfg.data}: data/{key}: missing")
+        obs = np.asarray(store["obs"], dtype=np.float32)
+        action = np.asarray(store["action"], dtype=np.float32)
+        ends = store.episode_ends
+        layout = store.attrs.get("obs_layout") or {k: list(v) for k, v in spec.obs_layout.items()}
+    if obs.shape[1] != spec.obs_dim:
+        raise UserError(f"{cfg.data}: data/obs has {obs.shape[1]} dims; task {spec.name} has {spec.obs_dim}")
+    p = cfg.policy
+    train_eps, val_eps = episode_split(len(ends), cfg.val_fraction, cfg.seed)
+    train_rows = window_index(ends, train_eps, p.horizon, p.n_obs_steps, p.n_action_steps)
+    val_rows = window_index(ends, val_eps, p.horizon, p.n_obs_steps, p.n_action_steps)
+    starts = np.concatenate([[0], ends[:-1]])
+    train_steps = np.concatenate([np.arange(starts[e], ends[e]) for e in train_eps])
+    normalizer = Normalizer.fit({"obs": obs[train_steps], "action": action[train_steps]})
+    meta = {"task": spec.name, "obs_layout": {k: list(v) for k, v in layout.items()}, "data": str(cfg.data),
+            "train_episodes": train_eps.tolist(), "val_episodes": val_eps.tolist()}
+    val = Batches(obs, action, val_rows, p) if len(val_rows) else None
+    return Batches(obs, action, train_rows, p), val, normalizer, meta
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero at `steps` (diffusers' schedule, as a function
+    so that a resumed run needs no scheduler state)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def validation_loss(policy: DiffusionPolicy, net: torch.nn.Module, val: Batches, device, seed: int) -> float:
+    """Mean loss of `net` on every validation window, with fixed noise (comparable across steps)."""
+    g = torch.Generator(device).manual_seed(seed)
+    trained, policy.net = policy.net, net
+    try:
+        losses = []
+        for i in range(0, len(val), 512):
+            obs, act = val.get(val.rows[i : i + 512], device)
+            losses.append(policy.loss(obs, act, generator=g).item() * len(obs))
+        return sum(losses) / len(val)
+    finally:
+        policy.net = trained
+
+
+def train(cfg: TrainConfig, config_yaml: str = "") -> Path:
+    """Train (or resume) the run in `cfg.out`; returns its latest checkpoint."""
+    from diffusers.training_utils import EMAModel
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    train_set, val_set, normalizer, meta = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    policy = DiffusionPolicy(cfg.policy, train_set.obs.shape[1], train_set.action.shape[1], normalizer, meta).to(device)
+    optimizer = torch.optim.AdamW(policy.net.parameters(), lr=cfg.lr, betas=(0.95, 0.999),
+                                  weight_decay=cfg.weight_decay)
+    ema = EMAModel(policy.net.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
+                   power=cfg.ema_power)
+    ema_net = copy.deepcopy(policy.net)
+    rng = np.random.default_rng(cfg.seed)
+    noise_gen = torch.Generator(device).manual_seed(cfg.seed)
+    step, elapsed = 0, 0.0
+
+    out = Path(cfg.out)
+    resume = latest(out)
+    if resume is not None:
+        state = torch.load(resume / "trainer.pt", map_location=device, weights_only=False)
+        if state["policy_config"] != repr(cfg.policy) or state["data"] != str(cfg.data):
+            raise UserError(f"{out}: holds a run with another policy config or data; choose another out=")
+        from safetensors.torch import load_file
+
+        policy.net.load_state_dict(load_file(resume / "weights.safetensors"))
+        policy.normalizer = Normalizer.from_state_dict(load_file(resume / "normalizer.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        rng.bit_generator.state = state["numpy_rng"]
+        noise_gen.set_state(state["torch_rng"].to("cpu") if device.type == "cpu" else state["torch_rng"])
+        step, elapsed = state["step"], state["elapsed_s"]
+        print(f"resuming {out} from step {step}")
+
+    def checkpoint() -> Path:
+        ema.copy_to(ema_net.parameters())
+        state = {"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+                 "numpy_rng": rng.bit_generator.state, "torch_rng": noise_gen.get_state(),
+                 "policy_config": repr(cfg.policy), "data": str(cfg.data)}
+        return save_checkpoint(out, step, policy, ema_net, state, config_yaml)
+
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
+    writer = SummaryWriter(str(out / "tensorboard"))
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.task.name}", unit="step", disable=not cfg.progress)
+    data_s = compute_s = 0.0
+    policy.train()
+    try:
+        while step < end:
+            t0 = time.perf_counter()
+            obs, act = train_set.sample(rng, cfg.batch_size, device)
+            t1 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss = policy.loss(obs, act, generator=noise_gen)
+            if not torch.isfinite(loss):
+                last = latest(out)
+                raise UserError(f"loss: became {loss.item()} at step {step}; stopped, the last good checkpoint "
+                                f"is {last if last else 'none (none was written yet)'}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema.step(policy.net.parameters())
+            t2 = time.perf_counter()
+            data_s, compute_s = data_s + (t1 - t0), compute_s + (t2 - t1)
+            elapsed += t2 - t0
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == end:
+                bar.set_postfix(loss=f"{loss.item():.4f}", data=f"{100 * data_s / (data_s + compute_s):.1f}%")
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                writer.add_scalar("train/data_time_fraction", data_s / (data_s + compute_s), step)
+            if val_set is not None and (step % cfg.val_every == 0 or step == end):
+                ema.copy_to(ema_net.parameters())
+                val = validation_loss(policy, ema_net, val_set, device, cfg.seed)
+                writer.add_scalar("val/loss_ema", val, step)
+                tqdm.write(f"step {step}: val loss (EMA) {val:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == end:
+                checkpoint()
+    finally:
+        bar.close()
+        writer.close()
+    ckpt = latest(out)
+    print(f"{out}: step {step}/{cfg.steps}, {elapsed / 60:.1f} min of training; "
+          f"data loading {100 * data_s / max(data_s + compute_s, 1e-9):.1f}% of step time; checkpoint {ckpt}")
+    return ckpt
+
+
+@command("train", TrainConfig)
+def main(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    typed: TrainConfig = OmegaConf.to_object(cfg)
+    typed.policy = PolicyConfig(**{**vars(typed.policy)})  # run the policy's own checks
+    train(typed, OmegaConf.to_yaml(cfg))
+
+
+if __name__ == "__main__":
+    main()
