@@ -212,6 +212,9 @@ class RobosuiteEnv(gym.Env):
         env._obs_cache = {}
         for observable in env._observables.values():
             observable.reset()
+        # Object-to-gripper sensors read the gripper pose from the cache that the robot's own
+        # sensors fill during the same pass, after them: a second pass sees it (else zeros).
+        env._get_observations(force_update=True)
         return env._get_observations(force_update=True)
 
     def _anchor_controllers(self) -> None:
