@@ -23,9 +23,7 @@ from envs.store import open_store
 from envs.tasks import TaskConfig, get_task
 from policy.checkpoint import latest, save_checkpoint
 from policy.diffusion import DiffusionPolicy, PolicyConfig
-from policy.network import UNetConfig
 from policy.normalizer import Normalizer
-from policy.schedule import ScheduleConfig
 from policy.windows import episode_split, gather, window_index
 
 

@@ -1,7 +1,6 @@
 """Network contract, normalizer and training windows (issue 3 groundwork)."""
 
 import numpy as np
-import pytest
 import torch
 
 from policy.network import ConditionalUnet1D, UNetConfig
