@@ -11,7 +11,6 @@ import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -110,11 +109,9 @@ def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int) -
 
 @command("collect", CollectConfig)
 def main(cfg: CollectConfig) -> None:
-    from envs.store import write_store
+    from envs.store import check_destination, write_store
 
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise UserError(f"{out}: already exists; pass overwrite=true to replace it")
+    out = check_destination(cfg.out, cfg.overwrite)  # fail now, not after the collection
     episodes, failed = collect(cfg.task.name, cfg.n_demos, cfg.seed, cfg.workers, cfg.max_attempts)
     keys = ("obs", "action", "state", "reward", "success")
     write_store(out, [{k: e[k] for k in keys} for e in episodes],

@@ -33,11 +33,11 @@ class TrainConfig:
     data: str = "data/${task.name}.zarr"
     out: str = "outputs/${task.name}"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    steps: int = 6000
+    steps: int = 2500
     batch_size: int = 256
-    lr: float = 1e-4
+    lr: float = 3e-4
     weight_decay: float = 1e-6
-    warmup_steps: int = 500
+    warmup_steps: int = 200
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
     val_fraction: float = 0.05

@@ -1,0 +1,75 @@
+"""The closed-loop runner and dp-rollout, with a small trained policy in the real simulator."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import envs
+import policy
+from envs.store import write_store
+from policy.diffusion import PolicyConfig, SamplerConfig
+from policy.network import UNetConfig
+from policy.train import TrainConfig, train
+from rollouts.runner import run_episode
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny policy trained for a few steps on 3 real expert demonstrations of lift."""
+    from envs.collect import collect, store_attrs
+
+    root = tmp_path_factory.mktemp("rollout")
+    episodes, failed = collect("lift", n_demos=3, seed=0, workers=1, progress=False)
+    keys = ("obs", "action", "state", "reward", "success")
+    store = write_store(root / "lift.zarr", [{k: e[k] for k in keys} for e in episodes],
+                        store_attrs("lift", episodes, failed, 0))
+    cfg = TrainConfig(data=str(store), out=str(root / "run"), steps=20, batch_size=16, val_fraction=0.0,
+                      progress=False, threads=1, checkpoint_every=20,
+                      policy=PolicyConfig(unet=UNetConfig(down_dims=[16, 32], step_embed_dim=16, n_groups=4)))
+    return train(cfg)
+
+
+def test_episode_replans_every_n_action_steps_and_records_each_plan(checkpoint):
+    pol = policy.load(checkpoint)
+    pol.sampler = SamplerConfig(steps=5)
+    env = envs.make_env("lift")
+    r = run_episode(env, pol, seed=100000)
+    assert r.error is None and not r.success  # 20 training steps do not lift a cube
+    assert r.length == 400  # truncated at the horizon
+    n = pol.cfg.n_action_steps
+    assert len(r.plans) == -(-r.length // n)
+    assert [p.step for p in r.plans] == list(range(0, r.length, n))
+    assert all(p.model_evals == 5 and p.parallel_iters == 5 and p.converged for p in r.plans)
+    assert all(p.latency_ms > 0 for p in r.plans)
+
+
+def test_same_seed_same_episode(checkpoint):
+    pol = policy.load(checkpoint)
+    pol.sampler = SamplerConfig(steps=3)
+    env = envs.make_env("lift")
+    a, b = run_episode(env, pol, seed=7), run_episode(env, pol, seed=7)
+    assert (a.length, a.return_, a.max_reward) == (b.length, b.return_, b.max_reward)
+
+
+def test_plan_refuses_a_history_of_the_wrong_shape(checkpoint):
+    pol = policy.load(checkpoint)
+    with pytest.raises(ValueError, match=r"obs_history: shape \(3, 19\), expected \(2, 19\)"):
+        pol.plan(np.zeros((3, 19), np.float32))
+
+
+def test_dp_rollout_prints_episodes_and_success_rate(checkpoint):
+    exe = Path(sys.executable).with_name("dp-rollout")
+    r = subprocess.run([str(exe), f"checkpoint={checkpoint}", "episodes=1", "sampler.steps=2", "threads=1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "seed 100000: success=False length=400" in r.stderr + r.stdout
+    assert "lift: success 0% (0/1) with ddpm" in r.stdout
+
+
+def test_dp_rollout_missing_checkpoint_is_one_line(tmp_path):
+    exe = Path(sys.executable).with_name("dp-rollout")
+    r = subprocess.run([str(exe), f"checkpoint={tmp_path / 'nope'}"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == f"dp-rollout: {tmp_path / 'nope'}: no such checkpoint"
