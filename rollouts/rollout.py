@@ -43,8 +43,10 @@ def main(cfg) -> None:
         tqdm.write(f"seed {r.seed}: success={r.success} length={r.length} return={r.return_:.1f} "
                    f"plans={len(r.plans)} p50 latency={lat:.1f} ms" + (f" error={r.error}" if r.error else ""))
     rate = np.mean([r.success for r in results])
+    latencies = [p.latency_ms for r in results for p in r.plans]
     print(f"{task}: success {rate:.0%} ({sum(r.success for r in results)}/{len(results)}) "
-          f"with {cfg.sampler.name} from {pol.meta['checkpoint']} (step {pol.meta['step']})")
+          f"with {cfg.sampler.name} from {pol.meta['checkpoint']} (step {pol.meta['step']}); "
+          f"plan latency p50 {np.median(latencies):.1f} ms over {len(latencies)} plans, {cfg.threads} torch threads")
 
 
 if __name__ == "__main__":
