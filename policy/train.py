@@ -216,8 +216,7 @@ def train(cfg: TrainConfig, config_yaml: str = "") -> Path:
 def main(cfg) -> None:
     from omegaconf import OmegaConf
 
-    typed: TrainConfig = OmegaConf.to_object(cfg)
-    typed.policy = PolicyConfig(**{**vars(typed.policy)})  # run the policy's own checks
+    typed: TrainConfig = OmegaConf.to_object(cfg)  # builds the dataclasses: their checks run here
     train(typed, OmegaConf.to_yaml(cfg))
 
 
