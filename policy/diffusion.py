@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,14 +15,8 @@ from torch import nn
 from envs.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.normalizer import Normalizer
-from policy.samplers import SampleResult, get_sampler
+from policy.samplers import SampleResult, SamplerConfig, resolve
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
-
-
-@dataclass
-class SamplerConfig:
-    name: str = "ddpm"
-    steps: int | None = None  # None: every training step
 
 
 @dataclass
@@ -63,6 +57,18 @@ class DiffusionPolicy(nn.Module):
         self.generator: torch.Generator | None = None
 
     @property
+    def sampler(self) -> SamplerConfig:
+        """The sampler `plan` and `sample` use; setting it checks its options (one-line errors)."""
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, cfg: SamplerConfig) -> None:
+        if not isinstance(cfg, SamplerConfig):
+            cfg = SamplerConfig(**cfg)
+        self._sample_fn, self._sample_options = resolve(cfg)
+        self._sampler = cfg
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -84,14 +90,16 @@ class DiffusionPolicy(nn.Module):
         return nn.functional.mse_loss(self.net(x_t, t.float(), self.condition(obs)), noise)
 
     @torch.no_grad()
-    def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, SampleResult]:
-        """Raw action chunks [B, horizon, A] for raw observation histories [B, n_obs, D]."""
-        b = obs.shape[0]
+    def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, SampleResult]:
+        """Raw action chunks [B, horizon, A] for raw observation histories [B, n_obs, D]; the
+        initial and step noise come from `generator` (default: the policy's, see `seed`)."""
+        generator = self.generator if generator is None else generator
         if noise is None:
-            noise = torch.randn((b, self.cfg.horizon, self.action_dim), generator=self.generator, device=self.device)
-        sampler = get_sampler(self.sampler.name)
-        options = {k: v for k, v in asdict(self.sampler).items() if k != "name"}
-        result = sampler(self.net, self.condition(obs), self.scheduler, noise, self.generator, **options)
+            noise = torch.randn((obs.shape[0], self.cfg.horizon, self.action_dim), generator=generator,
+                                device=self.device)
+        result = self._sample_fn(self.net, self.condition(obs), self.scheduler, noise, generator,
+                                 **self._sample_options)
         return self.normalizer.unnormalize("action", result.x), result
 
     def plan(self, obs_history: np.ndarray) -> PlanResult:

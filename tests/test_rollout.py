@@ -9,27 +9,8 @@ import pytest
 
 import envs
 import policy
-from envs.store import write_store
-from policy.diffusion import PolicyConfig, SamplerConfig
-from policy.network import UNetConfig
-from policy.train import TrainConfig, train
+from policy.diffusion import SamplerConfig
 from rollouts.runner import run_episode
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny policy trained for a few steps on 3 real expert demonstrations of lift."""
-    from envs.collect import collect, store_attrs
-
-    root = tmp_path_factory.mktemp("rollout")
-    episodes, failed = collect("lift", n_demos=3, seed=0, workers=1, progress=False)
-    keys = ("obs", "action", "state", "reward", "success")
-    store = write_store(root / "lift.zarr", [{k: e[k] for k in keys} for e in episodes],
-                        store_attrs("lift", episodes, failed, 0))
-    cfg = TrainConfig(data=str(store), out=str(root / "run"), steps=20, batch_size=16, val_fraction=0.0,
-                      progress=False, threads=1, checkpoint_every=20,
-                      policy=PolicyConfig(unet=UNetConfig(down_dims=[16, 32], step_embed_dim=16, n_groups=4)))
-    return train(cfg)
 
 
 def test_episode_replans_every_n_action_steps_and_records_each_plan(checkpoint):
@@ -67,6 +48,20 @@ def test_dp_rollout_prints_episodes_and_success_rate(checkpoint):
     assert r.returncode == 0, r.stderr
     assert "seed 100000: success=False length=400" in r.stderr + r.stdout
     assert "lift: success 0% (0/1) with ddpm" in r.stdout
+
+
+def test_dp_rollout_takes_a_sampler_preset_and_its_options(checkpoint):
+    exe = Path(sys.executable).with_name("dp-rollout")
+    r = subprocess.run([str(exe), f"checkpoint={checkpoint}", "episodes=1", "sampler=paraddim15", "sampler.steps=4",
+                        "sampler.window=2", "threads=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "lift: success 0% (0/1) with paraddim" in r.stdout
+    bad = subprocess.run([str(exe), f"checkpoint={checkpoint}", "sampler=ddim15", "sampler.tol=0.1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("dp-rollout: sampler.tol: not an option of ddim")
+    unknown = subprocess.run([str(exe), f"checkpoint={checkpoint}", "sampler=ddim99"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "dp-rollout: unknown sampler 'ddim99'; known: ddim10" in unknown.stderr
 
 
 def test_dp_rollout_missing_checkpoint_is_one_line(tmp_path):

@@ -3,31 +3,55 @@
     sampler(denoiser, cond, scheduler, noise, generator, **options) -> SampleResult
 
 over the denoiser contract `eps = denoiser(x, t, cond)`; all of them report the same stats, so
-callers never special-case one. `get_sampler(name)` looks one up by its config name.
+callers never special-case one. `resolve(cfg)` turns a `SamplerConfig` (a preset from
+`conf/sampler/` plus overrides) into the function and its options, refusing options the sampler
+does not take.
+
+| name | what |
+|---|---|
+| ddpm, ddim, dpmsolver | sequential DDPM (ancestral), DDIM (eta 0), DPM-Solver++(2M) |
+| paraddpm, paraddim, paradpmsolver | ParaDiGMS Picard iteration over the same chains |
+| piadm | PIADM: blocks of fixed parallel Picard iterations (solver=ddim: ODE, ddpm: SDE) |
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
-import torch
-
 from envs.errors import UserError
+from policy.samplers.result import SampleResult
 
 
 @dataclass
-class SampleResult:
-    x: torch.Tensor  # [B, horizon, action_dim], normalized actions
-    model_evals: int  # denoiser evaluations per sample
-    parallel_iters: int  # sequential rounds of (batched) denoiser calls
-    converged: bool
+class SamplerConfig:
+    """A sampler and its options; None means the sampler's own default."""
+
+    name: str = "ddpm"
+    steps: int | None = None  # denoising steps (None: every training step)
+    spacing: str | None = None  # trailing | leading | linspace | quadratic | logsnr
+    solver: str | None = None  # piadm only: ddim (ODE) | ddpm (SDE) | dpmsolver
+    window: int | None = None  # ParaDiGMS: steps evaluated per sample per iteration
+    tol: float | None = None  # ParaDiGMS: accepted change, relative to each step's noise
+    max_iters: int | None = None  # ParaDiGMS: cap on parallel iterations
+    blocks: int | None = None  # PIADM: blocks the chain is cut into
+    picard_iters: int | None = None  # PIADM: parallel iterations per block
 
 
 def _registry() -> dict[str, Callable[..., SampleResult]]:
-    from policy.samplers.ddpm import ddpm
+    from policy.samplers.paradigms import paradigms
+    from policy.samplers.piadm import piadm
+    from policy.samplers.sequential import sequential
 
-    return {"ddpm": ddpm}
+    out = {}
+    for solver in ("ddpm", "ddim", "dpmsolver"):
+        out[solver] = partial(sequential, solver=solver)
+        out[f"para{solver}"] = partial(paradigms, solver=solver)
+    out["piadm"] = piadm
+    return out
 
 
 def get_sampler(name: str) -> Callable[..., SampleResult]:
@@ -36,3 +60,47 @@ def get_sampler(name: str) -> Callable[..., SampleResult]:
         return samplers[name]
     except KeyError:
         raise UserError(f"sampler.name: unknown sampler {name!r}; known: {', '.join(sorted(samplers))}") from None
+
+
+def options_of(fn: Callable) -> set[str]:
+    """The keyword options a sampler function takes (those not fixed by its registry entry)."""
+    fixed = set(fn.keywords) if isinstance(fn, partial) else set()
+    params = inspect.signature(fn.func if isinstance(fn, partial) else fn).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in fixed | {"callback"}}
+
+
+def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
+    """The sampler function `cfg` names and the options it sets. An option the sampler does not
+    take, or a value out of range, is a one-line `UserError` naming the field."""
+    fn = get_sampler(cfg.name)
+    allowed = options_of(fn)
+    options = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "name" or value is None:
+            continue
+        if f.name not in allowed:
+            raise UserError(f"sampler.{f.name}: not an option of {cfg.name} (its options: {', '.join(sorted(allowed))})")
+        options[f.name] = value
+    _check(cfg.name, options)
+    return fn, options
+
+
+def _check(name: str, options: dict) -> None:
+    from policy.samplers.solvers import SOLVERS, SPACINGS
+
+    def bad(key, why):
+        raise UserError(f"sampler.{key}: {options[key]!r} {why}")
+
+    if options.get("spacing", "trailing") not in SPACINGS:
+        bad("spacing", f"is not a spacing; known: {', '.join(SPACINGS)}")
+    if options.get("solver", "ddim") not in SOLVERS:
+        bad("solver", f"is not a solver; known: {', '.join(SOLVERS)}")
+    for key in ("steps", "window", "max_iters", "blocks", "picard_iters"):
+        if key in options and options[key] < 1:
+            bad(key, "must be at least 1")
+    if options.get("tol", 0) < 0:
+        bad("tol", "must be >= 0")
+
+
+__all__ = ["SampleResult", "SamplerConfig", "get_sampler", "options_of", "resolve"]

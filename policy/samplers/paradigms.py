@@ -1,0 +1,95 @@
+"""ParaDiGMS (Shih et al., NeurIPS 2023): the denoising chain as a fixed point, solved by Picard
+iteration over a sliding window of steps, one batched denoiser call per iteration.
+
+With all noise drawn up front, the chain x_{k+1} = x_k + d_k(x_k) + z_k is a deterministic map of
+its start, and every point satisfies
+
+    x_{k+1} = x_b + sum_{i=b..k} (d_i(x_i) + z_i)        for any earlier point b.
+
+One iteration evaluates the drifts d_i of the `window` points starting at the window's first
+point b in one batch, from the current guesses, and replaces the guesses of the points after
+them by that cumulative sum. A point is accepted when its change is within tolerance of the
+noise of its step,
+
+    |x_new - x_old|^2 / (dim * var_k) <= tol^2,
+
+and the window slides to the first point that is not (it always moves by at least one: the
+point after b is exact, being computed from b). Points entering the window start as copies of
+its last point. With tol = 0 a point is accepted only once it stops changing at all, and the
+result is the sequential sampler's (up to float rounding of the sums); window = 1 is the
+sequential sampler itself.
+
+Each sample of a batch keeps its own window, so a sample that converges early stops costing
+evaluations while the others go on; all windows still go through one denoiser call.
+
+DPM-Solver++(2M) is multistep: its step from x_k also uses the data estimate of step k-1. Inside
+a window that estimate comes from the row before in the same call; for the window's first point
+it is the one stored when step k-1 was last evaluated (step k-1 lies in the accepted part of the
+chain, so the stored estimate is that of the accepted point). The fixed point is therefore
+exactly the sequential DPM-Solver++(2M) chain, first- and last-step order rules included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from policy.samplers.result import SampleResult
+from policy.samplers.solvers import get_plan, new_history, step_rows
+
+
+def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
+              *, solver: str, steps: int | None = None, spacing: str = "trailing", window: int = 16,
+              tol: float = 0.1, max_iters: int | None = None, callback=None) -> SampleResult:
+    """Picard-iterate the `solver` chain of `steps` steps from `noise` [B, horizon, A] to
+    tolerance `tol`, `window` steps per sample per iteration, at most `max_iters` iterations."""
+    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype)
+    n, B, dev = plan.n, noise.shape[0], noise.device
+    if window < 1:
+        raise ValueError(f"sampler.window: {window} must be at least 1")
+    p = min(window, n)
+    z = plan.draw_noise(noise.shape, generator, dev, noise.dtype).transpose(0, 1)  # [B, n, ...]
+    chain = noise[:, None].repeat(1, n + 1, *([1] * (noise.dim() - 1)))  # points 0..n of each sample
+    history = new_history(plan, noise)
+    # Accept when |change|^2 <= tol^2 * dim * var (squared norms: no square roots per point).
+    bound = (tol**2) * noise[0].numel() * plan.var  # [n + 1]
+    samples = torch.arange(B, device=dev)
+    offsets = torch.arange(p, device=dev)
+    begin = torch.zeros(B, dtype=torch.long, device=dev)
+    evals = torch.zeros(B, dtype=torch.long, device=dev)
+    iters = 0
+    while bool((begin < n).any()) and (max_iters is None or iters < max_iters):
+        active = begin < n
+        k = begin[:, None] + offsets  # [B, p] steps of each sample's window
+        valid = (k < n) & active[:, None]
+        b_rows, j_rows = valid.nonzero(as_tuple=True)
+        k_rows = k[b_rows, j_rows]
+        x_rows = chain[b_rows, k_rows]
+        move = torch.zeros((B, p, *noise.shape[1:]), device=dev, dtype=noise.dtype)
+        move[b_rows, j_rows] = step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history) - x_rows
+        move[b_rows, j_rows] += z[b_rows, k_rows]
+        start = chain[samples, begin.clamp(max=n)]
+        new = start[:, None] + move.cumsum(1)  # guesses of points k + 1
+        after = (k + 1).clamp(max=n)
+        change = (new - chain[samples[:, None], after]).square().flatten(2).sum(-1)  # [B, p]
+        accepted = (change <= bound[after]) & valid
+        # The window slides past the accepted run; invalid rows (past the end) stop the run.
+        first_rejected = torch.where(~accepted.all(1), (~accepted).int().argmax(1), p)
+        n_valid = valid.sum(1)
+        advance = torch.minimum(first_rejected + 1, n_valid)
+        chain[b_rows, k_rows + 1] = new[b_rows, j_rows]
+        # Points entering the window start from the window's last point.
+        end, new_begin = begin + n_valid, begin + advance
+        new_end = (new_begin + p).clamp(max=n)
+        points = torch.arange(n + 1, device=dev)[None]
+        entering = (points > end[:, None]) & (points <= new_end[:, None]) & active[:, None]
+        if bool(entering.any()):
+            last = chain[samples, end.clamp(max=n)][:, None]
+            chain = torch.where(entering.reshape(*entering.shape, *([1] * (noise.dim() - 1))), last, chain)
+        evals += n_valid
+        begin = torch.where(active, new_begin, begin)
+        iters += 1
+        if callback is not None:
+            callback({"iter": iters, "begin": begin, "chain": chain})
+    per_sample = evals.tolist()
+    return SampleResult(x=chain[:, n], model_evals=max(per_sample), parallel_iters=iters,
+                        converged=bool((begin >= n).all()), evals_per_sample=per_sample)

@@ -1,0 +1,306 @@
+"""`dp-bench`: planning latency of samplers on one checkpoint, without a simulator.
+
+Observation histories come from the demonstration store (the policy's validation episodes when
+it has them). Every plan draws one noise, and every sampler denoises that same noise, so each
+parallel sampler's actions can be compared with its sequential twin's. Samplers run
+interleaved (the order rotates every plan) in one process, so slow drifts of the machine hit all
+of them alike; speedups are ratios of medians measured in this one run.
+
+Also measured: the device's batch-scaling curve cost(batch p) / cost(batch 1) of the denoiser,
+which bounds what any parallel sampler can win (a window of p steps costs that ratio per
+iteration), and the share of each sampler's time spent outside the denoiser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from envs.cli import command
+from envs.errors import UserError
+from rollouts.presets import baseline_of, sampler_preset
+
+DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15", "piadm15"]
+
+
+@dataclass
+class BenchConfig:
+    checkpoint: str = "???"
+    samplers: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLERS))
+    plans: int = 200
+    data: str | None = None  # default: the store the policy was trained on
+    out: str | None = None  # default: outputs/bench/<task>
+    seed: int = 0
+    threads: int = 2
+    device: str = "auto"
+    warmup: int = 3  # untimed plans per sampler first
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    overhead_plans: int = 20  # plans re-run with the denoiser timed, for the outside-model share
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def observation_histories(policy, data: str, n: int, seed: int) -> np.ndarray:
+    """`n` observation histories [n, n_obs, obs_dim] at random steps of the store's episodes."""
+    from envs.store import open_store
+    from policy.windows import gather, window_index
+
+    with open_store(data, task=policy.meta.get("task")) as store:
+        obs = np.asarray(store["obs"], dtype=np.float32)
+        ends = store.episode_ends
+    if obs.shape[1] != policy.obs_dim:
+        raise UserError(f"{data}: data/obs has {obs.shape[1]} dims; the policy takes {policy.obs_dim}")
+    episodes = np.asarray(policy.meta.get("val_episodes") or [], dtype=np.int64)
+    if not len(episodes) or episodes.max() >= len(ends):
+        episodes = np.arange(len(ends))
+    c = policy.cfg
+    rows = window_index(ends, episodes, c.horizon, c.n_obs_steps, c.n_action_steps)
+    pick = np.random.default_rng(seed).choice(len(rows), size=n, replace=len(rows) < n)
+    return gather(obs, rows[pick], c.n_obs_steps)
+
+
+def batch_scaling(policy, batch_sizes: list[int], reps: int = 20) -> list[dict]:
+    """Median time of one denoiser call at each batch size, and its ratio to batch 1."""
+    dev = policy.device
+    g = torch.Generator(dev).manual_seed(0)
+    out = []
+    for p in sorted(set([1, *batch_sizes])):
+        x = torch.randn((p, policy.cfg.horizon, policy.action_dim), generator=g, device=dev)
+        cond = torch.randn((p, policy.obs_dim * policy.cfg.n_obs_steps), generator=g, device=dev)
+        t = torch.linspace(0, policy.cfg.schedule.num_train_timesteps - 1, p, device=dev)
+        times = []
+        with torch.no_grad():
+            for i in range(reps + 3):
+                _sync(dev)
+                start = time.perf_counter()
+                policy.net(x, t, cond)
+                _sync(dev)
+                if i >= 3:
+                    times.append(time.perf_counter() - start)
+        out.append({"batch": p, "ms": 1e3 * float(np.median(times))})
+    for row in out:
+        row["ratio"] = row["ms"] / out[0]["ms"]
+    return out
+
+
+class _ModelTimer:
+    """Accumulates wall time spent inside the denoiser's forward (forward hooks)."""
+
+    def __init__(self, net: torch.nn.Module, device: torch.device):
+        self.total, self.device, self._start = 0.0, device, 0.0
+        self._hooks = [net.register_forward_pre_hook(self._pre), net.register_forward_hook(self._post)]
+
+    def _pre(self, *_):
+        _sync(self.device)
+        self._start = time.perf_counter()
+
+    def _post(self, *_):
+        _sync(self.device)
+        self.total += time.perf_counter() - self._start
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+
+
+def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
+    import policy as policy_pkg
+
+    torch.set_num_threads(cfg.threads)
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    pol = policy_pkg.load(cfg.checkpoint, device=device)
+    dev = pol.device
+    if cfg.plans < 1:
+        raise UserError(f"plans: {cfg.plans} must be at least 1")
+    if not cfg.samplers:
+        raise UserError("samplers: empty list")
+    data = cfg.data or pol.meta.get("data") or f"data/{pol.meta.get('task')}.zarr"
+    obs_all = observation_histories(pol, data, cfg.plans, cfg.seed)
+
+    # The samplers asked for, plus the sequential baseline of each (timed too, listed after).
+    specs: dict[str, object] = {}
+    for spec in cfg.samplers:
+        specs[spec] = sampler_preset(spec)
+    baselines: dict[str, str] = {}
+    for spec, sc in list(specs.items()):
+        base = baseline_of(sc)
+        match = next((s for s, c in specs.items() if c.name == base.name and _same_chain(c, base, pol)), None)
+        if match is None:
+            match = f"{base.name}{base.steps or pol.cfg.schedule.num_train_timesteps}"
+            specs[match] = base
+        baselines[spec] = match
+
+    names = list(specs)
+    shape = (1, pol.cfg.horizon, pol.action_dim)
+
+    def run(name: str, i: int, obs: torch.Tensor):
+        noise = torch.randn(shape, generator=torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i), device=dev)
+        gen = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i + 7_777_777)
+        pol.sampler = specs[name]
+        _sync(dev)
+        start = time.perf_counter()
+        x, res = pol.sample(obs, noise=noise, generator=gen)
+        _sync(dev)
+        return (time.perf_counter() - start) * 1e3, pol.normalizer.normalize("action", x), res
+
+    obs_t = torch.as_tensor(obs_all, device=dev)
+    for name in names:  # warm-up: allocator, caches, plan tables
+        for i in range(cfg.warmup):
+            run(name, -1 - i, obs_t[i % len(obs_t)][None])
+    rec = {n: {"lat": [], "evals": [], "iters": [], "conv": [], "x": []} for n in names}
+    for i in tqdm(range(cfg.plans), desc="dp-bench", unit="plan"):
+        obs = obs_t[i][None]
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            lat, x, res = run(name, i, obs)
+            r = rec[name]
+            r["lat"].append(lat)
+            r["evals"].append(res.model_evals)
+            r["iters"].append(res.parallel_iters)
+            r["conv"].append(res.converged)
+            r["x"].append(x.cpu())
+    # Share of time outside the denoiser, on a few plans re-run with the denoiser timed.
+    outside = {}
+    timer = _ModelTimer(pol.net, dev)
+    try:
+        for name in names:
+            total, timer.total = 0.0, 0.0
+            for i in range(min(cfg.overhead_plans, cfg.plans)):
+                total += run(name, i, obs_t[i][None])[0] / 1e3
+            outside[name] = 100.0 * max(0.0, 1 - timer.total / total)
+    finally:
+        timer.remove()
+
+    p50 = {n: float(np.percentile(rec[n]["lat"], 50)) for n in names}
+    results = []
+    for name in names:
+        r, base = rec[name], baselines.get(name, name)
+        diff = max(float((a - b).abs().max()) for a, b in zip(r["x"], rec[base]["x"]))
+        results.append({
+            "name": name,
+            "sampler": {k: v for k, v in dataclasses.asdict(specs[name]).items() if v is not None},
+            "latency_ms_p50": p50[name],
+            "latency_ms_p90": float(np.percentile(r["lat"], 90)),
+            "model_evals_mean": float(np.mean(r["evals"])),
+            "parallel_iters_mean": float(np.mean(r["iters"])),
+            "converged_rate": float(np.mean(r["conv"])),
+            "speedup": p50[base] / p50[name],
+            "baseline": base,
+            "action_max_abs_diff": diff,  # vs the baseline, normalized action units ([-1, 1])
+            "outside_model_pct": outside[name],
+            "requested": name in cfg.samplers,
+        })
+    context = {
+        "checkpoint": pol.meta.get("checkpoint"), "step": pol.meta.get("step"), "task": pol.meta.get("task"),
+        "data": str(data), "plans": cfg.plans, "device": str(dev), "threads": torch.get_num_threads(),
+        "machine": _machine(dev), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "batch_scaling": batch_scaling(pol, cfg.batch_sizes),
+    }
+    return results, context
+
+
+def _same_chain(a, b, pol) -> bool:
+    T = pol.cfg.schedule.num_train_timesteps
+    return (a.steps or T) == (b.steps or T) and (a.spacing or "trailing") == (b.spacing or "trailing")
+
+
+def _machine(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def table(results: list[dict]) -> str:
+    head = f"{'sampler':<18}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}  {'vs':<12}{'max|da|':>9}{'outside':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r['name']:<18}{r['latency_ms_p50']:>9.1f}{r['latency_ms_p90']:>9.1f}{r['model_evals_mean']:>8.1f}"
+                     f"{r['parallel_iters_mean']:>8.1f}{r['speedup']:>8.2f}x  {r['baseline']:<12}"
+                     f"{r['action_max_abs_diff']:>9.1e}{r['outside_model_pct']:>8.1f}%")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, results: list[dict], context: dict) -> None:
+    """results.json (one entry per sampler), context.json (machine, batch scaling), results.csv, bench.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "results.json", json.dumps(results, indent=2))
+    _atomic_write(out / "context.json", json.dumps(context, indent=2))
+    cols = ["name", "latency_ms_p50", "latency_ms_p90", "model_evals_mean", "parallel_iters_mean", "speedup",
+            "baseline", "action_max_abs_diff", "converged_rate", "outside_model_pct"]
+    rows = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in results]
+    _atomic_write(out / "results.csv", "\n".join(rows) + "\n")
+    plot(out / "bench.png", results, context)
+
+
+def plot(path: Path, results: list[dict], context: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["name"] for r in results]
+    p50 = [r["latency_ms_p50"] for r in results]
+    p90 = [r["latency_ms_p90"] for r in results]
+    y = np.arange(len(names))
+    ax1.barh(y, p90, color="#c6dbef", label="p90")
+    ax1.barh(y, p50, color="#2171b5", label="p50")
+    for yi, r in zip(y, results):
+        ax1.text(r["latency_ms_p90"], yi, f"  {r['parallel_iters_mean']:.0f} it, {r['speedup']:.2f}x", va="center", fontsize=8)
+    ax1.set_yticks(y, names)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("plan latency (ms)")
+    ax1.legend(loc="lower right")
+    ax1.set_title(f"{context['task']}: {context['plans']} plans, {context['device']}, {context['threads']} threads")
+    bs = context["batch_scaling"]
+    ax2.plot([b["batch"] for b in bs], [b["ratio"] for b in bs], "o-", label="measured")
+    ax2.plot([b["batch"] for b in bs], [b["batch"] for b in bs], "--", color="grey", label="linear (no parallel gain)")
+    ax2.axhline(1.0, color="green", ls=":", label="ideal (free parallelism)")
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log", base=2)
+    ax2.set_xlabel("denoiser batch p")
+    ax2.set_ylabel("cost(batch p) / cost(batch 1)")
+    ax2.set_title("batch scaling: bounds any parallel speedup")
+    ax2.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+@command("bench", BenchConfig)
+def main(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = BenchConfig(**OmegaConf.to_container(cfg, resolve=True))
+    results, context = run_bench(cfg)
+    out = Path(cfg.out or f"outputs/bench/{context['task']}")
+    write_outputs(out, results, context)
+    print(table(results))
+    curve = ", ".join(f"{b['batch']}: {b['ratio']:.2f}" for b in context["batch_scaling"])
+    print(f"batch scaling cost(p)/cost(1) on {context['machine']} ({context['device']}, {context['threads']} threads): {curve}")
+    print(f"wrote {out}/results.json, results.csv, context.json, bench.png")
+
+
+if __name__ == "__main__":
+    main()

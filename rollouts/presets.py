@@ -1,0 +1,45 @@
+"""Sampler presets: `conf/sampler/<name>.yaml`, optionally with overrides, as one string.
+
+`paraddpm100` is the preset; `paraddpm100:window=8,tol=0.05` is it with two options changed.
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from envs.cli import CONF_DIR
+from envs.errors import UserError
+from policy.samplers import SamplerConfig, resolve
+
+
+def known_presets() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "sampler").glob("*.yaml"))
+
+
+def sampler_preset(spec: str) -> SamplerConfig:
+    """The sampler config a preset spec names, checked (one-line errors naming the spec)."""
+    name, _, overrides = spec.partition(":")
+    path = CONF_DIR / "sampler" / f"{name.strip()}.yaml"
+    if not path.is_file():
+        raise UserError(f"samplers: unknown preset {name!r}; known: {', '.join(known_presets())}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(SamplerConfig), OmegaConf.load(path))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.strip() for o in overrides.split(",")]))
+    except OmegaConfBaseException as err:
+        raise UserError(f"samplers: {spec!r}: {str(err).splitlines()[0]}") from None
+    out = SamplerConfig(**OmegaConf.to_container(cfg))
+    resolve(out)
+    return out
+
+
+def baseline_of(cfg: SamplerConfig) -> SamplerConfig:
+    """The sequential sampler of the same chain (solver, steps, spacing) that a parallel sampler
+    must reproduce; a sequential sampler is its own."""
+    name = cfg.name
+    if name.startswith("para"):
+        name = name[4:]
+    elif name == "piadm":
+        name = cfg.solver or "ddim"
+    return SamplerConfig(name=name, steps=cfg.steps, spacing=cfg.spacing)

@@ -1,0 +1,61 @@
+"""dp-bench on a small trained policy: interleaved sampler runs, baselines, files on disk."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from envs.errors import UserError
+from policy.samplers import SamplerConfig
+from rollouts.presets import baseline_of, known_presets, sampler_preset
+
+EXE = Path(sys.executable).with_name("dp-bench")
+
+
+def test_presets_load_with_overrides_and_name_their_baseline():
+    assert {"ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15", "piadm15"} <= set(known_presets())
+    cfg = sampler_preset("paraddpm100:window=8,tol=0.05")
+    assert (cfg.name, cfg.steps, cfg.window, cfg.tol) == ("paraddpm", 100, 8, 0.05)
+    assert baseline_of(cfg) == SamplerConfig(name="ddpm", steps=100)
+    assert baseline_of(sampler_preset("piadm15")) == SamplerConfig(name="ddim", steps=15)
+    with pytest.raises(UserError, match="samplers: unknown preset 'nope'"):
+        sampler_preset("nope")
+    with pytest.raises(UserError, match="sampler.tol: not an option of ddim"):
+        sampler_preset("ddim15:tol=0.1")
+    with pytest.raises(UserError, match="samplers: 'ddim15:wndow=3'"):
+        sampler_preset("ddim15:wndow=3")
+
+
+def test_dp_bench_writes_results_table_and_plot(checkpoint, tmp_path):
+    out = tmp_path / "bench"
+    r = subprocess.run([str(EXE), f"checkpoint={checkpoint}", "plans=4", "threads=1", f"out={out}", "warmup=1",
+                        "overhead_plans=2", "batch_sizes=[1,4]",
+                        "samplers=[ddim5,'paraddim15:steps=5,window=5,tol=0',piadm15]"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((out / "results.json").read_text())
+    by = {e["name"]: e for e in results}
+    # the asked-for samplers, then the baseline piadm15 needed (ddim15), added by the bench
+    assert list(by) == ["ddim5", "paraddim15:steps=5,window=5,tol=0", "piadm15", "ddim15"]
+    for e in results:
+        assert {"name", "latency_ms_p50", "latency_ms_p90", "model_evals_mean", "parallel_iters_mean", "speedup",
+                "baseline"} <= set(e)
+        assert e["latency_ms_p90"] >= e["latency_ms_p50"] > 0
+    par = by["paraddim15:steps=5,window=5,tol=0"]
+    assert par["baseline"] == "ddim5" and par["action_max_abs_diff"] <= 1e-5  # tol 0: the sequential result
+    assert by["ddim5"]["speedup"] == 1.0 and by["ddim5"]["model_evals_mean"] == 5
+    assert by["piadm15"]["baseline"] == "ddim15" and by["piadm15"]["parallel_iters_mean"] == 9
+    assert not by["ddim15"]["requested"]
+    context = json.loads((out / "context.json").read_text())
+    assert [b["batch"] for b in context["batch_scaling"]] == [1, 4] and context["batch_scaling"][0]["ratio"] == 1.0
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "results.csv").read_text().count("\n") == 5
+    assert "paraddim15:steps=5,window=5,tol=0" in r.stdout and "batch scaling" in r.stdout
+
+
+def test_dp_bench_bad_sampler_is_one_line(checkpoint, tmp_path):
+    r = subprocess.run([str(EXE), f"checkpoint={checkpoint}", "samplers=[ddim15,fast9]", f"out={tmp_path}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("dp-bench: samplers: unknown preset 'fast9'")

@@ -1,0 +1,220 @@
+"""Samplers: sequential ones against diffusers' own step() loops; ParaDiGMS and PIADM against their
+sequential twins (exactness) and their evaluation/iteration counts."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from envs.errors import UserError
+from policy.network import ConditionalUnet1D, UNetConfig
+from policy.samplers import SamplerConfig, get_sampler, resolve
+from policy.samplers.solvers import timesteps
+from policy.schedule import ScheduleConfig, make_scheduler
+
+H, A, C = 16, 7, 10
+
+
+class Denoiser(torch.nn.Module):
+    """A stand-in for a trained policy: the exact noise estimate for data concentrated at a
+    condition-dependent chunk inside [-1, 1], plus a small real UNet term so the map is not
+    linear. (A random UNet alone predicts data far outside the action range, where float32
+    rounding of values in the thousands hides the 1e-5 comparisons.)"""
+
+    def __init__(self, sched):
+        super().__init__()
+        torch.manual_seed(0)
+        self.unet = ConditionalUnet1D(A, C, UNetConfig(down_dims=[16, 32], step_embed_dim=16)).eval()
+        self.proj = torch.nn.Linear(C, H * A)
+        self.abar = sched.alphas_cumprod.double()
+
+    @torch.no_grad()
+    def forward(self, x, t, cond):
+        T = len(self.abar)
+        a = torch.from_numpy(np.interp(t.double().numpy(), np.arange(T), self.abar.numpy())).float()
+        a = a.reshape(-1, 1, 1)
+        target = 0.8 * torch.tanh(self.proj(cond)).reshape(-1, H, A)
+        return (x - a.sqrt() * target) / (1 - a).sqrt() + 0.05 * self.unet(x, t, cond)
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return make_scheduler(ScheduleConfig())
+
+
+@pytest.fixture(scope="module")
+def net(sched):
+    return Denoiser(sched)
+
+
+def inputs(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, H, A, generator=g), torch.randn(batch, C, generator=g)
+
+
+class Counting:
+    """The denoiser, counting its calls and the rows it was given."""
+
+    def __init__(self, net):
+        self.net, self.calls, self.rows = net, 0, []
+
+    def __call__(self, x, t, cond):
+        self.calls += 1
+        self.rows.append(x.shape[0])
+        return self.net(x, t, cond)
+
+
+def diffusers_loop(net, cond, sched, noise, seed, solver, steps, spacing):
+    """diffusers' own sequential loop with the same noise."""
+    ts = timesteps(sched, steps, spacing)
+    if solver == "ddpm":
+        s = DDPMScheduler.from_config(sched.config)
+        s.set_timesteps(timesteps=ts.tolist())
+        kwargs = {"generator": torch.Generator().manual_seed(seed)}
+    elif solver == "ddim":
+        s = DDIMScheduler.from_config(sched.config, timestep_spacing=spacing)
+        s.set_timesteps(steps)
+        assert np.array_equal(s.timesteps.numpy(), ts)  # constant strides only: diffusers' DDIM assumes one
+        kwargs = {"eta": 0.0}
+    else:
+        # clipping x0 to [-1, 1] is diffusers' dynamic thresholding with its threshold clamped to 1
+        s = DPMSolverMultistepScheduler.from_config(sched.config, algorithm_type="dpmsolver++", solver_order=2,
+                                                    thresholding=sched.config.clip_sample, sample_max_value=1.0)
+        s.set_timesteps(timesteps=ts.tolist())
+        kwargs = {}
+    x = noise
+    with torch.no_grad():
+        for t in s.timesteps:
+            x = s.step(net(x, t.float().expand(x.shape[0]), cond), t, x, **kwargs).prev_sample
+    return x
+
+
+CASES = [
+    ("ddpm", 100, "trailing"), ("ddpm", 10, "trailing"), ("ddpm", 15, "linspace"), ("ddpm", 12, "quadratic"),
+    ("ddpm", 20, "logsnr"), ("ddpm", 7, "leading"),
+    ("ddim", 10, "trailing"), ("ddim", 15, "leading"), ("ddim", 25, "trailing"), ("ddim", 1, "trailing"),
+    ("dpmsolver", 15, "trailing"), ("dpmsolver", 10, "linspace"), ("dpmsolver", 20, "logsnr"),
+    ("dpmsolver", 8, "quadratic"), ("dpmsolver", 100, "trailing"), ("dpmsolver", 2, "trailing"),
+]
+
+
+@pytest.mark.parametrize("solver,steps,spacing", CASES)
+def test_sequential_matches_diffusers_step_loop(net, sched, solver, steps, spacing):
+    noise, cond = inputs(3)
+    ours = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(7), steps=steps, spacing=spacing)
+    ref = diffusers_loop(net, cond, sched, noise, 7, solver, steps, spacing)
+    assert ours.model_evals == ours.parallel_iters == steps and ours.converged
+    assert (ours.x - ref).abs().max().item() <= 1e-5
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(solver=st.sampled_from(["ddpm", "ddim", "dpmsolver"]), steps=st.integers(1, 40),
+       window=st.integers(1, 20), spacing=st.sampled_from(["trailing", "linspace", "quadratic", "logsnr"]),
+       batch=st.integers(1, 3))
+def test_paradigms_at_zero_tolerance_is_the_sequential_sampler(net, sched, solver, steps, window, spacing, batch):
+    noise, cond = inputs(batch, seed=steps)
+    seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps, spacing=spacing)
+    par = get_sampler(f"para{solver}")(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
+                                       spacing=spacing, window=window, tol=0.0)
+    assert par.converged and par.parallel_iters <= steps
+    assert (par.x - seq.x).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim", "dpmsolver"])
+def test_paradigms_window_one_is_sequential_in_counts_and_result(net, sched, solver):
+    noise, cond = inputs(2)
+    seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(3), steps=30)
+    counting = Counting(net)
+    par = get_sampler(f"para{solver}")(counting, cond, sched, noise, torch.Generator().manual_seed(3), steps=30,
+                                       window=1, tol=0.5)
+    assert par.parallel_iters == counting.calls == 30 and par.model_evals == 30
+    assert (par.x - seq.x).abs().max().item() <= 1e-5
+
+
+def test_paradigms_counts_when_every_guess_is_accepted(net, sched):
+    """A tolerance nothing exceeds accepts whole windows: ceil(n / window) iterations, n evaluations."""
+    noise, cond = inputs(1)
+    counting = Counting(net)
+    par = get_sampler("paraddpm")(counting, cond, sched, noise, None, steps=100, window=16, tol=1e9)
+    assert par.parallel_iters == counting.calls == 7 and par.model_evals == 100 and par.converged
+    assert counting.rows == [16] * 6 + [4]
+
+
+def test_paradigms_max_iters_caps_and_says_so(net, sched):
+    noise, cond = inputs(1)
+    par = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(0), steps=100, window=8,
+                                  tol=0.0, max_iters=5)
+    assert par.parallel_iters == 5 and not par.converged and par.model_evals == 40
+
+
+def test_paradigms_batch_converges_per_sample_in_one_call_per_iteration(net, sched):
+    noise, cond = inputs(3, seed=5)
+    kw = dict(steps=60, window=10, tol=0.05)
+    alone = [get_sampler("paraddim")(net, cond[i:i + 1], sched, noise[i:i + 1], None, **kw) for i in range(3)]
+    counting = Counting(net)
+    batch = get_sampler("paraddim")(counting, cond, sched, noise, None, **kw)
+    assert batch.evals_per_sample == [r.model_evals for r in alone]
+    assert batch.parallel_iters == counting.calls == max(r.parallel_iters for r in alone)
+    assert sum(counting.rows) == sum(batch.evals_per_sample)  # finished samples cost nothing
+    for i, r in enumerate(alone):
+        assert (batch.x[i] - r.x[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim", "dpmsolver"])
+def test_paradigms_converges_in_few_rounds_within_tolerance(net, sched, solver):
+    noise, cond = inputs(1)
+    seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=50)
+    par = get_sampler(f"para{solver}")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=50,
+                                       window=16, tol=0.1)
+    assert par.converged and par.parallel_iters < 25
+    assert (par.x - seq.x).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm", "dpmsolver"])
+@pytest.mark.parametrize("steps,blocks", [(12, 3), (10, 4), (7, 1)])
+def test_piadm_with_enough_iterations_is_the_sequential_sampler(net, sched, solver, steps, blocks):
+    noise, cond = inputs(2)
+    seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(4), steps=steps)
+    counting = Counting(net)
+    out = get_sampler("piadm")(counting, cond, sched, noise, torch.Generator().manual_seed(4), solver=solver,
+                               steps=steps, blocks=blocks, picard_iters=steps)
+    assert (out.x - seq.x).abs().max().item() <= 1e-5
+    sizes = [len(b) for b in np.array_split(np.arange(steps), blocks)]
+    assert out.parallel_iters == counting.calls == sum(sizes)  # iterations beyond a block's size are skipped
+    assert out.model_evals == sum(m * (m + 1) // 2 for m in sizes)  # exact points are not re-evaluated
+
+
+def test_piadm_counts_and_approximation(net, sched):
+    noise, cond = inputs(1)
+    seq = get_sampler("ddim")(net, cond, sched, noise, None, steps=20)
+    errs = []
+    for k in (1, 2, 3):
+        out = get_sampler("piadm")(net, cond, sched, noise, None, steps=20, blocks=4, picard_iters=k)
+        assert out.parallel_iters == 4 * k and out.model_evals == 4 * sum(5 - i for i in range(k))
+        errs.append((out.x - seq.x).abs().max().item())
+    assert errs[2] < errs[0]  # more iterations, closer to the sequential chain
+
+
+def test_sampler_config_refuses_foreign_options_and_bad_values():
+    fn, opts = resolve(SamplerConfig(name="paraddim", steps=15, window=8, tol=0.1))
+    assert opts == {"steps": 15, "window": 8, "tol": 0.1}
+    with pytest.raises(UserError, match=r"sampler.tol: not an option of ddim"):
+        resolve(SamplerConfig(name="ddim", steps=15, tol=0.1))
+    with pytest.raises(UserError, match=r"sampler.spacing: 'cubic'"):
+        resolve(SamplerConfig(name="ddim", spacing="cubic"))
+    with pytest.raises(UserError, match=r"sampler.name: unknown sampler 'foo'"):
+        resolve(SamplerConfig(name="foo"))
+    with pytest.raises(UserError, match=r"sampler.window"):
+        resolve(SamplerConfig(name="paraddpm", window=0))
+
+
+def test_timestep_spacings_are_strictly_decreasing_and_start_at_the_noise(sched):
+    for spacing in ("trailing", "quadratic", "logsnr", "linspace"):
+        for steps in (1, 2, 5, 15, 50, 100):
+            ts = timesteps(sched, steps, spacing)
+            assert len(ts) == steps and np.all(np.diff(ts) < 0) and ts[-1] >= 0
+            assert ts[0] == 99 or (spacing, steps) == ("linspace", 1)  # diffusers' linspace of 1 is [0]
+    with pytest.raises(UserError, match="sampler.steps"):
+        timesteps(sched, 101, "trailing")
