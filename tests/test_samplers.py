@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from envs.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.samplers import SamplerConfig, get_sampler, resolve
-from policy.samplers.solvers import timesteps
+from policy.samplers.solvers import get_plan, new_history, step_rows, timesteps
 from policy.schedule import ScheduleConfig, make_scheduler
 
 H, A, C = 16, 7, 10
@@ -66,8 +66,8 @@ class Counting:
         return self.net(x, t, cond)
 
 
-def diffusers_loop(net, cond, sched, noise, seed, solver, steps, spacing):
-    """diffusers' own sequential loop with the same noise."""
+def diffusers_loop(net, cond, sched, noise, seed, solver, steps, spacing, record=None):
+    """diffusers' own sequential loop with the same noise (`record` collects each step's input)."""
     ts = timesteps(sched, steps, spacing)
     if solver == "ddpm":
         s = DDPMScheduler.from_config(sched.config)
@@ -87,6 +87,8 @@ def diffusers_loop(net, cond, sched, noise, seed, solver, steps, spacing):
     x = noise
     with torch.no_grad():
         for t in s.timesteps:
+            if record is not None:
+                record.append(x)
             x = s.step(net(x, t.float().expand(x.shape[0]), cond), t, x, **kwargs).prev_sample
     return x
 
@@ -107,6 +109,22 @@ def test_sequential_matches_diffusers_step_loop(net, sched, solver, steps, spaci
     ref = diffusers_loop(net, cond, sched, noise, 7, solver, steps, spacing)
     assert ours.model_evals == ours.parallel_iters == steps and ours.converged
     assert (ours.x - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("solver,steps,spacing", CASES[::2])
+def test_each_step_matches_diffusers_step(net, sched, solver, steps, spacing):
+    """Step by step: from diffusers' own point x_k, our batched step gives diffusers' x_{k+1}."""
+    noise, cond = inputs(2)
+    xs = []
+    final = diffusers_loop(net, cond, sched, noise, 11, solver, steps, spacing, record=xs)
+    xs.append(final)
+    plan = get_plan(sched, solver, steps, spacing, "cpu")
+    z = plan.draw_noise(noise.shape, torch.Generator().manual_seed(11), "cpu", torch.float32)
+    history = new_history(plan, noise)
+    rows = torch.arange(2)
+    for k in range(steps):
+        ours = step_rows(plan, net, cond, xs[k], torch.full_like(rows, k), rows, history) + z[k]
+        assert (ours - xs[k + 1]).abs().max().item() <= 1e-5, f"step {k}"
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
