@@ -23,6 +23,8 @@ HYDRA_QUIET = [
     "hydra/hydra_logging=disabled",
     "hydra.run.dir=.",
     "hydra.output_subdir=null",
+    "hydra.sweep.dir=.",  # a multirun (-m) writes only `out=` too
+    "hydra.sweep.subdir=.",
 ]
 
 

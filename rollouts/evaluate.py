@@ -1,0 +1,278 @@
+"""`dp-eval`: closed-loop success against planning latency, for many samplers on the same
+initial states.
+
+Every sampler runs episodes on seeds `seed .. seed + episodes - 1` (refused if the
+demonstration store used any of them). Episodes run in worker processes, one torch thread each
+by default, so a plan's latency is measured on a known amount of compute. Each finished episode
+is appended to `out/episodes.jsonl` at once: an interrupted run keeps what it finished, and the
+same command continues where it stopped. The report (`results.json`, `episodes.csv`,
+`plans.csv`, `pareto.png`) is rebuilt from that log at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from envs.cli import command, fail
+from envs.errors import UserError
+from policy.samplers import SamplerConfig
+from rollouts.presets import sampler_preset
+from rollouts.report import episode_rows, plan_rows, summarize, table, write_report
+
+LOG = "episodes.jsonl"
+
+
+def _overrides_type() -> type:
+    """SamplerConfig's options, all optional: `options.tol=0.05` sets tol on every sampler that
+    takes it (a Hydra multirun sweeps it: `-m options.tol=0.02,0.05,0.1`)."""
+    hints = typing.get_type_hints(SamplerConfig)
+    return dataclasses.make_dataclass(
+        "SamplerOptions", [(f.name, hints[f.name], field(default=None)) for f in dataclasses.fields(SamplerConfig)
+                           if f.name != "name"])
+
+
+SamplerOptions = _overrides_type()
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "???"
+    samplers: list[str] = field(default_factory=lambda: ["ddpm100", "paraddpm100", "ddim10", "paraddim15"])
+    options: SamplerOptions = field(default_factory=SamplerOptions)  # type: ignore[valid-type]
+    episodes: int = 50
+    seed: int = 100000
+    out: str | None = None  # default: outputs/eval-<task>
+    workers: int | None = None  # default: one per core
+    threads: int = 1  # torch threads per worker
+    videos: int = 0  # render the first k episodes of each sampler to mp4
+    device: str = "cpu"
+    data: str | None = None  # the demonstration store whose seeds must not be reused (default: the policy's)
+    restart: bool = False  # discard a previous run in `out` instead of continuing it
+    progress: bool = True
+
+
+def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig]:
+    """Label -> checked config for each requested sampler, with `options` applied where taken."""
+    from policy.samplers import get_sampler, options_of
+
+    options = {k: v for k, v in options.items() if v is not None}
+    if not samplers:
+        raise UserError("samplers: empty list")
+    specs, used = {}, set()
+    for spec in samplers:
+        base = sampler_preset(spec)
+        allowed = options_of(get_sampler(base.name))
+        extra = {k: v for k, v in options.items() if k in allowed}
+        used |= set(extra)
+        label = spec if not extra else spec + (":" if ":" not in spec else ",") + ",".join(
+            f"{k}={v}" for k, v in extra.items())
+        specs[label] = sampler_preset(label)
+    unused = set(options) - used
+    if unused:
+        raise UserError(f"options.{sorted(unused)[0]}: taken by none of the samplers {samplers}")
+    return specs
+
+
+def check_seeds(data: str | None, seeds: range) -> None:
+    """Refuse evaluation seeds that the demonstration store used (kept or failed)."""
+    if not data or not Path(data).exists():
+        return
+    from envs.store import open_store
+
+    with open_store(data) as store:
+        used = set(store.attrs.get("seeds_used") or store.attrs.get("episode_seeds") or [])
+    overlap = sorted(used & set(seeds))
+    if overlap:
+        raise UserError(f"seed: evaluation seeds {overlap[0]}.. overlap the {len(overlap)} seeds {data} used for "
+                        f"demonstrations; choose seed >= {max(used) + 1}")
+
+
+# --- worker side --------------------------------------------------------------------------------
+
+_W: dict = {}
+
+
+def _init_worker(checkpoint: str, device: str, threads: int) -> None:
+    import torch
+
+    import policy
+    from envs import make_env
+
+    torch.set_num_threads(threads)
+    _W["policy"] = policy.load(checkpoint, device=device)
+    _W["env"] = make_env(_W["policy"].meta["task"])
+    _W["threads"] = threads
+
+
+def _run_job(job: dict) -> dict:
+    from rollouts.runner import run_episode
+
+    pol = _W["policy"]
+    render = job["video"] is not None
+    record = {"sampler": job["label"], "seed": job["seed"], "episode": job["episode"], "pid": os.getpid(),
+              "threads": _W["threads"]}
+    try:
+        pol.sampler = SamplerConfig(**job["config"])
+        if job["label"] not in _W.setdefault("warm", set()):
+            # A worker's first plans pay for allocations and caches; keep them out of the latencies.
+            for _ in range(3):
+                pol.plan(np.zeros((pol.cfg.n_obs_steps, pol.obs_dim), np.float32))
+            _W["warm"].add(job["label"])
+        if render and "render_env" not in _W:
+            from envs import make_env
+
+            _W["render_env"] = make_env(pol.meta["task"], render=True)
+        r = run_episode(_W["render_env"] if render else _W["env"], pol, job["seed"], render=render)
+        record.update(success=bool(r.success), max_reward=float(r.max_reward), return_=float(r.return_),
+                      length=int(r.length), error=r.error, plans=[dataclasses.asdict(p) for p in r.plans])
+        if render:
+            from rollouts.video import write_video
+
+            write_video(Path(job["video"]), r, job["label"])
+            record["video"] = job["video"]
+    except Exception as err:  # recorded, never dropped: the episode counts as a failure with its reason
+        record.update(success=False, max_reward=0.0, return_=0.0, length=0, plans=[],
+                      error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    return record
+
+
+# --- main side ----------------------------------------------------------------------------------
+
+def _run_info(cfg: EvalConfig, pol, specs: dict[str, SamplerConfig]) -> dict:
+    return {"checkpoint": pol.meta["checkpoint"], "step": pol.meta["step"], "task": pol.meta["task"],
+            "seed": cfg.seed, "threads": cfg.threads, "device": cfg.device,
+            "samplers": {k: dataclasses.asdict(v) for k, v in specs.items()}}
+
+
+def read_log(path: Path) -> list[dict]:
+    """The finished episodes of a run; a line cut short by a kill is ignored."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def prepare_out(out: Path, info: dict, restart: bool) -> list[dict]:
+    """The episodes a previous run of the same evaluation finished in `out` (none on restart)."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    if restart:
+        for name in (LOG, "run.json"):
+            (out / name).unlink(missing_ok=True)
+    elif run_file.exists():
+        before = json.loads(run_file.read_text())
+        for key in ("checkpoint", "seed", "threads", "device"):
+            if before.get(key) != info[key]:
+                raise UserError(f"{out}: holds an evaluation with {key}={before.get(key)!r}, not {info[key]!r}; "
+                                f"pass restart=true to discard it, or another out=")
+        for label, cfg in info["samplers"].items():
+            if label in before.get("samplers", {}) and before["samplers"][label] != cfg:
+                raise UserError(f"{out}: sampler {label!r} was evaluated with other options; pass restart=true")
+        info = {**info, "samplers": {**before.get("samplers", {}), **info["samplers"]}}
+    tmp = out / ".run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, run_file)
+    done = read_log(out / LOG)
+    if (out / LOG).exists():  # drop a line a kill cut short, so appends start on a fresh line
+        tmp = out / f".{LOG}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in done))
+        os.replace(tmp, out / LOG)
+    return done
+
+
+def evaluate(cfg: EvalConfig) -> Path:
+    import policy
+
+    if cfg.episodes < 1:
+        raise UserError(f"episodes: {cfg.episodes} must be at least 1")
+    pol = policy.load(cfg.checkpoint)  # fail early on a bad checkpoint, in this process
+    task = pol.meta["task"]
+    specs = sampler_specs(cfg.samplers, dataclasses.asdict(cfg.options))
+    seeds = range(cfg.seed, cfg.seed + cfg.episodes)
+    check_seeds(cfg.data or pol.meta.get("data"), seeds)
+    out = Path(cfg.out or f"outputs/eval-{task}")
+    done = prepare_out(out, _run_info(cfg, pol, specs), cfg.restart)
+    finished = {(r["sampler"], r["seed"]) for r in done}
+    jobs = []
+    for i, seed in enumerate(seeds):  # episode-major: an interrupted run has every sampler about as far
+        for label, sc in specs.items():
+            if (label, seed) not in finished:
+                video = str(out / "videos" / f"{_slug(label)}-{seed}.mp4") if i < cfg.videos else None
+                jobs.append({"label": label, "config": dataclasses.asdict(sc), "seed": seed, "episode": i,
+                             "video": video})
+    workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(jobs) or 1))
+    if done:
+        print(f"dp-eval: continuing {out}: {len(finished & {(l, s) for l in specs for s in seeds})} episodes "
+              f"done, {len(jobs)} to run", file=sys.stderr)
+    if jobs:
+        _run_jobs(jobs, out / LOG, cfg, workers, pol.meta["checkpoint"])
+    records = [r for r in read_log(out / LOG) if r["sampler"] in specs and r["seed"] in seeds]
+    summary = summarize(records, list(specs), workers=workers, threads=cfg.threads, device=cfg.device,
+                        checkpoint=pol.meta["checkpoint"], step=pol.meta["step"], task=task)
+    write_report(out, summary, episode_rows(records), plan_rows(records))
+    print(table(summary))
+    print(f"wrote {out}/results.json, episodes.csv, plans.csv, pareto.png")
+    return out
+
+
+def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkpoint: str) -> None:
+    bar = tqdm(total=len(jobs), desc=f"dp-eval ({workers} workers x {cfg.threads} threads)", unit="episode",
+               disable=not cfg.progress)
+    with open(log, "a") as f:
+
+        def keep(record: dict) -> None:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update()
+            if record.get("error"):
+                tqdm.write(f"{record['sampler']} seed {record['seed']}: {record['error']}")
+
+        try:
+            if workers == 1:
+                _init_worker(checkpoint, cfg.device, cfg.threads)
+                for job in jobs:
+                    keep(_run_job(job))
+            else:
+                import multiprocessing as mp
+
+                ctx = mp.get_context("spawn")  # MuJoCo/EGL and torch threads do not survive fork
+                with ctx.Pool(workers, initializer=_init_worker, initargs=(checkpoint, cfg.device, cfg.threads)) as pool:
+                    for record in pool.imap_unordered(_run_job, jobs):
+                        keep(record)
+        except KeyboardInterrupt:
+            bar.close()
+            fail("dp-eval", f"interrupted: the finished episodes are in {log}; the same command continues", 130)
+    bar.close()
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+@command("eval", EvalConfig)
+def main(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw["options"] = SamplerOptions(**raw["options"])
+    evaluate(EvalConfig(**raw))
+
+
+if __name__ == "__main__":
+    main()

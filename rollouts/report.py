@@ -1,0 +1,202 @@
+"""Evaluation reports: per-sampler summary (success with its Wilson interval, reward, latency,
+evaluations, iterations), the printed table, CSVs, and the success-vs-latency Pareto plot.
+`dp-report inputs=[dirA,dirB] out=DIR` merges several evaluations into one table and plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from envs.cli import command
+from envs.errors import UserError
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate (sound at 0 % and 100 %, unlike p ± 2 se)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(records: list[dict], labels: list[str], **context) -> list[dict]:
+    """One entry per sampler (in `labels` order) from its finished episodes."""
+    out = []
+    for label in labels:
+        eps = sorted((r for r in records if r["sampler"] == label), key=lambda r: r["seed"])
+        plans = [p for r in eps for p in r["plans"]]
+        lat = np.array([p["latency_ms"] for p in plans]) if plans else np.array([np.nan])
+        wins = sum(bool(r["success"]) for r in eps)
+        out.append({
+            "sampler": label,
+            "episodes": len(eps),
+            "success_rate": wins / len(eps) if eps else 0.0,
+            "success_ci95": list(wilson(wins, len(eps))),
+            "reward_mean": float(np.mean([r["max_reward"] for r in eps])) if eps else 0.0,  # per-episode max reward
+            "return_mean": float(np.mean([r["return_"] for r in eps])) if eps else 0.0,
+            "length_mean": float(np.mean([r["length"] for r in eps])) if eps else 0.0,
+            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+                           "mean": float(np.mean(lat))},
+            "model_evals_per_plan": float(np.mean([p["model_evals"] for p in plans])) if plans else 0.0,
+            "parallel_iters_per_plan": float(np.mean([p["parallel_iters"] for p in plans])) if plans else 0.0,
+            "converged_rate": float(np.mean([p["converged"] for p in plans])) if plans else 0.0,
+            "plans": len(plans),
+            "errors": [{"seed": r["seed"], "error": r["error"]} for r in eps if r.get("error")],
+            **context,
+        })
+    return out
+
+
+def episode_rows(records: list[dict]) -> list[dict]:
+    keys = ("sampler", "seed", "episode", "success", "max_reward", "return_", "length", "error")
+    return [{k: r.get(k) for k in keys} | {"plans": len(r["plans"])} for r in records]
+
+
+def plan_rows(records: list[dict]) -> list[dict]:
+    return [{"sampler": r["sampler"], "seed": r["seed"], **p} for r in records for p in r["plans"]]
+
+
+def table(summary: list[dict]) -> str:
+    head = (f"{'sampler':<24}{'episodes':>9}{'success':>9}{'95% CI':>14}{'reward':>8}{'p50 ms':>9}{'p95 ms':>9}"
+            f"{'evals':>8}{'iters':>8}{'errors':>7}")
+    lines = [head, "-" * len(head)]
+    for s in summary:
+        lo, hi = s["success_ci95"]
+        lines.append(f"{s['sampler']:<24}{s['episodes']:>9}{s['success_rate']:>8.0%} {f'{lo:.0%}-{hi:.0%}':>13}"
+                     f"{s['reward_mean']:>8.2f}{s['latency_ms']['p50']:>9.1f}{s['latency_ms']['p95']:>9.1f}"
+                     f"{s['model_evals_per_plan']:>8.1f}{s['parallel_iters_per_plan']:>8.1f}{len(s['errors']):>7}")
+    return "\n".join(lines)
+
+
+def pareto_front(summary: list[dict]) -> list[dict]:
+    """The samplers no other beats on both success and p50 latency, fastest first."""
+    pts = sorted(summary, key=lambda s: (s["latency_ms"]["p50"], -s["success_rate"]))
+    front, best = [], -1.0
+    for s in pts:
+        if s["success_rate"] > best:
+            front.append(s)
+            best = s["success_rate"]
+    return front
+
+
+def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    front = pareto_front(summary)
+    ax.plot([s["latency_ms"]["p50"] for s in front], [100 * s["success_rate"] for s in front], "-", color="#9ecae1",
+            lw=2, zorder=1, label="non-dominated")
+    for s in summary:
+        x, y = s["latency_ms"]["p50"], 100 * s["success_rate"]
+        lo, hi = s["success_ci95"]
+        ax.errorbar([x], [y], yerr=[[y - 100 * lo], [100 * hi - y]], fmt="o", capsize=3, zorder=2,
+                    color="#08519c" if s in front else "#6b6b6b")
+        ax.annotate(f"{s['sampler']}\n{s['parallel_iters_per_plan']:.0f} it", (x, y), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    xs = [s["latency_ms"]["p50"] for s in summary]
+    ax.set_xlim(min(xs) / 1.6, max(xs) * 1.8)  # room for the labels right of each point
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("p50 planning latency per plan (ms, log scale)")
+    ax.set_ylabel("task success (%), 95 % Wilson interval")
+    ax.set_ylim(-5, 112)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _title(summary: list[dict]) -> str:
+    s = summary[0]
+    return (f"{s.get('task', '?')}: {s['episodes']} episodes per sampler; {s.get('workers', '?')} workers x "
+            f"{s.get('threads', '?')} torch threads, {s.get('device', '?')}")
+
+
+def write_report(out: Path, summary: list[dict], episodes: list[dict] | None = None,
+                 plans: list[dict] | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "results.json", json.dumps(summary, indent=2))
+    if episodes is not None:
+        _write(out / "episodes.csv", _csv(episodes))
+    if plans is not None:
+        _write(out / "plans.csv", _csv(plans))
+    plot_pareto(out / "pareto.png", summary, _title(summary))
+
+
+@dataclass
+class ReportConfig:
+    inputs: list[str] = field(default_factory=list)  # evaluation directories (or their results.json)
+    out: str = "outputs/report"
+
+
+def merge(inputs: list[str]) -> list[dict]:
+    """The entries of several results.json files; a sampler label that repeats gets its run's
+    directory name appended."""
+    if not inputs:
+        raise UserError("inputs: empty list; give evaluation directories, e.g. inputs=[outputs/eval-a,outputs/eval-b]")
+    merged, seen = [], set()
+    for item in inputs:
+        path = Path(item)
+        path = path / "results.json" if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (not an evaluation directory?)")
+        try:
+            entries = json.loads(path.read_text())
+            assert isinstance(entries, list) and all("sampler" in e for e in entries)
+        except (json.JSONDecodeError, AssertionError):
+            raise UserError(f"{path}: not a dp-eval results.json") from None
+        for e in entries:
+            if e["sampler"] in seen:
+                e = {**e, "sampler": f"{e['sampler']} ({path.parent.name})"}
+            seen.add(e["sampler"])
+            merged.append(e)
+    return merged
+
+
+@command("report", ReportConfig)
+def main(cfg) -> None:
+    summary = merge(list(cfg.inputs))
+    out = Path(cfg.out)
+    write_report(out, summary)
+    print(table(summary))
+    print(f"wrote {out}/results.json, pareto.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""dp-eval and dp-report: short real evaluations of a tiny policy in the simulator."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from envs.errors import UserError
+from rollouts.evaluate import EvalConfig, SamplerOptions, evaluate, read_log, sampler_specs
+from rollouts.report import pareto_front, wilson
+
+BIN = Path(sys.executable).parent
+FAST = ["ddim5:steps=2", "paraddim15:steps=2,window=2"]
+
+
+def samplers(*specs):
+    return "samplers=[" + ",".join(f"'{s}'" for s in specs) + "]"  # quoted: Hydra's grammar reserves = and :
+
+
+def run(cmd, **kw):
+    return subprocess.run([str(BIN / cmd[0]), *cmd[1:]], capture_output=True, text=True, **kw)
+
+
+def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    r = run(["dp-eval", f"checkpoint={checkpoint}", samplers(*FAST), "episodes=2",
+             "workers=1", "videos=1", f"out={out}"])
+    assert r.returncode == 0, r.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [e["sampler"] for e in results] == FAST
+    for e in results:
+        assert e["episodes"] == 2 and e["success_rate"] == 0.0  # 20 training steps lift nothing
+        lo, hi = e["success_ci95"]
+        assert lo == 0.0 and 0.5 < hi < 0.9
+        assert set(e["latency_ms"]) == {"p50", "p95", "mean"} and e["latency_ms"]["p50"] > 0
+        assert e["model_evals_per_plan"] > 0 and e["parallel_iters_per_plan"] > 0 and "reward_mean" in e
+        assert e["threads"] == 1 and e["workers"] == 1 and e["errors"] == []
+    assert results[0]["model_evals_per_plan"] == results[0]["parallel_iters_per_plan"] == 2
+    episodes = (out / "episodes.csv").read_text().splitlines()
+    assert episodes[0].startswith("sampler,seed,episode,success") and len(episodes) == 5
+    plans = (out / "plans.csv").read_text().splitlines()
+    assert plans[0] == "sampler,seed,step,latency_ms,model_evals,parallel_iters,converged"
+    assert len(plans) == 1 + 4 * 50  # 400 steps, a plan every 8
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    videos = sorted(p.name for p in (out / "videos").iterdir())
+    assert videos == ["ddim5_steps_2-100000.mp4", "paraddim15_steps_2_window_2-100000.mp4"]
+    import cv2
+
+    cap = cv2.VideoCapture(str(out / "videos" / videos[0]))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 401
+    assert "paraddim15:steps=2,window=2" in r.stdout and "95% CI" in r.stdout
+
+
+def test_interrupted_run_keeps_finished_episodes_and_continues(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    args = ["dp-eval", f"checkpoint={checkpoint}", samplers(FAST[0]), "episodes=3", "workers=1", f"out={out}"]
+    proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "episodes.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: the finished episodes are in" in err
+    first = log.read_text().splitlines()
+    assert 1 <= len(first) < 3
+    r = run(args)
+    assert r.returncode == 0, r.stderr
+    assert f"continuing {out}: {len(first)} episodes done, {3 - len(first)} to run" in r.stderr
+    lines = log.read_text().splitlines()
+    assert lines[: len(first)] == first and len(lines) == 3  # nothing redone
+    assert sorted(json.loads(x)["seed"] for x in lines) == [100000, 100001, 100002]
+
+
+def test_a_cut_log_line_is_ignored_and_that_episode_rerun(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    cfg = EvalConfig(checkpoint=str(checkpoint), samplers=[FAST[0]], episodes=2, workers=1, out=str(out),
+                     progress=False)
+    evaluate(cfg)
+    lines = (out / "episodes.jsonl").read_text().splitlines()
+    (out / "episodes.jsonl").write_text(lines[0] + "\n" + lines[1][:40])  # a kill mid-write
+    assert len(read_log(out / "episodes.jsonl")) == 1
+    evaluate(cfg)
+    again = read_log(out / "episodes.jsonl")
+    assert [r["seed"] for r in again] == [100000, 100001] and json.dumps(again[0]) == lines[0]
+
+
+def test_crashing_episode_is_recorded_with_its_reason(checkpoint, tmp_path, monkeypatch):
+    """The policy is made to return NaN actions for one seed (the real way a diverged policy
+    crashes an episode); everything else is real."""
+    from policy.diffusion import DiffusionPolicy
+
+    real_plan, real_seed = DiffusionPolicy.plan, DiffusionPolicy.seed
+
+    def seed(self, s):
+        self._episode_seed = s
+        return real_seed(self, s)
+
+    def plan(self, obs):
+        out = real_plan(self, obs)
+        if getattr(self, "_episode_seed", None) == 100001:
+            out.actions[:] = np.nan
+        return out
+
+    monkeypatch.setattr(DiffusionPolicy, "seed", seed)
+    monkeypatch.setattr(DiffusionPolicy, "plan", plan)
+    out = tmp_path / "eval"
+    evaluate(EvalConfig(checkpoint=str(checkpoint), samplers=[FAST[0]], episodes=2, workers=1, out=str(out),
+                        progress=False))
+    results = json.loads((out / "results.json").read_text())
+    assert results[0]["episodes"] == 2
+    assert results[0]["errors"] == [{"seed": 100001, "error": "non-finite action at step 0"}]
+    assert "non-finite action at step 0" in (out / "episodes.csv").read_text()
+
+
+def test_seeds_of_the_demonstrations_are_refused(checkpoint, tmp_path):
+    r = run(["dp-eval", f"checkpoint={checkpoint}", "seed=1", "episodes=2", f"out={tmp_path}"])
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("dp-eval: seed: evaluation seeds 1.. overlap the 2 seeds")
+
+
+def test_options_apply_where_taken_and_are_refused_where_not():
+    specs = sampler_specs(["ddpm100", "paraddpm100"], {"tol": 0.05, "window": None})
+    assert list(specs) == ["ddpm100", "paraddpm100:tol=0.05"] and specs["paraddpm100:tol=0.05"].tol == 0.05
+    with pytest.raises(UserError, match=r"options.blocks: taken by none of the samplers"):
+        sampler_specs(["ddpm100"], {"blocks": 2})
+    assert "tol" in {f for f in SamplerOptions.__dataclass_fields__}
+
+
+def test_multirun_sweep_and_report_merge(checkpoint, tmp_path):
+    out = tmp_path / "sweep"
+    r = run(["dp-eval", "-m", f"checkpoint={checkpoint}", "samplers=[paraddim15]", "options.steps=2",
+             "options.window=1,2", "episodes=1", "workers=1", f"out={out}/w" + "${options.window}"])
+    assert r.returncode == 0, r.stderr
+    for w in (1, 2):
+        (entry,) = json.loads((out / f"w{w}" / "results.json").read_text())
+        assert entry["sampler"] == f"paraddim15:steps=2,window={w}"
+    assert not (tmp_path / "multirun").exists() and not Path("multirun").exists()
+    merged = run(["dp-report", f"inputs=[{out}/w1,{out}/w2]", f"out={tmp_path}/report"])
+    assert merged.returncode == 0, merged.stderr
+    entries = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [e["sampler"] for e in entries] == ["paraddim15:steps=2,window=1", "paraddim15:steps=2,window=2"]
+    assert (tmp_path / "report" / "pareto.png").exists() and "window=2" in merged.stdout
+    bad = run(["dp-report", f"inputs=[{tmp_path}/nothing]"])
+    assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_wilson_interval_and_pareto_front():
+    lo, hi = wilson(50, 50)
+    assert hi == 1.0 and 0.92 < lo < 0.93
+    lo, hi = wilson(0, 20)
+    assert lo == 0.0 and 0.16 < hi < 0.17
+    s = [{"sampler": n, "success_rate": p, "latency_ms": {"p50": l}} for n, p, l in
+         [("a", 0.9, 300), ("b", 0.8, 50), ("c", 0.7, 60), ("d", 0.95, 400), ("e", 0.8, 100)]]
+    assert [x["sampler"] for x in pareto_front(s)] == ["b", "a", "d"]
