@@ -159,3 +159,20 @@ def test_wilson_interval_and_pareto_front():
     s = [{"sampler": n, "success_rate": p, "latency_ms": {"p50": l}} for n, p, l in
          [("a", 0.9, 300), ("b", 0.8, 50), ("c", 0.7, 60), ("d", 0.95, 400), ("e", 0.8, 100)]]
     assert [x["sampler"] for x in pareto_front(s)] == ["b", "a", "d"]
+
+
+def test_quickstart_runs_the_whole_path_and_reuses_it(tmp_path):
+    out = tmp_path / "qs"
+    args = ["dp-quickstart", "n_demos=2", "steps=4", "episodes=1", "samplers=['ddim5:steps=2']", "workers=1",
+            f"out={out}"]
+    r = run(args)
+    assert r.returncode == 0, r.stderr
+    assert "[1/3] collecting 2 scripted lift demonstrations" in r.stdout
+    assert "[3/3] evaluating ddim5:steps=2 on 1 episodes each" in r.stdout and "min left in all" in r.stdout
+    (entry,) = json.loads((out / "eval" / "results.json").read_text())
+    assert entry["sampler"] == "ddim5:steps=2" and entry["episodes"] == 1
+    assert (out / "eval" / "pareto.png").exists() and (out / "train" / "checkpoints" / "latest").exists()
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    assert "reusing the store already there" in again.stdout and "reusing" in again.stdout.split("[2/3] done")[0]
+    assert "continuing" in again.stderr and "0 to run" in again.stderr
