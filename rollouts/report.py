@@ -100,13 +100,20 @@ def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
     front = pareto_front(summary)
     ax.plot([s["latency_ms"]["p50"] for s in front], [100 * s["success_rate"] for s in front], "-", color="#9ecae1",
             lw=2, zorder=1, label="non-dominated")
-    for s in summary:
+    placed: list[tuple[float, float, int]] = []
+    for s in sorted(summary, key=lambda e: e["latency_ms"]["p50"]):
         x, y = s["latency_ms"]["p50"], 100 * s["success_rate"]
         lo, hi = s["success_ci95"]
         ax.errorbar([x], [y], yerr=[[y - 100 * lo], [100 * hi - y]], fmt="o", capsize=3, zorder=2,
                     color="#08519c" if s in front else "#6b6b6b")
-        ax.annotate(f"{s['sampler']}\n{s['parallel_iters_per_plan']:.0f} it", (x, y), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
+        # Samplers often tie on success: stack the labels of nearby points in a column, away
+        # from the plot's edge (below points near 100 %, above the others).
+        taken = {pk for px, py, pk in placed if abs(math.log10(x / px)) < 0.4 and abs(y - py) < 8}
+        k = next(i for i in range(len(placed) + 1) if i not in taken)
+        placed.append((x, y, k))
+        dy = -(16 + 11 * k) if y > 60 else 10 + 11 * k
+        ax.annotate(f"{s['sampler']} ({s['parallel_iters_per_plan']:.0f} it)", (x, y), textcoords="offset points",
+                    xytext=(8, dy), fontsize=7.5, arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6})
     ax.set_xscale("log")
     xs = [s["latency_ms"]["p50"] for s in summary]
     ax.set_xlim(min(xs) / 1.6, max(xs) * 1.8)  # room for the labels right of each point
