@@ -98,7 +98,9 @@ def test_interrupted_collection_leaves_nothing_that_looks_like_a_store(tmp_path)
     exe = Path(sys.executable).with_name("dp-collect")
     proc = subprocess.Popen([str(exe), "task=lift", "n_demos=500", f"out={out}"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # a shell's background job inherits SIGINT ignored; Ctrl-C is what we test
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(8)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, workers too
     _, err = proc.communicate(timeout=60)

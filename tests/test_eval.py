@@ -60,7 +60,9 @@ def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
 def test_interrupted_run_keeps_finished_episodes_and_continues(checkpoint, tmp_path):
     out = tmp_path / "eval"
     args = ["dp-eval", f"checkpoint={checkpoint}", samplers(FAST[0]), "episodes=3", "workers=1", f"out={out}"]
-    proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job inherits SIGINT ignored; Ctrl-C is what we test
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "episodes.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
