@@ -44,6 +44,11 @@ def _check_group_choices(command: str, argv: list[str]) -> None:
             fail(command, f"unknown {key} {value!r}; known: {known}")
 
 
+def _alias(arg: str, aliases: dict[str, str]) -> str:
+    key, sep, value = arg.partition("=")
+    return f"{aliases[key]}={value}" if sep and key in aliases else arg
+
+
 def _keys(schema: type | None) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)] if schema is not None else []
 
@@ -88,11 +93,15 @@ def _config_errors_in_one_line(name: str, schema: type | None) -> Iterator[None]
             os.environ["HYDRA_FULL_ERROR"] = before
 
 
-def command(config_name: str, schema: type | None = None) -> Callable[[Callable[[Any], Any]], Callable[[], None]]:
+def command(config_name: str, schema: type | None = None,
+            aliases: dict[str, str] | None = None) -> Callable[[Callable[[Any], Any]], Callable[[], None]]:
     """Make `fn(cfg)` a console-script entry point reading `conf/<config_name>.yaml`.
 
     `schema`, a dataclass, is registered as `<config_name>_schema` so the YAML can put it first
     in its defaults list: a misspelt key or a wrong type then fails before any work starts.
+    `aliases` maps a command-line key to the config key it sets: a key named like a config group
+    (`sampler=ddim` for dp-align, where `conf/sampler/` holds presets) would otherwise be taken by
+    Hydra as a choice of that group.
     """
     import hydra
     from hydra.core.config_store import ConfigStore
@@ -125,7 +134,7 @@ def command(config_name: str, schema: type | None = None) -> Callable[[Callable[
         hydra_main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)
 
         def main() -> None:
-            argv = sys.argv[1:]
+            argv = [_alias(arg, aliases) for arg in sys.argv[1:]] if aliases else sys.argv[1:]
             _check_group_choices(name, argv)
             sys.argv = [name, *argv, *HYDRA_QUIET]
             with _config_errors_in_one_line(name, schema):

@@ -15,7 +15,7 @@ from torch import nn
 from envs.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.normalizer import Normalizer
-from policy.samplers import SampleResult, SamplerConfig, resolve
+from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
 
 
@@ -65,7 +65,14 @@ class DiffusionPolicy(nn.Module):
     def sampler(self, cfg: SamplerConfig) -> None:
         if not isinstance(cfg, SamplerConfig):
             cfg = SamplerConfig(**cfg)
-        self._sample_fn, self._sample_options = resolve(cfg)
+        fn, options = resolve(cfg)
+        which = aligner_choice(cfg)
+        if which is not None:  # the DPM-Aligner's timesteps for this chain, from the checkpoint
+            from policy.aligner import load_taus
+
+            chain = chain_of(cfg, self.cfg.schedule.num_train_timesteps)
+            options["taus"] = load_taus(self.meta.get("checkpoint"), *chain, which)
+        self._sample_fn, self._sample_options = fn, options
         self._sampler = cfg
 
     @property

@@ -39,3 +39,26 @@ def gather(data: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
     a, b, s = rows[:, 0:1], rows[:, 1:2], rows[:, 2:3]
     idx = np.clip(s + np.arange(length)[None, :], a, b - 1)
     return data[idx]
+
+
+def sample_windows(policy, data: str, split: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` random windows of a store's episodes as the policy sees them: observation histories
+    [n, n_obs, obs_dim] and action chunks [n, horizon, action_dim]. `split` is "train" or "val"
+    (the policy's own episode split; all episodes when it has none)."""
+    from envs.store import open_store
+
+    with open_store(data, task=policy.meta.get("task")) as store:
+        obs = np.asarray(store["obs"], dtype=np.float32)
+        action = np.asarray(store["action"], dtype=np.float32)
+        ends = store.episode_ends
+    if obs.shape[1] != policy.obs_dim:
+        raise UserError(f"{data}: data/obs has {obs.shape[1]} dims; the policy takes {policy.obs_dim}")
+    if action.shape[1] != policy.action_dim:
+        raise UserError(f"{data}: data/action has {action.shape[1]} dims; the policy takes {policy.action_dim}")
+    episodes = np.asarray(policy.meta.get(f"{split}_episodes") or [], dtype=np.int64)
+    if not len(episodes) or episodes.max() >= len(ends):
+        episodes = np.arange(len(ends))
+    c = policy.cfg
+    rows = window_index(ends, episodes, c.horizon, c.n_obs_steps, c.n_action_steps)
+    pick = np.random.default_rng(seed).choice(len(rows), size=n, replace=len(rows) < n)
+    return gather(obs, rows[pick], c.n_obs_steps), gather(action, rows[pick], c.horizon)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from envs.cli import command
 from envs.errors import UserError
+from rollouts.files import save_figure, write_text
 from rollouts.presets import baseline_of, sampler_preset
 
 DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15", "piadm15"]
@@ -54,22 +55,10 @@ def _sync(device: torch.device) -> None:
 
 
 def observation_histories(policy, data: str, n: int, seed: int) -> np.ndarray:
-    """`n` observation histories [n, n_obs, obs_dim] at random steps of the store's episodes."""
-    from envs.store import open_store
-    from policy.windows import gather, window_index
+    """`n` observation histories [n, n_obs, obs_dim] at random steps of the store's validation episodes."""
+    from policy.windows import sample_windows
 
-    with open_store(data, task=policy.meta.get("task")) as store:
-        obs = np.asarray(store["obs"], dtype=np.float32)
-        ends = store.episode_ends
-    if obs.shape[1] != policy.obs_dim:
-        raise UserError(f"{data}: data/obs has {obs.shape[1]} dims; the policy takes {policy.obs_dim}")
-    episodes = np.asarray(policy.meta.get("val_episodes") or [], dtype=np.int64)
-    if not len(episodes) or episodes.max() >= len(ends):
-        episodes = np.arange(len(ends))
-    c = policy.cfg
-    rows = window_index(ends, episodes, c.horizon, c.n_obs_steps, c.n_action_steps)
-    pick = np.random.default_rng(seed).choice(len(rows), size=n, replace=len(rows) < n)
-    return gather(obs, rows[pick], c.n_obs_steps)
+    return sample_windows(policy, data, "val", n, seed)[0]
 
 
 def batch_scaling(policy, batch_sizes: list[int], reps: int = 20) -> list[dict]:
@@ -259,21 +248,15 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(out: Path, results: list[dict], context: dict) -> None:
     """results.json (one entry per sampler), context.json (machine, batch scaling), results.csv, bench.png."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(results, indent=2))
-    _atomic_write(out / "context.json", json.dumps(context, indent=2))
+    write_text(out / "results.json", json.dumps(results, indent=2))
+    write_text(out / "context.json", json.dumps(context, indent=2))
     cols = ["name", "latency_ms_p50", "latency_ms_p90", "model_evals_mean", "parallel_iters_mean", "speedup",
             "speedup_bound", "baseline", "action_max_abs_diff", "converged_rate", "outside_model_pct"]
     rows = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in results]
-    _atomic_write(out / "results.csv", "\n".join(rows) + "\n")
+    write_text(out / "results.csv", "\n".join(rows) + "\n")
     plot(out / "bench.png", results, context)
 
 
@@ -309,10 +292,7 @@ def plot(path: Path, results: list[dict], context: dict) -> None:
     ax2.set_title("batch scaling: bounds any parallel speedup")
     ax2.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 @command("bench", BenchConfig)

@@ -1,6 +1,8 @@
 """Sampler presets: `conf/sampler/<name>.yaml`, optionally with overrides, as one string.
 
-`paraddpm100` is the preset; `paraddpm100:window=8,tol=0.05` is it with two options changed.
+`paraddpm100` is the preset; `paraddpm100:window=8,tol=0.05` is it with two options changed;
+`ddim5+aligner` is it with the DPM-Aligner's timesteps (`aligner=true`), e.g.
+`paraddim15+aligner:tol=0.05` or `ddim5:aligner=parallel` for the parallel strategy's taus.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from envs.cli import CONF_DIR
 from envs.errors import UserError
 from policy.samplers import SamplerConfig, resolve
 
+ALIGNED = "+aligner"
+
 
 def known_presets() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "sampler").glob("*.yaml"))
@@ -20,6 +24,10 @@ def known_presets() -> list[str]:
 def sampler_preset(spec: str) -> SamplerConfig:
     """The sampler config a preset spec names, checked (one-line errors naming the spec)."""
     name, _, overrides = spec.partition(":")
+    name = name.strip()
+    if name.endswith(ALIGNED):
+        name = name[: -len(ALIGNED)]
+        overrides = ",".join(["aligner=true", *([overrides] if overrides else [])])
     path = CONF_DIR / "sampler" / f"{name.strip()}.yaml"
     if not path.is_file():
         raise UserError(f"samplers: unknown preset {name!r}; known: {', '.join(known_presets())}")
@@ -42,4 +50,4 @@ def baseline_of(cfg: SamplerConfig) -> SamplerConfig:
         name = name[4:]
     elif name == "piadm":
         name = cfg.solver or "ddim"
-    return SamplerConfig(name=name, steps=cfg.steps, spacing=cfg.spacing)
+    return SamplerConfig(name=name, steps=cfg.steps, spacing=cfg.spacing, aligner=cfg.aligner)

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from envs.cli import command
 from envs.errors import UserError
+from rollouts.files import save_figure, write_text
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -128,16 +128,7 @@ def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _csv(rows: list[dict]) -> str:
@@ -158,11 +149,11 @@ def _title(summary: list[dict]) -> str:
 def write_report(out: Path, summary: list[dict], episodes: list[dict] | None = None,
                  plans: list[dict] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "results.json", json.dumps(summary, indent=2))
+    write_text(out / "results.json", json.dumps(summary, indent=2))
     if episodes is not None:
-        _write(out / "episodes.csv", _csv(episodes))
+        write_text(out / "episodes.csv", _csv(episodes))
     if plans is not None:
-        _write(out / "plans.csv", _csv(plans))
+        write_text(out / "plans.csv", _csv(plans))
     plot_pareto(out / "pareto.png", summary, _title(summary))
 
 

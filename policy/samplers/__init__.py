@@ -12,6 +12,10 @@ does not take.
 | ddpm, ddim, dpmsolver | sequential DDPM (ancestral), DDIM (eta 0), DPM-Solver++(2M) |
 | paraddpm, paraddim, paradpmsolver | ParaDiGMS Picard iteration over the same chains |
 | piadm | PIADM: blocks of fixed parallel Picard iterations (solver=ddim: ODE, ddpm: SDE) |
+
+`aligner=true` (any sampler) feeds the denoiser the DPM-Aligner's learned timesteps of the
+sampler's chain (solver, steps, spacing) in place of the chain's own; the policy loads them from
+its checkpoint (`policy.aligner`) and hands them to the sampler as `taus`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,34 @@ class SamplerConfig:
     max_iters: int | None = None  # ParaDiGMS: cap on parallel iterations
     blocks: int | None = None  # PIADM: blocks the chain is cut into
     picard_iters: int | None = None  # PIADM: parallel iterations per block
+    aligner: str | None = None  # DPM-Aligner timesteps: true (the last learned), sequential, parallel
+
+
+ALIGNER_OFF, ALIGNER_ON = ("false", "no", "off", "0", "none"), ("true", "yes", "on", "1")
+ALIGNER_STRATEGIES = ("sequential", "parallel")
+
+
+def aligner_choice(cfg: SamplerConfig) -> str | None:
+    """None (off), "default" (the strategy learned last) or a strategy name."""
+    value = "false" if cfg.aligner is None else str(cfg.aligner).strip().lower()
+    if value in ALIGNER_OFF:
+        return None
+    if value in ALIGNER_ON:
+        return "default"
+    if value in ALIGNER_STRATEGIES:
+        return value
+    raise UserError(f"sampler.aligner: {cfg.aligner!r} is not true, false, {' or '.join(ALIGNER_STRATEGIES)}")
+
+
+def chain_of(cfg: SamplerConfig, num_train_timesteps: int) -> tuple[str, int, str]:
+    """(solver, steps, spacing) of the chain a sampler walks: ParaDiGMS and PIADM walk their
+    sequential twin's chain, so they share its aligned timesteps."""
+    from policy.samplers.solvers import canonical_spacing
+
+    name = cfg.name[4:] if cfg.name.startswith("para") else cfg.name
+    if name == "piadm":
+        name = cfg.solver or "ddim"
+    return name, cfg.steps or num_train_timesteps, canonical_spacing(cfg.spacing or "trailing")
 
 
 def _registry() -> dict[str, Callable[..., SampleResult]]:
@@ -66,18 +98,21 @@ def options_of(fn: Callable) -> set[str]:
     """The keyword options a sampler function takes (those not fixed by its registry entry)."""
     fixed = set(fn.keywords) if isinstance(fn, partial) else set()
     params = inspect.signature(fn.func if isinstance(fn, partial) else fn).parameters.values()
-    return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in fixed | {"callback"}}
+    internal = {"callback", "taus"}  # set by the caller, not by a config
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in fixed | internal}
 
 
 def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     """The sampler function `cfg` names and the options it sets. An option the sampler does not
-    take, or a value out of range, is a one-line `UserError` naming the field."""
+    take, or a value out of range, is a one-line `UserError` naming the field. The aligner
+    switch is checked here but applied by the policy, which knows its checkpoint."""
     fn = get_sampler(cfg.name)
     allowed = options_of(fn)
+    aligner_choice(cfg)
     options = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name == "name" or value is None:
+        if f.name in ("name", "aligner") or value is None:
             continue
         if f.name not in allowed:
             raise UserError(f"sampler.{f.name}: not an option of {cfg.name} (its options: {', '.join(sorted(allowed))})")
@@ -103,4 +138,4 @@ def _check(name: str, options: dict) -> None:
         bad("tol", "must be >= 0")
 
 
-__all__ = ["SampleResult", "SamplerConfig", "get_sampler", "options_of", "resolve"]
+__all__ = ["SampleResult", "SamplerConfig", "aligner_choice", "chain_of", "get_sampler", "options_of", "resolve"]

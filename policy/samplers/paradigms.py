@@ -39,10 +39,11 @@ from policy.samplers.solvers import get_plan, new_history, step_rows
 
 def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
               *, solver: str, steps: int | None = None, spacing: str = "trailing", window: int = 16,
-              tol: float = 0.1, max_iters: int | None = None, callback=None) -> SampleResult:
+              tol: float = 0.1, max_iters: int | None = None,
+              taus: tuple[float, ...] | None = None, callback=None) -> SampleResult:
     """Picard-iterate the `solver` chain of `steps` steps from `noise` [B, horizon, A] to
     tolerance `tol`, `window` steps per sample per iteration, at most `max_iters` iterations."""
-    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype)
+    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if window < 1:
         raise ValueError(f"sampler.window: {window} must be at least 1")

@@ -38,9 +38,10 @@ from policy.samplers.solvers import get_plan, new_history, step_rows
 
 def piadm(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
           *, solver: str = "ddim", steps: int | None = None, spacing: str = "trailing", blocks: int = 4,
-          picard_iters: int = 3, callback=None) -> SampleResult:
+          picard_iters: int = 3,
+          taus: tuple[float, ...] | None = None, callback=None) -> SampleResult:
     """`blocks` blocks of `picard_iters` parallel Picard iterations over the `solver` chain."""
-    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype)
+    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if not 1 <= blocks <= n:
         raise ValueError(f"sampler.blocks: {blocks} must be in 1..{n} (the step count)")

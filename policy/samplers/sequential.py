@@ -10,9 +10,10 @@ from policy.samplers.solvers import get_plan, new_history, step_rows
 
 
 def sequential(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
-               *, solver: str, steps: int | None = None, spacing: str = "trailing", callback=None) -> SampleResult:
+               *, solver: str, steps: int | None = None, spacing: str = "trailing",
+               taus: tuple[float, ...] | None = None, callback=None) -> SampleResult:
     """Denoise `noise` [B, horizon, A] in `steps` steps of `solver` (default: every training step)."""
-    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype)
+    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     z = plan.draw_noise(noise.shape, generator, noise.device, noise.dtype)
     history = new_history(plan, noise)
     rows = torch.arange(noise.shape[0], device=noise.device)

@@ -17,6 +17,7 @@ against diffusers' own `step()` loops.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,14 +28,20 @@ import torch
 from envs.errors import UserError
 
 SOLVERS = ("ddpm", "ddim", "dpmsolver")
-SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr")
+SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr", "uniform")
+
+
+def canonical_spacing(spacing: str) -> str:
+    """`uniform` (the aligner paper's name for evenly spaced steps) is diffusers' `trailing`."""
+    return "trailing" if spacing == "uniform" else spacing
 
 
 @dataclass(frozen=True)
 class Plan:
     solver: str
-    timesteps: np.ndarray  # [n] descending, the denoiser's `t` at each step
-    t: torch.Tensor  # [n] float, the same on the sampling device
+    timesteps: np.ndarray  # [n] descending: the step times the coefficients are computed at
+    t: torch.Tensor  # [n] float, the denoiser's input `t` at each step: the timesteps, or the
+    #                  aligned taus of the DPM-Aligner (the coefficients stay those of `timesteps`)
     sqrt_a: torch.Tensor  # [n] sqrt(alpha_bar_t): x0 = (x - sqrt_1ma * eps) / sqrt_a
     sqrt_1ma: torch.Tensor
     cx: torch.Tensor
@@ -96,6 +103,7 @@ def timesteps(scheduler, steps: int, spacing: str) -> np.ndarray:
     are rounded to integers and kept strictly decreasing.
     """
     T = scheduler.config.num_train_timesteps
+    spacing = canonical_spacing(spacing)
     if not isinstance(steps, int) or not 1 <= steps <= T:
         raise UserError(f"sampler.steps: {steps!r} is not a step count in 1..{T}")
     if spacing in ("trailing", "leading", "linspace"):
@@ -197,27 +205,37 @@ def build_plan(scheduler, solver: str, ts, device="cpu", dtype=torch.float32) ->
 
 
 @lru_cache(maxsize=64)
-def _cached_plan(config_json: str, solver: str, steps: int, spacing: str, device: str, dtype) -> Plan:
+def _cached_plan(config_json: str, solver: str, steps: int, spacing: str, device: str, dtype,
+                 taus: tuple[float, ...] | None) -> Plan:
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(json.loads(config_json))
-    return build_plan(scheduler, solver, timesteps(scheduler, steps, spacing), device, dtype)
+    plan = build_plan(scheduler, solver, timesteps(scheduler, steps, spacing), device, dtype)
+    if taus is None:
+        return plan
+    if len(taus) != plan.n:
+        raise UserError(f"sampler.aligner: {len(taus)} aligned timesteps for a chain of {plan.n} steps")
+    return dataclasses.replace(plan, t=torch.tensor(taus, device=device, dtype=dtype))
 
 
-def get_plan(scheduler, solver: str, steps: int | None, spacing: str, device, dtype=torch.float32) -> Plan:
+def get_plan(scheduler, solver: str, steps: int | None, spacing: str, device, dtype=torch.float32,
+             taus: tuple[float, ...] | None = None) -> Plan:
     """The plan for a sampler setting, built once and reused: building costs milliseconds that a
-    control loop would otherwise pay on every plan."""
+    control loop would otherwise pay on every plan. `taus` (DPM-Aligner) replaces the denoiser's
+    input timestep of each step and nothing else."""
     steps = scheduler.config.num_train_timesteps if steps is None else steps
     config = json.dumps(dict(scheduler.config), sort_keys=True, default=list)
-    return _cached_plan(config, solver, steps, spacing, str(device), dtype)
+    taus = None if taus is None else tuple(float(v) for v in taus)
+    return _cached_plan(config, solver, steps, canonical_spacing(spacing), str(device), dtype, taus)
 
 
 def step_rows(plan: Plan, denoiser, cond: torch.Tensor, x: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
-              history: torch.Tensor | None) -> torch.Tensor:
+              history: torch.Tensor | None, t: torch.Tensor | None = None) -> torch.Tensor:
     """One denoiser call on rows `x` [M, ...] sitting at steps `k` [M] of samples `b` [M], and the
     noiseless step each row takes. `history` [B, n, ...] keeps every step's data estimate for the
-    multistep solver: this call writes its rows there and reads each row's previous step."""
-    eps = denoiser(x, plan.t[k], cond[b])
+    multistep solver: this call writes its rows there and reads each row's previous step. `t` [M]
+    overrides the denoiser's input timesteps (the aligner trains them through this call)."""
+    eps = denoiser(x, plan.t[k] if t is None else t, cond[b])
     x0 = plan.denoise(k, x, eps)
     x0_prev = None
     if history is not None:
