@@ -150,12 +150,15 @@ def _settled(trace: list, window: int, min_iters: int, tol: float) -> bool:
     return float(np.max(np.abs(a - b))) < tol
 
 
-def align_sequential(policy, chunks: _Chunks, s: AlignSettings, progress: bool = True) -> dict:
+def _setup(policy, s: AlignSettings) -> tuple[Plan, torch.Generator, np.random.Generator]:
+    """The chain's plan and the seeded random sources a strategy draws from."""
     plan = get_plan(policy.scheduler, s.solver, s.steps, s.spacing, policy.device)
-    net, dev, n = policy.net, policy.device, plan.n
-    gen = torch.Generator(dev).manual_seed(s.seed)
-    rng = np.random.default_rng(s.seed)
-    N = len(chunks)
+    return plan, torch.Generator(policy.device).manual_seed(s.seed), np.random.default_rng(s.seed)
+
+
+def align_sequential(policy, chunks: _Chunks, s: AlignSettings, progress: bool = True) -> dict:
+    plan, gen, rng = _setup(policy, s)
+    net, dev, n, N = policy.net, policy.device, plan.n, len(chunks)
     x = plan.sqrt_a[0] * chunks.x0 + plan.sqrt_1ma[0] * torch.randn(chunks.x0.shape, generator=gen, device=dev)
     history = new_history(plan, x)
     eval_idx = torch.arange(min(N, 256), device=dev)
@@ -208,11 +211,8 @@ def align_sequential(policy, chunks: _Chunks, s: AlignSettings, progress: bool =
 
 
 def align_parallel(policy, chunks: _Chunks, s: AlignSettings, progress: bool = True) -> dict:
-    plan = get_plan(policy.scheduler, s.solver, s.steps, s.spacing, policy.device)
-    net, dev, n = policy.net, policy.device, plan.n
-    gen = torch.Generator(dev).manual_seed(s.seed)
-    rng = np.random.default_rng(s.seed)
-    N = len(chunks)
+    plan, gen, rng = _setup(policy, s)
+    net, dev, n, N = policy.net, policy.device, plan.n, len(chunks)
 
     def states(idx, k, tau_all, noise):
         """x_{t_k} ~ q(. | x0) and, for the multistep solver, the previous step's data estimate

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from envs.cli import command
 from envs.errors import UserError
+from policy.samplers import aligner_choice
 from rollouts.files import save_figure, write_text
 from rollouts.presets import baseline_of, sampler_preset
 
@@ -123,12 +124,15 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     specs: dict[str, object] = {}
     for spec in cfg.samplers:
         specs[spec] = sampler_preset(spec)
+        pol.sampler = specs[spec]  # a missing aligner fails here, before anything is timed
     baselines: dict[str, str] = {}
     for spec, sc in list(specs.items()):
         base = baseline_of(sc)
         match = next((s for s, c in specs.items() if c.name == base.name and _same_chain(c, base, pol)), None)
         if match is None:
             match = f"{base.name}{base.steps or pol.cfg.schedule.num_train_timesteps}"
+            if aligner_choice(base) is not None:
+                match += "+aligner" if aligner_choice(base) == "default" else f":aligner={base.aligner}"
             specs[match] = base
         baselines[spec] = match
 
@@ -228,8 +232,11 @@ def add_speedup_bounds(results: list[dict], curve: list[dict]) -> None:
 
 
 def _same_chain(a, b, pol) -> bool:
+    """Same solver chain with the same denoiser inputs (aligned or not, by the same strategy)."""
+    from policy.samplers import aligner_choice, chain_of
+
     T = pol.cfg.schedule.num_train_timesteps
-    return (a.steps or T) == (b.steps or T) and (a.spacing or "trailing") == (b.spacing or "trailing")
+    return chain_of(a, T) == chain_of(b, T) and aligner_choice(a) == aligner_choice(b)
 
 
 def _machine(dev: torch.device) -> str:

@@ -203,6 +203,8 @@ def evaluate(cfg: EvalConfig) -> Path:
     pol = policy.load(cfg.checkpoint)  # fail early on a bad checkpoint, in this process
     task = pol.meta["task"]
     specs = sampler_specs(cfg.samplers, dataclasses.asdict(cfg.options))
+    for sc in specs.values():
+        pol.sampler = sc  # a missing aligner fails here, in one line, before any worker starts
     seeds = range(cfg.seed, cfg.seed + cfg.episodes)
     check_seeds(cfg.data or pol.meta.get("data"), seeds)
     out = Path(cfg.out or f"outputs/eval-{task}")

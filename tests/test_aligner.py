@@ -191,6 +191,27 @@ def test_dp_align_writes_taus_evidence_and_summary(ckpt):
     assert load_taus(ckpt, "ddim", 3, "trailing") == tuple(doc["strategies"]["parallel"]["taus"])
     policy.sampler = SamplerConfig(name="ddim", steps=3, spacing="trailing", aligner="sequential")
 
+    # dp-bench: the aligned variants are rows of their own, each with its aligned twin as baseline
+    out = ckpt.parent / "bench"
+    r = subprocess.run([str(EXE.with_name("dp-bench")), f"checkpoint={ckpt}", "plans=3", "threads=1", f"out={out}",
+                        "warmup=1", "overhead_plans=1", "batch_sizes=[1]",
+                        "samplers=[ddim3,ddim3+aligner,'paraddim15+aligner:steps=3,window=3,tol=0']"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    by = {e["name"]: e for e in json.loads((out / "results.json").read_text())}
+    assert set(by) == {"ddim3", "ddim3+aligner", "paraddim15+aligner:steps=3,window=3,tol=0"}
+    para = by["paraddim15+aligner:steps=3,window=3,tol=0"]
+    assert para["baseline"] == "ddim3+aligner" and para["action_max_abs_diff"] < 1e-4
+    assert by["ddim3+aligner"]["baseline"] == "ddim3+aligner"
+
+
+def test_dp_eval_refuses_a_missing_aligner_in_one_line(ckpt, tmp_path):
+    r = subprocess.run([str(EXE.with_name("dp-eval")), f"checkpoint={ckpt}", "samplers=[ddim5,ddim5+aligner]",
+                        "episodes=1", f"out={tmp_path / 'eval'}"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "no aligned timesteps for ddim-5-trailing" in r.stderr and "make them with: dp-align" in r.stderr
+    assert not (tmp_path / "eval" / "episodes.jsonl").exists()
+
 
 def test_dp_align_bad_input_is_one_line(ckpt):
     r = subprocess.run([str(EXE), f"checkpoint={ckpt}", "sampler=paraddim"], capture_output=True, text=True)
