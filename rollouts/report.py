@@ -67,12 +67,13 @@ def plan_rows(records: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    head = (f"{'sampler':<24}{'episodes':>9}{'success':>9}{'95% CI':>14}{'reward':>8}{'p50 ms':>9}{'p95 ms':>9}"
+    w = max([24, *(len(s["sampler"]) + 1 for s in summary)])
+    head = (f"{'sampler':<{w}}{'episodes':>9}{'success':>9}{'95% CI':>14}{'reward':>8}{'p50 ms':>9}{'p95 ms':>9}"
             f"{'evals':>8}{'iters':>8}{'errors':>7}")
     lines = [head, "-" * len(head)]
     for s in summary:
         lo, hi = s["success_ci95"]
-        lines.append(f"{s['sampler']:<24}{s['episodes']:>9}{s['success_rate']:>8.0%} {f'{lo:.0%}-{hi:.0%}':>13}"
+        lines.append(f"{s['sampler']:<{w}}{s['episodes']:>9}{s['success_rate']:>8.0%} {f'{lo:.0%}-{hi:.0%}':>13}"
                      f"{s['reward_mean']:>8.2f}{s['latency_ms']['p50']:>9.1f}{s['latency_ms']['p95']:>9.1f}"
                      f"{s['model_evals_per_plan']:>8.1f}{s['parallel_iters_per_plan']:>8.1f}{len(s['errors']):>7}")
     return "\n".join(lines)
