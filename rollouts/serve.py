@@ -1,0 +1,167 @@
+"""`dp-serve`: the policy behind a websocket, speaking openpi-client's protocol.
+
+    dp-serve checkpoint=outputs/lift sampler=paraddpm100 host=127.0.0.1 port=8000
+
+A robot program written against `openpi_client.websocket_client_policy.WebsocketClientPolicy`
+works unchanged:
+
+- on connect the server sends its metadata (one binary msgpack frame): task, observation key and
+  shape, action dimension, chunk sizes, sampler;
+- each request is one binary frame, an observation dict `{"obs_history": float32 [n_obs, obs_dim]}`;
+  the reply is `{"actions": float32 [n_action_steps, action_dim], "policy_timing": {...},
+  "server_timing": {...}}`;
+- arrays travel in openpi's msgpack encoding (`rollouts.wire`);
+- a bad request (not msgpack, not a dict, missing key, wrong shape or dtype) gets a text frame with
+  a one-line error, which openpi-client raises as RuntimeError, and the connection keeps serving;
+  a message over `max_message_mb` is refused by the websocket layer (close code 1009);
+- `GET /healthz` answers 200.
+
+Requests from several clients are queued: one policy, one plan at a time, run in a worker thread
+so the event loop keeps answering pings and other connections meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import numpy as np
+
+from envs.cli import command
+from policy.samplers import SamplerConfig
+from rollouts import wire
+
+OBS_KEY = "obs_history"
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = "???"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_message_mb: float = 8.0
+    threads: int = 2
+    device: str = "cpu"
+    seed: int = 0
+
+
+class PolicyService:
+    """What the server does with one request, independent of the transport (tested directly)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.lock = threading.Lock()  # one plan at a time: requests from several clients queue here
+        self.served = 0
+
+    def metadata(self) -> dict:
+        p = self.policy
+        return {"name": "parapolicy", "task": p.meta.get("task"), "checkpoint": p.meta.get("checkpoint"),
+                "step": p.meta.get("step"), "obs_key": OBS_KEY, "obs_shape": [p.cfg.n_obs_steps, p.obs_dim],
+                "action_dim": p.action_dim, "horizon": p.cfg.horizon, "n_action_steps": p.cfg.n_action_steps,
+                "sampler": {k: v for k, v in vars(p.sampler).items() if v is not None}}
+
+    def check(self, obs) -> np.ndarray:
+        """The observation history of a request, or a ValueError naming the field."""
+        if not isinstance(obs, dict):
+            raise ValueError(f"request: expected a dict with key {OBS_KEY!r}, got {type(obs).__name__}")
+        if OBS_KEY not in obs:
+            raise ValueError(f"request: missing key {OBS_KEY!r} (keys: {', '.join(map(str, obs)) or 'none'})")
+        x = obs[OBS_KEY]
+        want = (self.policy.cfg.n_obs_steps, self.policy.obs_dim)
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"{OBS_KEY}: expected a float array of shape {want}, got {type(x).__name__}")
+        if x.dtype.kind != "f":
+            raise ValueError(f"{OBS_KEY}: dtype {x.dtype} is not a float type")
+        if x.shape != want:
+            raise ValueError(f"{OBS_KEY}: shape {x.shape}, expected {want}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{OBS_KEY}: contains NaN or inf")
+        return x.astype(np.float32)
+
+    def infer(self, obs) -> dict:
+        x = self.check(obs)
+        start = time.perf_counter()
+        with self.lock:
+            waited = time.perf_counter() - start
+            r = self.policy.plan(x)
+            self.served += 1
+        return {"actions": r.actions.astype(np.float32),
+                "policy_timing": {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
+                                  "parallel_iters": r.parallel_iters, "converged": r.converged},
+                "server_timing": {"queue_ms": waited * 1e3}}
+
+
+async def serve(service: PolicyService, host: str, port: int, max_message_mb: float = 8.0,
+                ready: threading.Event | None = None, stop: asyncio.Event | None = None,
+                bound: list | None = None) -> None:
+    """Serve until `stop` is set (forever without one). `bound` receives the (host, port) bound
+    (port=0 picks a free one)."""
+    from websockets.asyncio.server import serve as ws_serve
+    from websockets.exceptions import ConnectionClosed
+
+    def health(connection, request):
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "OK\n")
+        return None
+
+    async def handler(ws):
+        await ws.send(wire.packb(service.metadata()))
+        while True:
+            try:
+                message = await ws.recv()
+            except ConnectionClosed:
+                return
+            t0 = time.perf_counter()
+            try:
+                if isinstance(message, str):
+                    raise ValueError("request: a text frame; send the observation as binary msgpack")
+                try:
+                    obs = wire.unpackb(message)
+                except Exception as err:
+                    raise ValueError(f"request: not msgpack ({type(err).__name__})") from None
+                reply = await asyncio.to_thread(service.infer, obs)
+            except ValueError as err:
+                reply = str(err)
+            except Exception as err:  # a failure of the policy itself: reported, the server lives on
+                reply = f"server: {type(err).__name__}: {err}"
+            try:
+                if isinstance(reply, dict):
+                    reply["server_timing"]["infer_ms"] = (time.perf_counter() - t0) * 1e3
+                    await ws.send(wire.packb(reply))
+                else:
+                    await ws.send(reply)  # a text frame: openpi-client raises it as RuntimeError
+            except ConnectionClosed:  # the client left mid-request
+                return
+
+    async with ws_serve(handler, host, port, compression=None, max_size=int(max_message_mb * 2**20),
+                        process_request=health) as server:
+        if bound is not None:
+            bound.append(server.sockets[0].getsockname()[:2])
+        if ready is not None:
+            ready.set()
+        await (stop.wait() if stop is not None else asyncio.Future())
+
+
+@command("serve", ServeConfig)
+def main(cfg) -> None:
+    import torch
+
+    import policy as policy_pkg
+
+    torch.set_num_threads(cfg.threads)
+    pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
+    pol.sampler = SamplerConfig(**cfg.sampler)
+    pol.seed(cfg.seed)
+    service = PolicyService(pol)
+    print(f"dp-serve: {pol.meta['checkpoint']} with {cfg.sampler.name} on ws://{cfg.host}:{cfg.port} "
+          f"(health: http://{cfg.host}:{cfg.port}/healthz)", flush=True)
+    try:
+        asyncio.run(serve(service, cfg.host, cfg.port, cfg.max_message_mb))
+    except OSError as err:
+        from envs.errors import UserError
+
+        raise UserError(f"port: cannot listen on {cfg.host}:{cfg.port} ({err.strerror or err})") from None

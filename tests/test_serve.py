@@ -1,0 +1,165 @@
+"""dp-serve on loopback, driven by the real openpi-client package: metadata on connect, actions
+out, one-line errors that leave the connection serving, size limit, disconnects, several
+clients, health check, and the wire encoding byte for byte."""
+
+import asyncio
+import subprocess
+import sys
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from openpi_client import msgpack_numpy
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from policy.checkpoint import load_policy
+from policy.samplers import SamplerConfig
+from rollouts import wire
+from rollouts.serve import PolicyService, serve
+
+# openpi-client 0.1.2 calls websockets' connect() outside a `with`, which websockets >= 16 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
+
+
+@pytest.fixture
+def start_server(checkpoint):
+    """Start a server (in a thread, on a free port) for the tiny policy; stopped after the test."""
+    stops = []
+
+    def start(max_message_mb: float = 8.0):
+        pol = load_policy(checkpoint)
+        pol.sampler = SamplerConfig(name="ddim", steps=5)
+        pol.seed(0)
+        service = PolicyService(pol)
+        loop = asyncio.new_event_loop()
+        ready, bound, box = threading.Event(), [], {}
+
+        def run():
+            asyncio.set_event_loop(loop)
+            box["stop"] = asyncio.Event()
+            loop.run_until_complete(serve(service, "127.0.0.1", 0, max_message_mb, ready, box["stop"], bound))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert ready.wait(20), "server did not start"
+        stops.append((loop, box, thread))
+        return service, bound[0][1]
+
+    yield start
+    for loop, box, thread in stops:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(10)
+
+
+def _obs(service, **kw):
+    p = service.policy
+    return {"obs_history": np.zeros((p.cfg.n_obs_steps, p.obs_dim), np.float32), **kw}
+
+
+def test_openpi_client_gets_metadata_and_actions(start_server):
+    service, port = start_server()
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    meta = client.get_server_metadata()
+    p = service.policy
+    assert meta["obs_key"] == "obs_history" and meta["obs_shape"] == [p.cfg.n_obs_steps, p.obs_dim]
+    assert meta["action_dim"] == p.action_dim and meta["sampler"]["name"] == "ddim"
+    out = client.infer(_obs(service))
+    assert out["actions"].shape == (p.cfg.n_action_steps, p.action_dim) and out["actions"].dtype == np.float32
+    assert out["policy_timing"]["model_evals"] == 5 and out["server_timing"]["infer_ms"] > 0
+    assert service.served == 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"obs_history": np.zeros((3, 3), np.float32)}, r"obs_history: shape \(3, 3\), expected"),
+    ({"obs_history": "zeros"}, "obs_history: expected a float array"),
+    ({"state": np.zeros(3)}, "request: missing key 'obs_history'"),
+])
+def test_bad_observation_gets_one_line_error_and_the_connection_keeps_serving(start_server, bad, message):
+    service, port = start_server()
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    with pytest.raises(RuntimeError, match=message):
+        client.infer(bad)
+    assert client.infer(_obs(service))["actions"].shape[0] == service.policy.cfg.n_action_steps
+
+
+def test_wrong_dtype_is_named(start_server):
+    service, port = start_server()
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    p = service.policy
+    with pytest.raises(RuntimeError, match="obs_history: dtype int64 is not a float type"):
+        client.infer({"obs_history": np.zeros((p.cfg.n_obs_steps, p.obs_dim), np.int64)})
+
+
+def test_malformed_and_oversized_messages(start_server):
+    service, port = start_server(max_message_mb=0.01)
+    with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+        ws.recv()  # metadata
+        ws.send(b"\xc1\xc1 not msgpack")
+        assert ws.recv().startswith("request: not msgpack")
+        ws.send("hello")
+        assert "text frame" in ws.recv()
+        ws.send(wire.packb(_obs(service)))
+        assert "actions" in wire.unpackb(ws.recv())
+    with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+        ws.recv()
+        ws.send(b"\x00" * 20_000)  # over 0.01 MB
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv()
+        assert info.value.rcvd.code == 1009  # message too big
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)  # and others are still served
+    assert "actions" in client.infer(_obs(service))
+
+
+def test_client_leaving_mid_request_does_not_break_the_server(start_server):
+    service, port = start_server()
+    for _ in range(3):
+        with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+            ws.recv()
+            ws.send(wire.packb(_obs(service)))
+        # closed before the reply
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    assert "actions" in client.infer(_obs(service))
+
+
+def test_several_clients_at_once_are_all_answered(start_server):
+    service, port = start_server()
+    p = service.policy
+
+    def session(i):
+        client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+        obs = {"obs_history": np.full((p.cfg.n_obs_steps, p.obs_dim), i / 10, np.float32)}
+        return [client.infer(obs)["actions"].shape for _ in range(10)]
+
+    with ThreadPoolExecutor(4) as pool:
+        shapes = [s for r in pool.map(session, range(4)) for s in r]
+    assert shapes == [(p.cfg.n_action_steps, p.action_dim)] * 40
+    assert service.served == 40
+
+
+def test_health_check(start_server):
+    _, port = start_server()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+        assert r.status == 200 and r.read() == b"OK\n"
+
+
+def test_wire_encoding_is_openpi_clients_byte_for_byte():
+    obj = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.float64(2.5), "c": [1, "x"],
+           "d": {"e": np.ones(2, np.int16)}}
+    assert wire.packb(obj) == msgpack_numpy.packb(obj)
+    back = wire.unpackb(msgpack_numpy.packb(obj))
+    np.testing.assert_array_equal(back["a"], obj["a"])
+    assert back["b"] == 2.5 and back["d"]["e"].dtype == np.int16
+    with pytest.raises(ValueError, match="unsupported dtype object"):
+        wire.packb({"x": np.array([object()])})
+
+
+def test_dp_serve_bad_checkpoint_is_one_line(tmp_path):
+    exe = Path(sys.executable).with_name("dp-serve")
+    r = subprocess.run([str(exe), f"checkpoint={tmp_path / 'nope'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "no such checkpoint" in r.stderr
