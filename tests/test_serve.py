@@ -163,3 +163,21 @@ def test_dp_serve_bad_checkpoint_is_one_line(tmp_path):
     r = subprocess.run([str(exe), f"checkpoint={tmp_path / 'nope'}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "no such checkpoint" in r.stderr
+
+
+def test_own_client_and_a_small_load_test(start_server):
+    from rollouts.client import PolicyClient, PolicyServerError, load_test
+
+    service, port = start_server()
+    p = service.policy
+    with PolicyClient("127.0.0.1", port) as client:
+        assert client.metadata["obs_shape"] == [p.cfg.n_obs_steps, p.obs_dim]
+        actions = client.plan(np.zeros((p.cfg.n_obs_steps, p.obs_dim)))
+        assert actions.shape == (p.cfg.n_action_steps, p.action_dim)
+        assert client.last["policy_timing"]["model_evals"] == 5
+        with pytest.raises(PolicyServerError, match="obs_history: shape"):
+            client.plan(np.zeros(3))
+    report = load_test("127.0.0.1", port, clients=4, requests=25)
+    assert (report["answered"], report["lost"], report["wrong"]) == (100, 0, 0)
+    assert report["p99_ms"] >= report["p50_ms"] > 0
+    assert service.served == 1 + 100
