@@ -12,18 +12,20 @@ import dataclasses
 import functools
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Hydra writes neither logs nor an output directory for our commands: they write only `out=`.
+# A multirun (-m) always saves its `multirun.yaml` in the sweep directory: a temporary one.
 HYDRA_QUIET = [
     "hydra/job_logging=disabled",
     "hydra/hydra_logging=disabled",
     "hydra.run.dir=.",
     "hydra.output_subdir=null",
-    "hydra.sweep.dir=.",  # a multirun (-m) writes only `out=` too
+    f"hydra.sweep.dir={Path(tempfile.gettempdir()) / 'parapolicy-multirun'}",
     "hydra.sweep.subdir=.",
 ]
 

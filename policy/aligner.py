@@ -167,7 +167,7 @@ def align_sequential(policy, chunks: _Chunks, s: AlignSettings, progress: bool =
         ks = torch.full((N,), k, device=dev, dtype=torch.long)
         z = _step_noise(plan, ks, x.shape, gen)  # this step's noise for every pool row, fixed
 
-        def loss_on(idx, tau, k=k, ks=ks, z=z):
+        def loss_on(idx, tau, ks=ks, z=z):
             # history[idx] is a copy: what the training steps write stays out of the pool
             return _loss(plan, net, x[idx], ks[idx], chunks.cond[idx], None if history is None else history[idx],
                          tau.expand(len(idx)), z[idx]).mean()

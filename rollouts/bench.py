@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from envs.cli import command
 from envs.errors import UserError
-from policy.samplers import aligner_choice
+from policy.samplers import aligner_choice, chain_of
 from rollouts.files import save_figure, write_text
 from rollouts.presets import baseline_of, sampler_preset
 
@@ -233,8 +233,6 @@ def add_speedup_bounds(results: list[dict], curve: list[dict]) -> None:
 
 def _same_chain(a, b, pol) -> bool:
     """Same solver chain with the same denoiser inputs (aligned or not, by the same strategy)."""
-    from policy.samplers import aligner_choice, chain_of
-
     T = pol.cfg.schedule.num_train_timesteps
     return chain_of(a, T) == chain_of(b, T) and aligner_choice(a) == aligner_choice(b)
 

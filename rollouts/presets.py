@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from envs.cli import CONF_DIR
 from envs.errors import UserError
-from policy.samplers import SamplerConfig, resolve
+from policy.samplers import SamplerConfig, resolve, solver_of
 
 ALIGNED = "+aligner"
 
@@ -28,7 +28,7 @@ def sampler_preset(spec: str) -> SamplerConfig:
     if name.endswith(ALIGNED):
         name = name[: -len(ALIGNED)]
         overrides = ",".join(["aligner=true", *([overrides] if overrides else [])])
-    path = CONF_DIR / "sampler" / f"{name.strip()}.yaml"
+    path = CONF_DIR / "sampler" / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"samplers: unknown preset {name!r}; known: {', '.join(known_presets())}")
     try:
@@ -45,9 +45,4 @@ def sampler_preset(spec: str) -> SamplerConfig:
 def baseline_of(cfg: SamplerConfig) -> SamplerConfig:
     """The sequential sampler of the same chain (solver, steps, spacing) that a parallel sampler
     must reproduce; a sequential sampler is its own."""
-    name = cfg.name
-    if name.startswith("para"):
-        name = name[4:]
-    elif name == "piadm":
-        name = cfg.solver or "ddim"
-    return SamplerConfig(name=name, steps=cfg.steps, spacing=cfg.spacing, aligner=cfg.aligner)
+    return SamplerConfig(name=solver_of(cfg), steps=cfg.steps, spacing=cfg.spacing, aligner=cfg.aligner)

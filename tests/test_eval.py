@@ -138,12 +138,13 @@ def test_options_apply_where_taken_and_are_refused_where_not():
 def test_multirun_sweep_and_report_merge(checkpoint, tmp_path):
     out = tmp_path / "sweep"
     r = run(["dp-eval", "-m", f"checkpoint={checkpoint}", "samplers=[paraddim15]", "options.steps=2",
-             "options.window=1,2", "episodes=1", "workers=1", f"out={out}/w" + "${options.window}"])
+             "options.window=1,2", "episodes=1", "workers=1", f"out={out}/w" + "${options.window}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for w in (1, 2):
         (entry,) = json.loads((out / f"w{w}" / "results.json").read_text())
         assert entry["sampler"] == f"paraddim15:steps=2,window={w}"
     assert not (tmp_path / "multirun").exists() and not Path("multirun").exists()
+    assert not (tmp_path / "multirun.yaml").exists()  # the sweep writes nothing where it runs
     merged = run(["dp-report", f"inputs=[{out}/w1,{out}/w2]", f"out={tmp_path}/report"])
     assert merged.returncode == 0, merged.stderr
     entries = json.loads((tmp_path / "report" / "results.json").read_text())

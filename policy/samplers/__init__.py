@@ -62,15 +62,18 @@ def aligner_choice(cfg: SamplerConfig) -> str | None:
     raise UserError(f"sampler.aligner: {cfg.aligner!r} is not true, false, {' or '.join(ALIGNER_STRATEGIES)}")
 
 
+def solver_of(cfg: SamplerConfig) -> str:
+    """The sequential sampler whose chain `cfg` walks: ParaDiGMS and PIADM walk their sequential
+    twin's chain (so they must reproduce it, and share its aligned timesteps)."""
+    name = cfg.name[4:] if cfg.name.startswith("para") else cfg.name
+    return (cfg.solver or "ddim") if name == "piadm" else name
+
+
 def chain_of(cfg: SamplerConfig, num_train_timesteps: int) -> tuple[str, int, str]:
-    """(solver, steps, spacing) of the chain a sampler walks: ParaDiGMS and PIADM walk their
-    sequential twin's chain, so they share its aligned timesteps."""
+    """(solver, steps, spacing) of the chain a sampler walks, defaults filled in."""
     from policy.samplers.solvers import canonical_spacing
 
-    name = cfg.name[4:] if cfg.name.startswith("para") else cfg.name
-    if name == "piadm":
-        name = cfg.solver or "ddim"
-    return name, cfg.steps or num_train_timesteps, canonical_spacing(cfg.spacing or "trailing")
+    return solver_of(cfg), cfg.steps or num_train_timesteps, canonical_spacing(cfg.spacing or "trailing")
 
 
 def _registry() -> dict[str, Callable[..., SampleResult]]:
@@ -138,4 +141,5 @@ def _check(name: str, options: dict) -> None:
         bad("tol", "must be >= 0")
 
 
-__all__ = ["SampleResult", "SamplerConfig", "aligner_choice", "chain_of", "get_sampler", "options_of", "resolve"]
+__all__ = ["SampleResult", "SamplerConfig", "aligner_choice", "chain_of", "get_sampler", "options_of", "resolve",
+           "solver_of"]
