@@ -37,7 +37,7 @@ class PolicyConfig:
 
 @dataclass
 class PlanResult:
-    actions: np.ndarray  # [n_action_steps, action_dim], in the env's action units
+    actions: np.ndarray  # [n_actions, action_dim] (default n_action_steps), in the env's action units
     latency_ms: float  # wall clock of the whole plan call
     model_evals: int
     parallel_iters: int
@@ -109,16 +109,26 @@ class DiffusionPolicy(nn.Module):
                                  **self._sample_options)
         return self.normalizer.unnormalize("action", result.x), result
 
-    def plan(self, obs_history: np.ndarray) -> PlanResult:
-        """The actions to execute next for one observation history [n_obs_steps, obs_dim]."""
+    @property
+    def max_actions(self) -> int:
+        """The most actions a plan can return: the chunk from the current step to its end."""
+        return self.cfg.horizon - self.cfg.n_obs_steps + 1
+
+    def plan(self, obs_history: np.ndarray, n_actions: int | None = None) -> PlanResult:
+        """The actions to execute next for one observation history [n_obs_steps, obs_dim]: the
+        first `n_actions` (default `n_action_steps`; at most `max_actions`) from the current step.
+        An asynchronous control loop asks for more than it executes, to cover the next plan's latency."""
         start = time.perf_counter()
+        n = self.cfg.n_action_steps if n_actions is None else int(n_actions)
+        if not 1 <= n <= self.max_actions:
+            raise ValueError(f"n_actions: {n} is not in 1..{self.max_actions}")
         obs = np.asarray(obs_history, dtype=np.float32)
         want = (self.cfg.n_obs_steps, self.obs_dim)
         if obs.shape != want:
             raise ValueError(f"obs_history: shape {obs.shape}, expected {want}")
         chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None])
-        first = self.cfg.n_obs_steps - 1  # the chunk starts at the oldest observation's step
-        actions = chunk[0, first : first + self.cfg.n_action_steps]
+        first = self.cfg.n_obs_steps - 1  # chunk index 0 is the oldest observation's step; this is the current one
+        actions = chunk[0, first : first + n]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         actions = actions.cpu().numpy()

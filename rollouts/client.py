@@ -5,11 +5,16 @@
         actions = client.plan(obs_history)      # float32 [n_action_steps, action_dim]
 
 `load_test(host, port, clients=8, requests=500)` runs that many clients at once and reports the
-round-trip latency percentiles and any lost or wrong replies.
+round-trip latency percentiles and any lost or wrong replies. `ServerProcess` starts `dp-serve`
+in its own process on a free loopback port (what `dp-eval realtime=true` plans through).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +31,9 @@ class PolicyClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0):
         from websockets.sync.client import connect
 
-        self.ws = connect(f"ws://{host}:{port}", compression=None, max_size=None, open_timeout=timeout)
+        # Entered like a context manager (closed by `close`): websockets >= 17.1 warns about a
+        # connection opened without one.
+        self.ws = connect(f"ws://{host}:{port}", compression=None, max_size=None, open_timeout=timeout).__enter__()
         self.timeout = timeout
         self.metadata = wire.unpackb(self.ws.recv(timeout=timeout))
         self.last: dict = {}
@@ -87,3 +94,58 @@ def load_test(host: str, port: int, clients: int = 8, requests: int = 500) -> di
             "p50_ms": float(np.percentile(times, 50)) if len(times) else None,
             "p99_ms": float(np.percentile(times, 99)) if len(times) else None,
             "throughput_per_s": float(len(times) / wall) if wall > 0 else None}
+
+
+def _die_with_parent() -> None:
+    """In the child: be sent SIGTERM when the process that started it dies (Linux), so a server is
+    never left behind by a killed evaluation worker."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+class ServerProcess:
+    """`dp-serve` for `checkpoint` with `sampler` (a SamplerConfig) in a child process, on a free
+    port of 127.0.0.1; `close()` (or leaving the `with`) stops it."""
+
+    def __init__(self, checkpoint: str, sampler, threads: int = 1, device: str = "cpu", seed: int = 0,
+                 timeout: float = 120.0):
+        overrides = [f"sampler.{k}={'null' if v is None else v}" for k, v in dataclasses.asdict(sampler).items()]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rollouts.serve", f"checkpoint={checkpoint}", "host=127.0.0.1", "port=0",
+             f"threads={threads}", f"device={device}", f"seed={seed}", *overrides],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
+        lines: list[str] = []
+        found = threading.Event()
+
+        def watch() -> None:  # read until the address is announced; keep draining so the pipe never fills
+            for line in self.proc.stdout:
+                lines.append(line.rstrip())
+                if "listening on ws://" in line:
+                    found.set()
+            found.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        if not found.wait(timeout) or self.proc.poll() is not None or not any("listening" in x for x in lines):
+            self.close()
+            raise RuntimeError(f"dp-serve did not start: {lines[-1] if lines else 'no output'}")
+        address = next(x for x in lines if "listening on ws://" in x).split("ws://")[1].split()[0]
+        host, port = address.rsplit(":", 1)
+        self.host, self.port = host, int(port)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -27,6 +27,7 @@ from envs.cli import command, fail
 from envs.errors import UserError
 from policy.samplers import SamplerConfig
 from rollouts.presets import sampler_preset
+from rollouts.realtime import LoopConfig
 from rollouts.report import episode_rows, plan_rows, summarize, table, write_report
 
 LOG = "episodes.jsonl"
@@ -52,13 +53,15 @@ class EvalConfig:
     episodes: int = 50
     seed: int = 100000
     out: str | None = None  # default: outputs/eval-<task>
-    workers: int | None = None  # default: one per core
+    workers: int | None = None  # default: one per core (realtime: 1, as each episode keeps two cores busy)
     threads: int = 1  # torch threads per worker
     videos: int = 0  # render the first k episodes of each sampler to mp4
     device: str = "cpu"
     data: str | None = None  # the demonstration store whose seeds must not be reused (default: the policy's)
     restart: bool = False  # discard a previous run in `out` instead of continuing it
     progress: bool = True
+    realtime: bool = False  # run episodes on the wall clock through the asynchronous loop (rollouts.realtime)
+    loop: LoopConfig = field(default_factory=LoopConfig)  # the loop's rate, merge rule, transport
 
 
 def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig]:
@@ -102,7 +105,7 @@ def check_seeds(data: str | None, seeds: range) -> None:
 _W: dict = {}
 
 
-def _init_worker(checkpoint: str, device: str, threads: int) -> None:
+def _init_worker(checkpoint: str, device: str, threads: int, loop: dict | None = None) -> None:
     import torch
 
     import policy
@@ -111,7 +114,53 @@ def _init_worker(checkpoint: str, device: str, threads: int) -> None:
     torch.set_num_threads(threads)
     _W["policy"] = policy.load(checkpoint, device=device)
     _W["env"] = make_env(_W["policy"].meta["task"])
-    _W["threads"] = threads
+    _W["threads"], _W["checkpoint"], _W["device"] = threads, checkpoint, device
+    _W["loop"] = LoopConfig(**loop) if loop is not None else None
+
+
+def _warm_up(label: str, plan) -> None:
+    """A worker's first plans pay for allocations and caches; keep them out of the latencies."""
+    if label not in _W.setdefault("warm", set()):
+        pol = _W["policy"]
+        for _ in range(3):
+            plan(np.zeros((pol.cfg.n_obs_steps, pol.obs_dim), np.float32))
+        _W["warm"].add(label)
+
+
+def _planner(label: str, sampler: SamplerConfig):
+    """The real-time loop's planner for `sampler`: the worker's policy in a thread, or a dp-serve
+    process of its own (one at a time: a new sampler's server replaces the previous one)."""
+    from rollouts.realtime import LocalPlanner, RemotePlanner
+
+    if _W["loop"].transport == "local":
+        _W["policy"].sampler = sampler
+        planner = LocalPlanner(_W["policy"])
+    else:
+        from rollouts.client import PolicyClient, ServerProcess
+
+        if _W.get("server_label") != label:
+            for key in ("client", "server"):
+                if key in _W:
+                    _W.pop(key).close()
+            _W["server"] = ServerProcess(_W["checkpoint"], sampler, threads=_W["threads"], device=_W["device"])
+            _W["client"] = PolicyClient(_W["server"].host, _W["server"].port)
+            _W["server_label"] = label
+        planner = RemotePlanner(_W["client"])
+    _warm_up(label, lambda obs: planner.plan(obs, planner.max_actions))
+    return planner
+
+
+def _run_realtime_job(job: dict, record: dict) -> dict:
+    from rollouts.realtime import loop_summary, run_realtime_episode
+    from rollouts.robot import SimRobot
+
+    planner = _planner(job["label"], SamplerConfig(**job["config"]))
+    loop = _W["loop"]
+    robot = SimRobot(_W["env"], period=1.0 / loop.rate_hz if loop.rate_hz else None)
+    r, stats = run_realtime_episode(robot, planner, job["seed"], loop)
+    record.update(success=bool(r.success), max_reward=float(r.max_reward), return_=float(r.return_),
+                  length=int(r.length), error=r.error, plans=r.plans, realtime=loop_summary(stats))
+    return record
 
 
 def _run_job(job: dict) -> dict:
@@ -122,12 +171,10 @@ def _run_job(job: dict) -> dict:
     record = {"sampler": job["label"], "seed": job["seed"], "episode": job["episode"], "pid": os.getpid(),
               "threads": _W["threads"]}
     try:
+        if _W["loop"] is not None:
+            return _run_realtime_job(job, record)
         pol.sampler = SamplerConfig(**job["config"])
-        if job["label"] not in _W.setdefault("warm", set()):
-            # A worker's first plans pay for allocations and caches; keep them out of the latencies.
-            for _ in range(3):
-                pol.plan(np.zeros((pol.cfg.n_obs_steps, pol.obs_dim), np.float32))
-            _W["warm"].add(job["label"])
+        _warm_up(job["label"], pol.plan)
         if render and "render_env" not in _W:
             from envs import make_env
 
@@ -151,6 +198,7 @@ def _run_job(job: dict) -> dict:
 def _run_info(cfg: EvalConfig, pol, specs: dict[str, SamplerConfig]) -> dict:
     return {"checkpoint": pol.meta["checkpoint"], "step": pol.meta["step"], "task": pol.meta["task"],
             "seed": cfg.seed, "threads": cfg.threads, "device": cfg.device,
+            "realtime": dataclasses.asdict(cfg.loop) if cfg.realtime else None,
             "samplers": {k: dataclasses.asdict(v) for k, v in specs.items()}}
 
 
@@ -176,7 +224,7 @@ def prepare_out(out: Path, info: dict, restart: bool) -> list[dict]:
             (out / name).unlink(missing_ok=True)
     elif run_file.exists():
         before = json.loads(run_file.read_text())
-        for key in ("checkpoint", "seed", "threads", "device"):
+        for key in ("checkpoint", "seed", "threads", "device", "realtime"):
             if before.get(key) != info[key]:
                 raise UserError(f"{out}: holds an evaluation with {key}={before.get(key)!r}, not {info[key]!r}; "
                                 f"pass restart=true to discard it, or another out=")
@@ -200,6 +248,10 @@ def evaluate(cfg: EvalConfig) -> Path:
 
     if cfg.episodes < 1:
         raise UserError(f"episodes: {cfg.episodes} must be at least 1")
+    if cfg.realtime:
+        cfg.loop.check()
+        if cfg.videos:
+            raise UserError("videos: not recorded with realtime=true (rendering would take the loop's time)")
     pol = policy.load(cfg.checkpoint)  # fail early on a bad checkpoint, in this process
     task = pol.meta["task"]
     specs = sampler_specs(cfg.samplers, dataclasses.asdict(cfg.options))
@@ -217,7 +269,9 @@ def evaluate(cfg: EvalConfig) -> Path:
                 video = str(out / "videos" / f"{_slug(label)}-{seed}.mp4") if i < cfg.videos else None
                 jobs.append({"label": label, "config": dataclasses.asdict(sc), "seed": seed, "episode": i,
                              "video": video})
-    workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(jobs) or 1))
+    if cfg.realtime and cfg.loop.transport == "server":  # sampler-major: a worker's server changes once per sampler
+        jobs.sort(key=lambda j: list(specs).index(j["label"]))
+    workers = max(1, min(cfg.workers or (1 if cfg.realtime else os.cpu_count()) or 1, len(jobs) or 1))
     if done:
         print(f"dp-eval: continuing {out}: {len(finished & {(l, s) for l in specs for s in seeds})} episodes "
               f"done, {len(jobs)} to run", file=sys.stderr)
@@ -225,7 +279,8 @@ def evaluate(cfg: EvalConfig) -> Path:
         _run_jobs(jobs, out / LOG, cfg, workers, pol.meta["checkpoint"])
     records = [r for r in read_log(out / LOG) if r["sampler"] in specs and r["seed"] in seeds]
     summary = summarize(records, list(specs), workers=workers, threads=cfg.threads, device=cfg.device,
-                        checkpoint=pol.meta["checkpoint"], step=pol.meta["step"], task=task)
+                        checkpoint=pol.meta["checkpoint"], step=pol.meta["step"], task=task,
+                        **({"loop": dataclasses.asdict(cfg.loop)} if cfg.realtime else {}))
     write_report(out, summary, episode_rows(records), plan_rows(records))
     print(table(summary))
     print(f"wrote {out}/results.json, episodes.csv, plans.csv, pareto.png")
@@ -245,16 +300,23 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
             if record.get("error"):
                 tqdm.write(f"{record['sampler']} seed {record['seed']}: {record['error']}")
 
+        loop = dataclasses.asdict(cfg.loop) if cfg.realtime else None
         try:
             if workers == 1:
-                _init_worker(checkpoint, cfg.device, cfg.threads)
-                for job in jobs:
-                    keep(_run_job(job))
+                _init_worker(checkpoint, cfg.device, cfg.threads, loop)
+                try:
+                    for job in jobs:
+                        keep(_run_job(job))
+                finally:
+                    for key in ("client", "server"):
+                        if key in _W:
+                            _W.pop(key).close()
             else:
                 import multiprocessing as mp
 
                 ctx = mp.get_context("spawn")  # MuJoCo/EGL and torch threads do not survive fork
-                with ctx.Pool(workers, initializer=_init_worker, initargs=(checkpoint, cfg.device, cfg.threads)) as pool:
+                with ctx.Pool(workers, initializer=_init_worker,
+                              initargs=(checkpoint, cfg.device, cfg.threads, loop)) as pool:
                     for record in pool.imap_unordered(_run_job, jobs):
                         keep(record)
         except KeyboardInterrupt:
@@ -273,6 +335,7 @@ def main(cfg) -> None:
 
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw["options"] = SamplerOptions(**raw["options"])
+    raw["loop"] = LoopConfig(**raw["loop"])
     evaluate(EvalConfig(**raw))
 
 

@@ -52,9 +52,31 @@ def summarize(records: list[dict], labels: list[str], **context) -> list[dict]:
             "converged_rate": float(np.mean([p["converged"] for p in plans])) if plans else 0.0,
             "plans": len(plans),
             "errors": [{"seed": r["seed"], "error": r["error"]} for r in eps if r.get("error")],
+            **({"realtime": realtime_summary(eps)} if any("realtime" in r for r in eps) else {}),
             **context,
         })
     return out
+
+
+def realtime_summary(episodes: list[dict]) -> dict:
+    """What the real-time loop cost a sampler's episodes: staleness of executed actions, steps
+    with no fresh action, skipped actions, wake-up jitter and deadline overruns."""
+    loops = [r["realtime"] for r in episodes if "realtime" in r]  # an episode that crashed before its loop has none
+    plans = [p for r in episodes for p in r["plans"]]
+
+    def pct(values: list[float], *qs: int) -> dict:
+        v = np.asarray(values) if values else np.array([np.nan])
+        return {f"p{q}": float(np.percentile(v, q)) for q in qs} | {"mean": float(np.mean(v))}
+
+    steps = sum(x["steps"] for x in loops)
+    return {"rate_hz": 1e3 / loops[0]["period_ms"] if loops else None, "steps": steps,
+            "staleness_ms": pct([v for x in loops for v in x["staleness_ms"]], 50, 95),
+            "no_fresh_rate": sum(x["no_fresh"] for x in loops) / steps if steps else 0.0,
+            "overrun_rate": sum(x["overruns"] for x in loops) / steps if steps else 0.0,
+            "skipped_per_plan": sum(x["skipped"] for x in loops) / len(plans) if plans else 0.0,
+            "jitter_ms": pct([v for x in loops for v in x["jitter_ms"]], 50, 99) | {
+                "max": max([v for x in loops for v in x["jitter_ms"]], default=0.0)},
+            "server_plan_ms": pct([p["plan_ms"] for p in plans], 50)}
 
 
 def episode_rows(records: list[dict]) -> list[dict]:
@@ -67,15 +89,25 @@ def plan_rows(records: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
+    """The printed table; real-time runs add staleness (p50/p95 ms), steps with no fresh action,
+    skipped actions per plan and jitter p99 (p50/p95 ms are then round trips, what the robot waits)."""
     w = max([24, *(len(s["sampler"]) + 1 for s in summary)])
+    rt = all("realtime" in s for s in summary)
     head = (f"{'sampler':<{w}}{'episodes':>9}{'success':>9}{'95% CI':>14}{'reward':>8}{'p50 ms':>9}{'p95 ms':>9}"
             f"{'evals':>8}{'iters':>8}{'errors':>7}")
+    if rt:
+        head += f"{'stale p50':>10}{'stale p95':>10}{'no act':>8}{'skip/plan':>10}{'jitter p99':>11}"
     lines = [head, "-" * len(head)]
     for s in summary:
         lo, hi = s["success_ci95"]
-        lines.append(f"{s['sampler']:<{w}}{s['episodes']:>9}{s['success_rate']:>8.0%} {f'{lo:.0%}-{hi:.0%}':>13}"
-                     f"{s['reward_mean']:>8.2f}{s['latency_ms']['p50']:>9.1f}{s['latency_ms']['p95']:>9.1f}"
-                     f"{s['model_evals_per_plan']:>8.1f}{s['parallel_iters_per_plan']:>8.1f}{len(s['errors']):>7}")
+        line = (f"{s['sampler']:<{w}}{s['episodes']:>9}{s['success_rate']:>8.0%} {f'{lo:.0%}-{hi:.0%}':>13}"
+                f"{s['reward_mean']:>8.2f}{s['latency_ms']['p50']:>9.1f}{s['latency_ms']['p95']:>9.1f}"
+                f"{s['model_evals_per_plan']:>8.1f}{s['parallel_iters_per_plan']:>8.1f}{len(s['errors']):>7}")
+        if rt:
+            r = s["realtime"]
+            line += (f"{r['staleness_ms']['p50']:>10.0f}{r['staleness_ms']['p95']:>10.0f}{r['no_fresh_rate']:>8.1%}"
+                     f"{r['skipped_per_plan']:>10.1f}{r['jitter_ms']['p99']:>11.1f}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -132,6 +164,41 @@ def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
     save_figure(fig, path)
 
 
+def plot_realtime(path: Path, summary: list[dict], title: str) -> None:
+    """Success against the staleness of executed actions (p50, bar to p95), and the share of
+    control steps each sampler left without a fresh action."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for i, s in enumerate(summary):
+        r, y = s["realtime"], 100 * s["success_rate"]
+        lo, hi = s["success_ci95"]
+        x, x95 = r["staleness_ms"]["p50"], r["staleness_ms"]["p95"]
+        ax.errorbar([x], [y], yerr=[[y - 100 * lo], [100 * hi - y]], xerr=[[0], [max(x95 - x, 0)]], fmt="o",
+                    capsize=3)
+        ax.annotate(s["sampler"], (x, y), textcoords="offset points", xytext=(6, 6 + 10 * (i % 4) if y < 90 else
+                    -12 - 10 * (i % 4)), fontsize=7.5)
+    ax.set_xlabel("staleness of executed actions (ms): p50, bar to p95")
+    ax.set_ylabel("task success (%), 95 % Wilson interval")
+    ax.set_ylim(-5, 112)
+    ax.grid(True, alpha=0.3)
+    names = [s["sampler"] for s in summary]
+    rates = [100 * s["realtime"]["no_fresh_rate"] for s in summary]
+    bars = bx.barh(names, rates, color="#fd8d3c")
+    bx.bar_label(bars, [f"{v:.1f} %" for v in rates], fontsize=7.5, padding=2)
+    bx.set_xlim(0, max([5.0, *rates]) * 1.25)
+    bx.invert_yaxis()
+    bx.set_xlabel("control steps with no fresh action (%)")
+    bx.tick_params(axis="y", labelsize=7.5)
+    bx.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def _csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     if rows:
@@ -143,8 +210,11 @@ def _csv(rows: list[dict]) -> str:
 
 def _title(summary: list[dict]) -> str:
     s = summary[0]
+    loop, r = s.get("loop") or {}, s.get("realtime") or {}
+    rt = (f"\nreal time at {r['rate_hz']:g} Hz, {loop.get('transport', '?')} planner, merge {loop.get('merge', '?')}"
+          if r.get("rate_hz") else "")
     return (f"{s.get('task', '?')}: {s['episodes']} episodes per sampler; {s.get('workers', '?')} workers x "
-            f"{s.get('threads', '?')} torch threads, {s.get('device', '?')}")
+            f"{s.get('threads', '?')} torch threads, {s.get('device', '?')}{rt}")
 
 
 def write_report(out: Path, summary: list[dict], episodes: list[dict] | None = None,
@@ -156,6 +226,8 @@ def write_report(out: Path, summary: list[dict], episodes: list[dict] | None = N
     if plans is not None:
         write_text(out / "plans.csv", _csv(plans))
     plot_pareto(out / "pareto.png", summary, _title(summary))
+    if all("realtime" in s for s in summary):
+        plot_realtime(out / "realtime.png", summary, _title(summary))
 
 
 @dataclass

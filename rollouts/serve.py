@@ -7,9 +7,10 @@ works unchanged:
 
 - on connect the server sends its metadata (one binary msgpack frame): task, observation key and
   shape, action dimension, chunk sizes, sampler;
-- each request is one binary frame, an observation dict `{"obs_history": float32 [n_obs, obs_dim]}`;
-  the reply is `{"actions": float32 [n_action_steps, action_dim], "policy_timing": {...},
-  "server_timing": {...}}`;
+- each request is one binary frame, an observation dict `{"obs_history": float32 [n_obs, obs_dim]}`
+  (optionally `"n_actions": int`, up to `max_actions`, for a loop that executes chunks
+  asynchronously); the reply is `{"actions": float32 [n_action_steps, action_dim],
+  "policy_timing": {...}, "server_timing": {...}}`;
 - arrays travel in openpi's msgpack encoding (`rollouts.wire`);
 - a bad request (not msgpack, not a dict, missing key, wrong shape or dtype) gets a text frame with
   a one-line error, which openpi-client raises as RuntimeError, and the connection keeps serving;
@@ -35,6 +36,7 @@ from policy.samplers import SamplerConfig
 from rollouts import wire
 
 OBS_KEY = "obs_history"
+N_ACTIONS_KEY = "n_actions"
 
 
 @dataclass
@@ -62,10 +64,11 @@ class PolicyService:
         return {"name": "parapolicy", "task": p.meta.get("task"), "checkpoint": p.meta.get("checkpoint"),
                 "step": p.meta.get("step"), "obs_key": OBS_KEY, "obs_shape": [p.cfg.n_obs_steps, p.obs_dim],
                 "action_dim": p.action_dim, "horizon": p.cfg.horizon, "n_action_steps": p.cfg.n_action_steps,
+                "max_actions": p.max_actions,
                 "sampler": {k: v for k, v in vars(p.sampler).items() if v is not None}}
 
-    def check(self, obs) -> np.ndarray:
-        """The observation history of a request, or a ValueError naming the field."""
+    def check(self, obs) -> tuple[np.ndarray, int | None]:
+        """The observation history and action count of a request, or a ValueError naming the field."""
         if not isinstance(obs, dict):
             raise ValueError(f"request: expected a dict with key {OBS_KEY!r}, got {type(obs).__name__}")
         if OBS_KEY not in obs:
@@ -80,14 +83,18 @@ class PolicyService:
             raise ValueError(f"{OBS_KEY}: shape {x.shape}, expected {want}")
         if not np.isfinite(x).all():
             raise ValueError(f"{OBS_KEY}: contains NaN or inf")
-        return x.astype(np.float32)
+        n = obs.get(N_ACTIONS_KEY)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
+                              or not 1 <= n <= self.policy.max_actions):
+            raise ValueError(f"{N_ACTIONS_KEY}: {n!r} is not an integer in 1..{self.policy.max_actions}")
+        return x.astype(np.float32), None if n is None else int(n)
 
     def infer(self, obs) -> dict:
-        x = self.check(obs)
+        x, n = self.check(obs)
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - start
-            r = self.policy.plan(x)
+            r = self.policy.plan(x, n)
             self.served += 1
         return {"actions": r.actions.astype(np.float32),
                 "policy_timing": {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
@@ -97,9 +104,9 @@ class PolicyService:
 
 async def serve(service: PolicyService, host: str, port: int, max_message_mb: float = 8.0,
                 ready: threading.Event | None = None, stop: asyncio.Event | None = None,
-                bound: list | None = None) -> None:
+                bound: list | None = None, announce: bool = False) -> None:
     """Serve until `stop` is set (forever without one). `bound` receives the (host, port) bound
-    (port=0 picks a free one)."""
+    (port=0 picks a free one); `announce` prints it as `dp-serve: listening on ws://HOST:PORT`."""
     from websockets.asyncio.server import serve as ws_serve
     from websockets.exceptions import ConnectionClosed
 
@@ -139,8 +146,12 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
 
     async with ws_serve(handler, host, port, compression=None, max_size=int(max_message_mb * 2**20),
                         process_request=health) as server:
+        address = server.sockets[0].getsockname()[:2]
         if bound is not None:
-            bound.append(server.sockets[0].getsockname()[:2])
+            bound.append(address)
+        if announce:
+            print(f"dp-serve: listening on ws://{address[0]}:{address[1]} "
+                  f"(health: http://{address[0]}:{address[1]}/healthz)", flush=True)
         if ready is not None:
             ready.set()
         await (stop.wait() if stop is not None else asyncio.Future())
@@ -157,11 +168,14 @@ def main(cfg) -> None:
     pol.sampler = SamplerConfig(**cfg.sampler)
     pol.seed(cfg.seed)
     service = PolicyService(pol)
-    print(f"dp-serve: {pol.meta['checkpoint']} with {cfg.sampler.name} on ws://{cfg.host}:{cfg.port} "
-          f"(health: http://{cfg.host}:{cfg.port}/healthz)", flush=True)
+    print(f"dp-serve: {pol.meta['checkpoint']} with {cfg.sampler.name}", flush=True)
     try:
-        asyncio.run(serve(service, cfg.host, cfg.port, cfg.max_message_mb))
+        asyncio.run(serve(service, cfg.host, cfg.port, cfg.max_message_mb, announce=True))
     except OSError as err:
         from envs.errors import UserError
 
         raise UserError(f"port: cannot listen on {cfg.host}:{cfg.port} ({err.strerror or err})") from None
+
+
+if __name__ == "__main__":
+    main()

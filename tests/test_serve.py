@@ -95,6 +95,25 @@ def test_wrong_dtype_is_named(start_server):
         client.infer({"obs_history": np.zeros((p.cfg.n_obs_steps, p.obs_dim), np.int64)})
 
 
+def test_a_request_may_ask_for_more_of_the_chunk(start_server):
+    """An asynchronous loop asks for the rest of the chunk: the first n_action_steps of it are the
+    plain reply's (same noise)."""
+    service, port = start_server()
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    p = service.policy
+    assert client.get_server_metadata()["max_actions"] == p.max_actions == p.cfg.horizon - p.cfg.n_obs_steps + 1
+    obs = _obs(service)
+    p.seed(3)
+    short = client.infer(obs)["actions"]
+    p.seed(3)
+    long = client.infer({**obs, "n_actions": p.max_actions})["actions"]
+    assert long.shape == (p.max_actions, p.action_dim)
+    np.testing.assert_array_equal(long[: p.cfg.n_action_steps], short)
+    for bad in (0, p.max_actions + 1, "15", 2.0, True):
+        with pytest.raises(RuntimeError, match=rf"n_actions: .* is not an integer in 1\.\.{p.max_actions}"):
+            client.infer({**obs, "n_actions": bad})
+
+
 def test_malformed_and_oversized_messages(start_server):
     service, port = start_server(max_message_mb=0.01)
     with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:

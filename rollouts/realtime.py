@@ -1,0 +1,232 @@
+"""The real-time control loop: a fixed rate that does not wait for the planner.
+
+At every control step the loop reads the robot's observation and sends the action scheduled for
+that step, while the next chunk is planned in the background (a thread running the policy in this
+process, or a request to `dp-serve`). When a chunk arrives, its actions for steps that passed
+during planning are skipped and overlaps with the previous chunk are merged (`rollouts.chunks`).
+What it records per episode:
+
+- `jitter_ms`: how late the loop woke for each step (scheduled start to wake-up);
+- `overruns`: steps whose deadline (the end of the step) passed before the loop sent the step's
+  command, including steps the loop woke up too late for altogether;
+- `no_fresh`: steps with no action to send (the robot held its pose);
+- `skipped`: planned actions dropped because their step had passed when the chunk arrived;
+- `staleness_ms`: for each executed action, its execution time minus the time of the
+  observation it was planned from (a synchronous runner executing 8 of a chunk's actions would
+  show 0-350 ms at 20 Hz even with an instant planner);
+- per plan: the step it was requested and arrived at, the round trip, the server's plan time.
+
+    from rollouts.realtime import LoopConfig, LocalPlanner, run_loop
+    stats = run_loop(robot, LocalPlanner(policy), LoopConfig(merge="act"), until=lambda: robot.done)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from envs.errors import UserError
+from rollouts.chunks import MERGES, ActionSchedule
+
+TRANSPORTS = ("server", "local")
+
+
+@dataclass
+class LoopConfig:
+    rate_hz: float | None = None  # wall-clock control rate (default: the task's 20 Hz)
+    merge: str = "latest"  # latest | average | act: how overlapping chunks are merged
+    merge_alpha: float = 0.5  # average: the newer chunk's weight
+    act_m: float = 0.01  # act: ACT's exponential weight decay per chunk of age
+    replan_every: int | None = None  # steps between plan requests (default: the policy's n_action_steps)
+    n_actions: int | None = None  # actions asked of each plan (default: the rest of the chunk, 15 of 16)
+    transport: str = "server"  # server: dp-serve in its own process over loopback; local: a thread here
+
+    def check(self) -> None:
+        if self.merge not in MERGES:
+            raise UserError(f"loop.merge: {self.merge!r} is not one of {', '.join(MERGES)}")
+        if not 0.0 < self.merge_alpha <= 1.0:
+            raise UserError(f"loop.merge_alpha: {self.merge_alpha} is not in (0, 1]")
+        if self.transport not in TRANSPORTS:
+            raise UserError(f"loop.transport: {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
+        if self.rate_hz is not None and self.rate_hz <= 0:
+            raise UserError(f"loop.rate_hz: {self.rate_hz} must be positive")
+        for name in ("replan_every", "n_actions"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"loop.{name}: {value} must be at least 1")
+
+
+class Planner(Protocol):
+    n_obs_steps: int
+    n_action_steps: int
+    max_actions: int
+
+    def plan(self, obs_history: np.ndarray, n_actions: int) -> tuple[np.ndarray, dict]:
+        """An action chunk [n_actions, action_dim] from the current step on, and the plan's stats
+        (`model_evals`, `parallel_iters`, `converged`, `plan_ms`)."""
+        ...
+
+
+class LocalPlanner:
+    """The policy in this process (plans run in the loop's background thread)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.n_obs_steps, self.n_action_steps = policy.cfg.n_obs_steps, policy.cfg.n_action_steps
+        self.max_actions = policy.max_actions
+
+    def seed(self, seed: int) -> None:
+        self.policy.seed(seed)
+
+    def plan(self, obs_history: np.ndarray, n_actions: int) -> tuple[np.ndarray, dict]:
+        r = self.policy.plan(obs_history, n_actions)
+        return r.actions, {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
+                           "parallel_iters": r.parallel_iters, "converged": r.converged}
+
+
+class RemotePlanner:
+    """A `dp-serve` server, through `rollouts.client.PolicyClient`."""
+
+    def __init__(self, client):
+        self.client = client
+        meta = client.metadata
+        self.n_obs_steps, self.n_action_steps = meta["obs_shape"][0], meta["n_action_steps"]
+        self.max_actions = meta["max_actions"]
+
+    def plan(self, obs_history: np.ndarray, n_actions: int) -> tuple[np.ndarray, dict]:
+        reply = self.client.infer({self.client.metadata["obs_key"]: np.asarray(obs_history, np.float32),
+                                   "n_actions": n_actions})
+        return reply["actions"], reply["policy_timing"]
+
+
+@dataclass
+class LoopStats:
+    period_s: float = 0.0
+    steps: int = 0  # control steps the loop ran
+    commanded: int = 0  # steps sent an action
+    no_fresh: int = 0  # steps with no action to send
+    overruns: int = 0  # steps whose command went out after the step's end (or never)
+    skipped: int = 0  # planned actions dropped: their step had passed when the chunk arrived
+    jitter_ms: list[float] = field(default_factory=list)
+    staleness_ms: list[float] = field(default_factory=list)
+    plans: list[dict] = field(default_factory=list)
+
+
+def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool] | None = None,
+             max_steps: int | None = None, clock: Callable[[], float] = time.perf_counter,
+             sleep: Callable[[float], None] = time.sleep) -> LoopStats:
+    """Drive `robot` at its period from `planner`'s chunks until `until()` or `max_steps`.
+
+    The robot waits, standing still, for its first chunk; the clock starts when it arrives. A
+    planner error ends the loop by raising it (after the background plan in flight is finished).
+    """
+    period = robot.period
+    n_actions = min(cfg.n_actions or planner.max_actions, planner.max_actions)
+    replan = cfg.replan_every or planner.n_action_steps
+    schedule = ActionSchedule(cfg.merge, cfg.merge_alpha, cfg.act_m)
+    stats = LoopStats(period_s=period)
+    _, obs = robot.read()
+    history = deque([obs] * planner.n_obs_steps, maxlen=planner.n_obs_steps)
+
+    def timed(obs_history: np.ndarray) -> tuple[np.ndarray, dict, float]:
+        start = clock()
+        actions, info = planner.plan(obs_history, n_actions)
+        return actions, info, (clock() - start) * 1e3
+
+    def record(step: int, arrived: int, skipped: int, result: tuple[np.ndarray, dict, float]) -> None:
+        _, info, round_trip = result
+        stats.plans.append({"step": step, "arrived": arrived, "skipped": skipped, "latency_ms": round_trip,
+                            "plan_ms": float(info.get("plan_ms", round_trip)),
+                            "model_evals": int(info.get("model_evals", 0)),
+                            "parallel_iters": int(info.get("parallel_iters", 0)),
+                            "converged": bool(info.get("converged", True))})
+
+    first = timed(np.stack(history))
+    t0 = clock()
+    schedule.add(first[0], 0, 0, t0)  # nothing moved while it was planned: its observation is current at t0
+    record(0, 0, 0, first)
+    pending: Future | None = None
+    request = (0, t0)  # step and observation time of the plan in flight (or of the last one)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="planner")
+    k = 0
+    try:
+        while max_steps is None or k < max_steps:
+            t_k = t0 + k * period
+            now = clock()
+            while now < t_k:
+                sleep(t_k - now)
+                now = clock()
+            late = int((now - t0) // period) - k  # whole steps the loop woke up too late for
+            for j in range(k, k + max(late, 0)):
+                schedule.pop(j)  # their actions are gone: the robot held through them
+            if late > 0:
+                stats.overruns += late
+                stats.no_fresh += late
+                stats.steps += late
+                k += late
+                t_k = t0 + k * period
+            stats.jitter_ms.append((now - t_k) * 1e3)
+            t_obs, obs = robot.read()
+            if until is not None and until():
+                break
+            history.append(obs)
+            if pending is not None and pending.done():
+                result = pending.result()
+                skipped = schedule.add(result[0], request[0], k, request[1])
+                stats.skipped += skipped
+                record(request[0], k, skipped, result)
+                pending = None
+            if pending is None and k - request[0] >= replan:
+                pending = pool.submit(timed, np.stack(history))
+                request = (k, t_obs)
+            item = schedule.pop(k)
+            if item is None:
+                stats.no_fresh += 1
+            else:
+                robot.send(item.action, t_k)
+                stats.commanded += 1
+                sent = clock()
+                stats.staleness_ms.append((sent - item.t_obs) * 1e3)
+                stats.overruns += sent > t_k + period
+            stats.steps += 1
+            k += 1
+    finally:
+        if pending is not None:
+            try:
+                pending.result()  # finish the plan in flight before the next episode needs the cores
+            except Exception:
+                pass
+        pool.shutdown(wait=True)
+    return stats
+
+
+def loop_summary(stats: LoopStats) -> dict:
+    """The per-episode record of a loop: counts and the raw per-step values (0.1 ms)."""
+    return {"period_ms": stats.period_s * 1e3, "steps": stats.steps, "commanded": stats.commanded,
+            "no_fresh": stats.no_fresh, "overruns": stats.overruns, "skipped": stats.skipped,
+            "jitter_ms": [round(v, 1) for v in stats.jitter_ms],
+            "staleness_ms": [round(v, 1) for v in stats.staleness_ms]}
+
+
+def run_realtime_episode(robot, planner: Planner, seed: int, cfg: LoopConfig):
+    """One episode of a `SimRobot` from `reset(seed)` until success or the task's horizon, driven
+    by the real-time loop. Returns the runner's `EpisodeResult` (its plans with the real-time
+    fields) and the loop's stats."""
+    from rollouts.runner import EpisodeResult
+
+    robot.reset(seed)
+    if hasattr(planner, "seed"):  # an in-process policy's noise follows the episode seed (a server's cannot)
+        planner.seed(seed)
+    try:
+        stats = run_loop(robot, planner, cfg, until=lambda: robot.done)
+        error = robot.error
+    except Exception as err:  # a planner or server failure ends the episode; recorded with its reason
+        stats, error = LoopStats(period_s=robot.period), f"planner: {type(err).__name__}: {err}"
+    result = EpisodeResult(seed=seed, success=robot.success, max_reward=robot.max_reward, return_=robot.return_,
+                           length=robot.steps, plans=stats.plans, error=error)
+    return result, stats
