@@ -16,7 +16,9 @@ from envs.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.normalizer import Normalizer
 from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve
+from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
+from policy.warm import WarmStart
 
 
 @dataclass
@@ -53,6 +55,7 @@ class DiffusionPolicy(nn.Module):
         self.meta = dict(meta or {})  # task, obs_layout, ...: what a checkpoint must match
         self.net = ConditionalUnet1D(action_dim, obs_dim * cfg.n_obs_steps, cfg.unet)
         self.scheduler = make_scheduler(cfg.schedule)
+        self.warm = WarmStart()  # noise and chain carried between one episode's plans (sampler.warm)
         self.sampler = SamplerConfig()
         self.generator: torch.Generator | None = None
 
@@ -74,14 +77,16 @@ class DiffusionPolicy(nn.Module):
             options["taus"] = load_taus(self.meta.get("checkpoint"), *chain, which)
         self._sample_fn, self._sample_options = fn, options
         self._sampler = cfg
+        self.warm.reset()
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
     def seed(self, seed: int) -> None:
-        """Seed the noise of subsequent plans."""
+        """Seed the noise of subsequent plans; the next plan starts cold (a new episode)."""
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.warm.reset()
 
     def condition(self, obs: torch.Tensor) -> torch.Tensor:
         """[B, n_obs_steps, obs_dim] raw observations -> [B, cond_dim] denoiser condition."""
@@ -98,15 +103,29 @@ class DiffusionPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, SampleResult]:
+               generator: torch.Generator | None = None, advance: int | None = None,
+               step_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, SampleResult]:
         """Raw action chunks [B, horizon, A] for raw observation histories [B, n_obs, D]; the
-        initial and step noise come from `generator` (default: the policy's, see `seed`)."""
+        initial and step noise come from `generator` (default: the policy's, see `seed`), or are
+        given (`noise`, and `step_noise` [n, B, horizon, A] for the sampler's chain).
+
+        With `sampler.warm`, a plan `advance` control steps after the previous one (None: cold)
+        shifts that plan's noise and starts from its chain (`policy.warm`)."""
         generator = self.generator if generator is None else generator
-        if noise is None:
-            noise = torch.randn((obs.shape[0], self.cfg.horizon, self.action_dim), generator=generator,
-                                device=self.device)
+        shape = (obs.shape[0], self.cfg.horizon, self.action_dim)
+        extra = {} if step_noise is None else {"step_noise": step_noise}
+        warmed = bool(self.sampler.warm) and noise is None
+        if warmed:
+            chain = get_plan(self.scheduler, *chain_of(self.sampler, self.cfg.schedule.num_train_timesteps),
+                             self.device, torch.float32, self._sample_options.get("taus"))
+            noise, extra["step_noise"], extra["init"] = self.warm.prepare(chain, shape, generator, self.device,
+                                                                          torch.float32, advance)
+        elif noise is None:
+            noise = torch.randn(shape, generator=generator, device=self.device)
         result = self._sample_fn(self.net, self.condition(obs), self.scheduler, noise, generator,
-                                 **self._sample_options)
+                                 **self._sample_options, **extra)
+        if warmed:
+            self.warm.keep(result.chain)
         return self.normalizer.unnormalize("action", result.x), result
 
     @property
@@ -114,10 +133,12 @@ class DiffusionPolicy(nn.Module):
         """The most actions a plan can return: the chunk from the current step to its end."""
         return self.cfg.horizon - self.cfg.n_obs_steps + 1
 
-    def plan(self, obs_history: np.ndarray, n_actions: int | None = None) -> PlanResult:
+    def plan(self, obs_history: np.ndarray, n_actions: int | None = None, advance: int | None = None) -> PlanResult:
         """The actions to execute next for one observation history [n_obs_steps, obs_dim]: the
         first `n_actions` (default `n_action_steps`; at most `max_actions`) from the current step.
-        An asynchronous control loop asks for more than it executes, to cover the next plan's latency."""
+        An asynchronous control loop asks for more than it executes, to cover the next plan's latency.
+        `advance`: control steps since this episode's previous plan (default `n_action_steps`, the
+        runner's cadence); only a warm-started sampler uses it (`seed` starts a new episode)."""
         start = time.perf_counter()
         n = self.cfg.n_action_steps if n_actions is None else int(n_actions)
         if not 1 <= n <= self.max_actions:
@@ -126,7 +147,8 @@ class DiffusionPolicy(nn.Module):
         want = (self.cfg.n_obs_steps, self.obs_dim)
         if obs.shape != want:
             raise ValueError(f"obs_history: shape {obs.shape}, expected {want}")
-        chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None])
+        advance = self.cfg.n_action_steps if advance is None else advance
+        chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None], advance=advance)
         first = self.cfg.n_obs_steps - 1  # chunk index 0 is the oldest observation's step; this is the current one
         actions = chunk[0, first : first + n]
         if self.device.type == "cuda":

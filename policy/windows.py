@@ -62,3 +62,28 @@ def sample_windows(policy, data: str, split: str, n: int, seed: int) -> tuple[np
     rows = window_index(ends, episodes, c.horizon, c.n_obs_steps, c.n_action_steps)
     pick = np.random.default_rng(seed).choice(len(rows), size=n, replace=len(rows) < n)
     return gather(obs, rows[pick], c.n_obs_steps), gather(action, rows[pick], c.horizon)
+
+
+def episode_sequences(policy, data: str, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` observation histories [n, n_obs, obs_dim] as a closed loop meets them: episode after
+    episode, one every `n_action_steps` steps from each episode's start (consecutive plans are
+    real neighbours), and a flag [n] marking each episode's first."""
+    from envs.store import open_store
+
+    with open_store(data, task=policy.meta.get("task")) as store:
+        obs = np.asarray(store["obs"], dtype=np.float32)
+        ends = store.episode_ends
+    if obs.shape[1] != policy.obs_dim:
+        raise UserError(f"{data}: data/obs has {obs.shape[1]} dims; the policy takes {policy.obs_dim}")
+    episodes = np.asarray(policy.meta.get(f"{split}_episodes") or [], dtype=np.int64)
+    if not len(episodes) or episodes.max() >= len(ends):
+        episodes = np.arange(len(ends))
+    c, starts, rows, first = policy.cfg, np.concatenate([[0], ends[:-1]]), [], []
+    while len(rows) < n:
+        for e in episodes:
+            a, b = int(starts[e]), int(ends[e])
+            for k, step in enumerate(range(0, b - a, c.n_action_steps)):
+                rows.append((a, b, a + step - (c.n_obs_steps - 1)))
+                first.append(k == 0)
+    rows = np.asarray(rows[:n], dtype=np.int64)
+    return gather(obs, rows, c.n_obs_steps), np.asarray(first[:n])

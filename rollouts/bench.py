@@ -48,6 +48,7 @@ class BenchConfig:
     warmup: int = 3  # untimed plans per sampler first
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     overhead_plans: int = 20  # plans re-run with the denoiser timed, for the outside-model share
+    closed_loop: bool = False  # plans along demonstration episodes, every n_action_steps: warm samplers carry over
 
 
 def _sync(device: torch.device) -> None:
@@ -118,7 +119,12 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     if not cfg.samplers:
         raise UserError("samplers: empty list")
     data = cfg.data or pol.meta.get("data") or f"data/{pol.meta.get('task')}.zarr"
-    obs_all = observation_histories(pol, data, cfg.plans, cfg.seed)
+    if cfg.closed_loop:
+        from policy.windows import episode_sequences
+
+        obs_all, first = episode_sequences(pol, data, "val", cfg.plans)
+    else:
+        obs_all, first = observation_histories(pol, data, cfg.plans, cfg.seed), np.ones(cfg.plans, bool)
 
     # The samplers asked for, plus the sequential baseline of each (timed too, listed after).
     specs: dict[str, object] = {}
@@ -139,27 +145,50 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     names = list(specs)
     shape = (1, pol.cfg.horizon, pol.action_dim)
 
+    from policy.warm import WarmStart
+
+    warm = {n: WarmStart() for n in names}  # each warm sampler's own state along the episodes
+    scratch = WarmStart()
+    warm_gen: dict[str, torch.Generator] = {}
+
     def run(name: str, i: int, obs: torch.Tensor):
-        noise = torch.randn(shape, generator=torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i), device=dev)
-        gen = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i + 7_777_777)
+        """(ms, normalized actions, result, normalized actions of the baseline on the same noise or None)."""
+        pol.warm = scratch  # setting the sampler resets the policy's state: keep each sampler's own out of reach
         pol.sampler = specs[name]
+        if specs[name].warm and i >= 0:  # a closed loop's noise: shifted from plan to plan, a stream per episode
+            if first[i]:
+                warm[name].reset()
+                warm_gen[name] = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i)
+            pol.warm = warm[name]
+            noise, gen, advance = None, warm_gen[name], None if first[i] else pol.cfg.n_action_steps
+        else:
+            noise = torch.randn(shape, generator=torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i), device=dev)
+            gen, advance = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i + 7_777_777), None
         _sync(dev)
         start = time.perf_counter()
-        x, res = pol.sample(obs, noise=noise, generator=gen)
+        x, res = pol.sample(obs, noise=noise, generator=gen, advance=advance)
         _sync(dev)
-        return (time.perf_counter() - start) * 1e3, pol.normalizer.normalize("action", x), res
+        ms = (time.perf_counter() - start) * 1e3
+        twin = None
+        if noise is None:  # the baseline's answer from this plan's (shifted) noise, untimed
+            w = pol.warm
+            pol.warm = scratch
+            pol.sampler = specs[baselines[name]]
+            twin = pol.normalizer.normalize("action", pol.sample(obs, noise=w.noise, step_noise=w.step_noise)[0])
+        return ms, pol.normalizer.normalize("action", x), res, twin
 
     obs_t = torch.as_tensor(obs_all, device=dev)
     for name in names:  # warm-up: allocator, caches, plan tables
         for i in range(cfg.warmup):
             run(name, -1 - i, obs_t[i % len(obs_t)][None])
-    rec = {n: {"lat": [], "evals": [], "iters": [], "conv": [], "x": []} for n in names}
+    rec = {n: {"lat": [], "evals": [], "iters": [], "conv": [], "x": [], "twin": []} for n in names}
     for i in tqdm(range(cfg.plans), desc="dp-bench", unit="plan"):
         obs = obs_t[i][None]
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            lat, x, res = run(name, i, obs)
+            lat, x, res, twin = run(name, i, obs)
             r = rec[name]
+            r["twin"].append(None if twin is None else twin.cpu())
             r["lat"].append(lat)
             r["evals"].append(res.model_evals)
             r["iters"].append(res.parallel_iters)
@@ -181,7 +210,8 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     results = []
     for name in names:
         r, base = rec[name], baselines.get(name, name)
-        diff = max(float((a - b).abs().max()) for a, b in zip(r["x"], rec[base]["x"]))
+        refs = [t if t is not None else b for t, b in zip(r["twin"], rec[base]["x"])]
+        diff = max(float((a - b).abs().max()) for a, b in zip(r["x"], refs))
         results.append({
             "name": name,
             "sampler": {k: v for k, v in dataclasses.asdict(specs[name]).items() if v is not None},
@@ -198,7 +228,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         })
     context = {
         "checkpoint": pol.meta.get("checkpoint"), "step": pol.meta.get("step"), "task": pol.meta.get("task"),
-        "data": str(data), "plans": cfg.plans, "device": str(dev), "threads": torch.get_num_threads(),
+        "data": str(data), "plans": cfg.plans, "closed_loop": cfg.closed_loop, "device": str(dev), "threads": torch.get_num_threads(),
         "machine": _machine(dev), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "batch_scaling": batch_scaling(pol, cfg.batch_sizes),
     }

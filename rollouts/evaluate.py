@@ -139,15 +139,21 @@ def _planner(label: str, sampler: SamplerConfig):
         from rollouts.client import PolicyClient, ServerProcess
 
         if _W.get("server_label") != label:
-            for key in ("client", "server"):
-                if key in _W:
-                    _W.pop(key).close()
+            _close_server()
             _W["server"] = ServerProcess(_W["checkpoint"], sampler, threads=_W["threads"], device=_W["device"])
             _W["client"] = PolicyClient(_W["server"].host, _W["server"].port)
             _W["server_label"] = label
         planner = RemotePlanner(_W["client"])
     _warm_up(label, lambda obs: planner.plan(obs, planner.max_actions))
     return planner
+
+
+def _close_server() -> None:
+    """Stop this worker's dp-serve process, if it has one (a pool worker's dies with the worker)."""
+    for key in ("client", "server"):
+        if key in _W:
+            _W.pop(key).close()
+    _W.pop("server_label", None)
 
 
 def _run_realtime_job(job: dict, record: dict) -> dict:
@@ -308,9 +314,7 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
                     for job in jobs:
                         keep(_run_job(job))
                 finally:
-                    for key in ("client", "server"):
-                        if key in _W:
-                            _W.pop(key).close()
+                    _close_server()
             else:
                 import multiprocessing as mp
 

@@ -66,9 +66,11 @@ class Planner(Protocol):
     n_action_steps: int
     max_actions: int
 
-    def plan(self, obs_history: np.ndarray, n_actions: int) -> tuple[np.ndarray, dict]:
+    def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None) -> tuple[np.ndarray, dict]:
         """An action chunk [n_actions, action_dim] from the current step on, and the plan's stats
-        (`model_evals`, `parallel_iters`, `converged`, `plan_ms`)."""
+        (`model_evals`, `parallel_iters`, `converged`, `plan_ms`); `advance` is the number of
+        control steps since the episode's previous plan (None: the episode's first), which a
+        warm-started sampler needs."""
         ...
 
 
@@ -83,8 +85,10 @@ class LocalPlanner:
     def seed(self, seed: int) -> None:
         self.policy.seed(seed)
 
-    def plan(self, obs_history: np.ndarray, n_actions: int) -> tuple[np.ndarray, dict]:
-        r = self.policy.plan(obs_history, n_actions)
+    def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None) -> tuple[np.ndarray, dict]:
+        if advance is None:
+            self.policy.warm.reset()
+        r = self.policy.plan(obs_history, n_actions, advance)
         return r.actions, {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
                            "parallel_iters": r.parallel_iters, "converged": r.converged}
 
@@ -98,9 +102,11 @@ class RemotePlanner:
         self.n_obs_steps, self.n_action_steps = meta["obs_shape"][0], meta["n_action_steps"]
         self.max_actions = meta["max_actions"]
 
-    def plan(self, obs_history: np.ndarray, n_actions: int) -> tuple[np.ndarray, dict]:
-        reply = self.client.infer({self.client.metadata["obs_key"]: np.asarray(obs_history, np.float32),
-                                   "n_actions": n_actions})
+    def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None) -> tuple[np.ndarray, dict]:
+        request = {self.client.metadata["obs_key"]: np.asarray(obs_history, np.float32), "n_actions": n_actions}
+        if advance is not None:
+            request["advance"] = advance
+        reply = self.client.infer(request)
         return reply["actions"], reply["policy_timing"]
 
 
@@ -133,9 +139,9 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
     _, obs = robot.read()
     history = deque([obs] * planner.n_obs_steps, maxlen=planner.n_obs_steps)
 
-    def timed(obs_history: np.ndarray) -> tuple[np.ndarray, dict, float]:
+    def timed(obs_history: np.ndarray, advance: int | None) -> tuple[np.ndarray, dict, float]:
         start = clock()
-        actions, info = planner.plan(obs_history, n_actions)
+        actions, info = planner.plan(obs_history, n_actions, advance)
         return actions, info, (clock() - start) * 1e3
 
     def record(step: int, arrived: int, skipped: int, result: tuple[np.ndarray, dict, float]) -> None:
@@ -146,7 +152,7 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
                             "parallel_iters": int(info.get("parallel_iters", 0)),
                             "converged": bool(info.get("converged", True))})
 
-    first = timed(np.stack(history))
+    first = timed(np.stack(history), None)
     t0 = clock()
     schedule.add(first[0], 0, 0, t0)  # nothing moved while it was planned: its observation is current at t0
     record(0, 0, 0, first)
@@ -182,7 +188,7 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
                 record(request[0], k, skipped, result)
                 pending = None
             if pending is None and k - request[0] >= replan:
-                pending = pool.submit(timed, np.stack(history))
+                pending = pool.submit(timed, np.stack(history), k - request[0])
                 request = (k, t_obs)
             item = schedule.pop(k)
             if item is None:

@@ -9,7 +9,9 @@ works unchanged:
   shape, action dimension, chunk sizes, sampler;
 - each request is one binary frame, an observation dict `{"obs_history": float32 [n_obs, obs_dim]}`
   (optionally `"n_actions": int`, up to `max_actions`, for a loop that executes chunks
-  asynchronously); the reply is `{"actions": float32 [n_action_steps, action_dim],
+  asynchronously, and `"advance": int`, the control steps since this connection's previous
+  request, for a warm-started sampler: each connection keeps its own warm state, and a request
+  without `advance` starts cold); the reply is `{"actions": float32 [n_action_steps, action_dim],
   "policy_timing": {...}, "server_timing": {...}}`;
 - arrays travel in openpi's msgpack encoding (`rollouts.wire`);
 - a bad request (not msgpack, not a dict, missing key, wrong shape or dtype) gets a text frame with
@@ -33,10 +35,12 @@ import numpy as np
 
 from envs.cli import command
 from policy.samplers import SamplerConfig
+from policy.warm import WarmStart
 from rollouts import wire
 
 OBS_KEY = "obs_history"
 N_ACTIONS_KEY = "n_actions"
+ADVANCE_KEY = "advance"
 
 
 @dataclass
@@ -67,8 +71,8 @@ class PolicyService:
                 "max_actions": p.max_actions,
                 "sampler": {k: v for k, v in vars(p.sampler).items() if v is not None}}
 
-    def check(self, obs) -> tuple[np.ndarray, int | None]:
-        """The observation history and action count of a request, or a ValueError naming the field."""
+    def check(self, obs) -> tuple[np.ndarray, int | None, int | None]:
+        """The observation history, action count and advance of a request, or a ValueError naming the field."""
         if not isinstance(obs, dict):
             raise ValueError(f"request: expected a dict with key {OBS_KEY!r}, got {type(obs).__name__}")
         if OBS_KEY not in obs:
@@ -87,14 +91,26 @@ class PolicyService:
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
                               or not 1 <= n <= self.policy.max_actions):
             raise ValueError(f"{N_ACTIONS_KEY}: {n!r} is not an integer in 1..{self.policy.max_actions}")
-        return x.astype(np.float32), None if n is None else int(n)
+        advance = obs.get(ADVANCE_KEY)
+        if advance is not None and (isinstance(advance, bool) or not isinstance(advance, (int, np.integer))
+                                    or advance < 0):
+            raise ValueError(f"{ADVANCE_KEY}: {advance!r} is not a non-negative integer")
+        return x.astype(np.float32), None if n is None else int(n), None if advance is None else int(advance)
 
-    def infer(self, obs) -> dict:
-        x, n = self.check(obs)
+    def infer(self, obs, warm: WarmStart | None = None) -> dict:
+        """Plan for one request; `warm` is the connection's own warm-start state."""
+        x, n, advance = self.check(obs)
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - start
-            r = self.policy.plan(x, n)
+            own = self.policy.warm
+            self.policy.warm = warm if warm is not None else WarmStart()
+            if advance is None:
+                self.policy.warm.reset()
+            try:
+                r = self.policy.plan(x, n, advance)
+            finally:
+                self.policy.warm = own
             self.served += 1
         return {"actions": r.actions.astype(np.float32),
                 "policy_timing": {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
@@ -116,6 +132,7 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
         return None
 
     async def handler(ws):
+        warm = WarmStart()  # this connection's plans only
         await ws.send(wire.packb(service.metadata()))
         while True:
             try:
@@ -130,7 +147,7 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
                     obs = wire.unpackb(message)
                 except Exception as err:
                     raise ValueError(f"request: not msgpack ({type(err).__name__})") from None
-                reply = await asyncio.to_thread(service.infer, obs)
+                reply = await asyncio.to_thread(service.infer, obs, warm)
             except ValueError as err:
                 reply = str(err)
             except Exception as err:  # a failure of the policy itself: reported, the server lives on

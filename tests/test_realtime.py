@@ -133,10 +133,11 @@ class SleepyPlanner:
     n_obs_steps, n_action_steps, max_actions = 2, 4, 8
 
     def __init__(self, latency, dim=2):
-        self.latency, self.count, self.seen, self.dim = latency, 0, [], dim
+        self.latency, self.count, self.seen, self.dim, self.advances = latency, 0, [], dim, []
 
-    def plan(self, obs_history, n_actions):
+    def plan(self, obs_history, n_actions, advance=None):
         self.seen.append(obs_history.copy())
+        self.advances.append(advance)
         i, self.count = self.count, self.count + 1
         time.sleep(self.latency if i else 0.0)
         actions = np.zeros((n_actions, self.dim), np.float32)
@@ -170,6 +171,9 @@ def test_loop_skips_late_actions_and_executes_the_newest_chunk(merge):
     assert late and min(late) >= 1e3 * latency
     # the observation history a plan sees holds the newest reads
     assert planner.seen[1][-1, 0] == planner.seen[1][-2, 0] + 1
+    # each plan is told how many steps passed since the previous request (the first: none)
+    assert planner.advances[0] is None
+    assert planner.advances[1 : len(plans)] == [b["step"] - a["step"] for a, b in zip(plans, plans[1:])]
 
 
 def test_a_stalled_loop_counts_overruns_and_steps_without_a_fresh_action():
@@ -183,10 +187,10 @@ def test_a_stalled_loop_counts_overruns_and_steps_without_a_fresh_action():
 
 def test_a_planner_error_ends_the_episode_with_its_reason(checkpoint):
     class Broken(SleepyPlanner):
-        def plan(self, obs_history, n_actions):
+        def plan(self, obs_history, n_actions, advance=None):
             if self.count:
                 raise ConnectionError("server went away")
-            return super().plan(obs_history, n_actions)
+            return super().plan(obs_history, n_actions, advance)
 
     robot = SimRobot(make_env("lift"), period=0.01)
     result, stats = run_realtime_episode(robot, Broken(0.0, dim=7), seed=3, cfg=LoopConfig())

@@ -44,6 +44,7 @@ class SamplerConfig:
     blocks: int | None = None  # PIADM: blocks the chain is cut into
     picard_iters: int | None = None  # PIADM: parallel iterations per block
     aligner: str | None = None  # DPM-Aligner timesteps: true (the last learned), sequential, parallel
+    warm: bool | None = None  # ParaDiGMS/PIADM: start from the previous control step's chain (policy.warm)
 
 
 ALIGNER_OFF, ALIGNER_ON = ("false", "no", "off", "0", "none"), ("true", "yes", "on", "1")
@@ -101,8 +102,13 @@ def options_of(fn: Callable) -> set[str]:
     """The keyword options a sampler function takes (those not fixed by its registry entry)."""
     fixed = set(fn.keywords) if isinstance(fn, partial) else set()
     params = inspect.signature(fn.func if isinstance(fn, partial) else fn).parameters.values()
-    internal = {"callback", "taus"}  # set by the caller, not by a config
+    internal = {"callback", "taus", "step_noise", "init"}  # set by the caller, not by a config
     return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in fixed | internal}
+
+
+def takes_init(fn: Callable) -> bool:
+    """Whether a sampler starts from a chain guess (`init`), so it can be warm-started."""
+    return "init" in inspect.signature(fn.func if isinstance(fn, partial) else fn).parameters
 
 
 def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
@@ -112,10 +118,12 @@ def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     fn = get_sampler(cfg.name)
     allowed = options_of(fn)
     aligner_choice(cfg)
+    if cfg.warm and not takes_init(fn):
+        raise UserError(f"sampler.warm: {cfg.name} has no chain to warm-start (the ParaDiGMS and PIADM samplers have)")
     options = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in ("name", "aligner") or value is None:
+        if f.name in ("name", "aligner", "warm") or value is None:
             continue
         if f.name not in allowed:
             raise UserError(f"sampler.{f.name}: not an option of {cfg.name} (its options: {', '.join(sorted(allowed))})")

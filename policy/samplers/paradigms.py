@@ -19,6 +19,11 @@ its last point. With tol = 0 a point is accepted only once it stops changing at 
 result is the sequential sampler's (up to float rounding of the sums); window = 1 is the
 sequential sampler itself.
 
+`init` [B, n + 1, ...], a guess of the whole chain (the previous control step's chain, shifted:
+`policy.warm`), replaces the copies of x_T as the starting point, and points entering the window
+keep their guess. The fixed point does not depend on the guess: at tol = 0 the result is the
+same; a good guess only lets the window slide further per iteration.
+
 Each sample of a batch keeps its own window, so a sample that converges early stops costing
 evaluations while the others go on; all windows still go through one denoiser call.
 
@@ -40,16 +45,26 @@ from policy.samplers.solvers import get_plan, new_history, step_rows
 def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
               *, solver: str, steps: int | None = None, spacing: str = "trailing", window: int = 16,
               tol: float = 0.1, max_iters: int | None = None,
-              taus: tuple[float, ...] | None = None, callback=None) -> SampleResult:
+              taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
+              init: torch.Tensor | None = None, callback=None) -> SampleResult:
     """Picard-iterate the `solver` chain of `steps` steps from `noise` [B, horizon, A] to
-    tolerance `tol`, `window` steps per sample per iteration, at most `max_iters` iterations."""
+    tolerance `tol`, `window` steps per sample per iteration, at most `max_iters` iterations;
+    `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if window < 1:
         raise ValueError(f"sampler.window: {window} must be at least 1")
     p = min(window, n)
-    z = plan.draw_noise(noise.shape, generator, dev, noise.dtype).transpose(0, 1)  # [B, n, ...]
-    chain = noise[:, None].repeat(1, n + 1, *([1] * (noise.dim() - 1)))  # points 0..n of each sample
+    if step_noise is None:
+        step_noise = plan.draw_noise(noise.shape, generator, dev, noise.dtype)
+    z = step_noise.transpose(0, 1)  # [B, n, ...]
+    if init is None:
+        chain = noise[:, None].repeat(1, n + 1, *([1] * (noise.dim() - 1)))  # points 0..n of each sample
+    else:
+        if init.shape != (B, n + 1, *noise.shape[1:]):
+            raise ValueError(f"init: shape {tuple(init.shape)}, expected {(B, n + 1, *noise.shape[1:])}")
+        chain = init.clone()
+        chain[:, 0] = noise
     history = new_history(plan, noise)
     # Accept when |change|^2 <= tol^2 * dim * var (squared norms: no square roots per point).
     bound = (tol**2) * noise[0].numel() * plan.var  # [n + 1]
@@ -83,7 +98,7 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         new_end = (new_begin + p).clamp(max=n)
         points = torch.arange(n + 1, device=dev)[None]
         entering = (points > end[:, None]) & (points <= new_end[:, None]) & active[:, None]
-        if bool(entering.any()):
+        if init is None and bool(entering.any()):
             last = chain[samples, end.clamp(max=n)][:, None]
             chain = torch.where(entering.reshape(*entering.shape, *([1] * (noise.dim() - 1))), last, chain)
         evals += n_valid
@@ -93,4 +108,4 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
             callback({"iter": iters, "begin": begin, "chain": chain})
     per_sample = evals.tolist()
     return SampleResult(x=chain[:, n], model_evals=max(per_sample), parallel_iters=iters,
-                        converged=bool((begin >= n).all()), evals_per_sample=per_sample)
+                        converged=bool((begin >= n).all()), evals_per_sample=per_sample, chain=chain)

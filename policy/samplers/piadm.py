@@ -39,22 +39,32 @@ from policy.samplers.solvers import get_plan, new_history, step_rows
 def piadm(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
           *, solver: str = "ddim", steps: int | None = None, spacing: str = "trailing", blocks: int = 4,
           picard_iters: int = 3,
-          taus: tuple[float, ...] | None = None, callback=None) -> SampleResult:
-    """`blocks` blocks of `picard_iters` parallel Picard iterations over the `solver` chain."""
+          taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
+          init: torch.Tensor | None = None, callback=None) -> SampleResult:
+    """`blocks` blocks of `picard_iters` parallel Picard iterations over the `solver` chain;
+    `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess whose
+    points replace the copies of each block's first point."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if not 1 <= blocks <= n:
         raise ValueError(f"sampler.blocks: {blocks} must be in 1..{n} (the step count)")
     if picard_iters < 1:
         raise ValueError(f"sampler.picard_iters: {picard_iters} must be at least 1")
-    z = plan.draw_noise(noise.shape, generator, dev, noise.dtype)  # [n, B, ...]
+    z = plan.draw_noise(noise.shape, generator, dev, noise.dtype) if step_noise is None else step_noise  # [n, B, ...]
+    if init is not None and init.shape != (B, n + 1, *noise.shape[1:]):
+        raise ValueError(f"init: shape {tuple(init.shape)}, expected {(B, n + 1, *noise.shape[1:])}")
+    chain = [noise]
     history = new_history(plan, noise)
     samples = torch.arange(B, device=dev)
     x = noise
     evals = rounds = 0
     for block in np.array_split(np.arange(n), blocks):
         s, m_steps = int(block[0]), len(block)
-        points = x[None].repeat(m_steps + 1, *([1] * x.dim()))  # [M + 1, B, ...]
+        if init is None:
+            points = x[None].repeat(m_steps + 1, *([1] * x.dim()))  # [M + 1, B, ...]
+        else:
+            points = init[:, s : s + m_steps + 1].transpose(0, 1).clone()
+            points[0] = x
         lagged = torch.zeros_like(points[:-1])  # g_m at the last evaluated points
         for it in range(min(picard_iters, m_steps)):
             # Points before `it` are exact since iteration it-1 and were evaluated then.
@@ -74,5 +84,6 @@ def piadm(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generato
             if callback is not None:
                 callback({"block_start": s, "iter": it + 1, "points": points})
         x = points[-1]
+        chain.extend(points[1:])
     return SampleResult(x=x, model_evals=evals, parallel_iters=rounds, converged=True,
-                        evals_per_sample=[evals] * B)
+                        evals_per_sample=[evals] * B, chain=torch.stack(chain, 1))

@@ -14,3 +14,5 @@ class SampleResult:
     parallel_iters: int  # sequential rounds of (batched) denoiser calls
     converged: bool  # False when a tolerance-driven sampler stopped at max_iters
     evals_per_sample: list[int] | None = None  # for batches whose samples converge at their own pace
+    chain: torch.Tensor | None = None  # [B, n + 1, horizon, A] every point of the chain (parallel samplers),
+    #                                    the next plan's warm start (policy.warm)
