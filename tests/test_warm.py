@@ -5,25 +5,14 @@ rounds, counted."""
 import numpy as np
 import pytest
 import torch
-from test_samplers import Counting, Denoiser, inputs
+from test_samplers import Counting, inputs, net, sched  # noqa: F401 (net, sched: the samplers' fixtures)
 
 from envs.errors import UserError
 from policy.checkpoint import load_policy
 from policy.samplers import SamplerConfig, get_sampler, resolve
 from policy.samplers.solvers import get_plan
-from policy.schedule import ScheduleConfig, make_scheduler
 from policy.warm import WarmStart
 from rollouts.presets import sampler_preset
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return make_scheduler(ScheduleConfig())
-
-
-@pytest.fixture(scope="module")
-def net(sched):
-    return Denoiser(sched)
 
 
 def test_noise_and_chain_shift_on_the_action_time_axis(sched):
