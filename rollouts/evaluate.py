@@ -7,6 +7,12 @@ by default, so a plan's latency is measured on a known amount of compute. Each f
 is appended to `out/episodes.jsonl` at once: an interrupted run keeps what it finished, and the
 same command continues where it stopped. The report (`results.json`, `episodes.csv`,
 `plans.csv`, `pareto.png`) is rebuilt from that log at the end.
+
+`realtime=true` runs each episode on the wall clock instead (`rollouts.realtime`): a `SimRobot`
+driven at the task's 20 Hz by the asynchronous loop, planning through a `dp-serve` process of the
+worker's own (`loop.transport=local`: a thread in the worker). One worker by default, as such an
+episode keeps two cores busy; the report adds staleness, steps without a fresh action, skipped
+actions and jitter, and `realtime.png`.
 """
 
 from __future__ import annotations

@@ -242,3 +242,19 @@ def test_dp_eval_realtime_writes_its_report(checkpoint, tmp_path):
     r = subprocess.run([str(BIN / "dp-eval"), f"checkpoint={checkpoint}", "realtime=true", "loop.merge=median",
                         f"out={tmp_path / 'x'}"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "dp-eval: loop.merge: 'median' is not one of latest, average, act"
+
+
+def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
+    """loop.transport=local: the policy plans in the loop's thread; a warm sampler is told the
+    steps between plans, and its noise stream restarts with the episode."""
+    pol = load_policy(checkpoint)
+    pol.sampler = SamplerConfig(name="paraddpm", steps=10, window=4, tol=0.1, warm=True)
+    robot = SimRobot(make_env("lift"), period=0.01)
+    advances = []
+    planner = LocalPlanner(pol)
+    plan = planner.plan
+    planner.plan = lambda obs, n, advance=None: advances.append(advance) or plan(obs, n, advance)
+    result, stats = run_realtime_episode(robot, planner, seed=100001, cfg=LoopConfig(replan_every=6))
+    assert result.error is None and robot.steps == 400 and len(result.plans) >= 20
+    assert advances[0] is None and all(a is not None and a >= 6 for a in advances[1:])
+    assert pol.warm.chain is not None and all(p["model_evals"] > 0 for p in result.plans)
