@@ -137,8 +137,8 @@ class DiffusionPolicy(nn.Module):
         """The actions to execute next for one observation history [n_obs_steps, obs_dim]: the
         first `n_actions` (default `n_action_steps`; at most `max_actions`) from the current step.
         An asynchronous control loop asks for more than it executes, to cover the next plan's latency.
-        `advance`: control steps since this episode's previous plan (default `n_action_steps`, the
-        runner's cadence); only a warm-started sampler uses it (`seed` starts a new episode)."""
+        `advance`: control steps since this episode's previous plan (None: the episode's first);
+        only a warm-started sampler uses it, to shift that plan's noise and chain."""
         start = time.perf_counter()
         n = self.cfg.n_action_steps if n_actions is None else int(n_actions)
         if not 1 <= n <= self.max_actions:
@@ -147,7 +147,6 @@ class DiffusionPolicy(nn.Module):
         want = (self.cfg.n_obs_steps, self.obs_dim)
         if obs.shape != want:
             raise ValueError(f"obs_history: shape {obs.shape}, expected {want}")
-        advance = self.cfg.n_action_steps if advance is None else advance
         chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None], advance=advance)
         first = self.cfg.n_obs_steps - 1  # chunk index 0 is the oldest observation's step; this is the current one
         actions = chunk[0, first : first + n]

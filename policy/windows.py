@@ -41,10 +41,9 @@ def gather(data: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
     return data[idx]
 
 
-def sample_windows(policy, data: str, split: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`n` random windows of a store's episodes as the policy sees them: observation histories
-    [n, n_obs, obs_dim] and action chunks [n, horizon, action_dim]. `split` is "train" or "val"
-    (the policy's own episode split; all episodes when it has none)."""
+def _episodes(policy, data: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A store's observations, actions and episode ends, checked against the policy, and the
+    episodes of `split` ("train" or "val": the policy's own split; all episodes when it has none)."""
     from envs.store import open_store
 
     with open_store(data, task=policy.meta.get("task")) as store:
@@ -58,6 +57,13 @@ def sample_windows(policy, data: str, split: str, n: int, seed: int) -> tuple[np
     episodes = np.asarray(policy.meta.get(f"{split}_episodes") or [], dtype=np.int64)
     if not len(episodes) or episodes.max() >= len(ends):
         episodes = np.arange(len(ends))
+    return obs, action, ends, episodes
+
+
+def sample_windows(policy, data: str, split: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` random windows of a store's episodes as the policy sees them: observation histories
+    [n, n_obs, obs_dim] and action chunks [n, horizon, action_dim], from the episodes of `split`."""
+    obs, action, ends, episodes = _episodes(policy, data, split)
     c = policy.cfg
     rows = window_index(ends, episodes, c.horizon, c.n_obs_steps, c.n_action_steps)
     pick = np.random.default_rng(seed).choice(len(rows), size=n, replace=len(rows) < n)
@@ -68,16 +74,7 @@ def episode_sequences(policy, data: str, split: str, n: int) -> tuple[np.ndarray
     """`n` observation histories [n, n_obs, obs_dim] as a closed loop meets them: episode after
     episode, one every `n_action_steps` steps from each episode's start (consecutive plans are
     real neighbours), and a flag [n] marking each episode's first."""
-    from envs.store import open_store
-
-    with open_store(data, task=policy.meta.get("task")) as store:
-        obs = np.asarray(store["obs"], dtype=np.float32)
-        ends = store.episode_ends
-    if obs.shape[1] != policy.obs_dim:
-        raise UserError(f"{data}: data/obs has {obs.shape[1]} dims; the policy takes {policy.obs_dim}")
-    episodes = np.asarray(policy.meta.get(f"{split}_episodes") or [], dtype=np.int64)
-    if not len(episodes) or episodes.max() >= len(ends):
-        episodes = np.arange(len(ends))
+    obs, _, ends, episodes = _episodes(policy, data, split)
     c, starts, rows, first = policy.cfg, np.concatenate([[0], ends[:-1]]), [], []
     while len(rows) < n:
         for e in episodes:

@@ -126,11 +126,11 @@ def _init_worker(checkpoint: str, device: str, threads: int, loop: dict | None =
 
 def _warm_up(label: str, plan) -> None:
     """A worker's first plans pay for allocations and caches; keep them out of the latencies."""
-    if label not in _W.setdefault("warm", set()):
+    if label not in _W.setdefault("warmed_up", set()):
         pol = _W["policy"]
         for _ in range(3):
             plan(np.zeros((pol.cfg.n_obs_steps, pol.obs_dim), np.float32))
-        _W["warm"].add(label)
+        _W["warmed_up"].add(label)
 
 
 def _planner(label: str, sampler: SamplerConfig):
@@ -149,6 +149,7 @@ def _planner(label: str, sampler: SamplerConfig):
             _W["server"] = ServerProcess(_W["checkpoint"], sampler, threads=_W["threads"], device=_W["device"])
             _W["client"] = PolicyClient(_W["server"].host, _W["server"].port)
             _W["server_label"] = label
+            _W.setdefault("warmed_up", set()).discard(label)  # a new process pays its first plans again
         planner = RemotePlanner(_W["client"])
     _warm_up(label, lambda obs: planner.plan(obs, planner.max_actions))
     return planner
@@ -170,9 +171,14 @@ def _run_realtime_job(job: dict, record: dict) -> dict:
     loop = _W["loop"]
     robot = SimRobot(_W["env"], period=1.0 / loop.rate_hz if loop.rate_hz else None)
     r, stats = run_realtime_episode(robot, planner, job["seed"], loop)
-    record.update(success=bool(r.success), max_reward=float(r.max_reward), return_=float(r.return_),
-                  length=int(r.length), error=r.error, plans=r.plans, realtime=loop_summary(stats))
+    record.update(_outcome(r), plans=r.plans, realtime=loop_summary(stats))  # plans: dicts with the loop's fields
     return record
+
+
+def _outcome(r) -> dict:
+    """The JSON fields of an `EpisodeResult`, plans aside."""
+    return {"success": bool(r.success), "max_reward": float(r.max_reward), "return_": float(r.return_),
+            "length": int(r.length), "error": r.error}
 
 
 def _run_job(job: dict) -> dict:
@@ -192,8 +198,7 @@ def _run_job(job: dict) -> dict:
 
             _W["render_env"] = make_env(pol.meta["task"], render=True)
         r = run_episode(_W["render_env"] if render else _W["env"], pol, job["seed"], render=render)
-        record.update(success=bool(r.success), max_reward=float(r.max_reward), return_=float(r.return_),
-                      length=int(r.length), error=r.error, plans=[dataclasses.asdict(p) for p in r.plans])
+        record.update(_outcome(r), plans=[dataclasses.asdict(p) for p in r.plans])
         if render:
             from rollouts.video import write_video
 

@@ -86,8 +86,6 @@ class LocalPlanner:
         self.policy.seed(seed)
 
     def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None) -> tuple[np.ndarray, dict]:
-        if advance is None:
-            self.policy.warm.reset()
         r = self.policy.plan(obs_history, n_actions, advance)
         return r.actions, {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
                            "parallel_iters": r.parallel_iters, "converged": r.converged}

@@ -44,7 +44,8 @@ def run_episode(env, policy, seed: int, render: bool = False) -> EpisodeResult:
                            frames=[env.render()] if render else None)
     done = False
     while not done:
-        plan = policy.plan(np.stack(history))
+        since = result.length - result.plans[-1].step if result.plans else None  # a warm sampler's advance
+        plan = policy.plan(np.stack(history), advance=since)
         result.plans.append(PlanRecord(result.length, plan.latency_ms, plan.model_evals, plan.parallel_iters,
                                        plan.converged))
         for action in plan.actions:

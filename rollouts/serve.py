@@ -103,10 +103,8 @@ class PolicyService:
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - start
-            own = self.policy.warm
+            own = self.policy.warm  # this connection's state in, the policy's own back after
             self.policy.warm = warm if warm is not None else WarmStart()
-            if advance is None:
-                self.policy.warm.reset()
             try:
                 r = self.policy.plan(x, n, advance)
             finally:

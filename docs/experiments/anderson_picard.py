@@ -12,7 +12,7 @@ plan = get_plan(pol.scheduler, 'ddpm', 100, 'trailing', 'cpu')
 n = plan.n
 pol.sampler = SamplerConfig(name='paraddpm', steps=100, window=16, tol=0.1, warm=True)
 pol.seed(0)
-for i in range(3): pol.plan(obs[i])
+for i in range(3): pol.plan(obs[i], advance=8 if i else None)
 noise, z, init = pol.warm.prepare(plan, (1,16,7), pol.generator, 'cpu', torch.float32, 8)
 cond = pol.condition(torch.as_tensor(obs[3])[None])
 bound = (0.1**2) * noise[0].numel() * plan.var  # [n+1]

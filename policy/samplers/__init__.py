@@ -98,17 +98,20 @@ def get_sampler(name: str) -> Callable[..., SampleResult]:
         raise UserError(f"sampler.name: unknown sampler {name!r}; known: {', '.join(sorted(samplers))}") from None
 
 
+def _parameters(fn: Callable):
+    return inspect.signature(fn.func if isinstance(fn, partial) else fn).parameters
+
+
 def options_of(fn: Callable) -> set[str]:
     """The keyword options a sampler function takes (those not fixed by its registry entry)."""
     fixed = set(fn.keywords) if isinstance(fn, partial) else set()
-    params = inspect.signature(fn.func if isinstance(fn, partial) else fn).parameters.values()
     internal = {"callback", "taus", "step_noise", "init"}  # set by the caller, not by a config
-    return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in fixed | internal}
+    return {p.name for p in _parameters(fn).values() if p.kind is p.KEYWORD_ONLY and p.name not in fixed | internal}
 
 
 def takes_init(fn: Callable) -> bool:
     """Whether a sampler starts from a chain guess (`init`), so it can be warm-started."""
-    return "init" in inspect.signature(fn.func if isinstance(fn, partial) else fn).parameters
+    return "init" in _parameters(fn)
 
 
 def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
