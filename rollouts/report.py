@@ -130,6 +130,7 @@ def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    summary = [s for s in summary if math.isfinite(s["latency_ms"]["p50"])]  # a sampler whose episodes all crashed has no plans
     front = pareto_front(summary)
     ax.plot([s["latency_ms"]["p50"] for s in front], [100 * s["success_rate"] for s in front], "-", color="#9ecae1",
             lw=2, zorder=1, label="non-dominated")
@@ -148,7 +149,7 @@ def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
         ax.annotate(f"{s['sampler']} ({s['parallel_iters_per_plan']:.0f} it)", (x, y), textcoords="offset points",
                     xytext=(8, dy), fontsize=7.5, arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6})
     ax.set_xscale("log")
-    xs = [s["latency_ms"]["p50"] for s in summary]
+    xs = [s["latency_ms"]["p50"] for s in summary] or [1.0]
     ax.set_xlim(min(xs) / 1.6, max(xs) * 1.8)  # room for the labels right of each point
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)

@@ -104,8 +104,8 @@ def test_crashing_episode_is_recorded_with_its_reason(checkpoint, tmp_path, monk
         self._episode_seed = s
         return real_seed(self, s)
 
-    def plan(self, obs):
-        out = real_plan(self, obs)
+    def plan(self, obs, *args, **kwargs):
+        out = real_plan(self, obs, *args, **kwargs)
         if getattr(self, "_episode_seed", None) == 100001:
             out.actions[:] = np.nan
         return out
@@ -179,3 +179,15 @@ def test_quickstart_runs_the_whole_path_and_reuses_it(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "reusing the store already there" in again.stdout and "reusing" in again.stdout.split("[2/3] done")[0]
     assert "continuing" in again.stderr and "0 to run" in again.stderr
+
+
+def test_a_sampler_whose_episodes_all_crashed_still_gets_a_report(tmp_path):
+    """No plans, so no latency: the table and files are written, and the plot leaves it out."""
+    from rollouts.report import summarize, table, write_report
+
+    crashed = [{"sampler": "a", "seed": s, "success": False, "max_reward": 0.0, "return_": 0.0, "length": 0,
+                "plans": [], "error": "simulator error at step 0"} for s in (1, 2)]
+    summary = summarize(crashed, ["a"])
+    write_report(tmp_path, summary)
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary[0]["plans"] == 0 and len(summary[0]["errors"]) == 2 and "a" in table(summary)
