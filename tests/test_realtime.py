@@ -208,7 +208,8 @@ def test_sim_episode_through_dp_serve_process_and_in_process_agree_on_the_plan(c
         robot = SimRobot(make_env("lift"), period=0.02)
         result, stats = run_realtime_episode(robot, remote, seed=100000, cfg=LoopConfig(merge="average"))
         assert result.error is None and result.length == 400 == robot.steps  # the tiny policy lifts nothing
-        assert stats.steps >= 390 and stats.commanded > 300 and len(result.plans) >= 40
+        # loose bounds: a 3-step DDIM of the tiny net plans in ~10 ms here, far inside the 160 ms these allow
+        assert stats.steps >= 390 and stats.commanded > 200 and len(result.plans) >= 10
         assert all(p["model_evals"] == 3 and p["latency_ms"] >= p["plan_ms"] > 0 for p in result.plans)
         # The server's plan of an observation is the in-process policy's (same weights, sampler, seed).
         obs = np.random.default_rng(0).normal(size=(2, pol.obs_dim)).astype(np.float32)
@@ -255,6 +256,11 @@ def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
     plan = planner.plan
     planner.plan = lambda obs, n, advance=None: advances.append(advance) or plan(obs, n, advance)
     result, stats = run_realtime_episode(robot, planner, seed=100001, cfg=LoopConfig(replan_every=6))
-    assert result.error is None and robot.steps == 400 and len(result.plans) >= 20
-    assert advances[0] is None and all(a is not None and a >= 6 for a in advances[1:])
+    # counts only, no timing: how many plans fit in 400 steps depends on the machine's speed
+    assert result.error is None and robot.steps == 400 and len(result.plans) >= 3
+    steps = [p["step"] for p in result.plans]
+    # (a plan still in flight when the episode ends is asked for but not recorded)
+    assert advances[0] is None and advances[1:len(steps)] == [b - a for a, b in zip(steps, steps[1:])]
+    for prev, nxt in zip(result.plans, result.plans[1:]):  # the next request waits for the chunk and 6 steps
+        assert nxt["step"] >= max(prev["step"] + 6, prev["arrived"])
     assert pol.warm.chain is not None and all(p["model_evals"] > 0 for p in result.plans)
