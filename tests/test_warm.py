@@ -43,6 +43,7 @@ def test_noise_and_chain_shift_on_the_action_time_axis(sched):
 @pytest.mark.parametrize("name, kw", [
     ("paraddpm", dict(steps=40, window=8)), ("paraddim", dict(steps=25, window=10)),
     ("paradpmsolver", dict(steps=20, window=6)), ("piadm", dict(steps=24, blocks=3, picard_iters=8)),
+    ("paraddpm", dict(steps=40, window=8, anderson=3)),
 ])
 def test_a_warm_start_at_zero_tolerance_is_the_cold_result(net, sched, name, kw):
     noise, cond = inputs(2)

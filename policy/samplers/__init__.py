@@ -41,6 +41,7 @@ class SamplerConfig:
     window: int | None = None  # ParaDiGMS: steps evaluated per sample per iteration
     tol: float | None = None  # ParaDiGMS: accepted change, relative to each step's noise
     max_iters: int | None = None  # ParaDiGMS: cap on parallel iterations
+    anderson: int | None = None  # ParaDiGMS: Anderson memory (rounds) of the Picard update; 0 is plain Picard
     blocks: int | None = None  # PIADM: blocks the chain is cut into
     picard_iters: int | None = None  # PIADM: parallel iterations per block
     aligner: str | None = None  # DPM-Aligner timesteps: true (the last learned), sequential, parallel
@@ -148,6 +149,8 @@ def _check(name: str, options: dict) -> None:
     for key in ("steps", "window", "max_iters", "blocks", "picard_iters"):
         if key in options and options[key] < 1:
             bad(key, "must be at least 1")
+    if options.get("anderson", 0) < 0:
+        bad("anderson", "must be >= 0")
     if options.get("tol", 0) < 0:
         bad("tol", "must be >= 0")
 

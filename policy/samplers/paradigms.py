@@ -24,6 +24,10 @@ sequential sampler itself.
 keep their guess. The fixed point does not depend on the guess: at tol = 0 the result is the
 same; a good guess only lets the window slide further per iteration.
 
+`anderson` = m > 0 replaces the guesses of the window's points past its new first point by
+triangular Anderson mixing over the last m rounds (`anderson.py`, ParaTAA); accepted points and
+the new first point keep their Picard values, so the guarantees above hold unchanged.
+
 Each sample of a batch keeps its own window, so a sample that converges early stops costing
 evaluations while the others go on; all windows still go through one denoiser call.
 
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from policy.samplers.anderson import TriangularAnderson
 from policy.samplers.result import SampleResult
 from policy.samplers.solvers import get_plan, new_history, step_rows
 
@@ -46,10 +51,11 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
               *, solver: str, steps: int | None = None, spacing: str = "trailing", window: int = 16,
               tol: float = 0.1, max_iters: int | None = None,
               taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
-              init: torch.Tensor | None = None, callback=None) -> SampleResult:
+              anderson: int = 0, init: torch.Tensor | None = None, callback=None) -> SampleResult:
     """Picard-iterate the `solver` chain of `steps` steps from `noise` [B, horizon, A] to
     tolerance `tol`, `window` steps per sample per iteration, at most `max_iters` iterations;
-    `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess."""
+    `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess;
+    `anderson` > 0 mixes the guesses of the window's unaccepted points over that many past rounds."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if window < 1:
@@ -66,6 +72,9 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         chain = init.clone()
         chain[:, 0] = noise
     history = new_history(plan, noise)
+    if anderson < 0:
+        raise ValueError(f"sampler.anderson: {anderson} must be >= 0")
+    accel = TriangularAnderson(anderson) if anderson else None
     # Accept when |change|^2 <= tol^2 * dim * var (squared norms: no square roots per point).
     bound = (tol**2) * noise[0].numel() * plan.var  # [n + 1]
     samples = torch.arange(B, device=dev)
@@ -92,7 +101,12 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         first_rejected = torch.where(~accepted.all(1), (~accepted).int().argmax(1), p)
         n_valid = valid.sum(1)
         advance = torch.minimum(first_rejected + 1, n_valid)
+        guess = chain.clone() if accel is not None else None
         chain[b_rows, k_rows + 1] = new[b_rows, j_rows]
+        if accel is not None:  # the points past the new window's first: Anderson's guesses for the next round
+            mixed = accel.mix(guess, chain.clone(), after, valid, plan.var)
+            b_mix, j_mix = (valid & (offsets[None] >= advance[:, None])).nonzero(as_tuple=True)
+            chain[b_mix, after[b_mix, j_mix]] = mixed[b_mix, j_mix]
         # Points entering the window start from the window's last point.
         end, new_begin = begin + n_valid, begin + advance
         new_end = (new_begin + p).clamp(max=n)
@@ -105,7 +119,7 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         begin = torch.where(active, new_begin, begin)
         iters += 1
         if callback is not None:
-            callback({"iter": iters, "begin": begin, "chain": chain})
+            callback({"iter": iters, "begin": begin, "chain": chain, "evals": evals})
     per_sample = evals.tolist()
     return SampleResult(x=chain[:, n], model_evals=max(per_sample), parallel_iters=iters,
                         converged=bool((begin >= n).all()), evals_per_sample=per_sample, chain=chain)
