@@ -135,6 +135,8 @@ def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
     ax.plot([s["latency_ms"]["p50"] for s in front], [100 * s["success_rate"] for s in front], "-", color="#9ecae1",
             lw=2, zorder=1, label="non-dominated")
     placed: list[tuple[float, float, int]] = []
+    xs = [s["latency_ms"]["p50"] for s in summary] or [1.0]
+    mid = (math.log10(min(xs)) + math.log10(max(xs))) / 2 if len(xs) > 1 else math.inf
     for s in sorted(summary, key=lambda e: e["latency_ms"]["p50"]):
         x, y = s["latency_ms"]["p50"], 100 * s["success_rate"]
         lo, hi = s["success_ci95"]
@@ -146,10 +148,11 @@ def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
         k = next(i for i in range(len(placed) + 1) if i not in taken)
         placed.append((x, y, k))
         dy = -(16 + 11 * k) if y > 60 else 10 + 11 * k
+        right = math.log10(x) > mid  # labels of the slower half go left of their point, inside the axes
         ax.annotate(f"{s['sampler']} ({s['parallel_iters_per_plan']:.0f} it)", (x, y), textcoords="offset points",
-                    xytext=(8, dy), fontsize=7.5, arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6})
+                    xytext=(-8 if right else 8, dy), ha="right" if right else "left", fontsize=7.5,
+                    arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6})
     ax.set_xscale("log")
-    xs = [s["latency_ms"]["p50"] for s in summary] or [1.0]
     ax.set_xlim(min(xs) / 1.6, max(xs) * 1.8)  # room for the labels right of each point
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
