@@ -215,13 +215,13 @@ def test_anderson_mixing_is_triangular():
     def run(edit):
         aa, out = TriangularAnderson(memory=3), None
         for r in range(4):
-            x, f = chains[2 * r].clone(), chains[2 * r + 1].clone()
+            x, f = chains[2 * r][:, 1:7].clone(), chains[2 * r + 1][:, 1:7].clone()  # the window's points
             if edit and r == 2:
-                f[0, 5] += 1.0  # point 5 (window row 4)
+                f[0, 4] += 1.0  # point 5 (window row 4)
             out = aa.mix(x, f, after, valid, var)
         return out
 
-    first = TriangularAnderson(memory=3).mix(chains[0], chains[1], after, valid, var)
+    first = TriangularAnderson(memory=3).mix(chains[0][:, 1:7], chains[1][:, 1:7], after, valid, var)
     assert torch.equal(first, chains[1][0, 1:7][None])  # no history yet: the Picard image
     base, edited = run(False), run(True)
     assert torch.equal(base[:, :4], edited[:, :4]) and not torch.allclose(base[:, 4], edited[:, 4])

@@ -28,35 +28,43 @@ import torch
 
 
 class TriangularAnderson:
-    """History of one sampler call: positions are absolute chain points, so it follows the window."""
+    """History of one sampler call, kept at absolute chain points so it follows the window: the
+    last `memory` + 1 rounds' guesses and Picard images in ring buffers [memory + 1, B, n + 1, d].
+    Only the points a round iterated are written; a point's older entries are never read (see `age`)."""
 
     def __init__(self, memory: int, reg: float = 1e-8):
         if memory < 1:
             raise ValueError(f"anderson memory {memory} must be at least 1")
-        self.memory, self.reg = memory, reg
-        self.x: list[torch.Tensor] = []  # guesses of the rounds, [B, n + 1, ...] (the window part changes)
-        self.f: list[torch.Tensor] = []  # their Picard images
+        self.memory, self.reg, self.rounds = memory, reg, 0
+        self.x = self.f = None  # guesses and their images, by round slot
         self.age: torch.Tensor | None = None  # [B, n + 1] rounds each point has been iterated (the window
-        #                                        only moves forward, so a point's rounds are its last ones)
+        #                                        only moves forward, so a point's rounds are the last ones)
 
     def mix(self, guess: torch.Tensor, image: torch.Tensor, after: torch.Tensor, valid: torch.Tensor,
             scale: torch.Tensor) -> torch.Tensor:
         """Next guesses [B, p, ...] of the window points `after` [B, p] (valid: [B, p]) given this
-        round's `guess` and Picard `image` of the whole chain [B, n + 1, ...]; `scale` [n + 1]
-        divides each point's residual. Returns the image where there is no history yet."""
-        self.x = (self.x + [guess])[-(self.memory + 1):]
-        self.f = (self.f + [image])[-(self.memory + 1):]
+        round's guesses and Picard images of those points (`guess`, `image`: [B, p, ...]); `scale`
+        [n + 1] divides each point's residual. Returns the image where there is no history yet."""
         B, p = after.shape
+        d = image[0, 0].numel()
+        if self.x is None:
+            self.x = image.new_zeros((self.memory + 1, B, scale.shape[0], d))
+            self.f = torch.zeros_like(self.x)
+            self.age = torch.zeros((B, scale.shape[0]), dtype=torch.long, device=after.device)
+        slot = self.rounds % (self.memory + 1)
+        b_v, j_v = valid.nonzero(as_tuple=True)
+        self.x[slot, b_v, after[b_v, j_v]] = guess.flatten(2)[b_v, j_v]
+        self.f[slot, b_v, after[b_v, j_v]] = image.flatten(2)[b_v, j_v]
+        self.age[b_v, after[b_v, j_v]] += 1
+        self.rounds += 1
+        r = min(self.rounds, self.memory + 1)
+        if r < 2:
+            return image
+        order = torch.tensor([(self.rounds - r + j) % (self.memory + 1) for j in range(r)], device=after.device)
         rows = torch.arange(B, device=after.device)[:, None]
-        if self.age is None:
-            self.age = torch.zeros(image.shape[:2], dtype=torch.long, device=image.device)
-        self.age[rows.expand_as(after)[valid], after[valid]] += 1
-        f_now = image[rows, after].flatten(2)  # [B, p, d]
-        if len(self.x) < 2:
-            return f_now.reshape(image[rows, after].shape)
+        x = self.x[order][:, rows, after].transpose(0, 1)  # [B, r, p, d], oldest round first
+        f = self.f[order][:, rows, after].transpose(0, 1)
         w = (valid / scale[after].sqrt())[..., None]  # [B, p, 1]: invalid rows weigh nothing
-        x = torch.stack([h[rows, after].flatten(2) for h in self.x], 1)  # [B, r, p, d]
-        f = torch.stack([h[rows, after].flatten(2) for h in self.f], 1)
         g = (f - x) * w[:, None]
         dg, df = g[:, 1:] - g[:, :-1], f[:, 1:] - f[:, :-1]  # [B, m', p, d]
         # Per point i, the least-squares problem over points 0..i of the window: cumulative normal equations.
@@ -71,5 +79,5 @@ class TriangularAnderson:
         ridge = self.reg * (gram.diagonal(dim1=-2, dim2=-1) * use).sum(-1).clamp(min=1e-30)[..., None, None]
         gram = torch.where(pair, gram, 0.0) + torch.where(use[..., None], ridge, 1.0) * eye
         gamma = torch.linalg.solve(gram, torch.where(use, rhs, 0.0)[..., None])[..., 0].to(f.dtype)  # [B, p, m']
-        mixed = f_now - torch.einsum("bpi,bipd->bpd", gamma, df)
-        return mixed.reshape(image[rows, after].shape)
+        mixed = f[:, -1] - torch.einsum("bpi,bipd->bpd", gamma, df)
+        return mixed.reshape(image.shape)

@@ -95,16 +95,16 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         start = chain[samples, begin.clamp(max=n)]
         new = start[:, None] + move.cumsum(1)  # guesses of points k + 1
         after = (k + 1).clamp(max=n)
-        change = (new - chain[samples[:, None], after]).square().flatten(2).sum(-1)  # [B, p]
+        guess = chain[samples[:, None], after]  # this round's guesses of points k + 1
+        change = (new - guess).square().flatten(2).sum(-1)  # [B, p]
         accepted = (change <= bound[after]) & valid
         # The window slides past the accepted run; invalid rows (past the end) stop the run.
         first_rejected = torch.where(~accepted.all(1), (~accepted).int().argmax(1), p)
         n_valid = valid.sum(1)
         advance = torch.minimum(first_rejected + 1, n_valid)
-        guess = chain.clone() if accel is not None else None
         chain[b_rows, k_rows + 1] = new[b_rows, j_rows]
         if accel is not None:  # the points past the new window's first: Anderson's guesses for the next round
-            mixed = accel.mix(guess, chain.clone(), after, valid, plan.var)
+            mixed = accel.mix(guess, new, after, valid, plan.var)
             b_mix, j_mix = (valid & (offsets[None] >= advance[:, None])).nonzero(as_tuple=True)
             chain[b_mix, after[b_mix, j_mix]] = mixed[b_mix, j_mix]
         # Points entering the window start from the window's last point.
