@@ -130,6 +130,10 @@ def command(config_name: str, schema: type | None = None,
                 fail(name, f"{err.full_key}: required")
             except FileNotFoundError as err:
                 fail(name, f"{err.filename}: no such file or directory")
+            except OSError as err:  # a file that cannot be written or read (permissions, a full disk)
+                if err.filename is None:
+                    raise
+                fail(name, f"{err.filename}: {err.strerror or err}")
             except KeyboardInterrupt:
                 fail(name, "interrupted; nothing incomplete was left at the output path", 130)
 

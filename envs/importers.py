@@ -144,15 +144,15 @@ def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: s
     for key, (start, stop) in spec.obs_layout.items():
         if key not in demo["obs"]:
             raise SourceError(f"{where}/obs: missing {key!r}")
-        value = np.asarray(demo["obs"][key], dtype=np.float32)
+        value = _numbers(f"{where}/obs/{key}", demo["obs"][key], np.float32)
         if value.ndim != 2 or value.shape[1] != stop - start:
             raise SourceError(f"{where}/obs/{key}: shape {value.shape}, task {spec.name!r} expects [T, {stop - start}]")
         parts.append(value)
     episode = {
         "obs": np.concatenate(parts, axis=1),
-        "action": np.asarray(demo["actions"], dtype=np.float32),
-        "state": np.asarray(demo["states"], dtype=np.float64),
-        "reward": np.asarray(demo["rewards"], dtype=np.float32),
+        "action": _numbers(f"{where}/actions", demo["actions"], np.float32),
+        "state": _numbers(f"{where}/states", demo["states"], np.float64),
+        "reward": _numbers(f"{where}/rewards", demo["rewards"], np.float32),
     }
     if episode["action"].ndim != 2 or episode["action"].shape[1] != ACTION_DIM:
         raise SourceError(f"{where}/actions: shape {episode['action'].shape}, expected [T, {ACTION_DIM}]")
@@ -173,6 +173,21 @@ def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: s
     if len(set(lengths.values())) > 1:
         raise SourceError(f"{where}: lengths differ ({', '.join(f'{k} {v}' for k, v in lengths.items())})")
     return episode
+
+
+def _numbers(where: str, dataset: Any, dtype: type) -> np.ndarray:
+    """An HDF5 dataset as finite numbers of `dtype`; SourceError naming the field otherwise (a
+    string-typed field, NaN or inf, a value too large for float32)."""
+    raw = np.asarray(dataset[()])
+    if raw.dtype.kind not in "biuf":
+        raise SourceError(f"{where}: dtype {raw.dtype} is not numeric")
+    with np.errstate(over="ignore"):
+        value = raw.astype(dtype)
+    bad = ~np.isfinite(value)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0]) if value.ndim else 0
+        raise SourceError(f"{where}: {int(bad.sum())} values are NaN or inf as {np.dtype(dtype)} (first in row {row})")
+    return value
 
 
 def _demo_order(name: str) -> tuple[int, int, str]:

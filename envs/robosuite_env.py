@@ -17,12 +17,33 @@ from envs.tasks import ACTION_DIM, OBS_KEYS, TaskSpec, get_task
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 
+# What robosuite logs at import on every machine, whatever the task: its macro file is optional
+# (we set what we need in code), and the robots and IK it cannot find are ones no task here uses.
+STARTUP_NOISE = (
+    "No private macro file found",
+    "It is recommended to use a private macro file",
+    "To setup, run:",
+    "Could not import robosuite_models",
+    "Could not load the mink-based whole-body IK",
+    "Loading controller configuration from",
+)
+SINGLE_ARM_PARTS = ("right",)
+
+
+class _StartupNoise:
+    """A filter on robosuite's own logger that drops exactly its start-up notices above; every
+    other message of robosuite, warnings included, still shows."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(STARTUP_NOISE)
+
+
 def _quiet_robosuite() -> None:
-    # robosuite logs several warnings at import (private macros, optional robot models) that
-    # are noise for our users; keep its errors.
     import logging
 
-    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+    logger = logging.getLogger("robosuite_logs")  # robosuite's logger (robosuite.utils.log_utils)
+    if not any(isinstance(f, _StartupNoise) for f in logger.filters):
+        logger.addFilter(_StartupNoise())
 
 
 class RobosuiteEnv(gym.Env):
@@ -58,16 +79,19 @@ class RobosuiteEnv(gym.Env):
         self._seeded = False
         self._t = 0
 
-        _quiet_robosuite()
+        _quiet_robosuite()  # before the import, which logs them
         import robosuite
         from robosuite.controllers import load_composite_controller_config
 
-        _quiet_robosuite()
         t = self.spec_task
+        controller = load_composite_controller_config(controller=t.controller)
+        # The BASIC config has a part for every robot robosuite knows (left arm, torso, head,
+        # base, legs); a single arm has only its right one, and robosuite warns about each other.
+        controller["body_parts"] = {k: v for k, v in controller["body_parts"].items() if k in SINGLE_ARM_PARTS}
         self._env = robosuite.make(
             t.env_name,
             robots=t.robot,
-            controller_configs=load_composite_controller_config(controller=t.controller),
+            controller_configs=controller,
             has_renderer=False,
             has_offscreen_renderer=render,
             use_camera_obs=False,

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore, ZipStore
 
 from envs.errors import StoreError
+from envs.partial import make_partial, remove_stale_partials
 
 FORMAT = "parapolicy-replay-buffer"
 FORMAT_VERSION = 1
@@ -56,14 +56,55 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def check_destination(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`path` as a Path; raises StoreError if something is there and `overwrite` is false.
+    """`path` as a Path, once it is sure a store can be written there: StoreError if something
+    is there and `overwrite` is false, if what is there is not a demonstration store (overwrite
+    replaces nothing else), or if the folder it goes in cannot be written.
 
     Call it before expensive work that ends in `write_store`, to fail before, not after.
     """
     path = Path(path)
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise StoreError(f"{path}: already exists; pass overwrite=true to replace it")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise StoreError(f"{path}: already exists; pass overwrite=true to replace it")
+        _check_replaceable(path)
+    _check_writable(path.parent)
     return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """StoreError unless `path` is a zarr group (directory or zip), an empty folder or a
+    dangling link: overwrite=true must never delete a user's other files."""
+    if not path.exists():  # a dangling symlink: nothing behind it to lose
+        return
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        if not entries or {"zarr.json", ".zgroup"} & set(entries):
+            return
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise StoreError(f"{path}: not a demonstration store (it holds {shown}); overwrite=true replaces only a "
+                         f"store, so remove it yourself or choose another path")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            root = _zip_root(path)
+            if f"{root}/zarr.json".lstrip("/") in zf.namelist() or f"{root}/.zgroup".lstrip("/") in zf.namelist():
+                return
+    raise StoreError(f"{path}: a file that is not a demonstration store; overwrite=true replaces only a store, "
+                     f"so remove it yourself or choose another path")
+
+
+def _check_writable(directory: Path) -> None:
+    """StoreError naming the nearest existing folder on the way to `directory` if a store cannot
+    be built there (read-only, not a folder). Probed by making a folder, which is what the writer
+    does: permission bits alone do not say (root, read-only mounts)."""
+    d = directory.absolute()
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir():
+        raise StoreError(f"{d}: not a folder, so nothing can be written under it")
+    try:
+        os.rmdir(make_partial(d, "write-probe"))
+    except OSError as err:
+        raise StoreError(f"{d}: cannot write here ({err.strerror or err}); choose another path") from None
 
 
 def write_store(
@@ -96,7 +137,8 @@ def write_store(
     keys, lengths = _check_episodes(path, episodes)
 
     created = _make_parents(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    remove_stale_partials(path.parent, path.name)  # what a killed writer of this path left
+    tmp = make_partial(path.parent, path.name)
     try:
         built = tmp / "store"
         _write_group(built, path, episodes, keys, lengths, root_attrs)

@@ -16,20 +16,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from envs.errors import UserError
+from envs.partial import make_partial
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.network import UNetConfig
 from policy.normalizer import Normalizer
 from policy.schedule import ScheduleConfig
 
 LATEST = "latest"
+T = TypeVar("T")
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -43,7 +45,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: DiffusionPolicy, ema
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=root))
+    tmp = make_partial(root, final.name)
     try:
         save_file(_state(policy.net), tmp / "weights.safetensors")
         save_file(_state(ema_net), tmp / "weights_ema.safetensors")
@@ -91,15 +93,48 @@ def build_policy(meta: dict, normalizer: Normalizer) -> DiffusionPolicy:
     return DiffusionPolicy(cfg, meta["obs_dim"], meta["action_dim"], normalizer, meta.get("meta"))
 
 
+def read_file(path: Path, load: Callable[[Path], T]) -> T:
+    """`load(path)`, or UserError naming the file when it is missing or damaged. A truncated
+    safetensors file raises SafetensorError, a truncated trainer.pt RuntimeError, EOFError or an
+    unpickling error, a cut JSON file ValueError: whatever a loader raises on bad bytes is a
+    damaged file here, not a bug."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the checkpoint")
+    try:
+        return load(path)
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"{path}: unreadable ({type(err).__name__}: {first}); the file is damaged or "
+                        f"incomplete") from err
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors file into `module`; UserError naming the file if it is damaged or its
+    tensors do not fit the architecture."""
+    state = read_file(path, load_file)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{path}: does not fit the network of {path.parent / 'policy.json'} "
+                        f"({str(err).splitlines()[0]})") from None
+
+
+def load_meta(ckpt: Path) -> dict:
+    return read_file(ckpt / "policy.json", lambda p: json.loads(p.read_text()))
+
+
+def load_normalizer(ckpt: Path) -> Normalizer:
+    return read_file(ckpt / "normalizer.safetensors", lambda p: Normalizer.from_state_dict(load_file(p)))
+
+
 def load_policy(path: str | Path, device: str = "cpu", ema: bool = True) -> DiffusionPolicy:
     ckpt = resolve(path)
+    meta = load_meta(ckpt)
     try:
-        meta = json.loads((ckpt / "policy.json").read_text())
-        normalizer = Normalizer.from_state_dict(load_file(ckpt / "normalizer.safetensors"))
-        policy = build_policy(meta, normalizer)
-        policy.net.load_state_dict(load_file(ckpt / ("weights_ema.safetensors" if ema else "weights.safetensors")))
-    except (OSError, KeyError, ValueError, RuntimeError) as err:
-        raise UserError(f"{ckpt}: unreadable checkpoint ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+        policy = build_policy(meta, load_normalizer(ckpt))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{ckpt / 'policy.json'}: not a policy description ({type(err).__name__}: {err})") from None
+    load_weights(policy.net, ckpt / ("weights_ema.safetensors" if ema else "weights.safetensors"))
     policy.meta["checkpoint"] = str(ckpt)
     policy.meta["step"] = meta["step"]
     return policy.to(device).eval()

@@ -16,6 +16,7 @@ from envs.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.normalizer import Normalizer
 from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve
+from policy.safety import NonFiniteActions, check_actions, check_observation
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
 from policy.warm import WarmStart
@@ -138,12 +139,15 @@ class DiffusionPolicy(nn.Module):
         first `n_actions` (default `n_action_steps`; at most `max_actions`) from the current step.
         An asynchronous control loop asks for more than it executes, to cover the next plan's latency.
         `advance`: control steps since this episode's previous plan (None: the episode's first);
-        only a warm-started sampler uses it, to shift that plan's noise and chain."""
+        only a warm-started sampler uses it, to shift that plan's noise and chain.
+
+        Raises ValueError for an observation that is not finite as float32, and
+        `policy.safety.NonFiniteActions` instead of returning a chunk with NaN or inf in it."""
         start = time.perf_counter()
         n = self.cfg.n_action_steps if n_actions is None else int(n_actions)
         if not 1 <= n <= self.max_actions:
             raise ValueError(f"n_actions: {n} is not in 1..{self.max_actions}")
-        obs = np.asarray(obs_history, dtype=np.float32)
+        obs = check_observation(obs_history, "obs_history")
         want = (self.cfg.n_obs_steps, self.obs_dim)
         if obs.shape != want:
             raise ValueError(f"obs_history: shape {obs.shape}, expected {want}")
@@ -152,6 +156,10 @@ class DiffusionPolicy(nn.Module):
         actions = chunk[0, first : first + n]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        actions = actions.cpu().numpy()
+        try:
+            actions = check_actions(actions.cpu().numpy())
+        except NonFiniteActions:
+            self.warm.reset()  # a non-finite chain must not seed the next plan
+            raise
         return PlanResult(actions, (time.perf_counter() - start) * 1e3, result.model_evals,
                           result.parallel_iters, result.converged)

@@ -8,9 +8,10 @@ run's `latest` checkpoint; the same seed gives the same run.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from envs.cli import command
 from envs.errors import UserError
 from envs.store import open_store
 from envs.tasks import TaskConfig, get_task
-from policy.checkpoint import latest, save_checkpoint
+from envs.partial import remove_stale_partials
+from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.normalizer import Normalizer
 from policy.windows import episode_split, gather, window_index
@@ -50,6 +52,26 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when present
     stop_at: int | None = None  # stop (with a checkpoint) after this step, as an interruption would
     progress: bool = True
+
+    def __post_init__(self):
+        """Numbers that cannot make a run fail here, before anything is read or written."""
+        at_least = {"steps": 1, "batch_size": 1, "threads": 1, "val_every": 1, "checkpoint_every": 1,
+                    "log_every": 1, "warmup_steps": 0, "min_episodes": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise UserError(f"{name}: {getattr(self, name)} must be at least {low}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"lr: {self.lr} must be a positive number")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"weight_decay: {self.weight_decay} must be a non-negative number")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"val_fraction: {self.val_fraction} is not in [0, 1)")
+        if not 0 <= self.ema_max_decay <= 1:
+            raise UserError(f"ema_max_decay: {self.ema_max_decay} is not in [0, 1]")
+        if not self.ema_power > 0:
+            raise UserError(f"ema_power: {self.ema_power} must be positive")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise UserError(f"stop_at: {self.stop_at} must be at least 1")
 
 
 class Batches:
@@ -121,10 +143,40 @@ def validation_loss(policy: DiffusionPolicy, net: torch.nn.Module, val: Batches,
         policy.net = trained
 
 
-def train(cfg: TrainConfig, config_yaml: str = "") -> Path:
-    """Train (or resume) the run in `cfg.out`; returns its latest checkpoint."""
+def check_resumable(resume: Path, state: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume checkpoint `resume` (its trainer `state`) with another policy config or
+    another store, naming what differs; the same store spelled differently (relative, absolute,
+    a trailing slash) is the same store."""
+    out = resume.parent.parent
+    was, now = Path(state["data"]).resolve(), Path(cfg.data).resolve()
+    if was != now:
+        raise UserError(f"{out}: holds a run on data={was}, not {now}; choose another out= (or the same data)")
+    saved = load_meta(resume)["config"]
+    diff = first_difference(saved, json.loads(json.dumps(asdict(cfg.policy))), "policy")
+    if diff is not None:
+        key, a, b = diff
+        raise UserError(f"{out}: holds a run with {key}={a!r}, not {b!r}; choose another out= (or the same {key})")
+
+
+def first_difference(a, b, where: str) -> tuple[str, object, object] | None:
+    """The first dotted key at which nested dicts `a` and `b` differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = first_difference(a.get(k), b.get(k), f"{where}.{k}")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else (where, a, b)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) the run in `cfg.out`; returns its latest checkpoint. Each checkpoint's
+    config.yaml holds `cfg`, resolved."""
     from diffusers.training_utils import EMAModel
+    from omegaconf import OmegaConf
     from torch.utils.tensorboard import SummaryWriter
+
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
     torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
@@ -144,25 +196,23 @@ def train(cfg: TrainConfig, config_yaml: str = "") -> Path:
     out = Path(cfg.out)
     resume = latest(out)
     if resume is not None:
-        state = torch.load(resume / "trainer.pt", map_location=device, weights_only=False)
-        if state["policy_config"] != repr(cfg.policy) or state["data"] != str(cfg.data):
-            raise UserError(f"{out}: holds a run with another policy config or data; choose another out=")
-        from safetensors.torch import load_file
-
-        policy.net.load_state_dict(load_file(resume / "weights.safetensors"))
-        policy.normalizer = Normalizer.from_state_dict(load_file(resume / "normalizer.safetensors"))
+        state = read_file(resume / "trainer.pt", lambda p: torch.load(p, map_location=device, weights_only=False))
+        check_resumable(resume, state, cfg)
+        load_weights(policy.net, resume / "weights.safetensors")
+        policy.normalizer = load_normalizer(resume)
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         rng.bit_generator.state = state["numpy_rng"]
         noise_gen.set_state(state["torch_rng"].to("cpu") if device.type == "cpu" else state["torch_rng"])
         step, elapsed = state["step"], state["elapsed_s"]
         print(f"resuming {out} from step {step}")
+    remove_stale_partials(out / "checkpoints")  # what a killed run of this `out` left half-written
 
     def checkpoint() -> Path:
         ema.copy_to(ema_net.parameters())
         state = {"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                  "numpy_rng": rng.bit_generator.state, "torch_rng": noise_gen.get_state(),
-                 "policy_config": repr(cfg.policy), "data": str(cfg.data)}
+                 "policy_config": repr(cfg.policy), "data": str(Path(cfg.data).resolve())}
         return save_checkpoint(out, step, policy, ema_net, state, config_yaml)
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
@@ -217,7 +267,7 @@ def main(cfg) -> None:
     from omegaconf import OmegaConf
 
     typed: TrainConfig = OmegaConf.to_object(cfg)  # builds the dataclasses: their checks run here
-    train(typed, OmegaConf.to_yaml(cfg))
+    train(typed)
 
 
 if __name__ == "__main__":

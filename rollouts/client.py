@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from policy import safety
 from rollouts import wire
 
 
@@ -28,20 +29,41 @@ class PolicyServerError(RuntimeError):
 
 
 class PolicyClient:
+    """One connection to `dp-serve`. A request that gets no reply within `timeout` seconds raises
+    TimeoutError and closes the connection: the late reply would otherwise be read as the answer
+    to the next request, an action chunk for an older observation. The next request reconnects
+    (a new connection starts cold for a warm-started sampler)."""
+
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0):
+        self.url, self.timeout = f"ws://{host}:{port}", timeout
+        self.ws = None
+        self.last: dict = {}
+        self._connect()
+
+    def _connect(self) -> None:
         from websockets.sync.client import connect
 
         # Entered like a context manager (closed by `close`): websockets >= 17.1 warns about a
         # connection opened without one.
-        self.ws = connect(f"ws://{host}:{port}", compression=None, max_size=None, open_timeout=timeout).__enter__()
-        self.timeout = timeout
-        self.metadata = wire.unpackb(self.ws.recv(timeout=timeout))
-        self.last: dict = {}
+        self.ws = connect(self.url, compression=None, max_size=None, open_timeout=self.timeout).__enter__()
+        self.metadata = wire.unpackb(self.ws.recv(timeout=self.timeout))
 
     def infer(self, obs: dict) -> dict:
+        """The server's reply to one observation dict. Raises PolicyServerError for a refused
+        request (`policy.safety.NonFiniteActions` when the plan's actions were not finite) and
+        TimeoutError, with the connection closed, when no reply came in time."""
+        if self.ws is None:
+            self._connect()
         self.ws.send(wire.packb(obs))
-        reply = self.ws.recv(timeout=self.timeout)
+        try:
+            reply = self.ws.recv(timeout=self.timeout)
+        except TimeoutError:
+            self.close()
+            raise TimeoutError(f"{self.url}: no reply within {self.timeout} s; the connection was closed "
+                               f"so that the late reply cannot answer a later request") from None
         if isinstance(reply, str):
+            if reply.startswith(safety.PREFIX):
+                raise safety.NonFiniteActions(reply)
             raise PolicyServerError(reply)
         self.last = wire.unpackb(reply)
         return self.last
@@ -50,7 +72,9 @@ class PolicyClient:
         return self.infer({self.metadata["obs_key"]: np.asarray(obs_history, np.float32)})["actions"]
 
     def close(self) -> None:
-        self.ws.close()
+        if self.ws is not None:
+            self.ws.close()
+            self.ws = None
 
     def __enter__(self) -> PolicyClient:
         return self

@@ -263,8 +263,10 @@ def prepare_out(out: Path, info: dict, restart: bool) -> list[dict]:
 def evaluate(cfg: EvalConfig) -> Path:
     import policy
 
-    if cfg.episodes < 1:
-        raise UserError(f"episodes: {cfg.episodes} must be at least 1")
+    for name, low in (("episodes", 1), ("threads", 1), ("workers", 1), ("videos", 0)):
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise UserError(f"{name}: {value} must be at least {low}")
     if cfg.realtime:
         cfg.loop.check()
         if cfg.videos:

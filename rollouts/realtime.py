@@ -11,6 +11,8 @@ What it records per episode:
   command, including steps the loop woke up too late for altogether;
 - `no_fresh`: steps with no action to send (the robot held its pose);
 - `skipped`: planned actions dropped because their step had passed when the chunk arrived;
+- `refused`: plans the policy refused for non-finite actions (`policy.safety`): the loop holds
+  (it goes on with what it has scheduled, then sends nothing) and asks again at the next step;
 - `staleness_ms`: for each executed action, its execution time minus the time of the
   observation it was planned from (a synchronous runner executing 8 of a chunk's actions would
   show 0-350 ms at 20 Hz even with an instant planner);
@@ -31,6 +33,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from envs.errors import UserError
+from policy.safety import NonFiniteActions
 from rollouts.chunks import MERGES, ActionSchedule
 
 TRANSPORTS = ("server", "local")
@@ -116,6 +119,8 @@ class LoopStats:
     no_fresh: int = 0  # steps with no action to send
     overruns: int = 0  # steps whose command went out after the step's end (or never)
     skipped: int = 0  # planned actions dropped: their step had passed when the chunk arrived
+    refused: int = 0  # plans refused for non-finite actions (the loop held)
+    refusal: str | None = None  # the first refusal's reason
     jitter_ms: list[float] = field(default_factory=list)
     staleness_ms: list[float] = field(default_factory=list)
     plans: list[dict] = field(default_factory=list)
@@ -127,7 +132,8 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
     """Drive `robot` at its period from `planner`'s chunks until `until()` or `max_steps`.
 
     The robot waits, standing still, for its first chunk; the clock starts when it arrives. A
-    planner error ends the loop by raising it (after the background plan in flight is finished).
+    planner error ends the loop by raising it (after the background plan in flight is finished),
+    except a plan refused for non-finite actions after the first: the loop then holds and asks again.
     """
     period = robot.period
     n_actions = min(cfg.n_actions or planner.max_actions, planner.max_actions)
@@ -156,6 +162,7 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
     record(0, 0, 0, first)
     pending: Future | None = None
     request = (0, t0)  # step and observation time of the plan in flight (or of the last one)
+    retry = False  # the last plan was refused: ask again at once
     pool = ThreadPoolExecutor(1, thread_name_prefix="planner")
     k = 0
     try:
@@ -180,14 +187,20 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
                 break
             history.append(obs)
             if pending is not None and pending.done():
-                result = pending.result()
-                skipped = schedule.add(result[0], request[0], k, request[1])
-                stats.skipped += skipped
-                record(request[0], k, skipped, result)
+                try:
+                    result = pending.result()
+                except NonFiniteActions as err:  # nothing of it is sent; the next request goes out now
+                    stats.refused += 1
+                    stats.refusal = stats.refusal or str(err)
+                    retry = True
+                else:
+                    skipped = schedule.add(result[0], request[0], k, request[1])
+                    stats.skipped += skipped
+                    record(request[0], k, skipped, result)
                 pending = None
-            if pending is None and k - request[0] >= replan:
+            if pending is None and (retry or k - request[0] >= replan):
                 pending = pool.submit(timed, np.stack(history), k - request[0])
-                request = (k, t_obs)
+                request, retry = (k, t_obs), False
             item = schedule.pop(k)
             if item is None:
                 stats.no_fresh += 1
@@ -213,6 +226,7 @@ def loop_summary(stats: LoopStats) -> dict:
     """The per-episode record of a loop: counts and the raw per-step values (0.1 ms)."""
     return {"period_ms": stats.period_s * 1e3, "steps": stats.steps, "commanded": stats.commanded,
             "no_fresh": stats.no_fresh, "overruns": stats.overruns, "skipped": stats.skipped,
+            "refused": stats.refused,
             "jitter_ms": [round(v, 1) for v in stats.jitter_ms],
             "staleness_ms": [round(v, 1) for v in stats.staleness_ms]}
 
@@ -228,7 +242,8 @@ def run_realtime_episode(robot, planner: Planner, seed: int, cfg: LoopConfig):
         planner.seed(seed)
     try:
         stats = run_loop(robot, planner, cfg, until=lambda: robot.done)
-        error = robot.error
+        error = robot.error or (f"planner: {stats.refused} plans refused, the robot held ({stats.refusal})"
+                                if stats.refused else None)
     except Exception as err:  # a planner or server failure ends the episode; recorded with its reason
         stats, error = LoopStats(period_s=robot.period), f"planner: {type(err).__name__}: {err}"
     result = EpisodeResult(seed=seed, success=robot.success, max_reward=robot.max_reward, return_=robot.return_,

@@ -26,7 +26,9 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval contains p; in floating point centre + half can land a hair below 1.0 at
+    # p = 1 (and centre - half above 0.0 at p = 0), so the bounds are clamped to include p.
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def summarize(records: list[dict], labels: list[str], **context) -> list[dict]:

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from envs.cli import command
+from envs.errors import UserError
 from policy.diffusion import SamplerConfig
 
 
@@ -29,6 +30,9 @@ def main(cfg) -> None:
     from policy.checkpoint import check_matches
     from rollouts.runner import run_episode
 
+    for name in ("episodes", "threads"):
+        if cfg[name] < 1:
+            raise UserError(f"{name}: {cfg[name]} must be at least 1")
     torch.set_num_threads(cfg.threads)
     pol = policy.load(cfg.checkpoint, device=cfg.device)
     pol.sampler = SamplerConfig(**cfg.sampler)
@@ -39,14 +43,15 @@ def main(cfg) -> None:
     for i in tqdm(range(cfg.episodes), desc=f"rollout {task}", unit="episode"):
         r = run_episode(env, pol, cfg.seed + i)
         results.append(r)
-        lat = np.median([p.latency_ms for p in r.plans])
+        lat = f"{np.median([p.latency_ms for p in r.plans]):.1f} ms" if r.plans else "-"
         tqdm.write(f"seed {r.seed}: success={r.success} length={r.length} return={r.return_:.1f} "
-                   f"plans={len(r.plans)} p50 latency={lat:.1f} ms" + (f" error={r.error}" if r.error else ""))
+                   f"plans={len(r.plans)} p50 latency={lat}" + (f" error={r.error}" if r.error else ""))
     rate = np.mean([r.success for r in results])
     latencies = [p.latency_ms for r in results for p in r.plans]
     print(f"{task}: success {rate:.0%} ({sum(r.success for r in results)}/{len(results)}) "
           f"with {cfg.sampler.name} from {pol.meta['checkpoint']} (step {pol.meta['step']}); "
-          f"plan latency p50 {np.median(latencies):.1f} ms over {len(latencies)} plans, {cfg.threads} torch threads")
+          f"plan latency p50 {f'{np.median(latencies):.1f} ms' if latencies else '-'} over {len(latencies)} plans, "
+          f"{cfg.threads} torch threads")
 
 
 if __name__ == "__main__":

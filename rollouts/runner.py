@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from policy.safety import NonFiniteActions
+
 
 @dataclass
 class PlanRecord:
@@ -45,13 +47,15 @@ def run_episode(env, policy, seed: int, render: bool = False) -> EpisodeResult:
     done = False
     while not done:
         since = result.length - result.plans[-1].step if result.plans else None  # a warm sampler's advance
-        plan = policy.plan(np.stack(history), advance=since)
+        try:
+            plan = policy.plan(np.stack(history), advance=since)
+        except NonFiniteActions:  # refused by the policy: nothing of it is executed, and it is no success
+            result.error = f"non-finite action at step {result.length}"
+            result.success = False
+            return result
         result.plans.append(PlanRecord(result.length, plan.latency_ms, plan.model_evals, plan.parallel_iters,
                                        plan.converged))
         for action in plan.actions:
-            if not np.all(np.isfinite(action)):
-                result.error = f"non-finite action at step {result.length}"
-                return result
             try:
                 obs, reward, terminated, truncated, info = env.step(action)
             except Exception as err:  # MuJoCo instability surfaces as an exception from the sim

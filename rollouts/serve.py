@@ -14,8 +14,11 @@ works unchanged:
   without `advance` starts cold); the reply is `{"actions": float32 [n_action_steps, action_dim],
   "policy_timing": {...}, "server_timing": {...}}`;
 - arrays travel in openpi's msgpack encoding (`rollouts.wire`);
-- a bad request (not msgpack, not a dict, missing key, wrong shape or dtype) gets a text frame with
-  a one-line error, which openpi-client raises as RuntimeError, and the connection keeps serving;
+- a bad request (not msgpack, not a dict, missing key, wrong shape or dtype, values that are not
+  finite as float32) gets a text frame with a one-line error, which openpi-client raises as
+  RuntimeError, and the connection keeps serving; so does a plan whose actions are not finite
+  (`policy.safety`: the policy refuses it, the text starts with "actions: non-finite"), so no
+  reply ever carries NaN or inf;
   a message over `max_message_mb` is refused by the websocket layer (close code 1009);
 - `GET /healthz` answers 200.
 
@@ -34,6 +37,7 @@ from http import HTTPStatus
 import numpy as np
 
 from envs.cli import command
+from policy.safety import check_observation
 from policy.samplers import SamplerConfig
 from policy.warm import WarmStart
 from rollouts import wire
@@ -85,8 +89,7 @@ class PolicyService:
             raise ValueError(f"{OBS_KEY}: dtype {x.dtype} is not a float type")
         if x.shape != want:
             raise ValueError(f"{OBS_KEY}: shape {x.shape}, expected {want}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"{OBS_KEY}: contains NaN or inf")
+        x = check_observation(x, OBS_KEY)  # after the cast: float64 1e300 is inf in float32
         n = obs.get(N_ACTIONS_KEY)
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
                               or not 1 <= n <= self.policy.max_actions):
@@ -95,7 +98,7 @@ class PolicyService:
         if advance is not None and (isinstance(advance, bool) or not isinstance(advance, (int, np.integer))
                                     or advance < 0):
             raise ValueError(f"{ADVANCE_KEY}: {advance!r} is not a non-negative integer")
-        return x.astype(np.float32), None if n is None else int(n), None if advance is None else int(advance)
+        return x, None if n is None else int(n), None if advance is None else int(advance)
 
     def infer(self, obs, warm: WarmStart | None = None) -> dict:
         """Plan for one request; `warm` is the connection's own warm-start state."""
@@ -143,6 +146,8 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
                     raise ValueError("request: a text frame; send the observation as binary msgpack")
                 try:
                     obs = wire.unpackb(message)
+                except wire.WireError as err:
+                    raise ValueError(f"request: {err}") from None
                 except Exception as err:
                     raise ValueError(f"request: not msgpack ({type(err).__name__})") from None
                 reply = await asyncio.to_thread(service.infer, obs, warm)
@@ -187,8 +192,15 @@ def main(cfg) -> None:
     try:
         asyncio.run(serve(service, cfg.host, cfg.port, cfg.max_message_mb, announce=True))
     except OSError as err:
+        import errno
+        import socket
+
         from envs.errors import UserError
 
+        # A name that does not resolve, or an address that is not this machine's, is the host's
+        # fault; a port in use or reserved is the port's.
+        if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"host: cannot listen on {cfg.host!r} ({err.strerror or err})") from None
         raise UserError(f"port: cannot listen on {cfg.host}:{cfg.port} ({err.strerror or err})") from None
 
 

@@ -94,24 +94,24 @@ def test_a_cut_log_line_is_ignored_and_that_episode_rerun(checkpoint, tmp_path):
 
 
 def test_crashing_episode_is_recorded_with_its_reason(checkpoint, tmp_path, monkeypatch):
-    """The policy is made to return NaN actions for one seed (the real way a diverged policy
-    crashes an episode); everything else is real."""
+    """The sampler is made to return a NaN chunk for one seed (the real way a diverged policy
+    crashes an episode); `plan` refuses it, and everything else is real."""
     from policy.diffusion import DiffusionPolicy
 
-    real_plan, real_seed = DiffusionPolicy.plan, DiffusionPolicy.seed
+    real_sample, real_seed = DiffusionPolicy.sample, DiffusionPolicy.seed
 
     def seed(self, s):
         self._episode_seed = s
         return real_seed(self, s)
 
-    def plan(self, obs, *args, **kwargs):
-        out = real_plan(self, obs, *args, **kwargs)
+    def sample(self, obs, *args, **kwargs):
+        chunk, result = real_sample(self, obs, *args, **kwargs)
         if getattr(self, "_episode_seed", None) == 100001:
-            out.actions[:] = np.nan
-        return out
+            chunk[:] = float("nan")
+        return chunk, result
 
     monkeypatch.setattr(DiffusionPolicy, "seed", seed)
-    monkeypatch.setattr(DiffusionPolicy, "plan", plan)
+    monkeypatch.setattr(DiffusionPolicy, "sample", sample)
     out = tmp_path / "eval"
     evaluate(EvalConfig(checkpoint=str(checkpoint), samplers=[FAST[0]], episodes=2, workers=1, out=str(out),
                         progress=False))

@@ -26,36 +26,6 @@ from rollouts.serve import PolicyService, serve
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
 
 
-@pytest.fixture
-def start_server(checkpoint):
-    """Start a server (in a thread, on a free port) for the tiny policy; stopped after the test."""
-    stops = []
-
-    def start(max_message_mb: float = 8.0):
-        pol = load_policy(checkpoint)
-        pol.sampler = SamplerConfig(name="ddim", steps=5)
-        pol.seed(0)
-        service = PolicyService(pol)
-        loop = asyncio.new_event_loop()
-        ready, bound, box = threading.Event(), [], {}
-
-        def run():
-            asyncio.set_event_loop(loop)
-            box["stop"] = asyncio.Event()
-            loop.run_until_complete(serve(service, "127.0.0.1", 0, max_message_mb, ready, box["stop"], bound))
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        assert ready.wait(20), "server did not start"
-        stops.append((loop, box, thread))
-        return service, bound[0][1]
-
-    yield start
-    for loop, box, thread in stops:
-        loop.call_soon_threadsafe(box["stop"].set)
-        thread.join(10)
-
-
 def _obs(service, **kw):
     p = service.policy
     return {"obs_history": np.zeros((p.cfg.n_obs_steps, p.obs_dim), np.float32), **kw}

@@ -1,0 +1,49 @@
+"""Hidden work directories for atomic writes, named for the process that owns them.
+
+A store or checkpoint is built in `.<name>.<pid>-<random>.partial` beside its destination and
+renamed into place when complete. A process killed with SIGKILL cannot remove its own; the next
+run that writes to the same place removes those whose process is gone (`remove_stale_partials`),
+and never one that a live process is still writing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+SUFFIX = ".partial"
+_OWNER = re.compile(r"\.(\d+)-[^.]+\.partial$")
+
+
+def make_partial(parent: Path, name: str) -> Path:
+    """A new empty hidden directory in `parent` for building `name`, owned by this process."""
+    return Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}-", suffix=SUFFIX, dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_partials(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove the partial directories in `parent` (for `name`, or for any name) whose owning
+    process no longer runs; returns those removed. Directories of the older unnamed form
+    `.<name>.<random>.partial` (no pid) are removed too: no live writer makes them any more."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    removed = []
+    for p in parent.glob(f".{name if name is not None else '*'}.*{SUFFIX}"):
+        owner = _OWNER.search(p.name)
+        if p.is_dir() and (owner is None or (int(owner.group(1)) != os.getpid() and not _alive(int(owner.group(1))))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
