@@ -212,7 +212,7 @@ def train(cfg: TrainConfig) -> Path:
         ema.copy_to(ema_net.parameters())
         state = {"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                  "numpy_rng": rng.bit_generator.state, "torch_rng": noise_gen.get_state(),
-                 "policy_config": repr(cfg.policy), "data": str(Path(cfg.data).resolve())}
+                 "data": str(Path(cfg.data).resolve())}
         return save_checkpoint(out, step, policy, ema_net, state, config_yaml)
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps

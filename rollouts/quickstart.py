@@ -3,8 +3,8 @@ train the reference policy, evaluate four samplers, print the table, write the P
 
 Everything lives under `out` (default `outputs/quickstart`). A stage whose result is already
 there is reused (training resumes from its latest checkpoint, the evaluation continues its
-episode log); `restart=true` starts over. Budget on 2 CPU cores: about 1 min of collection,
-13 min of training, 3 min of evaluation.
+episode log); `restart=true` starts over. On the slower 2-core CPU measured (2026-12-02): 1 min
+of collection, 11 min of training, 2 min of evaluation.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from pathlib import Path
 from envs.cli import command
 from envs.tasks import TaskConfig
 
-# Minutes each stage took on a 2-core CPU (used for "how long is left" until measured).
-ESTIMATE_MIN = {"collect": 1.0, "train": 13.5, "eval": 3.5}
+# Minutes per unit of each stage on the slower of the 2-core CPUs measured (2026-12-02): per
+# demonstration, per training step (batch 256, 2 threads: 3.0 steps/s), per evaluated episode.
+MIN_PER = {"collect": 1.0 / 200, "train": 1 / 3.0 / 60, "eval": 2.0 / 80}
 
 
 @dataclass
 class QuickstartConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     n_demos: int = 200
-    steps: int = 2500
+    steps: int = 2000  # measured: 79/80 episodes at 2000 steps, 77/80 at 1500 (docs/commands.md)
     episodes: int = 20
     samplers: list[str] = field(default_factory=lambda: ["ddpm100", "paraddpm100", "ddim10", "paraddim15"])
     out: str = "outputs/quickstart"
@@ -35,14 +36,15 @@ class QuickstartConfig:
 
 
 class Stages:
-    """Says which stage runs, what it does, and how long is left in total."""
+    """Says which stage runs, what it does, and how long is left in total; `minutes` holds each
+    stage's estimate."""
 
-    def __init__(self, names: list[str]):
-        self.names, self.start = names, time.monotonic()
+    def __init__(self, minutes: dict[str, float]):
+        self.minutes, self.names, self.start = minutes, list(minutes), time.monotonic()
 
     def begin(self, i: int, what: str) -> float:
-        left = sum(ESTIMATE_MIN[n] for n in self.names[i:])
-        print(f"[{i + 1}/{len(self.names)}] {what} (about {ESTIMATE_MIN[self.names[i]]:.0f} min; "
+        left = sum(self.minutes[n] for n in self.names[i:])
+        print(f"[{i + 1}/{len(self.names)}] {what} (about {self.minutes[self.names[i]]:.0f} min; "
               f"about {left:.0f} min left in all)", flush=True)
         return time.monotonic()
 
@@ -77,7 +79,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     data, run, evaluation = root / f"{task}.zarr", root / "train", root / "eval"
-    stages = Stages(["collect", "train", "eval"])
+    stages = Stages({"collect": MIN_PER["collect"] * cfg.n_demos, "train": MIN_PER["train"] * cfg.steps,
+                     "eval": MIN_PER["eval"] * cfg.episodes * len(cfg.samplers)})
     total = time.monotonic()
 
     t = stages.begin(0, f"collecting {cfg.n_demos} scripted {task} demonstrations into {data}")

@@ -14,6 +14,8 @@ import torch
 from envs.errors import UserError
 from policy.aligner import AlignSettings, aligner_file, learn, load_taus
 from policy.checkpoint import load_policy
+
+from commands import dp
 from policy.samplers import SamplerConfig, aligner_choice
 from policy.windows import sample_windows
 from rollouts.presets import baseline_of, sampler_preset
@@ -214,6 +216,6 @@ def test_dp_eval_refuses_a_missing_aligner_in_one_line(ckpt, tmp_path):
 
 
 def test_dp_align_bad_input_is_one_line(ckpt):
-    r = subprocess.run([str(EXE), f"checkpoint={ckpt}", "sampler=paraddim"], capture_output=True, text=True)
+    r = dp("dp-align", f"checkpoint={ckpt}", "sampler=paraddim")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "dp-align: sampler: 'paraddim' is not a solver" in r.stderr

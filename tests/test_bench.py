@@ -11,6 +11,8 @@ from envs.errors import UserError
 from policy.samplers import SamplerConfig
 from rollouts.presets import baseline_of, known_presets, sampler_preset
 
+from commands import dp
+
 EXE = Path(sys.executable).with_name("dp-bench")
 
 
@@ -56,6 +58,5 @@ def test_dp_bench_writes_results_table_and_plot(checkpoint, tmp_path):
 
 
 def test_dp_bench_bad_sampler_is_one_line(checkpoint, tmp_path):
-    r = subprocess.run([str(EXE), f"checkpoint={checkpoint}", "samplers=[ddim15,fast9]", f"out={tmp_path}"],
-                       capture_output=True, text=True)
+    r = dp("dp-bench", f"checkpoint={checkpoint}", "samplers=[ddim15,fast9]", f"out={tmp_path}")
     assert r.returncode == 2 and r.stderr.strip().startswith("dp-bench: samplers: unknown preset 'fast9'")

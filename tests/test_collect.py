@@ -14,12 +14,13 @@ import envs
 from envs.collect import collect, store_attrs
 from envs.store import open_store, write_store
 
+from commands import dp
+
 KEYS = ("obs", "action", "state", "reward", "success")
 
 
-def _cli(*args, cwd=None, **kw):
-    exe = Path(sys.executable).with_name("dp-collect")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, **kw)
+def _cli(*args, cwd=None):
+    return dp("dp-collect", *args, cwd=cwd)
 
 
 def _digest(path: Path) -> str:

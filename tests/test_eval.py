@@ -1,19 +1,19 @@
 """dp-eval and dp-report: short real evaluations of a tiny policy in the simulator."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from envs.errors import UserError
 from rollouts.evaluate import EvalConfig, SamplerOptions, evaluate, read_log, sampler_specs
 from rollouts.report import pareto_front, wilson
+
+from commands import dp
 
 BIN = Path(sys.executable).parent
 FAST = ["ddim5:steps=2", "paraddim15:steps=2,window=2"]
@@ -122,7 +122,7 @@ def test_crashing_episode_is_recorded_with_its_reason(checkpoint, tmp_path, monk
 
 
 def test_seeds_of_the_demonstrations_are_refused(checkpoint, tmp_path):
-    r = run(["dp-eval", f"checkpoint={checkpoint}", "seed=1", "episodes=2", f"out={tmp_path}"])
+    r = dp("dp-eval", f"checkpoint={checkpoint}", "seed=1", "episodes=2", f"out={tmp_path}")
     assert r.returncode == 2
     assert r.stderr.strip().startswith("dp-eval: seed: evaluation seeds 1.. overlap the 2 seeds")
 
@@ -150,7 +150,7 @@ def test_multirun_sweep_and_report_merge(checkpoint, tmp_path):
     entries = json.loads((tmp_path / "report" / "results.json").read_text())
     assert [e["sampler"] for e in entries] == ["paraddim15:steps=2,window=1", "paraddim15:steps=2,window=2"]
     assert (tmp_path / "report" / "pareto.png").exists() and "window=2" in merged.stdout
-    bad = run(["dp-report", f"inputs=[{tmp_path}/nothing]"])
+    bad = dp("dp-report", f"inputs=[{tmp_path}/nothing]")
     assert bad.returncode == 2 and "no such file" in bad.stderr
 
 

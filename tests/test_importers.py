@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -18,6 +16,8 @@ from envs.errors import SourceError, StoreError, UserError
 from envs.importers import import_robomimic
 from envs.store import open_store
 from envs.tasks import OBS_KEYS, TASKS, get_task
+
+from commands import dp
 
 STATE_DIM = 32
 
@@ -196,9 +196,7 @@ def test_existing_output_is_refused_before_reading(tmp_path):
 
 
 def dp_import(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    script = shutil.which("dp-import", path=str(Path(sys.executable).parent))
-    cmd = [script] if script else [sys.executable, "-c", "from envs.importers import main; main()"]
-    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return dp("dp-import", *args, cwd=cwd)
 
 
 def test_cli_imports(tmp_path):

@@ -27,12 +27,14 @@ from policy.safety import NonFiniteActions
 from rollouts import wire
 from rollouts.realtime import LoopConfig, run_loop
 
+from commands import dp
+
 BIN = Path(sys.executable).parent
 
 
-def cli(*args, cwd=None, timeout=300, **kw):
-    return subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, **kw)
+def cli(*args, cwd=None):
+    """A dp-* command, run in this process (`commands.dp`); the kill tests start real processes."""
+    return dp(*args, cwd=cwd)
 
 
 def one_line_error(r, command: str, *fragments: str) -> None:
@@ -186,7 +188,7 @@ def _truncate(path: Path) -> None:
 def test_a_truncated_weights_file_is_one_line(ckpt_copy, tmp_path, command, args):
     _truncate(ckpt_copy / "weights_ema.safetensors")
     r = cli(command, f"checkpoint={ckpt_copy}", *args, f"out={tmp_path / 'out'}" if command in ("dp-eval", "dp-bench")
-            else "seed=1", timeout=120)
+            else "seed=1")
     one_line_error(r, command, "weights_ema.safetensors", "unreadable")
 
 
@@ -262,7 +264,7 @@ def test_dp_collect_into_a_read_only_folder_fails_before_collecting(tmp_path):
     folder.mkdir()
     undo = _read_only(folder)
     try:
-        r = cli("dp-collect", "task=lift", "n_demos=50", f"out={folder / 'lift.zarr'}", timeout=120)
+        r = cli("dp-collect", "task=lift", "n_demos=50", f"out={folder / 'lift.zarr'}")
         one_line_error(r, "dp-collect", str(folder), "cannot write here")
         assert "collect lift" not in r.stderr  # no progress bar: it failed before the first episode
         assert list(folder.iterdir()) == []
@@ -445,7 +447,7 @@ def test_dp_collect_overwrite_refuses_a_users_folder(tmp_path):
 # --- 12: smaller ones ------------------------------------------------------------------------------
 
 def test_a_bad_host_is_named_as_the_host(checkpoint):
-    r = cli("dp-serve", f"checkpoint={checkpoint}", "host=no-such-host.invalid", "port=0", timeout=120)
+    r = cli("dp-serve", f"checkpoint={checkpoint}", "host=no-such-host.invalid", "port=0")
     one_line_error(r, "dp-serve", "host: cannot listen on 'no-such-host.invalid'")
 
 

@@ -1,8 +1,5 @@
 """The closed-loop runner and dp-rollout, with a small trained policy in the real simulator."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +8,8 @@ import envs
 import policy
 from policy.diffusion import SamplerConfig
 from rollouts.runner import run_episode
+
+from commands import dp
 
 
 def test_episode_replans_every_n_action_steps_and_records_each_plan(checkpoint):
@@ -42,29 +41,24 @@ def test_plan_refuses_a_history_of_the_wrong_shape(checkpoint):
 
 
 def test_dp_rollout_prints_episodes_and_success_rate(checkpoint):
-    exe = Path(sys.executable).with_name("dp-rollout")
-    r = subprocess.run([str(exe), f"checkpoint={checkpoint}", "episodes=1", "sampler.steps=2", "threads=1"],
-                       capture_output=True, text=True)
+    r = dp("dp-rollout", f"checkpoint={checkpoint}", "episodes=1", "sampler.steps=2", "threads=1")
     assert r.returncode == 0, r.stderr
     assert "seed 100000: success=False length=400" in r.stderr + r.stdout
     assert "lift: success 0% (0/1) with ddpm" in r.stdout
 
 
 def test_dp_rollout_takes_a_sampler_preset_and_its_options(checkpoint):
-    exe = Path(sys.executable).with_name("dp-rollout")
-    r = subprocess.run([str(exe), f"checkpoint={checkpoint}", "episodes=1", "sampler=paraddim15", "sampler.steps=4",
-                        "sampler.window=2", "threads=1"], capture_output=True, text=True)
+    r = dp("dp-rollout", f"checkpoint={checkpoint}", "episodes=1", "sampler=paraddim15", "sampler.steps=4",
+           "sampler.window=2", "threads=1")
     assert r.returncode == 0, r.stderr
     assert "lift: success 0% (0/1) with paraddim" in r.stdout
-    bad = subprocess.run([str(exe), f"checkpoint={checkpoint}", "sampler=ddim15", "sampler.tol=0.1"],
-                         capture_output=True, text=True)
+    bad = dp("dp-rollout", f"checkpoint={checkpoint}", "sampler=ddim15", "sampler.tol=0.1")
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("dp-rollout: sampler.tol: not an option of ddim")
-    unknown = subprocess.run([str(exe), f"checkpoint={checkpoint}", "sampler=ddim99"], capture_output=True, text=True)
+    unknown = dp("dp-rollout", f"checkpoint={checkpoint}", "sampler=ddim99")
     assert unknown.returncode == 2 and "dp-rollout: unknown sampler 'ddim99'; known: ddim10" in unknown.stderr
 
 
 def test_dp_rollout_missing_checkpoint_is_one_line(tmp_path):
-    exe = Path(sys.executable).with_name("dp-rollout")
-    r = subprocess.run([str(exe), f"checkpoint={tmp_path / 'nope'}"], capture_output=True, text=True)
+    r = dp("dp-rollout", f"checkpoint={tmp_path / 'nope'}")
     assert r.returncode == 2 and r.stderr.strip() == f"dp-rollout: {tmp_path / 'nope'}: no such checkpoint"

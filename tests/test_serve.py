@@ -2,13 +2,8 @@
 out, one-line errors that leave the connection serving, size limit, disconnects, several
 clients, health check, and the wire encoding byte for byte."""
 
-import asyncio
-import subprocess
-import sys
-import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +12,9 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from policy.checkpoint import load_policy
-from policy.samplers import SamplerConfig
 from rollouts import wire
-from rollouts.serve import PolicyService, serve
+
+from commands import dp
 
 # openpi-client 0.1.2 calls websockets' connect() outside a `with`, which websockets >= 16 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
@@ -148,8 +142,7 @@ def test_wire_encoding_is_openpi_clients_byte_for_byte():
 
 
 def test_dp_serve_bad_checkpoint_is_one_line(tmp_path):
-    exe = Path(sys.executable).with_name("dp-serve")
-    r = subprocess.run([str(exe), f"checkpoint={tmp_path / 'nope'}"], capture_output=True, text=True, timeout=120)
+    r = dp("dp-serve", f"checkpoint={tmp_path / 'nope'}")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "no such checkpoint" in r.stderr
 

@@ -1,0 +1,39 @@
+"""Run a `dp-*` command in the test's own process, as its console script would run: the entry
+point from the package metadata, `sys.argv`, exit code, stdout and stderr. A process of its own
+costs 5-10 s of imports (torch, hydra, robosuite) per call; tests of what a command says and
+writes use this, and tests of processes (signals, kills, worker pools dying) start real ones."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+
+def dp(command: str, *args, cwd=None) -> subprocess.CompletedProcess:
+    """`command args...` in this process; the result as `subprocess.run(..., capture_output=True,
+    text=True)` would give it. An exception the command lets escape (a traceback a user would
+    see) propagates, and fails the test."""
+    import torch
+
+    (point,) = entry_points(group="console_scripts", name=command)
+    main = point.load()
+    argv, here, threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = [command, *map(str, args)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        torch.set_num_threads(threads)  # commands set their own; the tests run on one
+    return subprocess.CompletedProcess([command, *map(str, args)], code, out.getvalue(), err.getvalue())
