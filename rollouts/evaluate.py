@@ -92,17 +92,21 @@ def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig
     return specs
 
 
-def check_seeds(data: str | None, seeds: range) -> None:
-    """Refuse evaluation seeds that the demonstration store used (kept or failed)."""
-    if not data or not Path(data).exists():
-        return
-    from envs.store import open_store
+def check_seeds(data: str | None, seeds: range, recorded: list[int] | None = None) -> None:
+    """Refuse evaluation seeds that the demonstration store used (kept or failed), as the store
+    says or, without it, as the policy recorded (a shipped policy, `policy.zoo`)."""
+    used = set(recorded or [])
+    if data and Path(data).exists():
+        from envs.store import open_store
 
-    with open_store(data) as store:
-        used = set(store.attrs.get("seeds_used") or store.attrs.get("episode_seeds") or [])
+        with open_store(data) as store:
+            used |= set(store.attrs.get("seeds_used") or store.attrs.get("episode_seeds") or [])
+    if not used:
+        return
     overlap = sorted(used & set(seeds))
     if overlap:
-        raise UserError(f"seed: evaluation seeds {overlap[0]}.. overlap the {len(overlap)} seeds {data} used for "
+        source = data if data and Path(data).exists() else "the policy's training store"
+        raise UserError(f"seed: evaluation seeds {overlap[0]}.. overlap the {len(overlap)} seeds {source} used for "
                         f"demonstrations; choose seed >= {max(used) + 1}")
 
 
@@ -277,7 +281,7 @@ def evaluate(cfg: EvalConfig) -> Path:
     for sc in specs.values():
         pol.sampler = sc  # a missing aligner fails here, in one line, before any worker starts
     seeds = range(cfg.seed, cfg.seed + cfg.episodes)
-    check_seeds(cfg.data or pol.meta.get("data"), seeds)
+    check_seeds(cfg.data or pol.meta.get("data"), seeds, pol.meta.get("seeds_used"))
     out = Path(cfg.out or f"outputs/eval-{task}")
     done = prepare_out(out, _run_info(cfg, pol, specs), cfg.restart)
     finished = {(r["sampler"], r["seed"]) for r in done}
