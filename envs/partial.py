@@ -8,10 +8,12 @@ and never one that a live process is still writing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 SUFFIX = ".partial"
@@ -21,6 +23,22 @@ _OWNER = re.compile(r"\.(\d+)-[^.]+\.partial$")
 def make_partial(parent: Path, name: str) -> Path:
     """A new empty hidden directory in `parent` for building `name`, owned by this process."""
     return Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}-", suffix=SUFFIX, dir=parent))
+
+
+@contextlib.contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """A partial directory to build the directory `final` in. Leaving the block without an error
+    puts it in place of `final` (replacing what was there); with an error it is removed and
+    `final` is left as it was."""
+    tmp = make_partial(final.parent, final.name)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _alive(pid: int) -> bool:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from envs.errors import UserError
-from envs.partial import make_partial
+from envs.partial import building
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.network import UNetConfig
 from policy.normalizer import Normalizer
@@ -45,8 +45,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: DiffusionPolicy, ema
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = make_partial(root, final.name)
-    try:
+    with building(final) as tmp:
         save_file(_state(policy.net), tmp / "weights.safetensors")
         save_file(_state(ema_net), tmp / "weights_ema.safetensors")
         save_file(policy.normalizer.state_dict(), tmp / "normalizer.safetensors")
@@ -56,12 +55,6 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: DiffusionPolicy, ema
         (tmp / "policy.json").write_text(json.dumps(meta, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
         torch.save(trainer_state, tmp / "trainer.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     link = root / f".{LATEST}.tmp"
     link.unlink(missing_ok=True)
     link.symlink_to(final.name)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from envs.cli import command
 from envs.errors import UserError
-from envs.partial import make_partial, remove_stale_partials
+from envs.partial import building, remove_stale_partials
 from policy.checkpoint import load_meta, read_file, resolve
 
 WEIGHTS = "weights_ema.safetensors"
@@ -48,8 +48,7 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "", dtype: to
                    "training_s": _training_seconds(ckpt)}
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent, out.name)
-    tmp = make_partial(out.parent, out.name)
-    try:
+    with building(out) as tmp:
         save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
         shutil.copy2(ckpt / "normalizer.safetensors", tmp / "normalizer.safetensors")
         if (ckpt / "aligner").is_dir():
@@ -58,12 +57,6 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "", dtype: to
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 2**20
         if size > MAX_MB:
             raise UserError(f"{out}: {size:.1f} MB is more than a shipped policy may take ({MAX_MB:g} MB)")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
