@@ -328,6 +328,12 @@ class DemoStore:
         return int(self.episode_ends[-1]) if len(self.episode_ends) else 0
 
     @property
+    def seeds_used(self) -> list[int]:
+        """Every env seed its demonstrations were tried on, kept or failed (an evaluation must
+        avoid them); the kept ones' where the store records only those, none where it says neither."""
+        return [int(s) for s in self.attrs.get("seeds_used") or self.attrs.get("episode_seeds") or []]
+
+    @property
     def task(self) -> str | None:
         """The task the demonstrations are of, or None where the store does not say."""
         return self.attrs.get("task")

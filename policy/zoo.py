@@ -87,8 +87,7 @@ def _seeds_used(data: str | None) -> list[int] | None:
     from envs.store import open_store
 
     with open_store(data) as store:
-        seeds = store.attrs.get("seeds_used") or store.attrs.get("episode_seeds")
-    return [int(s) for s in seeds] if seeds else None
+        return store.seeds_used or None
 
 
 def _training_seconds(ckpt: Path) -> float | None:

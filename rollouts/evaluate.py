@@ -100,7 +100,7 @@ def check_seeds(data: str | None, seeds: range, recorded: list[int] | None = Non
         from envs.store import open_store
 
         with open_store(data) as store:
-            used |= set(store.attrs.get("seeds_used") or store.attrs.get("episode_seeds") or [])
+            used |= set(store.seeds_used)
     if not used:
         return
     overlap = sorted(used & set(seeds))
