@@ -130,13 +130,17 @@ def test_each_step_matches_diffusers_step(net, sched, solver, steps, spacing):
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(solver=st.sampled_from(["ddpm", "ddim", "dpmsolver"]), steps=st.integers(1, 40),
        window=st.integers(1, 20), spacing=st.sampled_from(["trailing", "linspace", "quadratic", "logsnr"]),
-       batch=st.integers(1, 3), anderson=st.sampled_from([0, 1, 4]))
+       batch=st.integers(1, 3), anderson=st.sampled_from([0, 1, 4]),
+       rule=st.sampled_from(["paper", "x0", "chunk"]), floor=st.sampled_from([0.0, 1e-2]))
 def test_paradigms_at_zero_tolerance_is_the_sequential_sampler(net, sched, solver, steps, window, spacing, batch,
-                                                               anderson):
+                                                               anderson, rule, floor):
     noise, cond = inputs(batch, seed=steps)
+    if rule == "chunk":  # a whole-chain window, no per-point scale
+        window, floor = steps + window - 1, 0.0
     seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps, spacing=spacing)
     par = get_sampler(f"para{solver}")(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
-                                       spacing=spacing, window=window, tol=0.0, anderson=anderson)
+                                       spacing=spacing, window=window, tol=0.0, anderson=anderson, rule=rule,
+                                       floor=floor)
     assert par.converged and par.parallel_iters <= steps
     assert (par.x - seq.x).abs().max().item() <= 1e-5
 
@@ -189,6 +193,85 @@ def test_paradigms_converges_in_few_rounds_within_tolerance(net, sched, solver):
                                        window=16, tol=0.1)
     assert par.converged and par.parallel_iters < 25
     assert (par.x - seq.x).abs().max().item() < 0.05
+
+
+def _abar_of_points(sched, steps):
+    """alpha_bar of the chain's points 0..n, from the schedule directly: point i < n sits at
+    timestep ts[i], point n is clean."""
+    ts = timesteps(sched, steps, "trailing")
+    return np.append(sched.alphas_cumprod.double().numpy()[ts], 1.0)
+
+
+def _posterior_var_of_points(sched, steps):
+    ts = timesteps(sched, steps, "trailing")
+    a = sched.alphas_cumprod.double().numpy()[ts]
+    ap = np.append(a[1:], 1.0)
+    var = np.append(1.0, (1 - ap) / (1 - a) * (1 - a / ap))
+    var[var <= 0] = var[var > 0].min()
+    return var
+
+
+@pytest.mark.parametrize("rule, tol, floor, window", [
+    ("paper", 0.1, 0.0, 16), ("paper", 0.5, 1e-2, 100), ("x0", 0.02, 0.0, 100), ("x0", 0.05, 1e-3, 16),
+])
+def test_every_accepted_point_satisfies_its_rule(net, sched, rule, tol, floor, window):
+    """Each round, the points the window slides past (other than the exact first) passed the rule:
+    |change|^2 <= tol^2 * dim * max(scale, floor), scale = posterior variance (paper) or alpha_bar (x0)."""
+    noise, cond = inputs(2)
+    scale = (_posterior_var_of_points if rule == "paper" else _abar_of_points)(sched, 100)
+    bound = tol**2 * noise[0].numel() * np.maximum(scale, floor)
+    seen = []
+
+    def check(state):
+        begin_before = seen[-1] if seen else torch.zeros(2, dtype=torch.long)
+        change, points, valid = state["change"].numpy(), state["points"].numpy(), state["valid"].numpy()
+        for b in range(2):
+            slid = int(state["begin"][b] - begin_before[b])
+            for j in range(slid - 1):  # the rows before the new first point's row passed the rule
+                assert valid[b, j] and change[b, j] <= bound[points[b, j]] * (1 + 1e-5)
+        seen.append(state["begin"].clone())
+
+    seq = get_sampler("ddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100)
+    par = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100, window=window,
+                                  tol=tol, rule=rule, floor=floor, callback=check)
+    assert par.converged and len(seen) == par.parallel_iters
+    assert (par.x - seq.x).abs().max().item() < 0.2
+
+
+def test_chunk_rule_stops_when_the_chunk_stops_moving_and_every_round_yields_one(net, sched):
+    """Whole-chain window: the run ends in the first round whose chain end moved by at most tol per
+    number; cut earlier (max_iters), it returns that round's whole chunk."""
+    noise, cond = inputs(1)
+    seq = get_sampler("ddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100)
+    finals = []
+
+    def track(state):
+        finals.append(state["chain"][:, 100].clone())
+
+    tol = 0.01
+    par = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100, window=100,
+                                  tol=tol, rule="chunk", callback=track)
+    assert par.converged and par.parallel_iters == len(finals) < 40
+    moves = [(b - a).square().sum().item() for a, b in zip(finals, finals[1:])]
+    dim = noise[0].numel()
+    assert moves[-1] <= tol**2 * dim and all(m > tol**2 * dim for m in moves[:-1])
+    assert (par.x - seq.x).abs().max() < 0.05
+    for k in (2, 8):
+        cut = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100,
+                                      window=100, tol=tol, rule="chunk", max_iters=k)
+        assert not cut.converged and cut.parallel_iters == k and torch.equal(cut.x, finals[k - 1])
+    with pytest.raises(UserError, match="sampler.window: 16 is shorter than the chain"):
+        get_sampler("paraddpm")(net, cond, sched, noise, None, steps=100, window=16, tol=tol, rule="chunk")
+
+
+def test_a_floor_on_the_scale_saves_rounds_over_the_whole_chain(net, sched):
+    """The paper's rule asks the last DDPM points for a precision far below an action's; a floor
+    (1e-2) takes fewer rounds at the same tol, whole-chain window, Anderson 4."""
+    noise, cond = inputs(1)
+    kw = dict(steps=100, window=100, tol=0.5, anderson=4)
+    runs = {f: get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), floor=f, **kw)
+            for f in (0.0, 1e-2)}
+    assert runs[1e-2].parallel_iters < runs[0.0].parallel_iters
 
 
 def test_anderson_mixing_saves_rounds_and_stays_within_tolerance(net, sched):
@@ -267,6 +350,14 @@ def test_sampler_config_refuses_foreign_options_and_bad_values():
         resolve(SamplerConfig(name="paraddpm", anderson=-1))
     with pytest.raises(UserError, match=r"sampler.anderson: not an option of piadm"):
         resolve(SamplerConfig(name="piadm", anderson=2))
+    with pytest.raises(UserError, match=r"sampler.rule: 'loose' is not an acceptance rule; known: paper, x0, chunk"):
+        resolve(SamplerConfig(name="paraddpm", rule="loose"))
+    with pytest.raises(UserError, match=r"sampler.floor: -0.1 must be >= 0"):
+        resolve(SamplerConfig(name="paraddpm", floor=-0.1))
+    with pytest.raises(UserError, match=r"sampler.window: 16 is shorter than the chain: the chunk rule"):
+        resolve(SamplerConfig(name="paraddpm", steps=100, window=16, rule="chunk"))
+    with pytest.raises(UserError, match=r"sampler.rule: not an option of ddpm"):
+        resolve(SamplerConfig(name="ddpm", rule="x0"))
 
 
 def test_timestep_spacings_are_strictly_decreasing_and_start_at_the_noise(sched):

@@ -78,8 +78,14 @@ def test_the_converged_chain_as_the_guess_saves_the_rounds(net, sched):
 
 
 def test_warm_is_refused_where_there_is_no_chain_and_parsed_where_there_is():
-    with pytest.raises(UserError, match="sampler.warm: ddim has no chain to warm-start"):
+    with pytest.raises(UserError, match="sampler.start: a sequential sampler warm-starts part-way"):
         resolve(SamplerConfig(name="ddim", steps=10, warm=True))
+    with pytest.raises(UserError, match="sampler.start: .*now warm=None, start=5"):
+        resolve(SamplerConfig(name="ddpm", steps=10, start=5))
+    with pytest.raises(UserError, match="sampler.start: -2 must be >= 0"):
+        resolve(SamplerConfig(name="ddpm", steps=10, start=-2, warm=True))
+    with pytest.raises(UserError, match="sampler.start: not an option of paraddpm"):
+        resolve(SamplerConfig(name="paraddpm", start=5, warm=True))
     cfg = sampler_preset("paraddpm100:warm=true")
     assert cfg.warm is True and cfg.name == "paraddpm"
     resolve(SamplerConfig(name="piadm", steps=12, warm=True))
@@ -168,3 +174,58 @@ def test_episode_sequences_step_through_episodes_by_the_action_chunk(checkpoint)
     np.testing.assert_array_equal(obs[1], data[[7, 8]])  # 8 steps later
     k = int(np.ceil(end0 / 8))
     assert first[k] and not first[1:k].any()
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim"])
+def test_falcon_starts_part_way_from_the_previous_chunk_noised_to_that_level(net, sched, solver):
+    """Warm with start s: point s is the guess of the chain's end noised with x_T to step s's level,
+    then the plain steps s..n-1 follow (n - s calls); cold, it is the plain sampler."""
+    noise, cond = inputs(2)
+    fn = get_sampler(solver)
+    plan = get_plan(sched, solver, 40, "trailing", "cpu")
+    z = plan.draw_noise(noise.shape, torch.Generator().manual_seed(2), "cpu", torch.float32)
+    plain = fn(net, cond, sched, noise, None, step_noise=z, steps=40)
+    assert plain.chain.shape == (2, 41, 16, 7) and torch.equal(plain.chain[:, -1], plain.x)
+    cold = fn(net, cond, sched, noise, None, step_noise=z, steps=40, start=25)  # no guess: the whole chain
+    assert cold.model_evals == 40 and torch.equal(cold.x, plain.x)
+    guess = torch.randn(2, 41, 16, 7)
+    counting = Counting(net)
+    warm = fn(counting, cond, sched, noise, None, step_noise=z, steps=40, start=25, init=guess)
+    assert warm.model_evals == warm.parallel_iters == counting.calls == 15
+    a = plan.sqrt_a[25]
+    assert torch.allclose(warm.chain[:, 25], a * guess[:, 40] + (1 - a * a).sqrt() * noise, atol=1e-6)
+    # the rest of the chain: the plain steps from that point, with the same step noise
+    x = warm.chain[:, 25]
+    rows = torch.arange(2)
+    from policy.samplers.solvers import step_rows
+
+    for i in range(25, 40):
+        x = step_rows(plan, net, cond, x, torch.full_like(rows, i), rows, None) + z[i]
+    assert (warm.x - x).abs().max() <= 1e-6
+    # a guess at the data itself lands closer to the plain result than a wrong one
+    near = fn(net, cond, sched, noise, None, step_noise=z, steps=40, start=25, init=plain.chain)
+    assert (near.x - plain.x).abs().mean() < (warm.x - plain.x).abs().mean()
+
+
+def test_falcon_needs_a_one_step_solver_and_a_step_of_its_chain(net, sched):
+    noise, cond = inputs(1)
+    guess = torch.zeros(1, 11, 16, 7)
+    with pytest.raises(UserError, match="sampler.start: a warm start part-way .* one-step solver"):
+        get_sampler("dpmsolver")(net, cond, sched, noise, None, steps=10, start=3, init=guess)
+    with pytest.raises(UserError, match=r"sampler.start: 10 is not a step of the 10-step chain \(0..9\)"):
+        get_sampler("ddpm")(net, cond, sched, noise, None, steps=10, start=10, init=guess)
+
+
+def test_policy_falcon_plans_cold_first_then_part_way(checkpoint):
+    """Along one episode Falcon's first plan is plain DDPM's; the next ones cost n - start calls."""
+    pol = load_policy(checkpoint)
+    rng = np.random.default_rng(1)
+    history = [rng.normal(size=(2, pol.obs_dim)).astype(np.float32) for _ in range(3)]
+    pol.sampler = SamplerConfig(name="ddpm", steps=30)
+    pol.seed(4)
+    plain_first = pol.plan(history[0]).actions
+    pol.sampler = sampler_preset("falcon100:steps=30,start=20")
+    pol.seed(4)
+    plans = [pol.plan(obs, advance=8 if i else None) for i, obs in enumerate(history)]
+    np.testing.assert_array_equal(plans[0].actions, plain_first)
+    assert [p.model_evals for p in plans] == [30, 10, 10]

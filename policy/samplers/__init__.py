@@ -9,7 +9,7 @@ does not take.
 
 | name | what |
 |---|---|
-| ddpm, ddim, dpmsolver | sequential DDPM (ancestral), DDIM (eta 0), DPM-Solver++(2M) |
+| ddpm, ddim, dpmsolver | sequential DDPM (ancestral), DDIM (eta 0), DPM-Solver++(2M); `warm` + `start`: Falcon |
 | paraddpm, paraddim, paradpmsolver | ParaDiGMS Picard iteration over the same chains |
 | piadm | PIADM: blocks of fixed parallel Picard iterations (solver=ddim: ODE, ddpm: SDE) |
 
@@ -42,10 +42,13 @@ class SamplerConfig:
     tol: float | None = None  # ParaDiGMS: accepted change, relative to each step's noise
     max_iters: int | None = None  # ParaDiGMS: cap on parallel iterations
     anderson: int | None = None  # ParaDiGMS: Anderson memory (rounds) of the Picard update; 0 is plain Picard
+    rule: str | None = None  # ParaDiGMS: acceptance rule, paper | x0 | chunk (samplers/acceptance.py)
+    floor: float | None = None  # ParaDiGMS paper/x0 rules: lower bound on each point's tolerance scale
     blocks: int | None = None  # PIADM: blocks the chain is cut into
     picard_iters: int | None = None  # PIADM: parallel iterations per block
     aligner: str | None = None  # DPM-Aligner timesteps: true (the last learned), sequential, parallel
-    warm: bool | None = None  # ParaDiGMS/PIADM: start from the previous control step's chain (policy.warm)
+    warm: bool | None = None  # start from the previous control step's chain (policy.warm)
+    start: int | None = None  # sequential, warm: the step a warm plan begins at (Falcon; samplers/sequential.py)
 
 
 ALIGNER_OFF, ALIGNER_ON = ("false", "no", "off", "0", "none"), ("true", "yes", "on", "1")
@@ -124,6 +127,9 @@ def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     aligner_choice(cfg)
     if cfg.warm and not takes_init(fn):
         raise UserError(f"sampler.warm: {cfg.name} has no chain to warm-start (the ParaDiGMS and PIADM samplers have)")
+    if "start" in allowed and bool(cfg.warm) != bool(cfg.start):
+        raise UserError("sampler.start: a sequential sampler warm-starts part-way down its chain: set both "
+                        f"sampler.warm=true and sampler.start > 0 (now warm={cfg.warm}, start={cfg.start})")
     options = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -146,6 +152,8 @@ def _check(name: str, options: dict) -> None:
         bad("spacing", f"is not a spacing; known: {', '.join(SPACINGS)}")
     if options.get("solver", "ddim") not in SOLVERS:
         bad("solver", f"is not a solver; known: {', '.join(SOLVERS)}")
+    if options.get("start", 0) < 0:
+        bad("start", "must be >= 0")
     for key in ("steps", "window", "max_iters", "blocks", "picard_iters"):
         if key in options and options[key] < 1:
             bad(key, "must be at least 1")
@@ -153,6 +161,14 @@ def _check(name: str, options: dict) -> None:
         bad("anderson", "must be >= 0")
     if options.get("tol", 0) < 0:
         bad("tol", "must be >= 0")
+    from policy.samplers.acceptance import RULES
+
+    if options.get("rule", "paper") not in RULES:
+        bad("rule", f"is not an acceptance rule; known: {', '.join(RULES)}")
+    if options.get("floor", 0) < 0:
+        bad("floor", "must be >= 0")
+    if options.get("rule") == "chunk" and options.get("window", 16) < options.get("steps", 10**9):
+        bad("window", "is shorter than the chain: the chunk rule needs a whole-chain window (window >= steps)")
 
 
 __all__ = ["SampleResult", "SamplerConfig", "aligner_choice", "chain_of", "get_sampler", "options_of", "resolve",

@@ -8,10 +8,10 @@ its start, and every point satisfies
 
 One iteration evaluates the drifts d_i of the `window` points starting at the window's first
 point b in one batch, from the current guesses, and replaces the guesses of the points after
-them by that cumulative sum. A point is accepted when its change is within tolerance of the
-noise of its step,
+them by that cumulative sum. A point is accepted when its change passes the acceptance rule
+(`acceptance.py`; the paper's, `rule=paper`, is within tolerance of the noise of its step,
 
-    |x_new - x_old|^2 / (dim * var_k) <= tol^2,
+    |x_new - x_old|^2 / (dim * var_k) <= tol^2),
 
 and the window slides to the first point that is not (it always moves by at least one: the
 point after b is exact, being computed from b). Points entering the window start as copies of
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from policy.samplers.acceptance import acceptance
 from policy.samplers.anderson import TriangularAnderson
 from policy.samplers.result import SampleResult
 from policy.samplers.solvers import get_plan, new_history, step_rows
@@ -51,11 +52,13 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
               *, solver: str, steps: int | None = None, spacing: str = "trailing", window: int = 16,
               tol: float = 0.1, max_iters: int | None = None,
               taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
-              anderson: int = 0, init: torch.Tensor | None = None, callback=None) -> SampleResult:
+              anderson: int = 0, rule: str = "paper", floor: float = 0.0,
+              init: torch.Tensor | None = None, callback=None) -> SampleResult:
     """Picard-iterate the `solver` chain of `steps` steps from `noise` [B, horizon, A] to
     tolerance `tol`, `window` steps per sample per iteration, at most `max_iters` iterations;
     `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess;
-    `anderson` > 0 mixes the guesses of the window's unaccepted points over that many past rounds."""
+    `anderson` > 0 mixes the guesses of the window's unaccepted points over that many past rounds;
+    `rule` and `floor` choose when a point is accepted (`acceptance.py`)."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if window < 1:
@@ -75,8 +78,9 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
     if anderson < 0:
         raise ValueError(f"sampler.anderson: {anderson} must be >= 0")
     accel = TriangularAnderson(anderson) if anderson else None
-    # Accept when |change|^2 <= tol^2 * dim * var (squared norms: no square roots per point).
-    bound = (tol**2) * noise[0].numel() * plan.var  # [n + 1]
+    # Squared norms against squared bounds: no square roots per point.
+    rule_ = acceptance(plan, rule, tol, floor, noise[0].numel(), p)
+    bound = rule_.point_bound  # [n + 1]
     samples = torch.arange(B, device=dev)
     offsets = torch.arange(p, device=dev)
     begin = torch.zeros(B, dtype=torch.long, device=dev)
@@ -102,6 +106,9 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         first_rejected = torch.where(~accepted.all(1), (~accepted).int().argmax(1), p)
         n_valid = valid.sum(1)
         advance = torch.minimum(first_rejected + 1, n_valid)
+        if rule_.final_bound is not None:  # chunk rule: the whole window's end is the chain's end
+            final_change = change[samples, (n_valid - 1).clamp(min=0)]
+            advance = torch.where(active & (final_change <= rule_.final_bound), n_valid, advance)
         chain[b_rows, k_rows + 1] = new[b_rows, j_rows]
         if accel is not None:  # the points past the new window's first: Anderson's guesses for the next round
             mixed = accel.mix(guess, new, after, valid, plan.var)
@@ -119,7 +126,8 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         begin = torch.where(active, new_begin, begin)
         iters += 1
         if callback is not None:
-            callback({"iter": iters, "begin": begin, "chain": chain, "evals": evals})
+            callback({"iter": iters, "begin": begin, "chain": chain, "evals": evals, "change": change,
+                      "accepted": accepted, "points": after, "valid": valid})
     per_sample = evals.tolist()
     return SampleResult(x=chain[:, n], model_evals=max(per_sample), parallel_iters=iters,
                         converged=bool((begin >= n).all()), evals_per_sample=per_sample, chain=chain)
