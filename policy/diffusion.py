@@ -57,6 +57,7 @@ class DiffusionPolicy(nn.Module):
         self.net = ConditionalUnet1D(action_dim, obs_dim * cfg.n_obs_steps, cfg.unet)
         self.scheduler = make_scheduler(cfg.schedule)
         self.warm = WarmStart()  # noise and chain carried between one episode's plans (sampler.warm)
+        self._windows: dict[str, dict] = {}  # sampler setting -> its measured window (window=auto)
         self.sampler = SamplerConfig()
         self.generator: torch.Generator | None = None
 
@@ -76,9 +77,27 @@ class DiffusionPolicy(nn.Module):
 
             chain = chain_of(cfg, self.cfg.schedule.num_train_timesteps)
             options["taus"] = load_taus(self.meta.get("checkpoint"), *chain, which)
+        self._auto_window = options.pop("window", None) == "auto"  # chosen on the first plan (policy.autowindow)
+        if self._auto_window:
+            options["window"] = None
         self._sample_fn, self._sample_options = fn, options
         self._sampler = cfg
         self.warm.reset()
+
+    def choose_window(self, obs: torch.Tensor) -> dict | None:
+        """For `sampler.window=auto`: the window measured for this device, checkpoint and sampler
+        (cached; measured on observation histories `obs` [B, n_obs, D] if not yet), now in use.
+        Returns the measurement (None when the window is not auto)."""
+        if not self._auto_window:
+            return None
+        from policy import autowindow
+
+        setting = repr(self.sampler)  # per policy: hashing the weights again on every plan would cost 20 ms
+        entry = self._windows.get(setting)
+        if entry is None:
+            entry = self._windows[setting] = autowindow.choose(self, self.sampler, self.condition(obs[:1]))
+        self._sample_options["window"] = entry["window"]
+        return entry
 
     @property
     def device(self) -> torch.device:
@@ -123,6 +142,8 @@ class DiffusionPolicy(nn.Module):
                                                                           torch.float32, advance)
         elif noise is None:
             noise = torch.randn(shape, generator=generator, device=self.device)
+        if self._auto_window and self._sample_options["window"] is None:
+            self.choose_window(obs)
         result = self._sample_fn(self.net, self.condition(obs), self.scheduler, noise, generator,
                                  **self._sample_options, **extra)
         if warmed:

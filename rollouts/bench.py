@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +26,7 @@ from tqdm import tqdm
 
 from envs.cli import command
 from envs.errors import UserError
+from policy.autowindow import _sync, batch_scaling, cost_ratio, machine
 from policy.samplers import aligner_choice, chain_of
 from rollouts.files import save_figure, write_text
 from rollouts.presets import baseline_of, sampler_preset
@@ -51,40 +50,11 @@ class BenchConfig:
     closed_loop: bool = False  # plans along demonstration episodes, every n_action_steps: warm samplers carry over
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def observation_histories(policy, data: str, n: int, seed: int) -> np.ndarray:
     """`n` observation histories [n, n_obs, obs_dim] at random steps of the store's validation episodes."""
     from policy.windows import sample_windows
 
     return sample_windows(policy, data, "val", n, seed)[0]
-
-
-def batch_scaling(policy, batch_sizes: list[int], reps: int = 20) -> list[dict]:
-    """Median time of one denoiser call at each batch size, and its ratio to batch 1."""
-    dev = policy.device
-    g = torch.Generator(dev).manual_seed(0)
-    out = []
-    for p in sorted(set([1, *batch_sizes])):
-        x = torch.randn((p, policy.cfg.horizon, policy.action_dim), generator=g, device=dev)
-        cond = torch.randn((p, policy.obs_dim * policy.cfg.n_obs_steps), generator=g, device=dev)
-        t = torch.linspace(0, policy.cfg.schedule.num_train_timesteps - 1, p, device=dev)
-        times = []
-        with torch.no_grad():
-            for i in range(reps + 3):
-                _sync(dev)
-                start = time.perf_counter()
-                policy.net(x, t, cond)
-                _sync(dev)
-                if i >= 3:
-                    times.append(time.perf_counter() - start)
-        out.append({"batch": p, "ms": 1e3 * float(np.median(times))})
-    for row in out:
-        row["ratio"] = row["ms"] / out[0]["ms"]
-    return out
 
 
 class _ModelTimer:
@@ -178,6 +148,12 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         return ms, pol.normalizer.normalize("action", x), res, None
 
     obs_t = torch.as_tensor(obs_all, device=dev)
+    windows = {}  # window=auto: measured (or read from the cache) before anything is timed
+    for name in names:
+        pol.sampler = specs[name]
+        entry = pol.choose_window(obs_t[:1])
+        if entry is not None:
+            windows[name] = entry
     for name in names:  # warm-up: allocator, caches, plan tables
         for i in range(cfg.warmup):
             run(name, -1 - i, obs_t[i % len(obs_t)][None])
@@ -225,25 +201,17 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
             "action_max_abs_diff": diff,  # vs the baseline, normalized action units ([-1, 1])
             "outside_model_pct": outside[name],
             "requested": name in cfg.samplers,
+            **({"window": windows[name]["window"]} if name in windows else {}),
         })
     context = {
         "checkpoint": pol.meta.get("checkpoint"), "step": pol.meta.get("step"), "task": pol.meta.get("task"),
         "data": str(data), "plans": cfg.plans, "closed_loop": cfg.closed_loop, "device": str(dev), "threads": torch.get_num_threads(),
-        "machine": _machine(dev), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(dev), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "batch_scaling": batch_scaling(pol, cfg.batch_sizes),
+        "window_auto": windows,
     }
     add_speedup_bounds(results, context["batch_scaling"])
     return results, context
-
-
-def cost_ratio(curve: list[dict], batch: float) -> float:
-    """cost(batch) / cost(1) from the measured curve: linear between measured sizes, proportional
-    to the batch beyond the largest."""
-    sizes = [c["batch"] for c in curve]
-    ratios = [c["ratio"] for c in curve]
-    if batch > sizes[-1]:
-        return ratios[-1] * batch / sizes[-1]
-    return float(np.interp(batch, sizes, ratios))
 
 
 def add_speedup_bounds(results: list[dict], curve: list[dict]) -> None:
@@ -265,12 +233,6 @@ def _same_chain(a, b, pol) -> bool:
     """Same solver chain with the same denoiser inputs (aligned or not, by the same strategy)."""
     T = pol.cfg.schedule.num_train_timesteps
     return chain_of(a, T) == chain_of(b, T) and aligner_choice(a) == aligner_choice(b)
-
-
-def _machine(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def table(results: list[dict]) -> str:
@@ -341,6 +303,11 @@ def main(cfg) -> None:
     print(table(results))
     curve = ", ".join(f"{b['batch']}: {b['ratio']:.2f}" for b in context["batch_scaling"])
     print(f"batch scaling cost(p)/cost(1) on {context['machine']} ({context['device']}, {context['threads']} threads): {curve}")
+    for name, entry in context["window_auto"].items():
+        tried = ", ".join(f"{r['window']}: {r['rounds']:.1f} rounds x {r['rows_per_round']:.1f} rows = {r['cost']:.0f}"
+                          for r in entry["rows"])
+        print(f"{name}: window=auto chose {entry['window']} on {entry['machine']}, {entry['threads']} threads "
+              f"(predicted cost in one-row calls; {tried})")
     print(f"wrote {out}/results.json, results.csv, context.json, bench.png")
 
 

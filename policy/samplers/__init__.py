@@ -38,7 +38,7 @@ class SamplerConfig:
     steps: int | None = None  # denoising steps (None: every training step)
     spacing: str | None = None  # trailing | leading | linspace | quadratic | logsnr
     solver: str | None = None  # piadm only: ddim (ODE) | ddpm (SDE) | dpmsolver
-    window: int | None = None  # ParaDiGMS: steps evaluated per sample per iteration
+    window: int | str | None = None  # ParaDiGMS: steps evaluated per sample per iteration, or auto (policy/autowindow.py)
     tol: float | None = None  # ParaDiGMS: accepted change, relative to each step's noise
     max_iters: int | None = None  # ParaDiGMS: cap on parallel iterations
     anderson: int | None = None  # ParaDiGMS: Anderson memory (rounds) of the Picard update; 0 is plain Picard
@@ -154,8 +154,10 @@ def _check(name: str, options: dict) -> None:
         bad("solver", f"is not a solver; known: {', '.join(SOLVERS)}")
     if options.get("start", 0) < 0:
         bad("start", "must be >= 0")
+    if isinstance(options.get("window"), str) and options["window"] != "auto":
+        bad("window", "is not a number of steps or auto")
     for key in ("steps", "window", "max_iters", "blocks", "picard_iters"):
-        if key in options and options[key] < 1:
+        if key in options and not isinstance(options[key], str) and options[key] < 1:
             bad(key, "must be at least 1")
     if options.get("anderson", 0) < 0:
         bad("anderson", "must be >= 0")
@@ -167,7 +169,8 @@ def _check(name: str, options: dict) -> None:
         bad("rule", f"is not an acceptance rule; known: {', '.join(RULES)}")
     if options.get("floor", 0) < 0:
         bad("floor", "must be >= 0")
-    if options.get("rule") == "chunk" and options.get("window", 16) < options.get("steps", 10**9):
+    if options.get("rule") == "chunk" and options.get("window", 16) != "auto" and \
+            options.get("window", 16) < options.get("steps", 10**9):
         bad("window", "is shorter than the chain: the chunk rule needs a whole-chain window (window >= steps)")
 
 

@@ -1,0 +1,181 @@
+"""`sampler.window=auto`: the ParaDiGMS window chosen per device from what it costs there.
+
+A window of p rows costs one denoiser call of batch p per round. On a GPU that call costs about
+what one row costs, so the widest window (fewest rounds) wins; on two CPU cores a 16-row call
+costs several one-row calls, and a narrow window can be faster despite its extra rounds. So the
+choice is measured, not assumed:
+
+1. the device's batch-scaling curve cost(p) / cost(1) of this checkpoint's denoiser;
+2. the rounds and rows per round of each candidate window on a real observation (the first one
+   the policy plans for, or the ones `dp-bench` passes), a few noise draws each;
+3. the predicted cost of a plan, rounds x cost(mean rows per round), in sequential-call units
+   (sequential DDPM-100 costs 100). The cheapest candidate is the window.
+
+The result is cached per device (its name and torch threads), checkpoint weights (a hash) and
+sampler setting, in memory and in `$PARAPOLICY_CACHE` (default `~/.cache/parapolicy/window-auto.json`),
+so a process pays the measurement (seconds on a CPU) once per device and checkpoint. The rounds
+are those of cold plans; a warm sampler's first plan is cold too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+AUTO = "auto"
+CANDIDATES = (4, 8, 16, 32, 64)  # plus the whole chain; capped at the chain's length
+_MEMORY: dict[str, dict] = {}
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("PARAPOLICY_CACHE") or Path.home() / ".cache" / "parapolicy" / "window-auto.json")
+
+
+def machine(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def batch_scaling(policy, batch_sizes, reps: int = 20) -> list[dict]:
+    """Median time of one denoiser call at each batch size, and its ratio to batch 1."""
+    dev = policy.device
+    g = torch.Generator(dev).manual_seed(0)
+    out = []
+    for p in sorted(set([1, *batch_sizes])):
+        x = torch.randn((p, policy.cfg.horizon, policy.action_dim), generator=g, device=dev)
+        cond = torch.randn((p, policy.obs_dim * policy.cfg.n_obs_steps), generator=g, device=dev)
+        t = torch.linspace(0, policy.cfg.schedule.num_train_timesteps - 1, p, device=dev)
+        times = []
+        with torch.no_grad():
+            for i in range(reps + 3):
+                _sync(dev)
+                start = time.perf_counter()
+                policy.net(x, t, cond)
+                _sync(dev)
+                if i >= 3:
+                    times.append(time.perf_counter() - start)
+        out.append({"batch": p, "ms": 1e3 * float(np.median(times))})
+    for row in out:
+        row["ratio"] = row["ms"] / out[0]["ms"]
+    return out
+
+
+def cost_ratio(curve: list[dict], batch: float) -> float:
+    """cost(batch) / cost(1) from the measured curve: linear between measured sizes, proportional
+    to the batch beyond the largest."""
+    sizes = [c["batch"] for c in curve]
+    ratios = [c["ratio"] for c in curve]
+    if batch > sizes[-1]:
+        return ratios[-1] * batch / sizes[-1]
+    return float(np.interp(batch, sizes, ratios))
+
+
+def candidates(n: int, rule: str | None) -> list[int]:
+    """The windows tried for an n-step chain (the chunk rule takes only the whole chain)."""
+    if rule == "chunk":
+        return [n]
+    return sorted({min(w, n) for w in CANDIDATES} | {n})
+
+
+def key(policy, cfg) -> str:
+    """Device, threads, weights and every sampler setting but the window."""
+    weights = hashlib.sha1()
+    for name, tensor in sorted(policy.net.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("window", "warm") and v is not None}
+    return json.dumps({"device": machine(policy.device), "threads": torch.get_num_threads(),
+                       "weights": weights.hexdigest()[:16], "sampler": setting}, sort_keys=True)
+
+
+def lookup(k: str) -> dict | None:
+    if k in _MEMORY:
+        return _MEMORY[k]
+    try:
+        entry = json.loads(cache_path().read_text()).get(k)
+    except (OSError, ValueError):
+        return None
+    if entry is not None:
+        _MEMORY[k] = entry
+    return entry
+
+
+def store(k: str, entry: dict) -> None:
+    """Into memory, and into the cache file (atomically: a temporary file, then a rename); a cache
+    that cannot be written only costs the next process the measurement again."""
+    _MEMORY[k] = entry
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table[k] = entry
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def measure(policy, cfg, cond: torch.Tensor, plans: int = 3, curve: list[dict] | None = None) -> dict:
+    """Rounds, rows per round and predicted cost of each candidate window for sampler `cfg`
+    (window auto) on condition `cond` [1, C]; `curve` (default: measured now) is the batch curve.
+    Returns {"window": best, "rows": [...], "curve": curve}."""
+    from policy.samplers import resolve
+    from policy.samplers.solvers import get_plan
+
+    opts = {k: v for k, v in policy._sample_options.items() if k != "window"}
+    n = get_plan(policy.scheduler, *_chain(policy, cfg), policy.device, torch.float32).n
+    windows = candidates(n, cfg.rule)
+    if curve is None:
+        curve = batch_scaling(policy, windows, reps=10)
+    fn, _ = resolve(dataclasses.replace(cfg, window=windows[0], warm=None))
+    shape = (1, policy.cfg.horizon, policy.action_dim)
+    rows = []
+    with torch.no_grad():
+        for w in windows:
+            iters, evals = [], []
+            for s in range(plans):
+                g = torch.Generator(policy.device).manual_seed(s)
+                noise = torch.randn(shape, generator=g, device=policy.device)
+                res = fn(policy.net, cond, policy.scheduler, noise, g, **{**opts, "window": w})
+                iters.append(res.parallel_iters)
+                evals.append(res.model_evals)
+            r, e = float(np.mean(iters)), float(np.mean(evals))
+            rows.append({"window": w, "rounds": r, "evals": e, "rows_per_round": e / r,
+                         "cost": r * cost_ratio(curve, e / r)})
+    best = min(rows, key=lambda row: (row["cost"], row["window"]))
+    return {"window": best["window"], "rows": rows, "curve": curve, "machine": machine(policy.device),
+            "threads": torch.get_num_threads()}
+
+
+def _chain(policy, cfg):
+    from policy.samplers import chain_of
+
+    return chain_of(cfg, policy.cfg.schedule.num_train_timesteps)
+
+
+def choose(policy, cfg, cond: torch.Tensor) -> dict:
+    """The cached choice for this device, checkpoint and setting, measured on `cond` if none."""
+    k = key(policy, cfg)
+    entry = lookup(k)
+    if entry is None:
+        entry = measure(policy, cfg, cond)
+        store(k, entry)
+    return entry

@@ -1,0 +1,99 @@
+"""`sampler.window=auto` (policy/autowindow.py): the window that the measured batch curve and the
+measured rounds make cheapest, cached per device, checkpoint and sampler setting."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from envs.errors import UserError
+from policy.autowindow import candidates, cost_ratio, measure
+from policy.checkpoint import load_policy
+from rollouts.presets import sampler_preset
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "window-auto.json"
+    monkeypatch.setenv("PARAPOLICY_CACHE", str(path))
+    import policy.autowindow as aw
+
+    monkeypatch.setattr(aw, "_MEMORY", {})
+    return path
+
+
+def _policy(checkpoint, spec):
+    pol = load_policy(checkpoint)
+    pol.sampler = sampler_preset(spec)
+    return pol
+
+
+def test_the_choice_follows_the_device_curve(checkpoint):
+    """A flat curve (a GPU: a window costs what a row costs) picks the fewest rounds; a linear one
+    (cost grows with the rows) the fewest evaluations; the predicted cost is rounds x cost(rows)."""
+    pol = _policy(checkpoint, "paraddpm100:steps=40,window=auto")
+    cond = pol.condition(torch.zeros(1, 2, pol.obs_dim))
+    flat = [{"batch": b, "ratio": 1.0} for b in (1, 64)]
+    linear = [{"batch": b, "ratio": float(b)} for b in (1, 64)]
+    on_gpu = measure(pol, pol.sampler, cond, plans=2, curve=flat)
+    on_cpu = measure(pol, pol.sampler, cond, plans=2, curve=linear)
+    assert [r["window"] for r in on_gpu["rows"]] == candidates(40, "paper") == [4, 8, 16, 32, 40]
+    assert [r["rounds"] for r in on_gpu["rows"]] == [r["rounds"] for r in on_cpu["rows"]]  # same noise, same rounds
+    for r in on_gpu["rows"]:
+        assert r["cost"] == pytest.approx(r["rounds"])
+    for r in on_cpu["rows"]:
+        assert r["cost"] == pytest.approx(r["evals"])
+    assert on_gpu["window"] == min(on_gpu["rows"], key=lambda r: (r["rounds"], r["window"]))["window"]
+    assert on_cpu["window"] == min(on_cpu["rows"], key=lambda r: (r["evals"], r["window"]))["window"]
+    rounds = {r["window"]: r["rounds"] for r in on_gpu["rows"]}
+    assert rounds[40] < rounds[4]  # wider windows take fewer rounds: the flat curve's pick is wide
+    assert on_gpu["window"] > on_cpu["window"]
+    assert cost_ratio(linear, 128) == pytest.approx(128.0)  # beyond the curve: proportional
+
+
+def test_auto_window_is_measured_once_cached_and_used(checkpoint, cache, monkeypatch):
+    import policy.autowindow as aw
+
+    calls = []
+    real = aw.measure
+    monkeypatch.setattr(aw, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pol = _policy(checkpoint, "paraddpm100:steps=30,window=auto")
+    obs = np.zeros((2, pol.obs_dim), np.float32)
+    first = pol.plan(obs)
+    chosen = pol._sample_options["window"]
+    assert chosen in candidates(30, "paper") and calls == [1]
+    entry = json.loads(cache.read_text())
+    assert len(entry) == 1 and next(iter(entry.values()))["window"] == chosen
+    pol.sampler = sampler_preset("paraddpm100:steps=30,window=auto")  # set again: no new measurement
+    pol.plan(obs)
+    monkeypatch.setattr(aw, "_MEMORY", {})
+    other = _policy(checkpoint, "paraddpm100:steps=30,window=auto")  # another process: the file cache
+    other.plan(obs)
+    assert calls == [1] and other._sample_options["window"] == chosen
+    # the same plan as the fixed window it chose, on the same noise
+    fixed = _policy(checkpoint, f"paraddpm100:steps=30,window={chosen}")
+    pol.seed(3), fixed.seed(3)
+    np.testing.assert_array_equal(pol.plan(obs).actions, fixed.plan(obs).actions)
+    assert first.parallel_iters >= 1
+    _policy(checkpoint, "paraddpm100:steps=30,window=auto,tol=0.2").plan(obs)  # another setting: measured
+    assert calls == [1, 1] and len(json.loads(cache.read_text())) == 2
+
+
+def test_auto_window_errors_and_the_chunk_rule(checkpoint, cache):
+    with pytest.raises(UserError, match="sampler.window: 'wide' is not a number of steps or auto"):
+        sampler_preset("paraddpm100:window=wide")
+    pol = _policy(checkpoint, "paraddpm100:steps=20,window=auto,rule=chunk,tol=0.01")
+    pol.plan(np.zeros((2, pol.obs_dim), np.float32))
+    assert pol._sample_options["window"] == 20  # the chunk rule takes only the whole chain
+
+
+def test_dp_bench_measures_auto_windows_before_timing_and_shows_them(checkpoint, cache, tmp_path):
+    from rollouts.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(checkpoint=str(checkpoint), plans=4, threads=1, warmup=0, overhead_plans=1, batch_sizes=[1, 4],
+                      samplers=["paraddpm100:steps=20,window=auto"])
+    results, context = run_bench(cfg)
+    row = next(r for r in results if r["name"] == "paraddpm100:steps=20,window=auto")
+    entry = context["window_auto"]["paraddpm100:steps=20,window=auto"]
+    assert row["window"] == entry["window"] and {r["window"] for r in entry["rows"]} == {4, 8, 16, 20}
