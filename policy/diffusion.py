@@ -77,7 +77,7 @@ class DiffusionPolicy(nn.Module):
 
             chain = chain_of(cfg, self.cfg.schedule.num_train_timesteps)
             options["taus"] = load_taus(self.meta.get("checkpoint"), *chain, which)
-        self._auto_window = options.pop("window", None) == "auto"  # chosen on the first plan (policy.autowindow)
+        self._auto_window = options.get("window") == "auto"  # chosen on the first plan (policy.autowindow)
         if self._auto_window:
             options["window"] = None
         self._sample_fn, self._sample_options = fn, options

@@ -188,6 +188,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         r, base = rec[name], baselines.get(name, name)
         refs = [t if t is not None else b for t, b in zip(r["twin"], rec[base]["x"])]
         diff = max(float((a - b).abs().max()) for a, b in zip(r["x"], refs))
+        mean_diff = float(np.mean([float((a - b).abs().mean()) for a, b in zip(r["x"], refs)]))
         results.append({
             "name": name,
             "sampler": {k: v for k, v in dataclasses.asdict(specs[name]).items() if v is not None},
@@ -199,6 +200,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
             "speedup": p50[base] / p50[name],
             "baseline": base,
             "action_max_abs_diff": diff,  # vs the baseline, normalized action units ([-1, 1])
+            "action_mean_abs_diff": mean_diff,
             "outside_model_pct": outside[name],
             "requested": name in cfg.samplers,
             **({"window": windows[name]["window"]} if name in windows else {}),
@@ -251,7 +253,7 @@ def write_outputs(out: Path, results: list[dict], context: dict) -> None:
     write_text(out / "results.json", json.dumps(results, indent=2))
     write_text(out / "context.json", json.dumps(context, indent=2))
     cols = ["name", "latency_ms_p50", "latency_ms_p90", "model_evals_mean", "parallel_iters_mean", "speedup",
-            "speedup_bound", "baseline", "action_max_abs_diff", "converged_rate", "outside_model_pct"]
+            "speedup_bound", "baseline", "action_max_abs_diff", "action_mean_abs_diff", "converged_rate", "outside_model_pct"]
     rows = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in results]
     write_text(out / "results.csv", "\n".join(rows) + "\n")
     plot(out / "bench.png", results, context)
