@@ -104,7 +104,9 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     baselines: dict[str, str] = {}
     for spec, sc in list(specs.items()):
         base = baseline_of(sc)
-        match = next((s for s, c in specs.items() if c.name == base.name and _same_chain(c, base, pol)), None)
+        # a warm sequential sampler (Falcon) walks part of the chain: it is nobody's twin
+        match = next((s for s, c in specs.items()
+                      if c.name == base.name and not c.warm and _same_chain(c, base, pol)), None)
         if match is None:
             match = f"{base.name}{base.steps or pol.cfg.schedule.num_train_timesteps}"
             if aligner_choice(base) is not None:

@@ -160,6 +160,18 @@ def test_dp_bench_closed_loop_runs_warm_rows_exactly(checkpoint, tmp_path):
     assert loose["parallel_iters_mean"] < 20 and loose["action_max_abs_diff"] < 0.5
 
 
+def test_dp_bench_compares_falcon_with_the_whole_chain(checkpoint):
+    from rollouts.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(checkpoint=str(checkpoint), plans=6, closed_loop=True, threads=1, warmup=1,
+                      overhead_plans=1, batch_sizes=[1, 2],
+                      samplers=["falcon100:steps=20,start=10", "paraddpm100:steps=20,window=8"])
+    results, _ = run_bench(cfg)
+    by = {r["name"]: r for r in results}
+    assert by["falcon100:steps=20,start=10"]["baseline"] == by["paraddpm100:steps=20,window=8"]["baseline"] == "ddpm20"
+    assert 10 <= by["falcon100:steps=20,start=10"]["model_evals_mean"] < 20  # cold first plans, then 10 calls
+
+
 def test_episode_sequences_step_through_episodes_by_the_action_chunk(checkpoint):
     from envs.store import open_store
     from policy.windows import episode_sequences
