@@ -12,7 +12,7 @@ choice is measured, not assumed:
    (sequential DDPM-100 costs 100). The cheapest candidate is the window.
 
 The result is cached per device (its name and torch threads), checkpoint weights (a hash) and
-sampler setting, in memory and in `$PARAPOLICY_CACHE` (default `~/.cache/parapolicy/window-auto.json`),
+sampler setting, in the policy and in `$PARAPOLICY_CACHE` (default `~/.cache/parapolicy/window-auto.json`),
 so a process pays the measurement (seconds on a CPU) once per device and checkpoint. The rounds
 are those of cold plans; a warm sampler's first plan is cold too.
 """
@@ -30,9 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-AUTO = "auto"
 CANDIDATES = (4, 8, 16, 32, 64)  # plus the whole chain; capped at the chain's length
-_MEMORY: dict[str, dict] = {}
 
 
 def cache_path() -> Path:
@@ -45,7 +43,7 @@ def machine(dev: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def _sync(dev: torch.device) -> None:
+def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
@@ -62,10 +60,10 @@ def batch_scaling(policy, batch_sizes, reps: int = 20) -> list[dict]:
         times = []
         with torch.no_grad():
             for i in range(reps + 3):
-                _sync(dev)
+                sync(dev)
                 start = time.perf_counter()
                 policy.net(x, t, cond)
-                _sync(dev)
+                sync(dev)
                 if i >= 3:
                     times.append(time.perf_counter() - start)
         out.append({"batch": p, "ms": 1e3 * float(np.median(times))})
@@ -103,21 +101,15 @@ def key(policy, cfg) -> str:
 
 
 def lookup(k: str) -> dict | None:
-    if k in _MEMORY:
-        return _MEMORY[k]
     try:
-        entry = json.loads(cache_path().read_text()).get(k)
+        return json.loads(cache_path().read_text()).get(k)
     except (OSError, ValueError):
         return None
-    if entry is not None:
-        _MEMORY[k] = entry
-    return entry
 
 
 def store(k: str, entry: dict) -> None:
-    """Into memory, and into the cache file (atomically: a temporary file, then a rename); a cache
-    that cannot be written only costs the next process the measurement again."""
-    _MEMORY[k] = entry
+    """Into the cache file (atomically: a temporary file, then a rename); a cache that cannot be
+    written only costs the next process the measurement again."""
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,15 +129,14 @@ def measure(policy, cfg, cond: torch.Tensor, plans: int = 3, curve: list[dict] |
     """Rounds, rows per round and predicted cost of each candidate window for sampler `cfg`
     (window auto) on condition `cond` [1, C]; `curve` (default: measured now) is the batch curve.
     Returns {"window": best, "rows": [...], "curve": curve}."""
-    from policy.samplers import resolve
-    from policy.samplers.solvers import get_plan
+    from policy.samplers import chain_of
 
+    fn = policy._sample_fn
     opts = {k: v for k, v in policy._sample_options.items() if k != "window"}
-    n = get_plan(policy.scheduler, *_chain(policy, cfg), policy.device, torch.float32).n
+    n = chain_of(cfg, policy.cfg.schedule.num_train_timesteps)[1]
     windows = candidates(n, cfg.rule)
     if curve is None:
         curve = batch_scaling(policy, windows, reps=10)
-    fn, _ = resolve(dataclasses.replace(cfg, window=windows[0], warm=None))
     shape = (1, policy.cfg.horizon, policy.action_dim)
     rows = []
     with torch.no_grad():
@@ -163,12 +154,6 @@ def measure(policy, cfg, cond: torch.Tensor, plans: int = 3, curve: list[dict] |
     best = min(rows, key=lambda row: (row["cost"], row["window"]))
     return {"window": best["window"], "rows": rows, "curve": curve, "machine": machine(policy.device),
             "threads": torch.get_num_threads()}
-
-
-def _chain(policy, cfg):
-    from policy.samplers import chain_of
-
-    return chain_of(cfg, policy.cfg.schedule.num_train_timesteps)
 
 
 def choose(policy, cfg, cond: torch.Tensor) -> dict:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from envs.cli import command
 from envs.errors import UserError
-from policy.autowindow import _sync, batch_scaling, cost_ratio, machine
+from policy.autowindow import batch_scaling, cost_ratio, machine, sync
 from policy.samplers import aligner_choice, chain_of
 from rollouts.files import save_figure, write_text
 from rollouts.presets import baseline_of, sampler_preset
@@ -65,11 +65,11 @@ class _ModelTimer:
         self._hooks = [net.register_forward_pre_hook(self._pre), net.register_forward_hook(self._post)]
 
     def _pre(self, *_):
-        _sync(self.device)
+        sync(self.device)
         self._start = time.perf_counter()
 
     def _post(self, *_):
-        _sync(self.device)
+        sync(self.device)
         self.total += time.perf_counter() - self._start
 
     def remove(self):
@@ -136,10 +136,10 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         else:
             noise = torch.randn(shape, generator=torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i), device=dev)
             gen, advance = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i + 7_777_777), None
-        _sync(dev)
+        sync(dev)
         start = time.perf_counter()
         x, res = pol.sample(obs, noise=noise, generator=gen, advance=advance)
-        _sync(dev)
+        sync(dev)
         ms = (time.perf_counter() - start) * 1e3
         if noise is None and twin:  # the baseline's answer from this plan's (shifted) noise, untimed
             w = pol.warm

@@ -17,9 +17,6 @@ from rollouts.presets import sampler_preset
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "window-auto.json"
     monkeypatch.setenv("PARAPOLICY_CACHE", str(path))
-    import policy.autowindow as aw
-
-    monkeypatch.setattr(aw, "_MEMORY", {})
     return path
 
 
@@ -67,7 +64,6 @@ def test_auto_window_is_measured_once_cached_and_used(checkpoint, cache, monkeyp
     assert len(entry) == 1 and next(iter(entry.values()))["window"] == chosen
     pol.sampler = sampler_preset("paraddpm100:steps=30,window=auto")  # set again: no new measurement
     pol.plan(obs)
-    monkeypatch.setattr(aw, "_MEMORY", {})
     other = _policy(checkpoint, "paraddpm100:steps=30,window=auto")  # another process: the file cache
     other.plan(obs)
     assert calls == [1] and other._sample_options["window"] == chosen

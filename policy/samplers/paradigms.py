@@ -79,8 +79,8 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         raise ValueError(f"sampler.anderson: {anderson} must be >= 0")
     accel = TriangularAnderson(anderson) if anderson else None
     # Squared norms against squared bounds: no square roots per point.
-    rule_ = acceptance(plan, rule, tol, floor, noise[0].numel(), p)
-    bound = rule_.point_bound  # [n + 1]
+    accept = acceptance(plan, rule, tol, floor, noise[0].numel(), p)
+    bound = accept.point_bound  # [n + 1]
     samples = torch.arange(B, device=dev)
     offsets = torch.arange(p, device=dev)
     begin = torch.zeros(B, dtype=torch.long, device=dev)
@@ -106,9 +106,9 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         first_rejected = torch.where(~accepted.all(1), (~accepted).int().argmax(1), p)
         n_valid = valid.sum(1)
         advance = torch.minimum(first_rejected + 1, n_valid)
-        if rule_.final_bound is not None:  # chunk rule: the whole window's end is the chain's end
+        if accept.final_bound is not None:  # chunk rule: the whole window's end is the chain's end
             final_change = change[samples, (n_valid - 1).clamp(min=0)]
-            advance = torch.where(active & (final_change <= rule_.final_bound), n_valid, advance)
+            advance = torch.where(active & (final_change <= accept.final_bound), n_valid, advance)
         chain[b_rows, k_rows + 1] = new[b_rows, j_rows]
         if accel is not None:  # the points past the new window's first: Anderson's guesses for the next round
             mixed = accel.mix(guess, new, after, valid, plan.var)
