@@ -92,7 +92,8 @@ class ConditionalUnet1D(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        c = torch.cat([self.step_embedding(t), cond], dim=-1)
+        embed, mlp = self.step_embedding[0], self.step_embedding[1:]
+        c = torch.cat([mlp(embed(t).to(x.dtype)), cond], dim=-1)  # sin/cos in float32 at any precision
         h = x.transpose(1, 2)  # [B, action_dim, horizon]: convolve over time
         skips = []
         for block1, block2, downsample in self.down:

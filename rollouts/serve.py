@@ -55,7 +55,7 @@ class ServeConfig:
     port: int = 8000
     max_message_mb: float = 8.0
     threads: int = 2
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
     seed: int = 0
 
 
