@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -64,6 +65,7 @@ def samplers(device: torch.device) -> list[str]:
 def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> None:
     """`out`/obs.npz (closed-loop histories of the validation episodes) and `out`/wheels."""
     import policy
+    from envs.errors import UserError
     from policy.windows import episode_sequences
 
     out.mkdir(parents=True, exist_ok=True)
@@ -77,17 +79,33 @@ def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> 
         return
     dest = out / "wheels"
     dest.mkdir(exist_ok=True)
-    pip = [sys.executable, "-m", "pip"]
+    pip = [_python_with_pip(), "-m", "pip"]
     # antlr4-python3-runtime 4.9.3 (omegaconf's) exists only as a source archive: build its wheel here.
-    subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "-w", str(dest), "antlr4-python3-runtime==4.9.3"], check=True)
-    subprocess.run([*pip, "download", "--quiet", "--find-links", str(dest), "--only-binary=:all:",
-                    "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
-                    "--python-version", "3.12", "--implementation", "cp", "-d", str(dest), *NEEDED], check=True)
+    steps = [[*pip, "wheel", "--quiet", "--no-deps", "-w", str(dest), "antlr4-python3-runtime==4.9.3"],
+             [*pip, "download", "--quiet", "--find-links", str(dest), "--only-binary=:all:",
+              "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
+              "--python-version", "3.12", "--implementation", "cp", "-d", str(dest), *NEEDED]]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode:
+            last = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or done.stderr.splitlines()[-1:]
+            raise UserError(f"wheels: {' '.join(step[:4])} failed: {last[0] if last else done.returncode}")
     for wheel in dest.glob("*.whl"):
         if wheel.name.split("-")[0].lower() in ON_THE_MACHINE:
             wheel.unlink()  # the machine has its own: keep what travels small
     size = sum(w.stat().st_size for w in dest.glob("*.whl")) / 2**20
     print(f"wrote {dest}: {len(list(dest.glob('*.whl')))} wheels, {size:.1f} MB")
+
+
+def _python_with_pip() -> str:
+    """uv's environments have no pip; the interpreter they were made from has (a fresh machine has
+    Python and pip)."""
+    from envs.errors import UserError
+
+    for python in (sys.executable, getattr(sys, "_base_executable", None), shutil.which("python3")):
+        if python and subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+            return python
+    raise UserError("wheels: no Python with pip here (pip downloads the wheels for the GPU machine)")
 
 
 def host_syncs(pol, specs: dict, obs: torch.Tensor) -> dict:
