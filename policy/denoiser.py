@@ -58,7 +58,8 @@ class Denoiser:
     """`eps = denoiser(x, t, cond)` over a policy's network, at a precision, eager or replaying a
     CUDA graph per input shape. The 16-bit copy and the graphs follow the network's weights: an
     in-place update (an optimizer step, `load_state_dict`) bumps the parameters' versions and
-    the copy is made again (graphs read the weights' memory, so a float32 graph needs nothing)."""
+    the copy is made again; weights that moved (`.to()` there and back) are new memory, and the
+    graphs, which read the weights where they were captured, are captured again."""
 
     def __init__(self, net: torch.nn.Module, precision: str = "fp32", capture: str = "none",
                  device: torch.device | None = None):
@@ -71,7 +72,7 @@ class Denoiser:
         #                                  each counted call waits for the device
         self.dtype = PRECISIONS[precision]
         self._copy: torch.nn.Module | None = None
-        self._version: int | None = None
+        self._weights: tuple | None = None  # (where the weights are, their versions) the copy and graphs were made for
         self._graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static x, t, cond, eps)
         self._pool = None
 
@@ -80,20 +81,19 @@ class Denoiser:
         """Whether ParaDiGMS should pad its rounds to a full window (fixed shapes)."""
         return self.capture in ("pad", "graph")
 
-    def _weights_version(self) -> int:
-        return sum(p._version for p in self.net.parameters())
-
     def _network(self) -> torch.nn.Module:
+        params = list(self.net.parameters())
+        weights = (params[0].data_ptr(), sum(p._version for p in params))  # microseconds a call
+        if weights != self._weights:
+            self._weights, self._copy = weights, None
+            self._graphs.clear()
         if self.dtype is None:
             return self.net
-        version = self._weights_version()
-        if self._copy is None or version != self._version:
+        if self._copy is None:
             self._copy = copy.deepcopy(self.net).to(self.dtype).eval()
             for m in self._copy.modules():  # step features stay float32: a 16-bit angle of t = 99 is off by ~0.4 rad
                 if isinstance(m, SinusoidalStepEmbedding):
                     m.freqs = m.freqs.float()
-            self._version = version
-            self._graphs.clear()
         return self._copy
 
     def _eager(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

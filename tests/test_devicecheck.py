@@ -69,3 +69,10 @@ def test_saved_histories_are_checked(checkpoint, tmp_path):
         saved_histories(pol, str(bad), 2)
     with pytest.raises(UserError, match="no such file"):
         saved_histories(pol, str(tmp_path / "none.npz"), 2)
+
+
+def test_the_gpu_side_script_parses():
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "rollouts" / "devicecheck.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
