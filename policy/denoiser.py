@@ -82,8 +82,11 @@ class Denoiser:
         return self.capture in ("pad", "graph")
 
     def _network(self) -> torch.nn.Module:
+        if self.dtype is None and self.capture != "graph":
+            return self.net  # nothing made from the weights to keep up to date
         params = list(self.net.parameters())
-        weights = (params[0].data_ptr(), sum(p._version for p in params))  # microseconds a call
+        # where the weights are (graphs read them there), and for a 16-bit copy their versions too
+        weights = (params[0].data_ptr(), 0 if self.dtype is None else sum(p._version for p in params))
         if weights != self._weights:
             self._weights, self._copy = weights, None
             self._graphs.clear()
