@@ -23,29 +23,19 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from policy.device import machine, sync
+
 CANDIDATES = (4, 8, 16, 32, 64)  # plus the whole chain; capped at the chain's length
 
 
 def cache_path() -> Path:
     return Path(os.environ.get("PARAPOLICY_CACHE") or Path.home() / ".cache" / "parapolicy" / "window-auto.json")
-
-
-def machine(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def batch_scaling(policy, batch_sizes, reps: int = 20) -> list[dict]:
@@ -62,7 +52,7 @@ def batch_scaling(policy, batch_sizes, reps: int = 20) -> list[dict]:
             for i in range(reps + 3):
                 sync(dev)
                 start = time.perf_counter()
-                policy.net(x, t, cond)
+                policy.denoiser(x, t, cond)  # as the samplers call it: its precision, captured or eager
                 sync(dev)
                 if i >= 3:
                     times.append(time.perf_counter() - start)
@@ -132,7 +122,7 @@ def measure(policy, cfg, cond: torch.Tensor, plans: int = 3, curve: list[dict] |
     from policy.samplers import chain_of
 
     fn = policy._sample_fn
-    opts = {k: v for k, v in policy._sample_options.items() if k != "window"}
+    opts = {k: v for k, v in policy.sample_options().items() if k != "window"}
     n = chain_of(cfg, policy.cfg.schedule.num_train_timesteps)[1]
     windows = candidates(n, cfg.rule)
     if curve is None:
@@ -145,12 +135,13 @@ def measure(policy, cfg, cond: torch.Tensor, plans: int = 3, curve: list[dict] |
             for s in range(plans):
                 g = torch.Generator(policy.device).manual_seed(s)
                 noise = torch.randn(shape, generator=g, device=policy.device)
-                res = fn(policy.net, cond, policy.scheduler, noise, g, **{**opts, "window": w})
+                res = fn(policy.denoiser, cond, policy.scheduler, noise, g, **{**opts, "window": w})
                 iters.append(res.parallel_iters)
                 evals.append(res.model_evals)
             r, e = float(np.mean(iters)), float(np.mean(evals))
+            computed = min(w, n) if opts.get("pad") else e / r  # a padded round computes the whole window
             rows.append({"window": w, "rounds": r, "evals": e, "rows_per_round": e / r,
-                         "cost": r * cost_ratio(curve, e / r)})
+                         "cost": r * cost_ratio(curve, computed)})
     best = min(rows, key=lambda row: (row["cost"], row["window"]))
     return {"window": best["window"], "rows": rows, "curve": curve, "machine": machine(policy.device),
             "threads": torch.get_num_threads()}

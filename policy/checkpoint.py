@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from envs.errors import UserError
 from envs.partial import building
+from policy.device import resolve_device
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.network import UNetConfig
 from policy.normalizer import Normalizer
@@ -130,7 +131,7 @@ def load_policy(path: str | Path, device: str = "cpu", ema: bool = True) -> Diff
     load_weights(policy.net, ckpt / ("weights_ema.safetensors" if ema else "weights.safetensors"))
     policy.meta["checkpoint"] = str(ckpt)
     policy.meta["step"] = meta["step"]
-    return policy.to(device).eval()
+    return policy.to(resolve_device(device)).eval()
 
 
 def check_matches(policy: DiffusionPolicy, task: str, obs_layout: dict) -> None:

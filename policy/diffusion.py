@@ -15,7 +15,8 @@ from torch import nn
 from envs.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.normalizer import Normalizer
-from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve
+from policy.denoiser import Denoiser, resolve_capture
+from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve, takes_pad
 from policy.safety import NonFiniteActions, check_actions, check_observation
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
@@ -58,6 +59,7 @@ class DiffusionPolicy(nn.Module):
         self.scheduler = make_scheduler(cfg.schedule)
         self.warm = WarmStart()  # noise and chain carried between one episode's plans (sampler.warm)
         self._windows: dict[str, dict] = {}  # sampler setting -> its measured window (window=auto)
+        self._denoisers: dict[tuple, Denoiser] = {}  # (precision, capture, device) -> the samplers' denoiser
         self.sampler = SamplerConfig()
         self.generator: torch.Generator | None = None
 
@@ -80,9 +82,25 @@ class DiffusionPolicy(nn.Module):
         self._auto_window = options.get("window") == "auto"  # chosen on the first plan (policy.autowindow)
         if self._auto_window:
             options["window"] = None
+        if cfg.capture == "graph" and not torch.cuda.is_available():
+            resolve_capture("graph", torch.device("cpu"))  # the one-line refusal, now rather than at the first plan
         self._sample_fn, self._sample_options = fn, options
         self._sampler = cfg
         self.warm.reset()
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """What the samplers call, `eps = denoiser(x, t, cond)`: the network at the sampler's
+        `precision`, eager or replaying CUDA graphs (`capture`; auto: graphs on CUDA)."""
+        key = (self.sampler.precision or "fp32", resolve_capture(self.sampler.capture, self.device), str(self.device))
+        if key not in self._denoisers:  # kept across sampler changes: its 16-bit copy and graphs are made once
+            self._denoisers[key] = Denoiser(self.net, key[0], key[1], self.device)
+        return self._denoisers[key]
+
+    def sample_options(self) -> dict:
+        """The sampler function's options as the next plan uses them (padding when the denoiser is captured)."""
+        pad = self.denoiser.pad and takes_pad(self._sample_fn)
+        return {**self._sample_options, **({"pad": True} if pad else {})}
 
     def choose_window(self, obs: torch.Tensor) -> dict | None:
         """For `sampler.window=auto`: the window measured for this device, checkpoint and sampler
@@ -144,8 +162,8 @@ class DiffusionPolicy(nn.Module):
             noise = torch.randn(shape, generator=generator, device=self.device)
         if self._auto_window and self._sample_options["window"] is None:
             self.choose_window(obs)
-        result = self._sample_fn(self.net, self.condition(obs), self.scheduler, noise, generator,
-                                 **self._sample_options, **extra)
+        result = self._sample_fn(self.denoiser, self.condition(obs), self.scheduler, noise, generator,
+                                 **self.sample_options(), **extra)
         if warmed:
             self.warm.keep(result.chain)
         return self.normalizer.unnormalize("action", result.x), result

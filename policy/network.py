@@ -92,7 +92,10 @@ class ConditionalUnet1D(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        c = torch.cat([self.step_embedding(t), cond], dim=-1)
+        e = self.step_embedding[0](t).to(x.dtype)  # sin/cos in float32 at any precision, then the network's
+        for i in range(1, len(self.step_embedding)):
+            e = self.step_embedding[i](e)
+        c = torch.cat([e, cond], dim=-1)
         h = x.transpose(1, 2)  # [B, action_dim, horizon]: convolve over time
         skips = []
         for block1, block2, downsample in self.down:

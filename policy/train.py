@@ -23,6 +23,7 @@ from envs.errors import UserError
 from envs.store import open_store
 from envs.tasks import TaskConfig, get_task
 from envs.partial import remove_stale_partials
+from policy.device import resolve_device
 from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.normalizer import Normalizer
@@ -179,8 +180,7 @@ def train(cfg: TrainConfig) -> Path:
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
     torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     train_set, val_set, normalizer, meta = load_data(cfg)
     torch.manual_seed(cfg.seed)
     policy = DiffusionPolicy(cfg.policy, train_set.obs.shape[1], train_set.action.shape[1], normalizer, meta).to(device)

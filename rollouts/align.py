@@ -48,7 +48,7 @@ class AlignConfig:
     align_last: bool = False  # also align the step that lands on clean data (its loss is ill-posed)
     seed: int = 0
     threads: int = 2
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
     progress: bool = True
 
 
@@ -107,7 +107,7 @@ def run_align(cfg: AlignConfig) -> Path:
         "loss_after_total": float(np.sum(result["loss_after"][:aligned_steps])),
         "iters": result["iters"], "converged": result["converged"], "time_s": round(result["time_s"], 2),
         "data": {"store": str(data), "episodes": "train", "chunks": cfg.chunks, "seed": cfg.seed},
-        "settings": asdict(s), "threads": cfg.threads, "device": cfg.device,
+        "settings": asdict(s), "threads": cfg.threads, "device": str(policy.device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "gap": aligned, "final_error": aligned[-1], "loss_curve": result["loss_curve"],
     }

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from envs.cli import command
 from envs.errors import UserError
-from policy.autowindow import batch_scaling, cost_ratio, machine, sync
+from policy.autowindow import batch_scaling, cost_ratio
+from policy.device import machine, sync
 from policy.samplers import aligner_choice, chain_of
 from rollouts.files import save_figure, write_text
 from rollouts.presets import baseline_of, sampler_preset
@@ -48,6 +49,24 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     overhead_plans: int = 20  # plans re-run with the denoiser timed, for the outside-model share
     closed_loop: bool = False  # plans along demonstration episodes, every n_action_steps: warm samplers carry over
+    time_limit_s: float | None = None  # stop timing new plans after this long (at least 2 plans; the device check)
+
+
+def saved_histories(policy, path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` observation histories [n, n_obs, obs_dim] of an .npz file (`obs`, and `first`:
+    where an episode starts), as `rollouts.devicecheck` saves them."""
+    if not Path(path).is_file():
+        raise UserError(f"data: {path}: no such file")
+    with np.load(path) as f:
+        if "obs" not in f or "first" not in f:
+            raise UserError(f"data: {path}: needs arrays obs and first (has {', '.join(f.files) or 'none'})")
+        obs, first = np.asarray(f["obs"], np.float32), np.asarray(f["first"], bool)
+    want = (policy.cfg.n_obs_steps, policy.obs_dim)
+    if obs.ndim != 3 or obs.shape[1:] != want or len(first) != len(obs):
+        raise UserError(f"data: {path}: obs {obs.shape} and first {first.shape} do not fit [N, *{want}] and [N]")
+    if len(obs) < n:
+        raise UserError(f"data: {path}: {len(obs)} histories, fewer than plans={n}")
+    return obs[:n], first[:n]
 
 
 def observation_histories(policy, data: str, n: int, seed: int) -> np.ndarray:
@@ -57,39 +76,20 @@ def observation_histories(policy, data: str, n: int, seed: int) -> np.ndarray:
     return sample_windows(policy, data, "val", n, seed)[0]
 
 
-class _ModelTimer:
-    """Accumulates wall time spent inside the denoiser's forward (forward hooks)."""
-
-    def __init__(self, net: torch.nn.Module, device: torch.device):
-        self.total, self.device, self._start = 0.0, device, 0.0
-        self._hooks = [net.register_forward_pre_hook(self._pre), net.register_forward_hook(self._post)]
-
-    def _pre(self, *_):
-        sync(self.device)
-        self._start = time.perf_counter()
-
-    def _post(self, *_):
-        sync(self.device)
-        self.total += time.perf_counter() - self._start
-
-    def remove(self):
-        for h in self._hooks:
-            h.remove()
-
-
 def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     import policy as policy_pkg
 
     torch.set_num_threads(cfg.threads)
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
-    pol = policy_pkg.load(cfg.checkpoint, device=device)
+    pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
     dev = pol.device
     if cfg.plans < 1:
         raise UserError(f"plans: {cfg.plans} must be at least 1")
     if not cfg.samplers:
         raise UserError("samplers: empty list")
     data = cfg.data or pol.meta.get("data") or f"data/{pol.meta.get('task')}.zarr"
-    if cfg.closed_loop:
+    if str(data).endswith(".npz"):  # histories saved by `dp-devicecheck prepare`: no store, no zarr
+        obs_all, first = saved_histories(pol, data, cfg.plans)
+    elif cfg.closed_loop:
         from policy.windows import episode_sequences
 
         obs_all, first = episode_sequences(pol, data, "val", cfg.plans)
@@ -109,8 +109,12 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
                       if c.name == base.name and not c.warm and _same_chain(c, base, pol)), None)
         if match is None:
             match = f"{base.name}{base.steps or pol.cfg.schedule.num_train_timesteps}"
-            if aligner_choice(base) is not None:
-                match += "+aligner" if aligner_choice(base) == "default" else f":aligner={base.aligner}"
+            extra = [f"capture={base.capture}"] if base.capture else []
+            if aligner_choice(base) == "default":
+                match += "+aligner"
+            elif aligner_choice(base) is not None:
+                extra.insert(0, f"aligner={base.aligner}")
+            match += f":{','.join(extra)}" if extra else ""
             specs[match] = base
         baselines[spec] = match
 
@@ -160,7 +164,12 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         for i in range(cfg.warmup):
             run(name, -1 - i, obs_t[i % len(obs_t)][None])
     rec = {n: {"lat": [], "evals": [], "iters": [], "conv": [], "x": [], "twin": []} for n in names}
+    began, timed = time.perf_counter(), cfg.plans
     for i in tqdm(range(cfg.plans), desc="dp-bench", unit="plan"):
+        if cfg.time_limit_s is not None and i >= 2 and time.perf_counter() - began > cfg.time_limit_s:
+            timed = i
+            tqdm.write(f"dp-bench: time_limit_s={cfg.time_limit_s} reached: {i} of {cfg.plans} plans timed")
+            break
         obs = obs_t[i][None]
         k = i % len(names)
         for name in names[k:] + names[:k]:
@@ -174,15 +183,15 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
             r["x"].append(x.cpu())
     # Share of time outside the denoiser, on a few plans re-run with the denoiser timed.
     outside = {}
-    timer = _ModelTimer(pol.net, dev)
-    try:
-        for name in names:
-            total, timer.total = 0.0, 0.0
-            for i in range(min(cfg.overhead_plans, cfg.plans)):
-                total += run(name, i, obs_t[i][None], twin=False)[0] / 1e3  # the twin's calls would count as the model's
-            outside[name] = 100.0 * max(0.0, 1 - timer.total / total)
-    finally:
-        timer.remove()
+    for name in names:
+        total, inside = 0.0, 0.0
+        for i in range(min(cfg.overhead_plans, timed)):
+            pol.sampler = specs[name]
+            den = pol.denoiser
+            den.timed = 0.0  # each call timed, waiting for the device (so only here, not in the timed plans)
+            total += run(name, i, obs_t[i][None], twin=False)[0] / 1e3  # the twin's calls would count as the model's
+            inside, den.timed = inside + den.timed, None
+        outside[name] = 100.0 * max(0.0, 1 - inside / total)
 
     p50 = {n: float(np.percentile(rec[n]["lat"], 50)) for n in names}
     results = []
@@ -209,7 +218,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         })
     context = {
         "checkpoint": pol.meta.get("checkpoint"), "step": pol.meta.get("step"), "task": pol.meta.get("task"),
-        "data": str(data), "plans": cfg.plans, "closed_loop": cfg.closed_loop, "device": str(dev), "threads": torch.get_num_threads(),
+        "data": str(data), "plans": timed, "closed_loop": cfg.closed_loop, "device": str(dev), "threads": torch.get_num_threads(),
         "machine": machine(dev), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "batch_scaling": batch_scaling(pol, cfg.batch_sizes),
         "window_auto": windows,
@@ -234,17 +243,21 @@ def add_speedup_bounds(results: list[dict], curve: list[dict]) -> None:
 
 
 def _same_chain(a, b, pol) -> bool:
-    """Same solver chain with the same denoiser inputs (aligned or not, by the same strategy)."""
+    """Same solver chain with the same denoiser inputs (aligned or not, by the same strategy),
+    called the same way (capture, precision)."""
     T = pol.cfg.schedule.num_train_timesteps
-    return chain_of(a, T) == chain_of(b, T) and aligner_choice(a) == aligner_choice(b)
+    return (chain_of(a, T) == chain_of(b, T) and aligner_choice(a) == aligner_choice(b)
+            and (a.capture or "auto") == (b.capture or "auto") and (a.precision or "fp32") == (b.precision or "fp32"))
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'sampler':<22}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}{'bound':>8}  {'vs':<12}{'max|da|':>9}{'outside':>9}"
+    w = max([22, *(len(r["name"]) + 2 for r in results)])
+    v = max([12, *(len(r["baseline"]) for r in results)])
+    head = f"{'sampler':<{w}}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}{'bound':>8}  {'vs':<{v}}{'max|da|':>9}{'outside':>9}"
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['name']:<22}{r['latency_ms_p50']:>9.1f}{r['latency_ms_p90']:>9.1f}{r['model_evals_mean']:>8.1f}"
-                     f"{r['parallel_iters_mean']:>8.1f}{r['speedup']:>8.2f}x{r['speedup_bound']:>7.2f}x  {r['baseline']:<12}"
+        lines.append(f"{r['name']:<{w}}{r['latency_ms_p50']:>9.1f}{r['latency_ms_p90']:>9.1f}{r['model_evals_mean']:>8.1f}"
+                     f"{r['parallel_iters_mean']:>8.1f}{r['speedup']:>8.2f}x{r['speedup_bound']:>7.2f}x  {r['baseline']:<{v}}"
                      f"{r['action_max_abs_diff']:>9.1e}{r['outside_model_pct']:>8.1f}%")
     return "\n".join(lines)
 

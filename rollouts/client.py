@@ -134,7 +134,7 @@ class ServerProcess:
     """`dp-serve` for `checkpoint` with `sampler` (a SamplerConfig) in a child process, on a free
     port of 127.0.0.1; `close()` (or leaving the `with`) stops it."""
 
-    def __init__(self, checkpoint: str, sampler, threads: int = 1, device: str = "cpu", seed: int = 0,
+    def __init__(self, checkpoint: str, sampler, threads: int = 1, device: str = "auto", seed: int = 0,
                  timeout: float = 120.0):
         overrides = [f"sampler.{k}={'null' if v is None else v}" for k, v in dataclasses.asdict(sampler).items()]
         self.proc = subprocess.Popen(

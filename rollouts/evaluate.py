@@ -62,7 +62,7 @@ class EvalConfig:
     workers: int | None = None  # default: one per core (realtime: 1, as each episode keeps two cores busy)
     threads: int = 1  # torch threads per worker
     videos: int = 0  # render the first k episodes of each sampler to mp4
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
     data: str | None = None  # the demonstration store whose seeds must not be reused (default: the policy's)
     restart: bool = False  # discard a previous run in `out` instead of continuing it
     progress: bool = True
@@ -218,7 +218,7 @@ def _run_job(job: dict) -> dict:
 
 def _run_info(cfg: EvalConfig, pol, specs: dict[str, SamplerConfig]) -> dict:
     return {"checkpoint": pol.meta["checkpoint"], "step": pol.meta["step"], "task": pol.meta["task"],
-            "seed": cfg.seed, "threads": cfg.threads, "device": cfg.device,
+            "seed": cfg.seed, "threads": cfg.threads, "device": str(pol.device),
             "realtime": dataclasses.asdict(cfg.loop) if cfg.realtime else None,
             "samplers": {k: dataclasses.asdict(v) for k, v in specs.items()}}
 
@@ -301,7 +301,7 @@ def evaluate(cfg: EvalConfig) -> Path:
     if jobs:
         _run_jobs(jobs, out / LOG, cfg, workers, pol.meta["checkpoint"])
     records = [r for r in read_log(out / LOG) if r["sampler"] in specs and r["seed"] in seeds]
-    summary = summarize(records, list(specs), workers=workers, threads=cfg.threads, device=cfg.device,
+    summary = summarize(records, list(specs), workers=workers, threads=cfg.threads, device=str(pol.device),
                         checkpoint=pol.meta["checkpoint"], step=pol.meta["step"], task=task,
                         **({"loop": dataclasses.asdict(cfg.loop)} if cfg.realtime else {}))
     write_report(out, summary, episode_rows(records), plan_rows(records))

@@ -20,7 +20,7 @@ class RolloutConfig:
     seed: int = 100000  # demonstrations use small seeds; evaluation starts far from them
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     threads: int = 2
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
 
 
 @command("rollout", RolloutConfig)

@@ -55,7 +55,7 @@ class ServeConfig:
     port: int = 8000
     max_message_mb: float = 8.0
     threads: int = 2
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
     seed: int = 0
 
 
@@ -187,6 +187,12 @@ def main(cfg) -> None:
     pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
     pol.sampler = SamplerConfig(**cfg.sampler)
     pol.seed(cfg.seed)
+    # window=auto: measured (or read from the cache) before the first request, so no robot's first
+    # plan waits for it; on the observation at the centre of the normalizer's range
+    centre = pol.normalizer.unnormalize("obs", torch.zeros((1, pol.cfg.n_obs_steps, pol.obs_dim), device=pol.device))
+    entry = pol.choose_window(centre)
+    if entry is not None:
+        print(f"dp-serve: window=auto chose {entry['window']} on {entry['machine']}", flush=True)
     service = PolicyService(pol)
     print(f"dp-serve: {pol.meta['checkpoint']} with {cfg.sampler.name}", flush=True)
     try:

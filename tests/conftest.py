@@ -21,6 +21,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _window_cache_of_this_run(tmp_path_factory):
+    # window=auto caches its measurements per machine; a test run keeps its own, away from the user's
+    os.environ["PARAPOLICY_CACHE"] = str(tmp_path_factory.mktemp("cache") / "window-auto.json")
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     # Tests count and compare; they time nothing. One thread keeps tiny models from paying
     # thread hand-offs (and from fighting a training job for the cores).

@@ -131,16 +131,16 @@ def test_each_step_matches_diffusers_step(net, sched, solver, steps, spacing):
 @given(solver=st.sampled_from(["ddpm", "ddim", "dpmsolver"]), steps=st.integers(1, 40),
        window=st.integers(1, 20), spacing=st.sampled_from(["trailing", "linspace", "quadratic", "logsnr"]),
        batch=st.integers(1, 3), anderson=st.sampled_from([0, 1, 4]),
-       rule=st.sampled_from(["paper", "x0", "chunk"]), floor=st.sampled_from([0.0, 1e-2]))
+       rule=st.sampled_from(["paper", "x0", "chunk"]), floor=st.sampled_from([0.0, 1e-2]), pad=st.booleans())
 def test_paradigms_at_zero_tolerance_is_the_sequential_sampler(net, sched, solver, steps, window, spacing, batch,
-                                                               anderson, rule, floor):
+                                                               anderson, rule, floor, pad):
     noise, cond = inputs(batch, seed=steps)
     if rule == "chunk":  # a whole-chain window, no per-point scale
         window, floor = steps + window - 1, 0.0
     seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps, spacing=spacing)
     par = get_sampler(f"para{solver}")(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
                                        spacing=spacing, window=window, tol=0.0, anderson=anderson, rule=rule,
-                                       floor=floor)
+                                       floor=floor, pad=pad)
     assert par.converged and par.parallel_iters <= steps
     assert (par.x - seq.x).abs().max().item() <= 1e-5
 
@@ -163,6 +163,61 @@ def test_paradigms_counts_when_every_guess_is_accepted(net, sched):
     par = get_sampler("paraddpm")(counting, cond, sched, noise, None, steps=100, window=16, tol=1e9)
     assert par.parallel_iters == counting.calls == 7 and par.model_evals == 100 and par.converged
     assert counting.rows == [16] * 6 + [4]
+
+
+@pytest.mark.parametrize("solver, anderson, rule, tol, window", [
+    ("ddpm", 0, "paper", 0.1, 16), ("ddim", 4, "paper", 0.5, 15), ("dpmsolver", 4, "x0", 0.05, 10),
+    ("ddpm", 4, "chunk", 0.01, 100)])
+def test_padded_rounds_are_the_same_rounds_at_a_fixed_shape(net, sched, solver, anderson, rule, tol, window):
+    """`pad` (for a captured denoiser) feeds every round the full window of every sample, finished
+    ones included, and masks the extra rows: the same chain, rounds and counts as without."""
+    noise, cond = inputs(2, seed=4)
+    steps = 100 if solver == "ddpm" else 15
+    kw = dict(steps=steps, window=window, tol=tol, anderson=anderson, rule=rule)
+    plain, padded = Counting(net), Counting(net)
+    a = get_sampler(f"para{solver}")(plain, cond, sched, noise, torch.Generator().manual_seed(6), **kw)
+    b = get_sampler(f"para{solver}")(padded, cond, sched, noise, torch.Generator().manual_seed(6), pad=True, **kw)
+    assert (a.parallel_iters, a.evals_per_sample) == (b.parallel_iters, b.evals_per_sample)
+    assert padded.rows == [2 * min(window, steps)] * b.parallel_iters  # one shape for every round
+    assert sum(plain.rows) == sum(a.evals_per_sample) < sum(padded.rows)
+    assert (a.chain - b.chain).abs().max().item() <= 1e-5
+
+
+HOST_READS = ("__bool__", "item", "tolist", "nonzero", "numpy", "cpu")
+
+
+def test_a_padded_round_waits_for_the_device_once(net, sched, monkeypatch):
+    """On a GPU every host read of a tensor (`bool`, `item`, `tolist`, `nonzero`, ...) waits for
+    the device's queue. A padded plan reads once per round (the loop's convergence test) and twice
+    at the end (counts, converged), whatever the window, rule and Anderson memory; the unpadded
+    one also selects its rows on the host every round."""
+    reads, inside = [], [False]
+    for method in HOST_READS:
+        def counted(self, *args, _original=getattr(torch.Tensor, method), _name=method, **kwargs):
+            if not inside[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+
+    def denoiser(x, t, cond):  # the stand-in reads t on the host (a network does not): not counted
+        inside[0] = True
+        try:
+            return net(x, t, cond)
+        finally:
+            inside[0] = False
+
+    noise, cond = inputs(2, seed=4)
+    for kw in (dict(window=16, tol=0.1), dict(window=100, tol=1.0, floor=3e-2, anderson=4),
+               dict(window=100, rule="chunk", tol=0.01, anderson=4)):
+        counts = {}
+        for pad in (True, False):
+            reads.clear()
+            par = get_sampler("paraddpm")(denoiser, cond, sched, noise, torch.Generator().manual_seed(0), steps=100,
+                                          pad=pad, **kw)
+            counts[pad] = (len(reads), par.parallel_iters)
+        assert counts[True][0] == counts[True][1] + 1 + 2, (kw, counts)
+        assert counts[False][0] >= counts[False][1] + counts[True][0], (kw, counts)
 
 
 def test_paradigms_max_iters_caps_and_says_so(net, sched):

@@ -49,6 +49,8 @@ class SamplerConfig:
     aligner: str | None = None  # DPM-Aligner timesteps: true (the last learned), sequential, parallel
     warm: bool | None = None  # start from the previous control step's chain (policy.warm)
     start: int | None = None  # sequential, warm: the step a warm plan begins at (Falcon; samplers/sequential.py)
+    capture: str | None = None  # denoiser calls: auto | none | pad | graph (policy/denoiser.py; auto: graph on CUDA)
+    precision: str | None = None  # denoiser weights: fp32 | bf16 | fp16 (the chain's arithmetic stays fp32)
 
 
 ALIGNER_OFF, ALIGNER_ON = ("false", "no", "off", "0", "none"), ("true", "yes", "on", "1")
@@ -109,7 +111,7 @@ def _parameters(fn: Callable):
 def options_of(fn: Callable) -> set[str]:
     """The keyword options a sampler function takes (those not fixed by its registry entry)."""
     fixed = set(fn.keywords) if isinstance(fn, partial) else set()
-    internal = {"callback", "taus", "step_noise", "init"}  # set by the caller, not by a config
+    internal = {"callback", "taus", "step_noise", "init", "pad"}  # set by the caller, not by a config
     return {p.name for p in _parameters(fn).values() if p.kind is p.KEYWORD_ONLY and p.name not in fixed | internal}
 
 
@@ -118,13 +120,22 @@ def takes_init(fn: Callable) -> bool:
     return "init" in _parameters(fn)
 
 
+def takes_pad(fn: Callable) -> bool:
+    """Whether a sampler can pad its rounds to a fixed shape (for a captured denoiser)."""
+    return "pad" in _parameters(fn)
+
+
 def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     """The sampler function `cfg` names and the options it sets. An option the sampler does not
     take, or a value out of range, is a one-line `UserError` naming the field. The aligner
-    switch is checked here but applied by the policy, which knows its checkpoint."""
+    switch is checked here but applied by the policy, which knows its checkpoint; so are `capture`
+    and `precision`, which say how the policy runs its network (`policy.denoiser`)."""
+    from policy import denoiser
+
     fn = get_sampler(cfg.name)
     allowed = options_of(fn)
     aligner_choice(cfg)
+    denoiser.check(cfg.capture, cfg.precision)
     if cfg.warm and not takes_init(fn):
         raise UserError(f"sampler.warm: {cfg.name} has no chain to warm-start (the ParaDiGMS and PIADM samplers have)")
     if "start" in allowed and bool(cfg.warm) != bool(cfg.start):
@@ -133,7 +144,7 @@ def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     options = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in ("name", "aligner", "warm") or value is None:
+        if f.name in ("name", "aligner", "warm", "capture", "precision") or value is None:  # the policy's
             continue
         if f.name not in allowed:
             raise UserError(f"sampler.{f.name}: not an option of {cfg.name} (its options: {', '.join(sorted(allowed))})")
@@ -175,4 +186,4 @@ def _check(name: str, options: dict) -> None:
 
 
 __all__ = ["SampleResult", "SamplerConfig", "aligner_choice", "chain_of", "get_sampler", "options_of", "resolve",
-           "solver_of"]
+           "solver_of", "takes_pad"]

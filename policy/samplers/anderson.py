@@ -47,21 +47,22 @@ class TriangularAnderson:
         [n + 1] divides each point's residual. Returns the image where there is no history yet."""
         B, p = after.shape
         d = image[0, 0].numel()
+        points = scale.shape[0]  # n + 1; one more, a spare point, takes the invalid rows' writes
         if self.x is None:
-            self.x = image.new_zeros((self.memory + 1, B, scale.shape[0], d))
+            self.x = image.new_zeros((self.memory + 1, B, points + 1, d))
             self.f = torch.zeros_like(self.x)
-            self.age = torch.zeros((B, scale.shape[0]), dtype=torch.long, device=after.device)
+            self.age = torch.zeros((B, points + 1), dtype=torch.long, device=after.device)
         slot = self.rounds % (self.memory + 1)
-        b_v, j_v = valid.nonzero(as_tuple=True)
-        self.x[slot, b_v, after[b_v, j_v]] = guess.flatten(2)[b_v, j_v]
-        self.f[slot, b_v, after[b_v, j_v]] = image.flatten(2)[b_v, j_v]
-        self.age[b_v, after[b_v, j_v]] += 1
+        rows = torch.arange(B, device=after.device)[:, None]
+        at = torch.where(valid, after, points)  # fixed-shape writes: no host-side row selection
+        self.x[slot, rows, at] = guess.flatten(2)
+        self.f[slot, rows, at] = image.flatten(2)
+        self.age[rows, at] += 1
         self.rounds += 1
         r = min(self.rounds, self.memory + 1)
         if r < 2:
             return image
-        order = torch.tensor([(self.rounds - r + j) % (self.memory + 1) for j in range(r)], device=after.device)
-        rows = torch.arange(B, device=after.device)[:, None]
+        order = (torch.arange(r, device=after.device) + self.rounds - r) % (self.memory + 1)
         x = self.x[order][:, rows, after].transpose(0, 1)  # [B, r, p, d], oldest round first
         f = self.f[order][:, rows, after].transpose(0, 1)
         w = (valid / scale[after].sqrt())[..., None]  # [B, p, 1]: invalid rows weigh nothing
@@ -78,6 +79,7 @@ class TriangularAnderson:
         eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
         ridge = self.reg * (gram.diagonal(dim1=-2, dim2=-1) * use).sum(-1).clamp(min=1e-30)[..., None, None]
         gram = torch.where(pair, gram, 0.0) + torch.where(use[..., None], ridge, 1.0) * eye
-        gamma = torch.linalg.solve(gram, torch.where(use, rhs, 0.0)[..., None])[..., 0].to(f.dtype)  # [B, p, m']
+        # solve_ex: no error check, which would wait for the device (the ridge keeps `gram` regular)
+        gamma = torch.linalg.solve_ex(gram, torch.where(use, rhs, 0.0)[..., None])[0][..., 0].to(f.dtype)  # [B, p, m']
         mixed = f[:, -1] - torch.einsum("bpi,bipd->bpd", gamma, df)
         return mixed.reshape(image.shape)

@@ -53,12 +53,14 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
               tol: float = 0.1, max_iters: int | None = None,
               taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
               anderson: int = 0, rule: str = "paper", floor: float = 0.0,
-              init: torch.Tensor | None = None, callback=None) -> SampleResult:
+              init: torch.Tensor | None = None, pad: bool = False, callback=None) -> SampleResult:
     """Picard-iterate the `solver` chain of `steps` steps from `noise` [B, horizon, A] to
     tolerance `tol`, `window` steps per sample per iteration, at most `max_iters` iterations;
     `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess;
     `anderson` > 0 mixes the guesses of the window's unaccepted points over that many past rounds;
-    `rule` and `floor` choose when a point is accepted (`acceptance.py`)."""
+    `rule` and `floor` choose when a point is accepted (`acceptance.py`); `pad` evaluates every
+    round at the full window's [B * window] rows, the rows past the chain's end masked (fixed
+    shapes for a captured denoiser, `policy.denoiser`; the counts are the unmasked rows')."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if window < 1:
@@ -67,12 +69,16 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
     if step_noise is None:
         step_noise = plan.draw_noise(noise.shape, generator, dev, noise.dtype)
     z = step_noise.transpose(0, 1)  # [B, n, ...]
+    # Points 0..n of each sample, and a spare point n + 1 that masked writes go to: every write of
+    # a round is one fixed-shape scatter, with no host-side selection of rows (a GPU round's only
+    # host synchronisation is the loop's convergence test).
+    trash = n + 1
     if init is None:
-        chain = noise[:, None].repeat(1, n + 1, *([1] * (noise.dim() - 1)))  # points 0..n of each sample
+        chain = noise[:, None].repeat(1, n + 2, *([1] * (noise.dim() - 1)))
     else:
         if init.shape != (B, n + 1, *noise.shape[1:]):
             raise ValueError(f"init: shape {tuple(init.shape)}, expected {(B, n + 1, *noise.shape[1:])}")
-        chain = init.clone()
+        chain = torch.cat([init, init[:, -1:]], 1)
         chain[:, 0] = noise
     history = new_history(plan, noise)
     if anderson < 0:
@@ -80,22 +86,30 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
     accel = TriangularAnderson(anderson) if anderson else None
     # Squared norms against squared bounds: no square roots per point.
     accept = acceptance(plan, rule, tol, floor, noise[0].numel(), p)
-    bound = accept.point_bound  # [n + 1]
+    bound = torch.cat([accept.point_bound, accept.point_bound[-1:]])  # [n + 2]
     samples = torch.arange(B, device=dev)
     offsets = torch.arange(p, device=dev)
+    points = torch.arange(n + 2, device=dev)[None]
     begin = torch.zeros(B, dtype=torch.long, device=dev)
     evals = torch.zeros(B, dtype=torch.long, device=dev)
+    shape = (B, p, *noise.shape[1:])
     iters = 0
     while bool((begin < n).any()) and (max_iters is None or iters < max_iters):
         active = begin < n
         k = begin[:, None] + offsets  # [B, p] steps of each sample's window
         valid = (k < n) & active[:, None]
-        b_rows, j_rows = valid.nonzero(as_tuple=True)
-        k_rows = k[b_rows, j_rows]
+        if pad:  # every row of the window; those past the end (or of finished samples) are masked
+            b_rows, j_rows, keep = samples.repeat_interleave(p), offsets.repeat(B), valid.flatten()
+        else:  # only the window's rows inside the chain
+            (b_rows, j_rows), keep = valid.nonzero(as_tuple=True), None
+        k_rows = k[b_rows, j_rows].clamp(max=n - 1)
         x_rows = chain[b_rows, k_rows]
-        move = torch.zeros((B, p, *noise.shape[1:]), device=dev, dtype=noise.dtype)
-        move[b_rows, j_rows] = step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history) - x_rows
-        move[b_rows, j_rows] += z[b_rows, k_rows]
+        step = step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history, keep=keep) - x_rows + z[b_rows, k_rows]
+        if pad:
+            move = torch.where(keep.reshape(-1, *([1] * (noise.dim() - 1))), step, 0.0).reshape(shape)
+        else:
+            move = noise.new_zeros(shape)
+            move[b_rows, j_rows] = step
         start = chain[samples, begin.clamp(max=n)]
         new = start[:, None] + move.cumsum(1)  # guesses of points k + 1
         after = (k + 1).clamp(max=n)
@@ -109,25 +123,24 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         if accept.final_bound is not None:  # chunk rule: the whole window's end is the chain's end
             final_change = change[samples, (n_valid - 1).clamp(min=0)]
             advance = torch.where(active & (final_change <= accept.final_bound), n_valid, advance)
-        chain[b_rows, k_rows + 1] = new[b_rows, j_rows]
+        chain[samples[:, None], torch.where(valid, after, trash)] = new
         if accel is not None:  # the points past the new window's first: Anderson's guesses for the next round
             mixed = accel.mix(guess, new, after, valid, plan.var)
-            b_mix, j_mix = (valid & (offsets[None] >= advance[:, None])).nonzero(as_tuple=True)
-            chain[b_mix, after[b_mix, j_mix]] = mixed[b_mix, j_mix]
+            mix = valid & (offsets[None] >= advance[:, None])
+            chain[samples[:, None], torch.where(mix, after, trash)] = mixed
         # Points entering the window start from the window's last point.
         end, new_begin = begin + n_valid, begin + advance
         new_end = (new_begin + p).clamp(max=n)
-        points = torch.arange(n + 1, device=dev)[None]
-        entering = (points > end[:, None]) & (points <= new_end[:, None]) & active[:, None]
-        if init is None and bool(entering.any()):
+        if init is None:
+            entering = (points > end[:, None]) & (points <= new_end[:, None]) & active[:, None]
             last = chain[samples, end.clamp(max=n)][:, None]
             chain = torch.where(entering.reshape(*entering.shape, *([1] * (noise.dim() - 1))), last, chain)
         evals += n_valid
         begin = torch.where(active, new_begin, begin)
         iters += 1
         if callback is not None:
-            callback({"iter": iters, "begin": begin, "chain": chain, "evals": evals, "change": change,
+            callback({"iter": iters, "begin": begin, "chain": chain[:, : n + 1], "evals": evals, "change": change,
                       "accepted": accepted, "points": after, "valid": valid})
     per_sample = evals.tolist()
     return SampleResult(x=chain[:, n], model_evals=max(per_sample), parallel_iters=iters,
-                        converged=bool((begin >= n).all()), evals_per_sample=per_sample, chain=chain)
+                        converged=bool((begin >= n).all()), evals_per_sample=per_sample, chain=chain[:, : n + 1])

@@ -230,20 +230,23 @@ def get_plan(scheduler, solver: str, steps: int | None, spacing: str, device, dt
 
 
 def step_rows(plan: Plan, denoiser, cond: torch.Tensor, x: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
-              history: torch.Tensor | None, t: torch.Tensor | None = None) -> torch.Tensor:
+              history: torch.Tensor | None, t: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
     """One denoiser call on rows `x` [M, ...] sitting at steps `k` [M] of samples `b` [M], and the
-    noiseless step each row takes. `history` [B, n, ...] keeps every step's data estimate for the
-    multistep solver: this call writes its rows there and reads each row's previous step. `t` [M]
-    overrides the denoiser's input timesteps (the aligner trains them through this call)."""
+    noiseless step each row takes. `history` [B, n + 1, ...] keeps every step's data estimate for
+    the multistep solver: this call writes its rows there and reads each row's previous step; rows
+    not in `keep` [M] (padding) write to the spare slot n instead. `t` [M] overrides the denoiser's
+    input timesteps (the aligner trains them through this call)."""
     eps = denoiser(x, plan.t[k] if t is None else t, cond[b])
     x0 = plan.denoise(k, x, eps)
     x0_prev = None
     if history is not None:
-        history[b, k] = x0
+        history[b, k if keep is None else torch.where(keep, k, plan.n)] = x0
         x0_prev = history[b, (k - 1).clamp(min=0)]
     return plan.mean(k, x, eps, x0, x0_prev)
 
 
 def new_history(plan: Plan, x: torch.Tensor) -> torch.Tensor | None:
-    """The data-estimate buffer `step_rows` needs (None for one-step solvers)."""
-    return x.new_zeros((x.shape[0], plan.n, *x.shape[1:])) if plan.multistep else None
+    """The data-estimate buffer `step_rows` needs (None for one-step solvers): one slot per step,
+    and a spare one that padding rows write to."""
+    return x.new_zeros((x.shape[0], plan.n + 1, *x.shape[1:])) if plan.multistep else None
