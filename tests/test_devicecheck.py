@@ -22,9 +22,11 @@ def test_the_check_rows_are_valid_presets_eager_and_captured():
         rows = samplers(device)
         configs = [sampler_preset(r) for r in rows]  # each parses and passes the sampler checks
         assert sum(c.capture == "none" for c in configs) == sum(c.capture == captured and not c.precision
-                                                                for c in configs) == 11
+                                                                for c in configs) == 12
         assert {c.precision for c in configs} == {None, "bf16"}
-        assert any(c.name == "paraddpm" and c.window == 100 and c.rule is None and c.floor for c in configs)
+        assert any(c.name == "paraddpm" and c.window == 100 and c.floor for c in configs)  # the new rule
+        assert any(c.name == "paraddpm" and c.window == 16 and c.tol == 0.1 and not c.anderson for c in configs)
+        assert any(c.name == "paraddpm" and c.window == "auto" for c in configs)
 
 
 def test_cpu_dry_run_needs_no_store_zarr_or_simulator_and_writes_its_tables(checkpoint, tmp_path):
