@@ -148,15 +148,16 @@ def test_dp_bench_closed_loop_runs_warm_rows_exactly(checkpoint, tmp_path):
 
     cfg = BenchConfig(checkpoint=str(checkpoint), plans=10, closed_loop=True, threads=1, warmup=1,
                       overhead_plans=2, batch_sizes=[1, 2],
-                      samplers=["paraddpm100:steps=20,window=8,tol=0", "paraddpm100:steps=20,window=8,tol=0,warm=true",
-                                "paraddpm100:steps=20,window=8,warm=true"])
+                      samplers=["paraddpm100paper:steps=20,window=8,tol=0",
+                                "paraddpm100paper:steps=20,window=8,tol=0,warm=true",
+                                "paraddpm100paper:steps=20,window=8,warm=true"])
     results, context = run_bench(cfg)
     by = {r["name"]: r for r in results}
     assert context["closed_loop"] is True
-    exact = by["paraddpm100:steps=20,window=8,tol=0,warm=true"]
+    exact = by["paraddpm100paper:steps=20,window=8,tol=0,warm=true"]
     assert exact["baseline"] == "ddpm20" and exact["action_max_abs_diff"] <= 1e-4  # against DDPM on its own noise
     assert exact["parallel_iters_mean"] == 20  # tol 0 slides one step per round, warm or cold
-    loose = by["paraddpm100:steps=20,window=8,warm=true"]
+    loose = by["paraddpm100paper:steps=20,window=8,warm=true"]
     assert loose["parallel_iters_mean"] < 20 and loose["action_max_abs_diff"] < 0.5
 
 

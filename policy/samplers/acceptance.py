@@ -46,8 +46,7 @@ def acceptance(plan, rule: str, tol: float, floor: float, dim: int, window: int)
         if window < plan.n:
             raise UserError(f"sampler.window: {window} is shorter than the chain ({plan.n} steps); the chunk rule "
                             "stops on the chain's end, which needs a whole-chain window")
-        if floor:
-            raise UserError("sampler.floor: the chunk rule has no per-point scale to floor (use tol)")
+        # no per-point scale, so nothing to floor: a preset's floor does not stop a switch to this rule
         return Acceptance(torch.zeros_like(plan.var), tol**2 * dim)
     if rule == "paper":
         scale = plan.var
