@@ -102,12 +102,16 @@ class DiffusionPolicy(nn.Module):
         pad = self.denoiser.pad and takes_pad(self._sample_fn)
         return {**self._sample_options, **({"pad": True} if pad else {})}
 
-    def choose_window(self, obs: torch.Tensor) -> dict | None:
+    def choose_window(self, obs: torch.Tensor | None = None) -> dict | None:
         """For `sampler.window=auto`: the window measured for this device, checkpoint and sampler
-        (cached; measured on observation histories `obs` [B, n_obs, D] if not yet), now in use.
-        Returns the measurement (None when the window is not auto)."""
+        (cached; measured on observation histories `obs` [B, n_obs, D] if not yet: by default the
+        one at the centre of the normalizer's range, for a server or loop to choose before its
+        first plan), now in use. Returns the measurement (None when the window is not auto)."""
         if not self._auto_window:
             return None
+        if obs is None:
+            obs = self.normalizer.unnormalize(
+                "obs", torch.zeros((1, self.cfg.n_obs_steps, self.obs_dim), device=self.device))
         from policy import autowindow
 
         setting = repr(self.sampler)  # per policy: hashing the weights again on every plan would cost 20 ms

@@ -187,10 +187,7 @@ def main(cfg) -> None:
     pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
     pol.sampler = SamplerConfig(**cfg.sampler)
     pol.seed(cfg.seed)
-    # window=auto: measured (or read from the cache) before the first request, so no robot's first
-    # plan waits for it; on the observation at the centre of the normalizer's range
-    centre = pol.normalizer.unnormalize("obs", torch.zeros((1, pol.cfg.n_obs_steps, pol.obs_dim), device=pol.device))
-    entry = pol.choose_window(centre)
+    entry = pol.choose_window()  # window=auto: chosen (or read from the cache) before the first request
     if entry is not None:
         print(f"dp-serve: window=auto chose {entry['window']} on {entry['machine']}", flush=True)
     service = PolicyService(pol)

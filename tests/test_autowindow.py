@@ -93,3 +93,19 @@ def test_dp_bench_measures_auto_windows_before_timing_and_shows_them(checkpoint,
     row = next(r for r in results if r["name"] == "paraddpm100:steps=20,window=auto")
     entry = context["window_auto"]["paraddpm100:steps=20,window=auto"]
     assert row["window"] == entry["window"] and {r["window"] for r in entry["rows"]} == {4, 8, 16, 20}
+
+
+def test_a_server_or_loop_chooses_the_window_before_its_first_plan(checkpoint, cache):
+    """`choose_window()` with no observation measures on the normalizer's centre observation, so
+    dp-serve and the local real-time planner pay it at start-up; the first plan then measures nothing."""
+    from rollouts.realtime import LocalPlanner
+
+    pol = _policy(checkpoint, "paraddpm100:steps=20")  # the preset: window auto
+    assert pol._sample_options["window"] is None
+    LocalPlanner(pol)
+    chosen = pol._sample_options["window"]
+    assert chosen in {4, 8, 16, 20} and json.loads(cache.read_text())  # measured and cached
+    measured = dict(pol._windows)
+    pol.plan(np.zeros((2, pol.obs_dim), np.float32))
+    assert pol._windows == measured and pol._sample_options["window"] == chosen
+    assert _policy(checkpoint, "paraddpm100paper:steps=20").choose_window() is None  # a fixed window
