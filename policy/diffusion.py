@@ -16,7 +16,7 @@ from envs.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.normalizer import Normalizer
 from policy.denoiser import Denoiser, resolve_capture
-from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve, takes_pad
+from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve, takes_inpaint, takes_pad
 from policy.safety import NonFiniteActions, check_actions, check_observation
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
@@ -146,16 +146,22 @@ class DiffusionPolicy(nn.Module):
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, advance: int | None = None,
-               step_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, SampleResult]:
+               step_noise: torch.Tensor | None = None, inpaint=None) -> tuple[torch.Tensor, SampleResult]:
         """Raw action chunks [B, horizon, A] for raw observation histories [B, n_obs, D]; the
         initial and step noise come from `generator` (default: the policy's, see `seed`), or are
         given (`noise`, and `step_noise` [n, B, horizon, A] for the sampler's chain).
 
         With `sampler.warm`, a plan `advance` control steps after the previous one (None: cold)
-        shifts that plan's noise and starts from its chain (`policy.warm`)."""
+        shifts that plan's noise and starts from its chain (`policy.warm`). `inpaint`
+        (`samplers.inpaint.Inpaint`, normalized actions) pulls the chain toward committed actions."""
         generator = self.generator if generator is None else generator
         shape = (obs.shape[0], self.cfg.horizon, self.action_dim)
         extra = {} if step_noise is None else {"step_noise": step_noise}
+        if inpaint is not None:
+            if not takes_inpaint(self._sample_fn):
+                raise UserError(f"committed: {self.sampler.name} cannot take committed actions "
+                                "(the sequential and ParaDiGMS samplers can)")
+            extra["inpaint"] = inpaint
         warmed = bool(self.sampler.warm) and noise is None
         if warmed:
             chain = get_plan(self.scheduler, *chain_of(self.sampler, self.cfg.schedule.num_train_timesteps),
@@ -172,17 +178,37 @@ class DiffusionPolicy(nn.Module):
             self.warm.keep(result.chain)
         return self.normalizer.unnormalize("action", result.x), result
 
+    def _inpaint(self, committed: np.ndarray, frozen: int):
+        from policy.samplers.inpaint import Inpaint, rtc_weights
+
+        committed = check_observation(committed, "committed")  # float32, finite
+        m = len(committed) if committed.ndim else 0
+        if committed.ndim != 2 or committed.shape[1] != self.action_dim or not 1 <= m <= self.max_actions:
+            raise ValueError(f"committed: shape {committed.shape}, expected [1..{self.max_actions}, {self.action_dim}]")
+        if not 0 <= int(frozen) <= m:
+            raise ValueError(f"frozen: {frozen} is not in 0..{m} (the committed actions)")
+        first = self.cfg.n_obs_steps - 1  # chunk index of the current step
+        prefix = torch.zeros((1, self.cfg.horizon, self.action_dim), device=self.device)
+        prefix[0, first:first + m] = self.normalizer.normalize("action", torch.as_tensor(committed, device=self.device))
+        w = torch.zeros(self.cfg.horizon, device=self.device)
+        w[first:] = rtc_weights(self.cfg.horizon - first, int(frozen), m, self.device)
+        return Inpaint(prefix, w)
+
     @property
     def max_actions(self) -> int:
         """The most actions a plan can return: the chunk from the current step to its end."""
         return self.cfg.horizon - self.cfg.n_obs_steps + 1
 
-    def plan(self, obs_history: np.ndarray, n_actions: int | None = None, advance: int | None = None) -> PlanResult:
+    def plan(self, obs_history: np.ndarray, n_actions: int | None = None, advance: int | None = None,
+             committed: np.ndarray | None = None, frozen: int = 0) -> PlanResult:
         """The actions to execute next for one observation history [n_obs_steps, obs_dim]: the
         first `n_actions` (default `n_action_steps`; at most `max_actions`) from the current step.
         An asynchronous control loop asks for more than it executes, to cover the next plan's latency.
         `advance`: control steps since this episode's previous plan (None: the episode's first);
         only a warm-started sampler uses it, to shift that plan's noise and chain.
+        `committed` [m, action_dim] (env units): the actions the robot will execute from the current
+        step on while this plan runs (Real-Time Chunking): the new chunk is inpainted to agree with
+        them, exactly on the first `frozen`, with weights decaying over the rest (`samplers.inpaint`).
 
         Raises ValueError for an observation that is not finite as float32, and
         `policy.safety.NonFiniteActions` instead of returning a chunk with NaN or inf in it."""
@@ -194,7 +220,8 @@ class DiffusionPolicy(nn.Module):
         want = (self.cfg.n_obs_steps, self.obs_dim)
         if obs.shape != want:
             raise ValueError(f"obs_history: shape {obs.shape}, expected {want}")
-        chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None], advance=advance)
+        inpaint = None if committed is None else self._inpaint(committed, frozen)
+        chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None], advance=advance, inpaint=inpaint)
         first = self.cfg.n_obs_steps - 1  # chunk index 0 is the oldest observation's step; this is the current one
         actions = chunk[0, first : first + n]
         if self.device.type == "cuda":

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MERGES = ("latest", "average", "act")
+MERGES = ("latest", "average", "act")  # the loop's rtc merges as latest, its plans inpainted (rollouts.realtime)
 
 
 @dataclass
@@ -63,6 +63,20 @@ class ActionSchedule:
     def remaining(self, step: int) -> int:
         """Steps from `step` on that some chunk covers (0: the robot would have nothing to execute)."""
         return max([c.end - step for c in self.chunks] + [0])
+
+    def upcoming(self, step: int, n: int) -> np.ndarray:
+        """The actions [m <= n, action_dim] that will be sent from `step` on as things stand (no
+        new chunk), up to the first step no chunk covers."""
+        out = []
+        for s in range(step, step + n):
+            covering = [c for c in self.chunks if c.start <= s < c.end]
+            if not covering:
+                break
+            w = self._weights(len(covering))
+            out.append(w @ np.stack([c.actions[s - c.start] for c in covering]))
+        if not out:
+            return np.zeros((0, self.chunks[0].actions.shape[1] if self.chunks else 0), np.float32)
+        return np.stack(out).astype(np.float32)
 
     def pop(self, step: int) -> Scheduled | None:
         """The action for `step` (None if no chunk covers it); chunks that end by then are dropped."""

@@ -36,26 +36,32 @@ from envs.errors import UserError
 from policy.safety import NonFiniteActions
 from rollouts.chunks import MERGES, ActionSchedule
 
+LOOP_MERGES = (*MERGES, "rtc")  # rtc: latest, with each plan inpainted to agree with what runs meanwhile
+
 TRANSPORTS = ("server", "local")
 
 
 @dataclass
 class LoopConfig:
     rate_hz: float | None = None  # wall-clock control rate (default: the task's 20 Hz)
-    merge: str = "latest"  # latest | average | act: how overlapping chunks are merged
+    merge: str = "latest"  # latest | average | act: how overlapping chunks are merged; rtc: the next plan
+    #                        is inpainted to agree with the actions executing while it runs (samplers/inpaint.py)
     merge_alpha: float = 0.5  # average: the newer chunk's weight
     act_m: float = 0.01  # act: ACT's exponential weight decay per chunk of age
     replan_every: int | None = None  # steps between plan requests (default: the policy's n_action_steps)
     n_actions: int | None = None  # actions asked of each plan (default: the rest of the chunk, 15 of 16)
     transport: str = "server"  # server: dp-serve in its own process over loopback; local: a thread here
+    extra_delay_ms: float = 0.0  # latency added to every plan on purpose (success against delay)
 
     def check(self) -> None:
-        if self.merge not in MERGES:
-            raise UserError(f"loop.merge: {self.merge!r} is not one of {', '.join(MERGES)}")
+        if self.merge not in LOOP_MERGES:
+            raise UserError(f"loop.merge: {self.merge!r} is not one of {', '.join(LOOP_MERGES)}")
         if not 0.0 < self.merge_alpha <= 1.0:
             raise UserError(f"loop.merge_alpha: {self.merge_alpha} is not in (0, 1]")
         if self.transport not in TRANSPORTS:
             raise UserError(f"loop.transport: {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
+        if self.extra_delay_ms < 0:
+            raise UserError(f"loop.extra_delay_ms: {self.extra_delay_ms} must be >= 0")
         if self.rate_hz is not None and self.rate_hz <= 0:
             raise UserError(f"loop.rate_hz: {self.rate_hz} must be positive")
         for name in ("replan_every", "n_actions"):
@@ -69,11 +75,13 @@ class Planner(Protocol):
     n_action_steps: int
     max_actions: int
 
-    def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None) -> tuple[np.ndarray, dict]:
+    def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None,
+             committed: np.ndarray | None = None, frozen: int = 0) -> tuple[np.ndarray, dict]:
         """An action chunk [n_actions, action_dim] from the current step on, and the plan's stats
         (`model_evals`, `parallel_iters`, `converged`, `plan_ms`); `advance` is the number of
         control steps since the episode's previous plan (None: the episode's first), which a
-        warm-started sampler needs."""
+        warm-started sampler needs; `committed` the actions executing from the current step on
+        while it plans, the first `frozen` of them kept exactly (Real-Time Chunking)."""
         ...
 
 
@@ -89,8 +97,9 @@ class LocalPlanner:
     def seed(self, seed: int) -> None:
         self.policy.seed(seed)
 
-    def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None) -> tuple[np.ndarray, dict]:
-        r = self.policy.plan(obs_history, n_actions, advance)
+    def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None,
+             committed: np.ndarray | None = None, frozen: int = 0) -> tuple[np.ndarray, dict]:
+        r = self.policy.plan(obs_history, n_actions, advance, committed, frozen)
         return r.actions, {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
                            "parallel_iters": r.parallel_iters, "converged": r.converged}
 
@@ -104,10 +113,13 @@ class RemotePlanner:
         self.n_obs_steps, self.n_action_steps = meta["obs_shape"][0], meta["n_action_steps"]
         self.max_actions = meta["max_actions"]
 
-    def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None) -> tuple[np.ndarray, dict]:
+    def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None,
+             committed: np.ndarray | None = None, frozen: int = 0) -> tuple[np.ndarray, dict]:
         request = {self.client.metadata["obs_key"]: np.asarray(obs_history, np.float32), "n_actions": n_actions}
         if advance is not None:
             request["advance"] = advance
+        if committed is not None:
+            request["committed"], request["frozen"] = np.asarray(committed, np.float32), int(frozen)
         reply = self.client.infer(request)
         return reply["actions"], reply["policy_timing"]
 
@@ -139,14 +151,19 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
     period = robot.period
     n_actions = min(cfg.n_actions or planner.max_actions, planner.max_actions)
     replan = cfg.replan_every or planner.n_action_steps
-    schedule = ActionSchedule(cfg.merge, cfg.merge_alpha, cfg.act_m)
+    schedule = ActionSchedule("latest" if cfg.merge == "rtc" else cfg.merge, cfg.merge_alpha, cfg.act_m)
     stats = LoopStats(period_s=period)
     _, obs = robot.read()
     history = deque([obs] * planner.n_obs_steps, maxlen=planner.n_obs_steps)
 
-    def timed(obs_history: np.ndarray, advance: int | None) -> tuple[np.ndarray, dict, float]:
+    def timed(obs_history: np.ndarray, advance: int | None, committed=None, frozen: int = 0):
         start = clock()
-        actions, info = planner.plan(obs_history, n_actions, advance)
+        if committed is None:  # a planner written before Real-Time Chunking takes three arguments
+            actions, info = planner.plan(obs_history, n_actions, advance)
+        else:
+            actions, info = planner.plan(obs_history, n_actions, advance, committed, frozen)
+        if cfg.extra_delay_ms:  # the chunk arrives this much later, as from a slower computer
+            sleep(cfg.extra_delay_ms / 1e3)
         return actions, info, (clock() - start) * 1e3
 
     def record(step: int, arrived: int, skipped: int, result: tuple[np.ndarray, dict, float]) -> None:
@@ -200,7 +217,13 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
                     record(request[0], k, skipped, result)
                 pending = None
             if pending is None and (retry or k - request[0] >= replan):
-                pending = pool.submit(timed, np.stack(history), k - request[0])
+                committed, frozen = None, 0
+                if cfg.merge == "rtc":  # what runs while this plan does: keep it, frozen for the expected delay
+                    committed = schedule.upcoming(k, planner.max_actions)
+                    last_ms = stats.plans[-1]["latency_ms"] if stats.plans else 0.0
+                    frozen = min(len(committed), int(np.ceil(last_ms / 1e3 / period)))
+                    committed = committed if len(committed) else None
+                pending = pool.submit(timed, np.stack(history), k - request[0], committed, frozen)
                 request, retry = (k, t_obs), False
             item = schedule.pop(k)
             if item is None:

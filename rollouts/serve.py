@@ -45,6 +45,8 @@ from rollouts import wire
 OBS_KEY = "obs_history"
 N_ACTIONS_KEY = "n_actions"
 ADVANCE_KEY = "advance"
+COMMITTED_KEY = "committed"  # Real-Time Chunking: the actions executing while this plan runs, float [m, action_dim]
+FROZEN_KEY = "frozen"  # how many of them the new chunk must keep exactly
 
 
 @dataclass
@@ -100,16 +102,29 @@ class PolicyService:
             raise ValueError(f"{ADVANCE_KEY}: {advance!r} is not a non-negative integer")
         return x, None if n is None else int(n), None if advance is None else int(advance)
 
+    def check_committed(self, obs: dict) -> tuple[np.ndarray | None, int]:
+        """Real-Time Chunking's fields of a request: the actions the robot will execute while this
+        plan runs (float [m, action_dim]) and how many of them are frozen; absent: a free plan."""
+        committed, frozen = obs.get(COMMITTED_KEY), obs.get(FROZEN_KEY, 0)
+        if committed is None:
+            return None, 0
+        if not isinstance(committed, np.ndarray) or committed.dtype.kind != "f":
+            raise ValueError(f"{COMMITTED_KEY}: expected a float array [m, {self.policy.action_dim}]")
+        if isinstance(frozen, bool) or not isinstance(frozen, (int, np.integer)):
+            raise ValueError(f"{FROZEN_KEY}: {frozen!r} is not an integer")
+        return committed, int(frozen)
+
     def infer(self, obs, warm: WarmStart | None = None) -> dict:
         """Plan for one request; `warm` is the connection's own warm-start state."""
         x, n, advance = self.check(obs)
+        committed, frozen = self.check_committed(obs)
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - start
             own = self.policy.warm  # this connection's state in, the policy's own back after
             self.policy.warm = warm if warm is not None else WarmStart()
             try:
-                r = self.policy.plan(x, n, advance)
+                r = self.policy.plan(x, n, advance, committed, frozen)
             finally:
                 self.policy.warm = own
             self.served += 1

@@ -264,3 +264,64 @@ def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
     for prev, nxt in zip(result.plans, result.plans[1:]):  # the next request waits for the chunk and 6 steps
         assert nxt["step"] >= max(prev["step"] + 6, prev["arrived"])
     assert pol.warm.chain is not None and all(p["model_evals"] > 0 for p in result.plans)
+
+
+class CommittingPlanner(SleepyPlanner):
+    """A SleepyPlanner that records what Real-Time Chunking hands it."""
+
+    def __init__(self, latency):
+        super().__init__(latency)
+        self.committed = []
+
+    def plan(self, obs_history, n_actions, advance=None, committed=None, frozen=0):
+        self.committed.append((None if committed is None else committed.copy(), frozen))
+        return super().plan(obs_history, n_actions, advance)
+
+
+def test_rtc_hands_each_plan_the_actions_that_run_meanwhile_and_extra_delay_delays_it():
+    period, latency = 0.02, 0.05
+    planner = CommittingPlanner(latency)
+    cfg = LoopConfig(merge="rtc", replan_every=4, extra_delay_ms=40.0)
+    stats = run_loop(CountingRobot(period), planner, cfg, max_steps=40)
+    first, *later = planner.committed
+    assert first == (None, 0)  # nothing runs before the first chunk
+    assert later and all(c is not None for c, _ in later)
+    for (committed, frozen), before in zip(later, stats.plans):
+        # the schedule at the request: the newest chunk's actions from that step on ([plan id, index]),
+        # frozen for as many steps as the last plan took (plan + extra delay), at most all of them
+        assert committed.shape[1] == 2 and len(set(committed[:, 0])) == 1
+        assert frozen == min(len(committed), int(np.ceil(before["latency_ms"] / 1e3 / period)))
+    assert all(p["latency_ms"] >= 40.0 for p in stats.plans)  # the extra delay is on every plan
+    with pytest.raises(UserError, match="loop.extra_delay_ms: -1.0 must be >= 0"):
+        LoopConfig(extra_delay_ms=-1.0).check()
+    with pytest.raises(UserError, match="loop.merge: 'rt' is not one of latest, average, act, rtc"):
+        LoopConfig(merge="rt").check()
+
+
+def test_sim_episode_with_real_time_chunking_in_process(checkpoint):
+    """loop.merge=rtc with the policy in process: each plan after the first is inpainted to the
+    actions the robot runs meanwhile, and the episode runs to its end."""
+    pol = load_policy(checkpoint)
+    pol.sampler = SamplerConfig(name="paraddim", steps=5, window=5, tol=0.1)
+    robot = SimRobot(make_env("lift"), period=0.01)
+    planner = LocalPlanner(pol)
+    seen = []
+    plan = planner.plan
+    planner.plan = lambda obs, n, advance=None, committed=None, frozen=0: (
+        seen.append(committed is not None) or plan(obs, n, advance, committed, frozen))
+    result, stats = run_realtime_episode(robot, planner, seed=100001, cfg=LoopConfig(merge="rtc", replan_every=6))
+    assert result.error is None and robot.steps == 400 and len(result.plans) >= 3
+    assert seen[0] is False and sum(seen[1:]) >= 2  # (a plan asked when nothing is left to run is free)
+
+
+@pytest.mark.parametrize("merge", ["latest", "act"])
+def test_upcoming_actions_are_what_the_schedule_will_send(merge):
+    s = ActionSchedule(merge)
+    a = np.stack([np.arange(8.0), np.zeros(8)], 1).astype(np.float32)
+    s.add(a, 0, 0, 0.0)
+    s.add(a + 100, 4, 4, 1.0)
+    up = s.upcoming(5, 10)
+    assert up.shape == (7, 2)  # steps 5..11, then nothing covers step 12
+    for step in range(5, 12):
+        np.testing.assert_allclose(s.pop(step).action, up[step - 5], atol=1e-5)
+    assert s.upcoming(12, 4).shape == (0, 2)

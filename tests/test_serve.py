@@ -163,3 +163,21 @@ def test_own_client_and_a_small_load_test(start_server):
     assert (report["answered"], report["lost"], report["wrong"]) == (100, 0, 0)
     assert report["p99_ms"] >= report["p50_ms"] > 0
     assert service.served == 1 + 100
+
+
+def test_a_request_with_committed_actions_gets_a_chunk_that_starts_with_them(start_server):
+    """Real-Time Chunking through dp-serve: `committed` and `frozen` in the request; a request
+    without them (openpi-client's) is a free plan; a bad prefix is one line and the connection serves on."""
+    service, port = start_server()
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    p = service.policy
+    committed = np.linspace(-0.3, 0.3, 5 * p.action_dim, dtype=np.float32).reshape(5, p.action_dim)
+    out = client.infer({**_obs(service), "n_actions": 8, "committed": committed, "frozen": 3})
+    np.testing.assert_allclose(out["actions"][:3], committed[:3], atol=1e-5)
+    free = client.infer(_obs(service))["actions"]
+    assert np.abs(free[:3] - committed[:3]).max() > 1e-3
+    with pytest.raises(RuntimeError, match="frozen: 9 is not in 0..5"):
+        client.infer({**_obs(service), "committed": committed, "frozen": 9})
+    with pytest.raises(RuntimeError, match="committed: expected a float array"):
+        client.infer({**_obs(service), "committed": [1, 2]})
+    assert client.infer(_obs(service))["actions"].shape[0] == p.cfg.n_action_steps

@@ -111,13 +111,18 @@ def _parameters(fn: Callable):
 def options_of(fn: Callable) -> set[str]:
     """The keyword options a sampler function takes (those not fixed by its registry entry)."""
     fixed = set(fn.keywords) if isinstance(fn, partial) else set()
-    internal = {"callback", "taus", "step_noise", "init", "pad"}  # set by the caller, not by a config
+    internal = {"callback", "taus", "step_noise", "init", "pad", "inpaint"}  # set by the caller, not by a config
     return {p.name for p in _parameters(fn).values() if p.kind is p.KEYWORD_ONLY and p.name not in fixed | internal}
 
 
 def takes_init(fn: Callable) -> bool:
     """Whether a sampler starts from a chain guess (`init`), so it can be warm-started."""
     return "init" in _parameters(fn)
+
+
+def takes_inpaint(fn: Callable) -> bool:
+    """Whether a sampler can pull its chain toward committed actions (`samplers.inpaint`)."""
+    return "inpaint" in _parameters(fn)
 
 
 def takes_pad(fn: Callable) -> bool:
@@ -186,4 +191,4 @@ def _check(name: str, options: dict) -> None:
 
 
 __all__ = ["SampleResult", "SamplerConfig", "aligner_choice", "chain_of", "get_sampler", "options_of", "resolve",
-           "solver_of", "takes_pad"]
+           "solver_of", "takes_inpaint", "takes_pad"]

@@ -53,14 +53,16 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
               tol: float = 0.1, max_iters: int | None = None,
               taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
               anderson: int = 0, rule: str = "paper", floor: float = 0.0,
-              init: torch.Tensor | None = None, pad: bool = False, callback=None) -> SampleResult:
+              init: torch.Tensor | None = None, pad: bool = False, inpaint=None, callback=None) -> SampleResult:
     """Picard-iterate the `solver` chain of `steps` steps from `noise` [B, horizon, A] to
     tolerance `tol`, `window` steps per sample per iteration, at most `max_iters` iterations;
     `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess;
     `anderson` > 0 mixes the guesses of the window's unaccepted points over that many past rounds;
     `rule` and `floor` choose when a point is accepted (`acceptance.py`); `pad` evaluates every
     round at the full window's [B * window] rows, the rows past the chain's end masked (fixed
-    shapes for a captured denoiser, `policy.denoiser`; the counts are the unmasked rows')."""
+    shapes for a captured denoiser, `policy.denoiser`; the counts are the unmasked rows'); `inpaint`
+    (`inpaint.Inpaint`) pulls every point toward a committed prefix, a step then being
+    `x_{k+1} = pull(step(x_k) + z_k)`, which Picard iteration solves the same way."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if window < 1:
@@ -73,13 +75,15 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
     # a round is one fixed-shape scatter, with no host-side selection of rows (a GPU round's only
     # host synchronisation is the loop's convergence test).
     trash = n + 1
+    pull = None if inpaint is None else inpaint.bind(plan, noise)
+    first_point = noise if pull is None else pull(noise, 0, torch.arange(B, device=dev))
     if init is None:
-        chain = noise[:, None].repeat(1, n + 2, *([1] * (noise.dim() - 1)))
+        chain = first_point[:, None].repeat(1, n + 2, *([1] * (noise.dim() - 1)))
     else:
         if init.shape != (B, n + 1, *noise.shape[1:]):
             raise ValueError(f"init: shape {tuple(init.shape)}, expected {(B, n + 1, *noise.shape[1:])}")
         chain = torch.cat([init, init[:, -1:]], 1)
-        chain[:, 0] = noise
+        chain[:, 0] = first_point
     history = new_history(plan, noise)
     if anderson < 0:
         raise ValueError(f"sampler.anderson: {anderson} must be >= 0")
@@ -104,7 +108,11 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
             (b_rows, j_rows), keep = valid.nonzero(as_tuple=True), None
         k_rows = k[b_rows, j_rows].clamp(max=n - 1)
         x_rows = chain[b_rows, k_rows]
-        step = step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history, keep=keep) - x_rows + z[b_rows, k_rows]
+        if pull is None:
+            step = step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history, keep=keep) - x_rows + z[b_rows, k_rows]
+        else:  # the pulled step, as a move from x_k: the cumulative sums below telescope to it
+            step = pull(step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history, keep=keep) + z[b_rows, k_rows],
+                        k_rows + 1, b_rows) - x_rows
         if pad:
             move = torch.where(keep.reshape(-1, *([1] * (noise.dim() - 1))), step, 0.0).reshape(shape)
         else:

@@ -25,11 +25,12 @@ from policy.samplers.solvers import get_plan, new_history, step_rows
 def sequential(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
                *, solver: str, steps: int | None = None, spacing: str = "trailing", start: int = 0,
                taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
-               init: torch.Tensor | None = None, callback=None) -> SampleResult:
+               init: torch.Tensor | None = None, inpaint=None, callback=None) -> SampleResult:
     """Denoise `noise` [B, horizon, A] in `steps` steps of `solver` (default: every training step);
     `step_noise` [n, B, horizon, A] is the steps' scaled noise (default: drawn from `generator`).
     With a chain guess `init` [B, n + 1, ...] (a warm start) and `start` > 0, begin at step
-    `start` from the guess of the chain's end noised to that level."""
+    `start` from the guess of the chain's end noised to that level. `inpaint` (`samplers.inpaint.Inpaint`)
+    pulls every point toward a committed prefix."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     if not 0 <= start < plan.n:
         raise UserError(f"sampler.start: {start} is not a step of the {plan.n}-step chain (0..{plan.n - 1})")
@@ -39,17 +40,23 @@ def sequential(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gen
     z = plan.draw_noise(noise.shape, generator, noise.device, noise.dtype) if step_noise is None else step_noise
     history = new_history(plan, noise)
     rows = torch.arange(noise.shape[0], device=noise.device)
-    chain = noise[:, None].repeat(1, plan.n + 1, *([1] * (noise.dim() - 1)))
+    pull = None if inpaint is None else inpaint.bind(plan, noise)
+    start_point = noise if pull is None else pull(noise, 0, rows)
+    chain = start_point[:, None].repeat(1, plan.n + 1, *([1] * (noise.dim() - 1)))
     first = 0
     if init is not None and start:
         a = plan.sqrt_a[start]
         chain[:, : start + 1] = init[:, : start + 1]
         chain[:, start] = a * init[:, plan.n] + (1 - a * a).sqrt() * noise
+        if pull is not None:
+            chain[:, start] = pull(chain[:, start], start, rows)
         first = start
     x = chain[:, first]
     for i in range(first, plan.n):
         k = torch.full_like(rows, i)
         x = step_rows(plan, denoiser, cond, x, k, rows, history) + z[i]
+        if pull is not None:
+            x = pull(x, i + 1, rows)
         chain[:, i + 1] = x
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x})

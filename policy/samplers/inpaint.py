@@ -1,0 +1,75 @@
+"""Inpainting a committed prefix into a sampler's chain, by replacement (Real-Time Chunking,
+Black, Galliker and Levine 2025, replacement mode).
+
+A control loop that plans the next chunk while the current one executes knows the actions that
+will run before the new chunk arrives. The new chunk must agree with them: after every step, each
+point of the chain is pulled toward those actions noised to its own level,
+
+    target_i = sqrt(abar_i) * prefix + sqrt(1 - abar_i) * x_T,      x_i <- x_i + w * (target_i - x_i),
+
+with a weight per action of the chunk, `w` in [0, 1] (1 on the frozen actions, decaying over the
+overlap, 0 after it). The noise is the chain's own x_T, so the pull is a fixed affine map of each
+point: a step followed by it is still a deterministic function of the point before, and Picard
+iteration solves the constrained chain as it solves the plain one (ParaDiGMS writes each step as
+`x_{k+1} = x_k + (f_k(x_k) - x_k)`, whatever `f_k` is). The chain's end is clean data
+(abar = 1), so actions with weight 1 end exactly on the prefix.
+
+Hand-written: diffusers' inpainting pipelines are image pipelines over one shared timestep, and
+LeRobot's real-time chunking is for flow-matching policies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Inpaint:
+    prefix: torch.Tensor  # [B, horizon, A] committed actions, normalized (rows past the prefix: anything)
+    weights: torch.Tensor  # [horizon] pull toward the prefix, in [0, 1]
+
+    def __post_init__(self):
+        if self.weights.dim() != 1 or self.weights.shape[0] != self.prefix.shape[1]:
+            raise ValueError(f"inpaint: weights of shape {tuple(self.weights.shape)} for a horizon of "
+                             f"{self.prefix.shape[1]}")
+        if bool(((self.weights < 0) | (self.weights > 1)).any()):
+            raise ValueError("inpaint: weights must lie in [0, 1]")
+
+    def bind(self, plan, noise: torch.Tensor) -> "BoundInpaint":
+        """The pull for the chain of `plan` started from `noise` [B, horizon, A] (its x_T)."""
+        if self.prefix.shape != noise.shape:
+            raise ValueError(f"inpaint: prefix of shape {tuple(self.prefix.shape)} for chunks of {tuple(noise.shape)}")
+        a = torch.cat([plan.sqrt_a, plan.sqrt_a.new_ones(1)])  # points 0..n: step i's level, then clean data
+        return BoundInpaint(self.prefix.to(noise), self.weights.to(noise)[None, :, None], noise, a,
+                            (1 - a * a).clamp(min=0).sqrt())
+
+
+@dataclass
+class BoundInpaint:
+    prefix: torch.Tensor
+    w: torch.Tensor  # [1, horizon, 1]
+    noise: torch.Tensor
+    a: torch.Tensor  # [n + 1] sqrt(abar) of each point
+    s: torch.Tensor  # [n + 1] sqrt(1 - abar)
+
+    def __call__(self, x: torch.Tensor, points: torch.Tensor | int, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `x` [M, horizon, A] that are points `points` [M] (or one int) of samples `rows` [M], pulled."""
+        a, s = self.a[points], self.s[points]
+        if not isinstance(points, int):
+            a, s = a.reshape(-1, 1, 1), s.reshape(-1, 1, 1)
+        target = a * self.prefix[rows] + s * self.noise[rows]
+        return x + self.w * (target - x)
+
+
+def rtc_weights(horizon: int, frozen: int, overlap: int, device=None) -> torch.Tensor:
+    """Real-Time Chunking's soft mask: 1 on the first `frozen` actions (they execute before the new
+    chunk arrives), decaying exponentially to 0 over the rest of the `overlap` with the previous
+    chunk, 0 after it (RTC's mask: c_i = (overlap - i) / (overlap - frozen + 1), w_i = c_i (e^c_i - 1) / (e - 1))."""
+    if not 0 <= frozen <= overlap <= horizon:
+        raise ValueError(f"inpaint: need 0 <= frozen ({frozen}) <= overlap ({overlap}) <= horizon ({horizon})")
+    i = torch.arange(horizon, dtype=torch.float32, device=device)
+    c = ((overlap - i) / (overlap - frozen + 1)).clamp(min=0)
+    w = torch.where(i < frozen, torch.ones_like(c), c * torch.expm1(c) / torch.expm1(torch.ones(())))
+    return torch.where(i >= overlap, torch.zeros_like(w), w)

@@ -1,0 +1,84 @@
+"""Inpainting a committed prefix (`policy/samplers/inpaint.py`, Real-Time Chunking's replacement
+mode): the chain ends on the frozen actions, and ParaDiGMS solves the pulled chain exactly."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policy.samplers import get_sampler
+from policy.samplers.inpaint import Inpaint, rtc_weights
+from test_samplers import inputs, net, sched  # noqa: F401  (the stand-in denoiser and schedule fixtures)
+
+
+def test_rtc_weights_freeze_decay_and_stop():
+    w = rtc_weights(16, frozen=3, overlap=10)
+    assert torch.equal(w[:3], torch.ones(3)) and torch.equal(w[10:], torch.zeros(6))
+    assert bool((w[3:10] > 0).all()) and bool((w[3:10] < 1).all()) and bool((w[3:10].diff() < 0).all())
+    c = (10 - 4) / (10 - 3 + 1)
+    assert abs(w[4].item() - c * (torch.e**c - 1) / (torch.e - 1)) < 1e-6  # RTC's exponential decay
+    with pytest.raises(ValueError, match="frozen"):
+        rtc_weights(16, frozen=5, overlap=3)
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim", "dpmsolver"])
+def test_the_chunk_ends_on_the_frozen_actions_and_is_free_after_the_overlap(net, sched, solver):
+    noise, cond = inputs(2, seed=3)
+    prefix = 0.5 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(9)))
+    w = rtc_weights(16, frozen=4, overlap=10)
+
+    plain = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=20)
+    pulled = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=20, inpaint=Inpaint(prefix, w))
+    assert torch.allclose(pulled.x[:, :4], prefix[:, :4], atol=1e-6)  # clean data at the end: exactly the prefix
+    moved = (pulled.x - plain.x).abs().amax((0, 2))
+    assert bool((moved[:4] > 1e-3).all())
+    assert pulled.model_evals == 20
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(solver=st.sampled_from(["ddpm", "ddim", "dpmsolver"]), steps=st.integers(2, 30), window=st.integers(1, 30),
+       frozen=st.integers(0, 8), anderson=st.sampled_from([0, 4]), pad=st.booleans())
+def test_paradigms_at_zero_tolerance_is_the_inpainted_sequential_sampler(net, sched, solver, steps, window, frozen,
+                                                                         anderson, pad):
+    noise, cond = inputs(2, seed=steps)
+    prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(steps)))
+    job = Inpaint(prefix, rtc_weights(16, frozen=frozen, overlap=max(frozen, 12)))
+    seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps, inpaint=job)
+    par = get_sampler(f"para{solver}")(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
+                                       window=window, tol=0.0, anderson=anderson, pad=pad, inpaint=job)
+    assert par.converged and (par.x - seq.x).abs().max().item() <= 1e-5
+    assert (par.chain - seq.chain).abs().max().item() <= 1e-4  # cumulative sums of noise-scale points round
+
+
+def test_bad_inpaint_inputs_are_named():
+    with pytest.raises(ValueError, match="weights of shape"):
+        Inpaint(torch.zeros(1, 16, 7), torch.ones(8))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        Inpaint(torch.zeros(1, 16, 7), torch.full((16,), 2.0))
+
+
+def test_a_plan_with_committed_actions_starts_with_them(checkpoint):
+    """`plan(obs, committed=..., frozen=d)`: the first d actions are the committed ones, the
+    overlap after them is pulled but not pinned; a bad prefix is named."""
+    import numpy as np
+
+    from envs.errors import UserError
+    from policy import load
+    from policy.samplers import SamplerConfig
+
+    pol = load(checkpoint)
+    obs = np.random.default_rng(0).normal(size=(2, pol.obs_dim)).astype(np.float32)
+    committed = np.random.default_rng(1).uniform(-0.5, 0.5, size=(6, pol.action_dim)).astype(np.float32)
+    for cfg in (SamplerConfig(name="ddim", steps=8), SamplerConfig(name="paraddim", steps=8, window=8, tol=0.0)):
+        pol.sampler = cfg
+        pol.seed(0)
+        plan = pol.plan(obs, n_actions=10, committed=committed, frozen=3)
+        np.testing.assert_allclose(plan.actions[:3], committed[:3], atol=1e-5)
+        assert np.abs(plan.actions[3:6] - committed[3:6]).max() > 1e-4  # decaying weights: pulled, not pinned
+    with pytest.raises(ValueError, match=r"committed: shape \(6, 3\), expected \[1..15, 7\]"):
+        pol.plan(obs, committed=committed[:, :3])
+    with pytest.raises(ValueError, match="frozen: 7 is not in 0..6"):
+        pol.plan(obs, committed=committed, frozen=7)
+    pol.sampler = SamplerConfig(name="piadm", steps=6)
+    with pytest.raises(UserError, match="committed: piadm cannot take committed actions"):
+        pol.plan(obs, committed=committed)
