@@ -242,7 +242,7 @@ def test_dp_eval_realtime_writes_its_report(checkpoint, tmp_path):
     assert r.returncode == 2 and "realtime" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run([str(BIN / "dp-eval"), f"checkpoint={checkpoint}", "realtime=true", "loop.merge=median",
                         f"out={tmp_path / 'x'}"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == "dp-eval: loop.merge: 'median' is not one of latest, average, act"
+    assert r.returncode == 2 and r.stderr.strip() == "dp-eval: loop.merge: 'median' is not one of latest, average, act, rtc"
 
 
 def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
