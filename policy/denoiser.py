@@ -84,9 +84,9 @@ class Denoiser:
     def _network(self) -> torch.nn.Module:
         if self.dtype is None and self.capture != "graph":
             return self.net  # nothing made from the weights to keep up to date
-        params = list(self.net.parameters())
         # where the weights are (graphs read them there), and for a 16-bit copy their versions too
-        weights = (params[0].data_ptr(), 0 if self.dtype is None else sum(p._version for p in params))
+        weights = (next(self.net.parameters()).data_ptr(),
+                   0 if self.dtype is None else sum(p._version for p in self.net.parameters()))
         if weights != self._weights:
             self._weights, self._copy = weights, None
             self._graphs.clear()

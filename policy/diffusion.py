@@ -97,9 +97,10 @@ class DiffusionPolicy(nn.Module):
             self._denoisers[key] = Denoiser(self.net, key[0], key[1], self.device)
         return self._denoisers[key]
 
-    def sample_options(self) -> dict:
-        """The sampler function's options as the next plan uses them (padding when the denoiser is captured)."""
-        pad = self.denoiser.pad and takes_pad(self._sample_fn)
+    def sample_options(self, denoiser: Denoiser | None = None) -> dict:
+        """The sampler function's options as the next plan uses them (padding when `denoiser`,
+        default the policy's, is captured)."""
+        pad = (denoiser or self.denoiser).pad and takes_pad(self._sample_fn)
         return {**self._sample_options, **({"pad": True} if pad else {})}
 
     def choose_window(self, obs: torch.Tensor | None = None) -> dict | None:
@@ -172,8 +173,9 @@ class DiffusionPolicy(nn.Module):
             noise = torch.randn(shape, generator=generator, device=self.device)
         if self._auto_window and self._sample_options["window"] is None:
             self.choose_window(obs)
-        result = self._sample_fn(self.denoiser, self.condition(obs), self.scheduler, noise, generator,
-                                 **self.sample_options(), **extra)
+        denoiser = self.denoiser
+        result = self._sample_fn(denoiser, self.condition(obs), self.scheduler, noise, generator,
+                                 **self.sample_options(denoiser), **extra)
         if warmed:
             self.warm.keep(result.chain)
         return self.normalizer.unnormalize("action", result.x), result

@@ -69,11 +69,10 @@ class ActionSchedule:
         new chunk), up to the first step no chunk covers."""
         out = []
         for s in range(step, step + n):
-            covering = [c for c in self.chunks if c.start <= s < c.end]
-            if not covering:
+            merged = self._merged(s)
+            if merged is None:
                 break
-            w = self._weights(len(covering))
-            out.append(w @ np.stack([c.actions[s - c.start] for c in covering]))
+            out.append(merged.action)
         if not out:
             return np.zeros((0, self.chunks[0].actions.shape[1] if self.chunks else 0), np.float32)
         return np.stack(out).astype(np.float32)
@@ -81,7 +80,11 @@ class ActionSchedule:
     def pop(self, step: int) -> Scheduled | None:
         """The action for `step` (None if no chunk covers it); chunks that end by then are dropped."""
         self.chunks = [c for c in self.chunks if c.end > step]
-        covering = [c for c in self.chunks if c.start <= step]
+        return self._merged(step)
+
+    def _merged(self, step: int) -> Scheduled | None:
+        """The chunks covering `step`, merged by the rule (None if none covers it)."""
+        covering = [c for c in self.chunks if c.start <= step < c.end]
         if not covering:
             return None
         acts = np.stack([c.actions[step - c.start] for c in covering])

@@ -51,5 +51,5 @@ def acceptance(plan, rule: str, tol: float, floor: float, dim: int, window: int)
     if rule == "paper":
         scale = plan.var
     else:  # points 0..n-1 sit at the noise level of their step's timestep, point n is clean data
-        scale = torch.cat([plan.sqrt_a.square(), plan.sqrt_a.new_ones(1)])
+        scale = plan.point_sqrt_a.square()
     return Acceptance(tol**2 * dim * scale.clamp(min=floor), None)

@@ -41,7 +41,7 @@ class Inpaint:
         """The pull for the chain of `plan` started from `noise` [B, horizon, A] (its x_T)."""
         if self.prefix.shape != noise.shape:
             raise ValueError(f"inpaint: prefix of shape {tuple(self.prefix.shape)} for chunks of {tuple(noise.shape)}")
-        a = torch.cat([plan.sqrt_a, plan.sqrt_a.new_ones(1)])  # points 0..n: step i's level, then clean data
+        a = plan.point_sqrt_a
         return BoundInpaint(self.prefix.to(noise), self.weights.to(noise)[None, :, None], noise, a,
                             (1 - a * a).clamp(min=0).sqrt())
 
@@ -51,7 +51,7 @@ class BoundInpaint:
     prefix: torch.Tensor
     w: torch.Tensor  # [1, horizon, 1]
     noise: torch.Tensor
-    a: torch.Tensor  # [n + 1] sqrt(abar) of each point
+    a: torch.Tensor  # [n + 1] sqrt(abar) of each point (Plan.point_sqrt_a)
     s: torch.Tensor  # [n + 1] sqrt(1 - abar)
 
     def __call__(self, x: torch.Tensor, points: torch.Tensor | int, rows: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,10 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
     # a round is one fixed-shape scatter, with no host-side selection of rows (a GPU round's only
     # host synchronisation is the loop's convergence test).
     trash = n + 1
+    samples = torch.arange(B, device=dev)
+    offsets = torch.arange(p, device=dev)
     pull = None if inpaint is None else inpaint.bind(plan, noise)
-    first_point = noise if pull is None else pull(noise, 0, torch.arange(B, device=dev))
+    first_point = noise if pull is None else pull(noise, 0, samples)
     if init is None:
         chain = first_point[:, None].repeat(1, n + 2, *([1] * (noise.dim() - 1)))
     else:
@@ -91,19 +93,18 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
     # Squared norms against squared bounds: no square roots per point.
     accept = acceptance(plan, rule, tol, floor, noise[0].numel(), p)
     bound = torch.cat([accept.point_bound, accept.point_bound[-1:]])  # [n + 2]
-    samples = torch.arange(B, device=dev)
-    offsets = torch.arange(p, device=dev)
     points = torch.arange(n + 2, device=dev)[None]
     begin = torch.zeros(B, dtype=torch.long, device=dev)
     evals = torch.zeros(B, dtype=torch.long, device=dev)
     shape = (B, p, *noise.shape[1:])
+    pad_rows = (samples.repeat_interleave(p), offsets.repeat(B)) if pad else None  # the same every round
     iters = 0
     while bool((begin < n).any()) and (max_iters is None or iters < max_iters):
         active = begin < n
         k = begin[:, None] + offsets  # [B, p] steps of each sample's window
         valid = (k < n) & active[:, None]
         if pad:  # every row of the window; those past the end (or of finished samples) are masked
-            b_rows, j_rows, keep = samples.repeat_interleave(p), offsets.repeat(B), valid.flatten()
+            (b_rows, j_rows), keep = pad_rows, valid.flatten()
         else:  # only the window's rows inside the chain
             (b_rows, j_rows), keep = valid.nonzero(as_tuple=True), None
         k_rows = k[b_rows, j_rows].clamp(max=n - 1)

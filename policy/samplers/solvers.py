@@ -55,6 +55,11 @@ class Plan:
     clip: bool
 
     @property
+    def point_sqrt_a(self) -> torch.Tensor:
+        """[n + 1] sqrt(alpha_bar) of the chain's points: point i < n sits at step i's level, point n is clean."""
+        return torch.cat([self.sqrt_a, self.sqrt_a.new_ones(1)])
+
+    @property
     def n(self) -> int:
         return len(self.timesteps)
 
