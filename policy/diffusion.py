@@ -160,8 +160,7 @@ class DiffusionPolicy(nn.Module):
         extra = {} if step_noise is None else {"step_noise": step_noise}
         if inpaint is not None:
             if not takes_inpaint(self._sample_fn):
-                raise UserError(f"committed: {self.sampler.name} cannot take committed actions "
-                                "(the sequential and ParaDiGMS samplers can)")
+                raise UserError(f"committed: {self.sampler.name} cannot take committed actions")
             extra["inpaint"] = inpaint
         warmed = bool(self.sampler.warm) and noise is None
         if warmed:
@@ -194,7 +193,7 @@ class DiffusionPolicy(nn.Module):
         prefix[0, first:first + m] = self.normalizer.normalize("action", torch.as_tensor(committed, device=self.device))
         w = torch.zeros(self.cfg.horizon, device=self.device)
         w[first:] = rtc_weights(self.cfg.horizon - first, int(frozen), m, self.device)
-        return Inpaint(prefix, w)
+        return Inpaint(prefix, w, self.sampler.inpaint or "replace")
 
     @property
     def max_actions(self) -> int:
@@ -210,7 +209,8 @@ class DiffusionPolicy(nn.Module):
         only a warm-started sampler uses it, to shift that plan's noise and chain.
         `committed` [m, action_dim] (env units): the actions the robot will execute from the current
         step on while this plan runs (Real-Time Chunking): the new chunk is inpainted to agree with
-        them, exactly on the first `frozen`, with weights decaying over the rest (`samplers.inpaint`).
+        them, exactly on the first `frozen` (by replacement; `sampler.inpaint=guide`: guided toward
+        them), with weights decaying over the rest (`samplers.inpaint`).
 
         Raises ValueError for an observation that is not finite as float32, and
         `policy.safety.NonFiniteActions` instead of returning a chunk with NaN or inf in it."""

@@ -1,5 +1,8 @@
-"""Inpainting a committed prefix (`policy/samplers/inpaint.py`, Real-Time Chunking's replacement
-mode): the chain ends on the frozen actions, and ParaDiGMS solves the pulled chain exactly."""
+"""Inpainting a committed prefix (`policy/samplers/inpaint.py`, Real-Time Chunking): by
+replacement the chain ends on the frozen actions; by guidance it is bent toward them with one
+vector-Jacobian product per step; ParaDiGMS and PIADM solve either constrained chain exactly."""
+
+import copy
 
 import pytest
 import torch
@@ -50,11 +53,89 @@ def test_paradigms_at_zero_tolerance_is_the_inpainted_sequential_sampler(net, sc
     assert (par.chain - seq.chain).abs().max().item() <= 1e-4  # cumulative sums of noise-scale points round
 
 
+class Differentiable(torch.nn.Module):
+    """The stand-in denoiser with its gradient (guidance takes a vector-Jacobian product through it);
+    `double=True`: a float64 copy, for exactness checks (the guided step divides by sqrt(abar)
+    twice, so float32 rounding of differently batched rows would reach 1e-4 near the noise)."""
+
+    def __init__(self, net, double: bool = False):
+        super().__init__()
+        self.net = copy.deepcopy(net).double() if double else net
+
+    def forward(self, x, t, cond):
+        return type(self.net).forward.__wrapped__(self.net, x, t, cond)
+
+
+class Counting:
+    def __init__(self, net):
+        self.net, self.calls, self.rows, self.grad = net, 0, 0, []
+
+    def __call__(self, x, t, cond):
+        self.calls, self.rows = self.calls + 1, self.rows + len(x)
+        self.grad.append(torch.is_grad_enabled())
+        return self.net(x, t, cond)
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "ddim", "dpmsolver"])
+def test_guidance_bends_the_chunk_toward_the_prefix_with_one_vjp_per_step(net, sched, solver):
+    noise, cond = inputs(2, seed=5)
+    prefix = 0.5 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(2)))
+    w = rtc_weights(16, frozen=4, overlap=10)
+    den = Counting(Differentiable(net))
+    with torch.no_grad():  # as the policy samples
+        plain = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=20)
+        assert not any(den.grad)
+        den.grad.clear()
+        guided = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=20,
+                                     inpaint=Inpaint(prefix, w, mode="guide"))
+    assert len(den.grad) == 20 and all(den.grad)  # each step's one call is taken with its gradient
+    # The stand-in's data estimate hardly depends on its point, so guidance moves its chunk only a
+    # little (the policy test below checks the pull toward the committed actions on a trained network).
+    assert (guided.x - plain.x).abs()[:, :4].amax().item() > 1e-7
+    assert guided.model_evals == 20
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(solver=st.sampled_from(["ddpm", "ddim", "dpmsolver"]), steps=st.integers(2, 25), window=st.integers(1, 25),
+       frozen=st.integers(0, 8), anderson=st.sampled_from([0, 4]), pad=st.booleans())
+def test_paradigms_at_zero_tolerance_is_the_guided_sequential_sampler(net, sched, solver, steps, window, frozen,
+                                                                      anderson, pad):
+    noise, cond = (v.double() for v in inputs(2, seed=steps))
+    prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(steps), dtype=torch.float64))
+    job = Inpaint(prefix, rtc_weights(16, frozen=frozen, overlap=max(frozen, 12)), mode="guide")
+    den = Differentiable(net, double=True)
+    seq = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps, inpaint=job)
+    par = get_sampler(f"para{solver}")(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
+                                       window=window, tol=0.0, anderson=anderson, pad=pad, inpaint=job)
+    assert par.converged and (par.x - seq.x).abs().max().item() <= 1e-9
+    assert (par.chain - seq.chain).abs().max().item() <= 1e-9
+
+
+@pytest.mark.parametrize("mode", ["replace", "guide"])
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+def test_piadm_with_enough_iterations_is_the_inpainted_sequential_sampler(net, sched, solver, mode):
+    noise, cond = (v.double() for v in inputs(2, seed=11))
+    prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    job = Inpaint(prefix, rtc_weights(16, frozen=3, overlap=12), mode=mode)
+    den = Differentiable(net, double=True)
+    seq = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=12, inpaint=job)
+    exact = get_sampler("piadm")(den, cond, sched, noise, torch.Generator().manual_seed(1), solver=solver, steps=12,
+                                 blocks=3, picard_iters=4, inpaint=job)
+    assert (exact.x - seq.x).abs().max().item() <= 1e-9 and exact.parallel_iters == 12
+    few = get_sampler("piadm")(den, cond, sched, noise, torch.Generator().manual_seed(1), solver=solver, steps=12,
+                               blocks=3, picard_iters=2, inpaint=job)
+    assert few.parallel_iters == 6
+    if mode == "replace":  # whatever the iterations, the rebuilt chain's end is pinned to the frozen actions
+        assert torch.allclose(few.x[:, :3], prefix[:, :3], atol=1e-6)
+
+
 def test_bad_inpaint_inputs_are_named():
     with pytest.raises(ValueError, match="weights of shape"):
         Inpaint(torch.zeros(1, 16, 7), torch.ones(8))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         Inpaint(torch.zeros(1, 16, 7), torch.full((16,), 2.0))
+    with pytest.raises(ValueError, match="mode 'pull' is not one of replace, guide"):
+        Inpaint(torch.zeros(1, 16, 7), torch.ones(16), mode="pull")
 
 
 def test_a_plan_with_committed_actions_starts_with_them(checkpoint):
@@ -79,6 +160,15 @@ def test_a_plan_with_committed_actions_starts_with_them(checkpoint):
         pol.plan(obs, committed=committed[:, :3])
     with pytest.raises(ValueError, match="frozen: 7 is not in 0..6"):
         pol.plan(obs, committed=committed, frozen=7)
-    pol.sampler = SamplerConfig(name="piadm", steps=6)
-    with pytest.raises(UserError, match="committed: piadm cannot take committed actions"):
-        pol.plan(obs, committed=committed)
+    pol.sampler = SamplerConfig(name="piadm", steps=6, blocks=2, picard_iters=3)
+    pol.seed(0)
+    plan = pol.plan(obs, n_actions=10, committed=committed, frozen=3)
+    np.testing.assert_allclose(plan.actions[:3], committed[:3], atol=1e-5)
+    pol.sampler = SamplerConfig(name="ddim", steps=8, inpaint="guide")
+    pol.seed(0)
+    free = pol.plan(obs, n_actions=10).actions
+    pol.seed(0)
+    guided = pol.plan(obs, n_actions=10, committed=committed, frozen=3).actions
+    assert np.abs(guided[:3] - committed[:3]).mean() < np.abs(free[:3] - committed[:3]).mean()
+    with pytest.raises(UserError, match="sampler.inpaint: 'pull' is not one of replace, guide"):
+        pol.sampler = SamplerConfig(name="ddim", steps=8, inpaint="pull")

@@ -51,6 +51,7 @@ class SamplerConfig:
     start: int | None = None  # sequential, warm: the step a warm plan begins at (Falcon; samplers/sequential.py)
     capture: str | None = None  # denoiser calls: auto | none | pad | graph (policy/denoiser.py; auto: graph on CUDA)
     precision: str | None = None  # denoiser weights: fp32 | bf16 | fp16 (the chain's arithmetic stays fp32)
+    inpaint: str | None = None  # committed actions (Real-Time Chunking): replace (default) | guide (samplers/inpaint.py)
 
 
 ALIGNER_OFF, ALIGNER_ON = ("false", "no", "off", "0", "none"), ("true", "yes", "on", "1")
@@ -141,6 +142,10 @@ def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     allowed = options_of(fn)
     aligner_choice(cfg)
     denoiser.check(cfg.capture, cfg.precision)
+    from policy.samplers.inpaint import MODES
+
+    if cfg.inpaint is not None and cfg.inpaint not in MODES:
+        raise UserError(f"sampler.inpaint: {cfg.inpaint!r} is not one of {', '.join(MODES)}")
     if cfg.warm and not takes_init(fn):
         raise UserError(f"sampler.warm: {cfg.name} has no chain to warm-start (the ParaDiGMS and PIADM samplers have)")
     if "start" in allowed and bool(cfg.warm) != bool(cfg.start):
@@ -149,7 +154,7 @@ def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     options = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in ("name", "aligner", "warm", "capture", "precision") or value is None:  # the policy's
+        if f.name in ("name", "aligner", "warm", "capture", "precision", "inpaint") or value is None:  # the policy's
             continue
         if f.name not in allowed:
             raise UserError(f"sampler.{f.name}: not an option of {cfg.name} (its options: {', '.join(sorted(allowed))})")

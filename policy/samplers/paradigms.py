@@ -62,7 +62,8 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
     round at the full window's [B * window] rows, the rows past the chain's end masked (fixed
     shapes for a captured denoiser, `policy.denoiser`; the counts are the unmasked rows'); `inpaint`
     (`inpaint.Inpaint`) pulls every point toward a committed prefix, a step then being
-    `x_{k+1} = pull(step(x_k) + z_k)`, which Picard iteration solves the same way."""
+    `x_{k+1} = pull(step(x_k) + z_k)` (or, guided, the step of a bent noise estimate), which
+    Picard iteration solves the same way."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if window < 1:
@@ -78,6 +79,7 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
     samples = torch.arange(B, device=dev)
     offsets = torch.arange(p, device=dev)
     pull = None if inpaint is None else inpaint.bind(plan, noise)
+    guide = None if pull is None else pull.guide
     first_point = noise if pull is None else pull(noise, 0, samples)
     if init is None:
         chain = first_point[:, None].repeat(1, n + 2, *([1] * (noise.dim() - 1)))
@@ -112,7 +114,8 @@ def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gene
         if pull is None:
             step = step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history, keep=keep) - x_rows + z[b_rows, k_rows]
         else:  # the pulled step, as a move from x_k: the cumulative sums below telescope to it
-            step = pull(step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history, keep=keep) + z[b_rows, k_rows],
+            step = pull(step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history, keep=keep, guide=guide)
+                        + z[b_rows, k_rows],
                         k_rows + 1, b_rows) - x_rows
         if pad:
             move = torch.where(keep.reshape(-1, *([1] * (noise.dim() - 1))), step, 0.0).reshape(shape)

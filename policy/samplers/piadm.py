@@ -40,10 +40,12 @@ def piadm(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generato
           *, solver: str = "ddim", steps: int | None = None, spacing: str = "trailing", blocks: int = 4,
           picard_iters: int = 3,
           taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
-          init: torch.Tensor | None = None, callback=None) -> SampleResult:
+          init: torch.Tensor | None = None, inpaint=None, callback=None) -> SampleResult:
     """`blocks` blocks of `picard_iters` parallel Picard iterations over the `solver` chain;
     `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess whose
-    points replace the copies of each block's first point."""
+    points replace the copies of each block's first point; `inpaint` (`inpaint.Inpaint`) pulls
+    every rebuilt point (or guides every noise estimate) toward a committed prefix, so that enough
+    iterations give exactly the inpainted sequential sampler."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     n, B, dev = plan.n, noise.shape[0], noise.device
     if not 1 <= blocks <= n:
@@ -53,10 +55,12 @@ def piadm(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generato
     z = plan.draw_noise(noise.shape, generator, dev, noise.dtype) if step_noise is None else step_noise  # [n, B, ...]
     if init is not None and init.shape != (B, n + 1, *noise.shape[1:]):
         raise ValueError(f"init: shape {tuple(init.shape)}, expected {(B, n + 1, *noise.shape[1:])}")
-    chain = [noise]
-    history = new_history(plan, noise)
     samples = torch.arange(B, device=dev)
-    x = noise
+    pull = None if inpaint is None else inpaint.bind(plan, noise)
+    guide = None if pull is None else pull.guide
+    x = noise if pull is None else pull(noise, 0, samples)
+    chain = [x]
+    history = new_history(plan, noise)
     evals = rounds = 0
     for block in np.array_split(np.arange(n), blocks):
         s, m_steps = int(block[0]), len(block)
@@ -73,7 +77,7 @@ def piadm(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generato
             rows_b = samples.repeat(len(m))
             k = rows_m + s
             x_rows = points[rows_m, rows_b]
-            mean = step_rows(plan, denoiser, cond, x_rows, k, rows_b, history)
+            mean = step_rows(plan, denoiser, cond, x_rows, k, rows_b, history, guide=guide)
             lagged[rows_m, rows_b] = mean - plan.linear[k].reshape(-1, *([1] * (x.dim() - 1))) * x_rows
             evals += len(m)
             rounds += 1
@@ -81,6 +85,8 @@ def piadm(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generato
             # is written as a loop because a closed form divides by products of L that reach 0.
             for j in range(m_steps):
                 points[j + 1] = plan.linear[s + j] * points[j] + lagged[j] + z[s + j]
+                if pull is not None:
+                    points[j + 1] = pull(points[j + 1], s + j + 1, samples)
             if callback is not None:
                 callback({"block_start": s, "iter": it + 1, "points": points})
         x = points[-1]

@@ -30,7 +30,7 @@ def sequential(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gen
     `step_noise` [n, B, horizon, A] is the steps' scaled noise (default: drawn from `generator`).
     With a chain guess `init` [B, n + 1, ...] (a warm start) and `start` > 0, begin at step
     `start` from the guess of the chain's end noised to that level. `inpaint` (`samplers.inpaint.Inpaint`)
-    pulls every point toward a committed prefix."""
+    pulls every point (or guides every step) toward a committed prefix."""
     plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
     if not 0 <= start < plan.n:
         raise UserError(f"sampler.start: {start} is not a step of the {plan.n}-step chain (0..{plan.n - 1})")
@@ -41,6 +41,7 @@ def sequential(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gen
     history = new_history(plan, noise)
     rows = torch.arange(noise.shape[0], device=noise.device)
     pull = None if inpaint is None else inpaint.bind(plan, noise)
+    guide = None if pull is None else pull.guide
     start_point = noise if pull is None else pull(noise, 0, rows)
     chain = start_point[:, None].repeat(1, plan.n + 1, *([1] * (noise.dim() - 1)))
     first = 0
@@ -54,7 +55,7 @@ def sequential(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, gen
     x = chain[:, first]
     for i in range(first, plan.n):
         k = torch.full_like(rows, i)
-        x = step_rows(plan, denoiser, cond, x, k, rows, history) + z[i]
+        x = step_rows(plan, denoiser, cond, x, k, rows, history, guide=guide) + z[i]
         if pull is not None:
             x = pull(x, i + 1, rows)
         chain[:, i + 1] = x

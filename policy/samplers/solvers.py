@@ -236,13 +236,15 @@ def get_plan(scheduler, solver: str, steps: int | None, spacing: str, device, dt
 
 def step_rows(plan: Plan, denoiser, cond: torch.Tensor, x: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
               history: torch.Tensor | None, t: torch.Tensor | None = None,
-              keep: torch.Tensor | None = None) -> torch.Tensor:
+              keep: torch.Tensor | None = None, guide=None) -> torch.Tensor:
     """One denoiser call on rows `x` [M, ...] sitting at steps `k` [M] of samples `b` [M], and the
     noiseless step each row takes. `history` [B, n + 1, ...] keeps every step's data estimate for
     the multistep solver: this call writes its rows there and reads each row's previous step; rows
     not in `keep` [M] (padding) write to the spare slot n instead. `t` [M] overrides the denoiser's
-    input timesteps (the aligner trains them through this call)."""
-    eps = denoiser(x, plan.t[k] if t is None else t, cond[b])
+    input timesteps (the aligner trains them through this call). `guide` (`inpaint.BoundInpaint`
+    in guidance mode) bends the noise estimates toward committed actions."""
+    t = plan.t[k] if t is None else t
+    eps = denoiser(x, t, cond[b]) if guide is None else guide.eps(denoiser, x, t, cond[b], k, b)
     x0 = plan.denoise(k, x, eps)
     x0_prev = None
     if history is not None:
