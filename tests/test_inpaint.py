@@ -38,21 +38,6 @@ def test_the_chunk_ends_on_the_frozen_actions_and_is_free_after_the_overlap(net,
     assert pulled.model_evals == 20
 
 
-@settings(max_examples=20, deadline=None, derandomize=True)
-@given(solver=st.sampled_from(["ddpm", "ddim", "dpmsolver"]), steps=st.integers(2, 30), window=st.integers(1, 30),
-       frozen=st.integers(0, 8), anderson=st.sampled_from([0, 4]), pad=st.booleans())
-def test_paradigms_at_zero_tolerance_is_the_inpainted_sequential_sampler(net, sched, solver, steps, window, frozen,
-                                                                         anderson, pad):
-    noise, cond = inputs(2, seed=steps)
-    prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(steps)))
-    job = Inpaint(prefix, rtc_weights(16, frozen=frozen, overlap=max(frozen, 12)))
-    seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps, inpaint=job)
-    par = get_sampler(f"para{solver}")(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
-                                       window=window, tol=0.0, anderson=anderson, pad=pad, inpaint=job)
-    assert par.converged and (par.x - seq.x).abs().max().item() <= 1e-5
-    assert (par.chain - seq.chain).abs().max().item() <= 1e-4  # cumulative sums of noise-scale points round
-
-
 class Differentiable(torch.nn.Module):
     """The stand-in denoiser with its gradient (guidance takes a vector-Jacobian product through it);
     `double=True`: a float64 copy, for exactness checks (the guided step divides by sqrt(abar)
@@ -95,33 +80,41 @@ def test_guidance_bends_the_chunk_toward_the_prefix_with_one_vjp_per_step(net, s
     assert guided.model_evals == 20
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
-@given(solver=st.sampled_from(["ddpm", "ddim", "dpmsolver"]), steps=st.integers(2, 25), window=st.integers(1, 25),
-       frozen=st.integers(0, 8), anderson=st.sampled_from([0, 4]), pad=st.booleans())
-def test_paradigms_at_zero_tolerance_is_the_guided_sequential_sampler(net, sched, solver, steps, window, frozen,
-                                                                      anderson, pad):
-    noise, cond = (v.double() for v in inputs(2, seed=steps))
-    prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(steps), dtype=torch.float64))
-    job = Inpaint(prefix, rtc_weights(16, frozen=frozen, overlap=max(frozen, 12)), mode="guide")
-    den = Differentiable(net, double=True)
+def constrained(net, mode: str, seed: int, prefix_seed: int, frozen: int, overlap: int):
+    """The denoiser, noise, condition and inpainting job of an exactness check, with the bound the
+    twins must meet: float32 by replacement; float64 by guidance (the guided step divides by
+    sqrt(abar) twice, so float32 rounding of differently batched rows reaches 5e-5 near the noise)."""
+    dtype = torch.float64 if mode == "guide" else torch.float32
+    noise, cond = (v.to(dtype) for v in inputs(2, seed=seed))
+    prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(prefix_seed), dtype=dtype))
+    den = Differentiable(net, double=True) if mode == "guide" else net
+    job = Inpaint(prefix, rtc_weights(16, frozen=frozen, overlap=overlap), mode=mode)
+    return den, noise, cond, job, (1e-9 if mode == "guide" else 1e-5)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(mode=st.sampled_from(["replace", "guide"]), solver=st.sampled_from(["ddpm", "ddim", "dpmsolver"]),
+       steps=st.integers(2, 30), window=st.integers(1, 30), frozen=st.integers(0, 8), anderson=st.sampled_from([0, 4]),
+       pad=st.booleans())
+def test_paradigms_at_zero_tolerance_is_the_inpainted_sequential_sampler(net, sched, mode, solver, steps, window,
+                                                                         frozen, anderson, pad):
+    den, noise, cond, job, bound = constrained(net, mode, steps, steps, frozen, max(frozen, 12))
     seq = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps, inpaint=job)
     par = get_sampler(f"para{solver}")(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
                                        window=window, tol=0.0, anderson=anderson, pad=pad, inpaint=job)
-    assert par.converged and (par.x - seq.x).abs().max().item() <= 1e-9
-    assert (par.chain - seq.chain).abs().max().item() <= 1e-9
+    assert par.converged and (par.x - seq.x).abs().max().item() <= bound
+    assert (par.chain - seq.chain).abs().max().item() <= 10 * bound  # cumulative sums of noise-scale points round
 
 
 @pytest.mark.parametrize("mode", ["replace", "guide"])
 @pytest.mark.parametrize("solver", ["ddim", "ddpm"])
 def test_piadm_with_enough_iterations_is_the_inpainted_sequential_sampler(net, sched, solver, mode):
-    noise, cond = (v.double() for v in inputs(2, seed=11))
-    prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
-    job = Inpaint(prefix, rtc_weights(16, frozen=3, overlap=12), mode=mode)
-    den = Differentiable(net, double=True)
+    den, noise, cond, job, bound = constrained(net, mode, 11, 4, frozen=3, overlap=12)
+    prefix = job.prefix
     seq = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=12, inpaint=job)
     exact = get_sampler("piadm")(den, cond, sched, noise, torch.Generator().manual_seed(1), solver=solver, steps=12,
                                  blocks=3, picard_iters=4, inpaint=job)
-    assert (exact.x - seq.x).abs().max().item() <= 1e-9 and exact.parallel_iters == 12
+    assert (exact.x - seq.x).abs().max().item() <= bound and exact.parallel_iters == 12
     few = get_sampler("piadm")(den, cond, sched, noise, torch.Generator().manual_seed(1), solver=solver, steps=12,
                                blocks=3, picard_iters=2, inpaint=job)
     assert few.parallel_iters == 6
