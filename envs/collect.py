@@ -17,12 +17,13 @@ from tqdm import tqdm
 
 from envs.cli import command
 from envs.errors import UserError
-from envs.tasks import TaskConfig, get_task
+from envs.tasks import ObsConfig, TaskConfig, get_task
 
 
 @dataclass
 class CollectConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
+    obs: ObsConfig = field(default_factory=ObsConfig)  # obs=image adds each camera's frames
     n_demos: int = 200
     seed: int = 0
     out: str = "data/${task.name}.zarr"
@@ -35,11 +36,11 @@ class CollectConfig:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(task: str) -> None:
+def _init_worker(task: str, obs: dict | None = None) -> None:
     from envs.robosuite_env import make_env
 
     _worker["task"] = task
-    _worker["env"] = make_env(task)
+    _worker["env"] = make_env(task, obs=obs)
 
 
 def _run_seed(seed: int) -> dict:
@@ -50,8 +51,9 @@ def _run_seed(seed: int) -> dict:
 
 # -- parent side ----------------------------------------------------------------------------------
 def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attempts: int | None = None,
-            progress: bool = True) -> tuple[list[dict], list[int]]:
-    """Run the task's expert on seeds seed, seed+1, ... until `n_demos` succeed.
+            progress: bool = True, obs: ObsConfig | None = None) -> tuple[list[dict], list[int]]:
+    """Run the task's expert on seeds seed, seed+1, ... until `n_demos` succeed (recording each
+    camera's frames too with an image `obs`).
 
     Returns (successful episodes in seed order, failed seeds). Raises UserError when
     `max_attempts` seeds were tried without reaching `n_demos`.
@@ -66,7 +68,8 @@ def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attemp
     seeds = range(seed, seed + max_attempts)
     bar = tqdm(total=n_demos, desc=f"collect {task}", unit="demo", disable=not progress)
     # spawn, not fork: each worker builds its own simulator and OpenGL context from scratch.
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(task,)) as pool:
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                         initargs=(task, (obs or ObsConfig()).to_dict())) as pool:
         # imap keeps seed order, so "the first n_demos successes" is the same set on any machine.
         for episode in pool.imap(_run_seed, seeds):
             if episode["succeeded"]:
@@ -87,11 +90,12 @@ def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attemp
     return kept, failed
 
 
-def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int) -> dict:
+def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int, obs: ObsConfig | None = None) -> dict:
     """What a store records about how its demonstrations were made."""
     spec = get_task(task)
     seeds = [int(e["seed"]) for e in episodes]
     return {
+        **({"cameras": obs.to_dict()} if obs is not None and obs.image else {}),
         "task": task,
         "env": spec.env_settings(),
         "controller": {"type": spec.controller, "arm": "OSC_POSE", "input_type": "delta"},
@@ -107,18 +111,28 @@ def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int) -
     }
 
 
+def store_size_mb(path) -> float:
+    """What a store takes on disk (a directory's files, or one zip)."""
+    from pathlib import Path
+
+    p = Path(path)
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
 @command("collect", CollectConfig)
 def main(cfg: CollectConfig) -> None:
     from envs.store import check_destination, write_store
 
     out = check_destination(cfg.out, cfg.overwrite)  # fail now, not after the collection
-    episodes, failed = collect(cfg.task.name, cfg.n_demos, cfg.seed, cfg.workers, cfg.max_attempts)
-    keys = ("obs", "action", "state", "reward", "success")
+    obs = ObsConfig.from_dict(cfg.obs)
+    episodes, failed = collect(cfg.task.name, cfg.n_demos, cfg.seed, cfg.workers, cfg.max_attempts, obs=obs)
+    keys = ("obs", "action", "state", "reward", "success", *obs.image_keys)
     write_store(out, [{k: e[k] for k in keys} for e in episodes],
-                store_attrs(cfg.task.name, episodes, failed, cfg.seed), overwrite=cfg.overwrite)
+                store_attrs(cfg.task.name, episodes, failed, cfg.seed, obs), overwrite=cfg.overwrite)
     steps = sum(len(e["action"]) for e in episodes)
-    print(f"wrote {out}: {len(episodes)} demos, {steps} steps; {len(failed)} expert failures "
-          f"(seeds {failed[:10]}{' ...' if len(failed) > 10 else ''})")
+    print(f"wrote {out}: {len(episodes)} demos, {steps} steps, {store_size_mb(out) / len(episodes):.2f} MB per demo; "
+          f"{len(failed)} expert failures (seeds {failed[:10]}{' ...' if len(failed) > 10 else ''})")
 
 
 if __name__ == "__main__":

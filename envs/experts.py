@@ -503,19 +503,22 @@ def make_expert(task: str, rng: np.random.Generator) -> ScriptedExpert:
 # -- episodes ------------------------------------------------------------------------------------
 def run_expert_episode(env, expert: ScriptedExpert, seed: int) -> dict:
     """Reset `env` with `seed` and let `expert` act until success (the env terminates there) or
-    the horizon. Returns per-step arrays: `obs` float32 [T, obs_dim] (the observation the action
-    was chosen at), `action` float32 [T, 7], `reward` float64 [T], `success` bool [T] (after the
-    step), `state` float64 [T, state_dim] (`env.get_state()` before the step); and `seed`,
-    `succeeded`, `length` (= T)."""
-    obs, _ = env.reset(seed=seed)
+    the horizon. Returns per-step arrays: `obs` float32 [T, obs_dim] (the low-dim observation the
+    action was chosen at), `action` float32 [T, 7], `reward` float64 [T], `success` bool [T]
+    (after the step), `state` float64 [T, state_dim] (`env.get_state()` before the step), and for
+    an env with image observations each camera's frames `<camera>_image` uint8 [T, H, W, 3]; and
+    `seed`, `succeeded`, `length` (= T)."""
+    env.reset(seed=seed)
     expert.reset(env)
     rows: dict[str, list] = {"obs": [], "action": [], "reward": [], "success": [], "state": []}
     done = False
     while not done:
         rows["state"].append(env.get_state())
-        rows["obs"].append(obs)
+        rows["obs"].append(env.low_dim_obs())
+        for key, frame in env.images().items():
+            rows.setdefault(key, []).append(frame)
         action = expert.act(env)
-        obs, reward, terminated, truncated, info = env.step(action)
+        _, reward, terminated, truncated, info = env.step(action)
         rows["action"].append(action)
         rows["reward"].append(reward)
         rows["success"].append(info["success"])
@@ -526,6 +529,7 @@ def run_expert_episode(env, expert: ScriptedExpert, seed: int) -> dict:
         "reward": np.asarray(rows["reward"], dtype=np.float64),
         "success": np.asarray(rows["success"], dtype=bool),
         "state": np.asarray(rows["state"], dtype=np.float64),
+        **{key: np.asarray(frames, dtype=np.uint8) for key, frames in rows.items() if key.endswith("_image")},
     }
     episode.update(seed=seed, succeeded=bool(episode["success"][-1]), length=len(rows["action"]))
     return episode

@@ -1,8 +1,11 @@
 """Importers: demonstrations made elsewhere, converted into a demonstration store.
 
-`import_robomimic` reads robomimic's low-dim HDF5 (`data/demo_<i>/{obs/<key>, actions, rewards,
-dones, states}` with a JSON `env_args` attribute on `data`). `dp-import in=demo.hdf5
-out=data/x.zarr [overwrite=true]` is its command line.
+`import_robomimic` reads robomimic's HDF5 (`data/demo_<i>/{obs/<key>, actions, rewards, dones,
+states}` with a JSON `env_args` attribute on `data`), low-dim or image (`obs/<camera>_image`
+uint8 frames are kept, one array per camera). `render_store` re-renders a low-dim store's saved
+states into camera frames, as robomimic's `dataset_states_to_obs` does. `dp-import in=demo.hdf5
+out=data/x.zarr [overwrite=true]` is the command line of the first, `dp-import in=data/x.zarr
+out=data/x_image.zarr obs=image` of the second.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from omegaconf import MISSING
 from envs.cli import command
 from envs.errors import SourceError, UserError
 from envs.store import check_destination, open_store, write_store
-from envs.tasks import ACTION_DIM, TASKS, TaskSpec
+from envs.tasks import ACTION_DIM, TASKS, ObsConfig, TaskSpec
 
 _DEMO_NAME = re.compile(r"^demo_(\d+)$")
 
@@ -66,7 +69,13 @@ class RobomimicSource:
 
     def attrs(self) -> dict[str, Any]:
         layout = self.spec.obs_layout
+        images = [k for k in self.episodes[0] if k.endswith("_image")]
+        cameras = {}
+        if images:  # robomimic renders with MuJoCo's default quality
+            size = int(self.episodes[0][images[0]].shape[1])
+            cameras = {"cameras": ObsConfig("image", [k[: -len("_image")] for k in images], size, "full").to_dict()}
         return {
+            **cameras,
             "task": self.spec.name,
             "env": self.spec.env_settings(),
             "obs_keys": list(layout),
@@ -148,7 +157,14 @@ def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: s
         if value.ndim != 2 or value.shape[1] != stop - start:
             raise SourceError(f"{where}/obs/{key}: shape {value.shape}, task {spec.name!r} expects [T, {stop - start}]")
         parts.append(value)
+    images = {}
+    for key in sorted(k for k in demo["obs"] if k.endswith("_image")):
+        frames = np.asarray(demo["obs"][key][()])
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise SourceError(f"{where}/obs/{key}: {frames.dtype} {frames.shape}, expected uint8 [T, H, W, 3]")
+        images[key] = frames
     episode = {
+        **images,
         "obs": np.concatenate(parts, axis=1),
         "action": _numbers(f"{where}/actions", demo["actions"], np.float32),
         "state": _numbers(f"{where}/states", demo["states"], np.float64),
@@ -173,6 +189,47 @@ def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: s
     if len(set(lengths.values())) > 1:
         raise SourceError(f"{where}: lengths differ ({', '.join(f'{k} {v}' for k, v in lengths.items())})")
     return episode
+
+
+def render_store(src: str | os.PathLike, out_path: str | os.PathLike, obs: ObsConfig,
+                 overwrite: bool = False, progress: bool = True) -> Path:
+    """A copy of the store at `src` with each camera of `obs` rendered from its saved states
+    (robomimic's `dataset_states_to_obs`): episode by episode, `reset(seed=episode seed)` (the
+    seed fixes the model: Lift's cube size), then `set_state` at each step and the frames there.
+    Everything else is copied as it is. StoreError/UserError naming the store and what it lacks."""
+    from tqdm import tqdm
+
+    from envs.robosuite_env import make_env
+
+    if not obs.image:
+        raise UserError("obs: re-rendering needs obs=image (cameras to render)")
+    out_path = check_destination(out_path, overwrite)
+    with open_store(src) as store:
+        if store.task is None:
+            raise UserError(f"{src}: records no task; cannot build its simulator")
+        if "state" not in store.keys:
+            raise UserError(f"{src}: data/state: missing (re-rendering replays the saved states)")
+        seeds = store.attrs.get("episode_seeds")
+        if not seeds or len(seeds) != store.n_episodes:
+            raise UserError(f"{src}: attrs.episode_seeds: missing or not one per episode (the seed fixes "
+                            f"the model each state belongs to)")
+        env = make_env(store.task, obs=obs)
+        episodes = []
+        try:
+            for i in tqdm(range(store.n_episodes), desc=f"render {Path(src).name}", unit="demo", disable=not progress):
+                ep = {k: v for k, v in store.episode(i).items() if not k.endswith("_image")}
+                env.reset(seed=int(seeds[i]))
+                frames: dict[str, list] = {k: [] for k in obs.image_keys}
+                for state in ep["state"]:
+                    env.set_state(state)
+                    for key, frame in env.images().items():
+                        frames[key].append(frame)
+                episodes.append({**ep, **{k: np.asarray(v, np.uint8) for k, v in frames.items()}})
+        finally:
+            env.close()
+        attrs = {**store.attrs, "cameras": obs.to_dict(), "rendered_from": str(Path(src).resolve())}
+    return write_store(out_path, episodes, {k: v for k, v in attrs.items() if k not in ("format", "format_version")},
+                       overwrite=overwrite)
 
 
 def _numbers(where: str, dataset: Any, dtype: type) -> np.ndarray:
@@ -219,16 +276,18 @@ ImportConfig = dataclasses.dataclass(init=False, repr=False, eq=False)(
         (),
         {
             "__module__": __name__,
-            "__doc__": "dp-import: in=<robomimic .hdf5> out=<store path> overwrite=<bool>.",
-            "__annotations__": {"in": str, "out": str, "overwrite": bool},
+            "__doc__": "dp-import: in=<robomimic .hdf5 | store> out=<store path> overwrite=<bool> [obs=image].",
+            "__annotations__": {"in": str, "out": str, "overwrite": bool, "obs": ObsConfig},
             "in": MISSING,
             "out": MISSING,
             "overwrite": False,
+            "obs": dataclasses.field(default_factory=ObsConfig),
         },
     )
 )
 
-_USAGE = "usage: dp-import in=demo.hdf5 out=data/lift.zarr [overwrite=true]"
+_USAGE = ("usage: dp-import in=demo.hdf5 out=data/lift.zarr [overwrite=true]; "
+          "dp-import in=data/lift.zarr out=data/lift_image.zarr obs=image (render cameras from saved states)")
 
 
 def _run(cfg: Any) -> None:
@@ -237,12 +296,22 @@ def _run(cfg: Any) -> None:
     for key in ("in", "out"):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"{key}: required; {_USAGE}")
+    obs = ObsConfig.from_dict(cfg["obs"])
+    source = Path(cfg["in"])
+    is_store = source.is_dir() or (source.suffix == ".zip" and source.is_file())
     try:
-        out = import_robomimic(cfg["in"], cfg["out"], overwrite=cfg["overwrite"])
+        if is_store:
+            out = render_store(source, cfg["out"], obs, overwrite=cfg["overwrite"])
+        elif obs.image:
+            raise UserError(f"obs: {source} is a robomimic file; its image keys are imported as they are, without obs=image")
+        else:
+            out = import_robomimic(cfg["in"], cfg["out"], overwrite=cfg["overwrite"])
     except OSError as err:  # permissions, a full disk, ...: a file problem, not a bug
         raise UserError(f"{err.filename or cfg['out']}: {err.strerror or err}") from err
     with open_store(out) as store:
-        print(f"wrote {out}: task {store.task}, {store.n_episodes} demos, {store.n_steps} steps")
+        size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file()) / 1e6
+        print(f"wrote {out}: task {store.task}, {store.n_episodes} demos, {store.n_steps} steps, "
+              f"{size / store.n_episodes:.2f} MB per demo")
 
 
 main = command("import", ImportConfig)(_run)

@@ -11,7 +11,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.tasks import ACTION_DIM, OBS_KEYS, TaskSpec, get_task
+from envs.tasks import ACTION_DIM, OBS_KEYS, ObsConfig, TaskSpec, get_task
 
 # Offscreen rendering through EGL works on the CPU (Mesa) here; set before mujoco is imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -28,6 +28,17 @@ STARTUP_NOISE = (
     "Loading controller configuration from",
 )
 SINGLE_ARM_PARTS = ("right",)
+
+
+def _load_triton_first() -> None:
+    """Load triton now if it is installed (torch brings it): its libtriton.so carries an LLVM of
+    its own, and loaded into a process after Mesa's software renderer (EGL on the CPU, which
+    carries another) it crashes the process with a segmentation fault: a rollout that renders,
+    then imports diffusers (which imports triton), would die. Loaded first, both work."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
 
 
 class _StartupNoise:
@@ -47,8 +58,13 @@ def _quiet_robosuite() -> None:
 
 
 class RobosuiteEnv(gym.Env):
-    """One robosuite task with robomimic's low-dim observation as a float32 vector.
+    """One robosuite task with robomimic's observation as a float32 vector.
 
+    - `obs` (`envs.tasks.ObsConfig`): `state` (default), the low-dim vector with object poses;
+      `image`, the proprioceptive keys then each camera's frame (uint8 values, HWC, top row
+      first) flattened, rendered offscreen (EGL) at every step. `images()` gives the frames of
+      the last observation as robomimic's `<camera>_image` uint8 arrays, `low_dim_obs()` the
+      state vector (privileged, for demonstrations) in either mode.
     - `observation_layout`: key -> (start, stop) slice of the observation vector.
     - `info["success"]`: the task's own success check after the step.
     - `reset(seed=s)`: the same `s` gives the same model (object sizes) and the same initial
@@ -69,8 +85,10 @@ class RobosuiteEnv(gym.Env):
         terminate_on_success: bool = True,
         camera: str = "agentview",
         render_size: tuple[int, int] = (256, 256),
+        obs: ObsConfig | dict | None = None,
     ):
         self.spec_task = task if isinstance(task, TaskSpec) else get_task(task)
+        self.obs = ObsConfig.from_dict(obs)
         self.render_mode = "rgb_array" if render else None
         self.terminate_on_success = terminate_on_success
         self.camera = camera
@@ -79,6 +97,8 @@ class RobosuiteEnv(gym.Env):
         self._seeded = False
         self._t = 0
 
+        if render or self.obs.image:
+            _load_triton_first()
         _quiet_robosuite()  # before the import, which logs them
         import robosuite
         from robosuite.controllers import load_composite_controller_config
@@ -93,8 +113,10 @@ class RobosuiteEnv(gym.Env):
             robots=t.robot,
             controller_configs=controller,
             has_renderer=False,
-            has_offscreen_renderer=render,
-            use_camera_obs=False,
+            has_offscreen_renderer=render or self.obs.image,
+            use_camera_obs=self.obs.image,
+            **(dict(camera_names=list(self.obs.cameras), camera_heights=self.obs.size, camera_widths=self.obs.size)
+               if self.obs.image else {}),
             use_object_obs=True,
             control_freq=t.control_freq,
             horizon=t.horizon,
@@ -104,8 +126,9 @@ class RobosuiteEnv(gym.Env):
             seed=seed,
             **t.env_kwargs,
         )
-        self.observation_layout = t.obs_layout
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (t.obs_dim,), np.float32)
+        self.observation_layout = t.layout(self.obs)
+        dim = max(b for _, b in self.observation_layout.values())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
         self._last_obs: dict[str, np.ndarray] | None = None
 
@@ -124,6 +147,7 @@ class RobosuiteEnv(gym.Env):
         if self._env.hard_reset:
             self._free_render_context()
         raw = self._env.reset()
+        self._render_quality()
         self._zero_gripper_commands()
         # robosuite builds the controllers before its last forward pass, so their first step uses
         # a stale mass matrix; anchoring them here, as set_state does, makes a replay from the
@@ -219,6 +243,23 @@ class RobosuiteEnv(gym.Env):
             ctx.gl_ctx.free()
             self._env.sim._render_context_offscreen = None
 
+    def _render_quality(self) -> None:
+        """Apply `obs.render` to a freshly built render context (robosuite makes one per model)."""
+        ctx = getattr(self._env.sim, "_render_context_offscreen", None)
+        if ctx is None or self.obs.render != "fast" or getattr(ctx, "_parapolicy_fast", False):
+            return
+        import mujoco
+        from robosuite.utils.binding_utils import MjRenderContextOffscreen
+
+        # Multisampling is set when the context's buffers are made: rebuild it without.
+        self._env.sim.model._model.vis.quality.offsamples = 0
+        self._free_render_context()
+        ctx = MjRenderContextOffscreen(self._env.sim, device_id=self._env.render_gpu_device_id)  # registers itself
+        ctx.vopt.geomgroup[0] = 1 if self._env.render_collision_mesh else 0
+        ctx.vopt.geomgroup[1] = 1 if self._env.render_visual_mesh else 0
+        ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        ctx._parapolicy_fast = True
+
     def _zero_gripper_commands(self) -> None:
         # Without hard resets robosuite keeps each gripper's commanded position from the previous
         # episode; a new episode starts from zero, as a freshly built env does. The command is
@@ -265,9 +306,22 @@ class RobosuiteEnv(gym.Env):
     def elapsed_steps(self) -> int:
         return self._t
 
+    def low_dim_obs(self) -> np.ndarray:
+        """The low-dim (state-mode) observation vector of the last reset/step/set_state."""
+        raw = self._last_obs
+        return np.concatenate([raw["object-state"] if key == "object" else raw[key] for key in OBS_KEYS]).astype(np.float32)
+
+    def images(self) -> dict[str, np.ndarray]:
+        """The camera frames of the last observation: `<camera>_image` -> uint8 [H, W, 3], top
+        row first (robosuite renders bottom row first; robomimic flips them the same way)."""
+        return {key: np.ascontiguousarray(self._last_obs[key][::-1]) for key in self.obs.image_keys}
+
     def _flatten(self, raw: dict[str, np.ndarray]) -> np.ndarray:
-        parts = [raw["object-state"] if key == "object" else raw[key] for key in OBS_KEYS]
-        return np.concatenate(parts).astype(np.float32)
+        if not self.obs.image:
+            return self.low_dim_obs()
+        parts = [raw[key].astype(np.float32) for key in self.observation_layout if key not in self.obs.image_keys]
+        parts += [frame.reshape(-1).astype(np.float32) for frame in self.images().values()]
+        return np.concatenate(parts)
 
 
 def make_env(task: str, seed: int | None = None, render: bool = False, **kwargs: Any) -> RobosuiteEnv:

@@ -230,9 +230,16 @@ def _column(dest: Path, episodes: Sequence[Mapping[str, Any]], key: str) -> np.n
     return np.concatenate(parts)
 
 
+def is_image(name: str, values) -> bool:
+    """Camera frames: `<camera>_image` arrays of uint8 [T, H, W, 3] (robomimic's keys)."""
+    return name.endswith("_image") and values.dtype == np.uint8 and values.ndim == 4 and values.shape[-1] == 3
+
+
 def _create_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
     row_bytes = values.dtype.itemsize * math.prod(values.shape[1:])
-    rows = max(1, min(len(values), CHUNK_BYTES // max(1, row_bytes)))
+    # Frames are read a few at a time at random (training windows): one frame per chunk, as
+    # diffusion_policy's image replay buffers, so a window decodes only what it uses.
+    rows = 1 if is_image(name, values) else max(1, min(len(values), CHUNK_BYTES // max(1, row_bytes)))
     array = group.create_array(
         name,
         shape=values.shape,

@@ -12,6 +12,10 @@ from envs.errors import UserError
 
 # robomimic's low-dim observation keys, in the order they are concatenated into the vector.
 OBS_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+# What a real robot measures of itself (robomimic's image datasets pair these with the cameras).
+PROPRIO_KEYS: tuple[str, ...] = OBS_KEYS[1:]
+KEY_SIZES = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2}
+OBS_MODES = ("state", "image")
 
 CONTROL_FREQ = 20  # Hz, robomimic's PH protocol
 HORIZON = 400  # control steps per episode, robomimic's PH protocol
@@ -23,6 +27,63 @@ class TaskConfig:
     """The `task` config group of every command (conf/task/<name>.yaml)."""
 
     name: str = "lift"
+
+
+@dataclass
+class ObsConfig:
+    """The `obs` config group (conf/obs/<mode>.yaml): what a policy observes.
+
+    - state: robomimic's low-dim vector, object poses read out of the simulator (privileged).
+    - image: RGB cameras (robomimic's `<camera>_image` keys, uint8 [size, size, 3], top row
+      first) plus the proprioceptive keys (`PROPRIO_KEYS`): what a real robot has.
+    """
+
+    mode: str = "state"
+    cameras: list[str] = field(default_factory=lambda: ["agentview", "robot0_eye_in_hand"])
+    size: int = 84  # square frames, as robomimic's image datasets
+    # fast: no multisampling and no reflections, 3.3x cheaper on a software (CPU) renderer;
+    # full: MuJoCo's defaults, as robomimic's image datasets were rendered.
+    render: str = "fast"
+
+    def __post_init__(self):
+        if self.mode not in OBS_MODES:
+            raise UserError(f"obs.mode: {self.mode!r} is not one of {', '.join(OBS_MODES)}")
+        if self.render not in ("fast", "full"):
+            raise UserError(f"obs.render: {self.render!r} is not one of fast, full")
+        if self.mode == "image":
+            if not self.cameras:
+                raise UserError("obs.cameras: an image observation needs at least one camera")
+            if not 16 <= int(self.size) <= 512:
+                raise UserError(f"obs.size: {self.size} is not in 16..512 pixels")
+
+    @property
+    def image(self) -> bool:
+        return self.mode == "image"
+
+    @property
+    def image_keys(self) -> list[str]:
+        """The store and request keys of the cameras (`agentview` -> `agentview_image`)."""
+        return [f"{c}_image" for c in self.cameras] if self.image else []
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (int(self.size), int(self.size), 3)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "cameras": list(self.cameras), "size": int(self.size), "render": self.render}
+
+    @classmethod
+    def from_dict(cls, d) -> ObsConfig:
+        """An ObsConfig from itself, a config node or what a checkpoint or store records (None
+        or empty: a state observation, as before images)."""
+        if isinstance(d, cls):
+            return d
+        if not d:
+            return cls()
+        d = dict(d)
+        if "cameras" in d:
+            d["cameras"] = [str(c) for c in d["cameras"]]
+        return cls(**d)
 
 
 class UnknownTaskError(UserError, ValueError):
@@ -42,12 +103,19 @@ class TaskSpec:
 
     @property
     def obs_layout(self) -> dict[str, tuple[int, int]]:
-        """Key -> (start, stop) slice of the flat observation vector."""
-        sizes = {"object": self.object_dim, "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2}
+        """Key -> (start, stop) slice of the flat low-dim (state) observation vector."""
+        return self.layout(ObsConfig())
+
+    def layout(self, obs: ObsConfig) -> dict[str, tuple[int, int]]:
+        """Key -> (start, stop) slice of the flat observation vector of `obs`: for images, the
+        proprioceptive keys, then each camera's pixels (HWC order, values 0..255 as float32)."""
+        sizes = {"object": self.object_dim, **KEY_SIZES} if not obs.image else dict(KEY_SIZES)
+        for key in obs.image_keys:
+            sizes[key] = obs.image_shape[0] * obs.image_shape[1] * obs.image_shape[2]
         layout, start = {}, 0
-        for key in OBS_KEYS:
-            layout[key] = (start, start + sizes[key])
-            start += sizes[key]
+        for key, size in sizes.items():
+            layout[key] = (start, start + size)
+            start += size
         return layout
 
     @property

@@ -45,7 +45,7 @@ def batch_scaling(policy, batch_sizes, reps: int = 20) -> list[dict]:
     out = []
     for p in sorted(set([1, *batch_sizes])):
         x = torch.randn((p, policy.cfg.horizon, policy.action_dim), generator=g, device=dev)
-        cond = torch.randn((p, policy.obs_dim * policy.cfg.n_obs_steps), generator=g, device=dev)
+        cond = torch.randn((p, policy.cond_dim), generator=g, device=dev)
         t = torch.linspace(0, policy.cfg.schedule.num_train_timesteps - 1, p, device=dev)
         times = []
         with torch.no_grad():

@@ -30,6 +30,7 @@ from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.network import UNetConfig
 from policy.normalizer import Normalizer
 from policy.schedule import ScheduleConfig
+from policy.vision import VisionConfig
 
 LATEST = "latest"
 T = TypeVar("T")
@@ -47,12 +48,12 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: DiffusionPolicy, ema
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     with building(final) as tmp:
-        save_file(_state(policy.net), tmp / "weights.safetensors")
+        save_file(_state(policy.trainable), tmp / "weights.safetensors")
         save_file(_state(ema_net), tmp / "weights_ema.safetensors")
         save_file(policy.normalizer.state_dict(), tmp / "normalizer.safetensors")
         meta = {"step": step, "obs_dim": policy.obs_dim, "action_dim": policy.action_dim,
                 "config": asdict(policy.cfg), "meta": policy.meta,
-                "n_params": sum(p.numel() for p in policy.net.parameters())}
+                "n_params": sum(p.numel() for p in policy.trainable.parameters())}
         (tmp / "policy.json").write_text(json.dumps(meta, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
         torch.save(trainer_state, tmp / "trainer.pt")
@@ -83,7 +84,8 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def build_policy(meta: dict, normalizer: Normalizer) -> DiffusionPolicy:
     cfg = dict(meta["config"])
-    cfg = PolicyConfig(**{**cfg, "unet": UNetConfig(**cfg["unet"]), "schedule": ScheduleConfig(**cfg["schedule"])})
+    cfg = PolicyConfig(**{**cfg, "unet": UNetConfig(**cfg["unet"]), "schedule": ScheduleConfig(**cfg["schedule"]),
+                          "vision": VisionConfig(**cfg.get("vision", {}))})
     return DiffusionPolicy(cfg, meta["obs_dim"], meta["action_dim"], normalizer, meta.get("meta"))
 
 
@@ -128,14 +130,15 @@ def load_policy(path: str | Path, device: str = "cpu", ema: bool = True) -> Diff
         policy = build_policy(meta, load_normalizer(ckpt))
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{ckpt / 'policy.json'}: not a policy description ({type(err).__name__}: {err})") from None
-    load_weights(policy.net, ckpt / ("weights_ema.safetensors" if ema else "weights.safetensors"))
+    load_weights(policy.trainable, ckpt / ("weights_ema.safetensors" if ema else "weights.safetensors"))
     policy.meta["checkpoint"] = str(ckpt)
     policy.meta["step"] = meta["step"]
     return policy.to(resolve_device(device)).eval()
 
 
 def check_matches(policy: DiffusionPolicy, task: str, obs_layout: dict) -> None:
-    """Refuse a policy trained for another task or observation layout."""
+    """Refuse a policy trained for another task or observation layout (an env built with
+    `obs=policy.obs_config` has the policy's layout)."""
     ckpt = policy.meta.get("checkpoint", "checkpoint")
     if policy.meta.get("task") != task:
         raise UserError(f"{ckpt}: policy was trained on task {policy.meta.get('task')!r}, not {task!r}")

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from envs.errors import UserError
+from envs.tasks import ObsConfig
 from policy.network import ConditionalUnet1D, UNetConfig
+from policy.vision import ObsEncoder, VisionConfig
 from policy.normalizer import Normalizer
 from policy.denoiser import Denoiser, resolve_capture
 from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve, takes_inpaint, takes_pad
@@ -30,6 +32,7 @@ class PolicyConfig:
     n_action_steps: int = 8  # actions executed per plan
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # image policies' encoder
 
     def __post_init__(self):
         if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
@@ -46,6 +49,7 @@ class PlanResult:
     model_evals: int
     parallel_iters: int
     converged: bool
+    encode_ms: float = 0.0  # of latency_ms: the observation encoder (camera frames), once per plan
 
 
 class DiffusionPolicy(nn.Module):
@@ -54,14 +58,22 @@ class DiffusionPolicy(nn.Module):
         super().__init__()
         self.cfg, self.obs_dim, self.action_dim = cfg, obs_dim, action_dim
         self.normalizer = normalizer
-        self.meta = dict(meta or {})  # task, obs_layout, ...: what a checkpoint must match
-        self.net = ConditionalUnet1D(action_dim, obs_dim * cfg.n_obs_steps, cfg.unet)
+        self.meta = dict(meta or {})  # task, obs_layout, obs, ...: what a checkpoint must match
+        self.obs_config = ObsConfig.from_dict(self.meta.get("obs"))
+        self.encoder: ObsEncoder | None = None
+        if self.obs_config.image:
+            image_dims = len(self.obs_config.image_keys) * int(np.prod(self.obs_config.image_shape))
+            self.encoder = ObsEncoder(cfg.vision, obs_dim - image_dims, self.obs_config.image_keys,
+                                      self.obs_config.image_shape)
+        self.cond_dim = cfg.n_obs_steps * (obs_dim if self.encoder is None else self.encoder.out_dim)
+        self.net = ConditionalUnet1D(action_dim, self.cond_dim, cfg.unet)
         self.scheduler = make_scheduler(cfg.schedule)
         self.warm = WarmStart()  # noise and chain carried between one episode's plans (sampler.warm)
         self._windows: dict[str, dict] = {}  # sampler setting -> its measured window (window=auto)
         self._denoisers: dict[tuple, Denoiser] = {}  # (precision, capture, device) -> the samplers' denoiser
         self.sampler = SamplerConfig()
         self.generator: torch.Generator | None = None
+        self.last_encode_ms = 0.0
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -97,6 +109,27 @@ class DiffusionPolicy(nn.Module):
             self._denoisers[key] = Denoiser(self.net, key[0], key[1], self.device)
         return self._denoisers[key]
 
+    @property
+    def trainable(self) -> nn.Module:
+        """What training optimizes, EMA averages and a checkpoint's weights files hold: the
+        denoiser, and for an image policy the observation encoder with it (keys net.*, encoder.*)."""
+        return self.net if self.encoder is None else nn.ModuleDict({"net": self.net, "encoder": self.encoder})
+
+    @trainable.setter
+    def trainable(self, module: nn.Module) -> None:
+        if self.encoder is None:
+            self.net = module
+        else:
+            self.net, self.encoder = module["net"], module["encoder"]
+
+    def neutral_obs(self) -> torch.Tensor:
+        """One observation history [1, n_obs, obs_dim] at the centre of what the policy was
+        trained on (low-dim at the normalizer's centre, frames mid-grey): for measuring, not acting."""
+        low_dim = self.obs_dim if self.encoder is None else self.encoder.low_dim
+        low = self.normalizer.unnormalize("obs", torch.zeros((1, self.cfg.n_obs_steps, low_dim), device=self.device))
+        grey = torch.full((1, self.cfg.n_obs_steps, self.obs_dim - low_dim), 127.0, device=self.device)
+        return torch.cat([low, grey], dim=-1)
+
     def sample_options(self, denoiser: Denoiser | None = None) -> dict:
         """The sampler function's options as the next plan uses them (padding when `denoiser`,
         default the policy's, is captured)."""
@@ -111,8 +144,7 @@ class DiffusionPolicy(nn.Module):
         if not self._auto_window:
             return None
         if obs is None:
-            obs = self.normalizer.unnormalize(
-                "obs", torch.zeros((1, self.cfg.n_obs_steps, self.obs_dim), device=self.device))
+            obs = self.neutral_obs()
         from policy import autowindow
 
         setting = repr(self.sampler)  # per policy: hashing the weights again on every plan would cost 20 ms
@@ -131,9 +163,17 @@ class DiffusionPolicy(nn.Module):
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.warm.reset()
 
-    def condition(self, obs: torch.Tensor) -> torch.Tensor:
-        """[B, n_obs_steps, obs_dim] raw observations -> [B, cond_dim] denoiser condition."""
-        return self.normalizer.normalize("obs", obs).flatten(1)
+    def condition(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, n_obs_steps, obs_dim] raw observations -> [B, cond_dim] denoiser condition: the
+        normalized vector, or for an image policy the encoder's features of each frame (random
+        crops from `generator` in training mode, centre crops in eval) beside the normalized
+        proprioception."""
+        if self.encoder is None:
+            return self.normalizer.normalize("obs", obs).flatten(1)
+        if len(obs) > 256 and not torch.is_grad_enabled():  # thousands of windows (dp-align): a slice at a time
+            return torch.cat([self.condition(part, generator) for part in obs.split(256)])
+        low = self.normalizer.normalize("obs", obs[..., :self.encoder.low_dim])
+        return self.encoder(low, obs, generator)
 
     def loss(self, obs: torch.Tensor, action: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Epsilon-prediction MSE on a batch of raw windows (obs [B, n_obs, D], action [B, H, A])."""
@@ -142,7 +182,7 @@ class DiffusionPolicy(nn.Module):
         t = torch.randint(0, self.cfg.schedule.num_train_timesteps, (x0.shape[0],), generator=generator,
                           device=x0.device)
         x_t = add_noise(self.scheduler, x0, noise, t)
-        return nn.functional.mse_loss(self.net(x_t, t.float(), self.condition(obs)), noise)
+        return nn.functional.mse_loss(self.net(x_t, t.float(), self.condition(obs, generator)), noise)
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
@@ -173,7 +213,12 @@ class DiffusionPolicy(nn.Module):
         if self._auto_window and self._sample_options["window"] is None:
             self.choose_window(obs)
         denoiser = self.denoiser
-        result = self._sample_fn(denoiser, self.condition(obs), self.scheduler, noise, generator,
+        start = time.perf_counter()
+        cond = self.condition(obs)  # once per plan: every denoiser call of it (Picard rows too) reuses it
+        if self.encoder is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_encode_ms = (time.perf_counter() - start) * 1e3
+        result = self._sample_fn(denoiser, cond, self.scheduler, noise, generator,
                                  **self.sample_options(denoiser), **extra)
         if warmed:
             self.warm.keep(result.chain)
@@ -234,4 +279,4 @@ class DiffusionPolicy(nn.Module):
             self.warm.reset()  # a non-finite chain must not seed the next plan
             raise
         return PlanResult(actions, (time.perf_counter() - start) * 1e3, result.model_evals,
-                          result.parallel_iters, result.converged)
+                          result.parallel_iters, result.converged, self.last_encode_ms)

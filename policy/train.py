@@ -21,18 +21,19 @@ from tqdm import tqdm
 from envs.cli import command
 from envs.errors import UserError
 from envs.store import open_store
-from envs.tasks import TaskConfig, get_task
+from envs.tasks import ObsConfig, TaskConfig, get_task
 from envs.partial import remove_stale_partials
 from policy.device import resolve_device
 from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.normalizer import Normalizer
-from policy.windows import episode_split, gather, window_index
+from policy.windows import Observations, episode_split, gather, read_observations, window_index
 
 
 @dataclass
 class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
+    obs: ObsConfig = field(default_factory=ObsConfig)  # obs=image: cameras + proprioception (an image store)
     data: str = "data/${task.name}.zarr"
     out: str = "outputs/${task.name}"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -46,6 +47,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     val_every: int = 500
     checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # the newest N step-* directories (more: success against training time)
     log_every: int = 25
     min_episodes: int = 2
     seed: int = 0
@@ -57,7 +59,7 @@ class TrainConfig:
     def __post_init__(self):
         """Numbers that cannot make a run fail here, before anything is read or written."""
         at_least = {"steps": 1, "batch_size": 1, "threads": 1, "val_every": 1, "checkpoint_every": 1,
-                    "log_every": 1, "warmup_steps": 0, "min_episodes": 1}
+                    "log_every": 1, "warmup_steps": 0, "min_episodes": 1, "keep_checkpoints": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise UserError(f"{name}: {getattr(self, name)} must be at least {low}")
@@ -76,9 +78,10 @@ class TrainConfig:
 
 
 class Batches:
-    """Random training windows drawn from arrays held in memory (stores here are small)."""
+    """Random training windows drawn from arrays held in memory (stores here are small; camera
+    frames stay uint8 until a window is drawn)."""
 
-    def __init__(self, obs: np.ndarray, action: np.ndarray, rows: np.ndarray, cfg: PolicyConfig):
+    def __init__(self, obs: Observations, action: np.ndarray, rows: np.ndarray, cfg: PolicyConfig):
         self.obs, self.action, self.rows, self.cfg = obs, action, rows, cfg
 
     def __len__(self) -> int:
@@ -95,27 +98,31 @@ class Batches:
 
 def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, dict]:
     spec = get_task(cfg.task.name)
+    obs_cfg = ObsConfig.from_dict(cfg.obs)
     with open_store(cfg.data, task=cfg.task.name) as store:
         if store.n_episodes < cfg.min_episodes:
             raise UserError(f"{cfg.data}: has {store.n_episodes} episodes; training needs at least {cfg.min_episodes}")
         for key in ("obs", "action"):
             if key not in store.keys:
                 raise UserError(f"{cfg.data}: data/{key}: missing")
-        obs = np.asarray(store["obs"], dtype=np.float32)
+        if store["obs"].shape[1] != spec.obs_dim:
+            raise UserError(f"{cfg.data}: data/obs has {store['obs'].shape[1]} dims; task {spec.name} has {spec.obs_dim}")
+        obs = read_observations(store, obs_cfg, str(cfg.data))
         action = np.asarray(store["action"], dtype=np.float32)
         ends = store.episode_ends
-        layout = store.attrs.get("obs_layout") or {k: list(v) for k, v in spec.obs_layout.items()}
-    if obs.shape[1] != spec.obs_dim:
-        raise UserError(f"{cfg.data}: data/obs has {obs.shape[1]} dims; task {spec.name} has {spec.obs_dim}")
+        layout = (store.attrs.get("obs_layout") or {k: list(v) for k, v in spec.obs_layout.items()}
+                  if not obs_cfg.image else spec.layout(obs_cfg))
     p = cfg.policy
     train_eps, val_eps = episode_split(len(ends), cfg.val_fraction, cfg.seed)
     train_rows = window_index(ends, train_eps, p.horizon, p.n_obs_steps, p.n_action_steps)
     val_rows = window_index(ends, val_eps, p.horizon, p.n_obs_steps, p.n_action_steps)
     starts = np.concatenate([[0], ends[:-1]])
     train_steps = np.concatenate([np.arange(starts[e], ends[e]) for e in train_eps])
-    normalizer = Normalizer.fit({"obs": obs[train_steps], "action": action[train_steps]})
+    # An image policy normalizes its proprioception only; the encoder takes the frames as they are.
+    normalizer = Normalizer.fit({"obs": obs.parts[0][train_steps], "action": action[train_steps]})
     meta = {"task": spec.name, "obs_layout": {k: list(v) for k, v in layout.items()}, "data": str(cfg.data),
-            "train_episodes": train_eps.tolist(), "val_episodes": val_eps.tolist()}
+            "train_episodes": train_eps.tolist(), "val_episodes": val_eps.tolist(),
+            **({"obs": obs_cfg.to_dict()} if obs_cfg.image else {})}
     val = Batches(obs, action, val_rows, p) if len(val_rows) else None
     return Batches(obs, action, train_rows, p), val, normalizer, meta
 
@@ -133,7 +140,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def validation_loss(policy: DiffusionPolicy, net: torch.nn.Module, val: Batches, device, seed: int) -> float:
     """Mean loss of `net` on every validation window, with fixed noise (comparable across steps)."""
     g = torch.Generator(device).manual_seed(seed)
-    trained, policy.net = policy.net, net
+    trained, policy.trainable = policy.trainable, net
+    policy.eval()  # centre crops: the loss of the policy as it plans
     try:
         losses = []
         for i in range(0, len(val), 512):
@@ -141,7 +149,8 @@ def validation_loss(policy: DiffusionPolicy, net: torch.nn.Module, val: Batches,
             losses.append(policy.loss(obs, act, generator=g).item() * len(obs))
         return sum(losses) / len(val)
     finally:
-        policy.net = trained
+        policy.trainable = trained
+        policy.train()
 
 
 def check_resumable(resume: Path, state: dict, cfg: TrainConfig) -> None:
@@ -183,12 +192,13 @@ def train(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device)
     train_set, val_set, normalizer, meta = load_data(cfg)
     torch.manual_seed(cfg.seed)
-    policy = DiffusionPolicy(cfg.policy, train_set.obs.shape[1], train_set.action.shape[1], normalizer, meta).to(device)
-    optimizer = torch.optim.AdamW(policy.net.parameters(), lr=cfg.lr, betas=(0.95, 0.999),
+    policy = DiffusionPolicy(cfg.policy, train_set.obs.dim, train_set.action.shape[1], normalizer, meta).to(device)
+    model = policy.trainable  # the denoiser, and an image policy's encoder with it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.95, 0.999),
                                   weight_decay=cfg.weight_decay)
-    ema = EMAModel(policy.net.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
+    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
                    power=cfg.ema_power)
-    ema_net = copy.deepcopy(policy.net)
+    ema_net = copy.deepcopy(model)
     rng = np.random.default_rng(cfg.seed)
     noise_gen = torch.Generator(device).manual_seed(cfg.seed)
     step, elapsed = 0, 0.0
@@ -198,7 +208,7 @@ def train(cfg: TrainConfig) -> Path:
     if resume is not None:
         state = read_file(resume / "trainer.pt", lambda p: torch.load(p, map_location=device, weights_only=False))
         check_resumable(resume, state, cfg)
-        load_weights(policy.net, resume / "weights.safetensors")
+        load_weights(model, resume / "weights.safetensors")
         policy.normalizer = load_normalizer(resume)
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
@@ -213,7 +223,7 @@ def train(cfg: TrainConfig) -> Path:
         state = {"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                  "numpy_rng": rng.bit_generator.state, "torch_rng": noise_gen.get_state(),
                  "data": str(Path(cfg.data).resolve())}
-        return save_checkpoint(out, step, policy, ema_net, state, config_yaml)
+        return save_checkpoint(out, step, policy, ema_net, state, config_yaml, keep=cfg.keep_checkpoints)
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
     writer = SummaryWriter(str(out / "tensorboard"))
@@ -235,7 +245,7 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            ema.step(policy.net.parameters())
+            ema.step(model.parameters())
             t2 = time.perf_counter()
             data_s, compute_s = data_s + (t1 - t0), compute_s + (t2 - t1)
             elapsed += t2 - t0

@@ -34,24 +34,72 @@ def window_index(episode_ends: np.ndarray, episodes: np.ndarray, horizon: int, n
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 
-def gather(data: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
+def gather(data, rows: np.ndarray, length: int) -> np.ndarray:
     """data[start + 0 .. start + length-1] for each row, clamped to its episode (edge padding)."""
     a, b, s = rows[:, 0:1], rows[:, 1:2], rows[:, 2:3]
     idx = np.clip(s + np.arange(length)[None, :], a, b - 1)
     return data[idx]
 
 
-def _episodes(policy, data: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+class Observations:
+    """A store's observations as a policy sees them: the flat vector of its observation layout,
+    assembled per window from the store's arrays (camera frames stay uint8 in memory, 4x less
+    than float32, and become float only for the windows drawn). Indexing with an integer array
+    `idx` [...] gives float32 [..., dim]."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.dim = sum(int(np.prod(p.shape[1:])) for p in parts)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        return np.concatenate([p[idx].reshape(*idx.shape, -1).astype(np.float32) for p in self.parts], axis=-1)
+
+
+def read_observations(store, obs_cfg, where: str) -> Observations:
+    """The observations of `store` for a policy observing `obs_cfg` (`envs.tasks.ObsConfig`):
+    `data/obs` for state; for images its proprioceptive columns (found by key in the store's
+    `obs_layout`) then each camera's `data/<camera>_image`. UserError naming the store and what
+    it lacks."""
+    from envs.tasks import PROPRIO_KEYS, get_task
+
+    if "obs" not in store.keys:
+        raise UserError(f"{where}: data/obs: missing")
+    obs = np.asarray(store["obs"], dtype=np.float32)
+    if not obs_cfg.image:
+        return Observations([obs])
+    layout = store.attrs.get("obs_layout") or {k: list(v) for k, v in get_task(store.task or "lift").obs_layout.items()}
+    missing = [k for k in PROPRIO_KEYS if k not in layout]
+    if missing:
+        raise UserError(f"{where}: obs_layout has no {', '.join(missing)}: cannot take the proprioceptive keys")
+    cols = np.concatenate([np.arange(*layout[k]) for k in PROPRIO_KEYS])
+    parts = [obs[:, cols]]
+    for key in obs_cfg.image_keys:
+        if key not in store.keys:
+            raise UserError(f"{where}: data/{key}: missing (an image store holds each camera's frames; "
+                            f"dp-collect obs=image, or dp-import in=<low-dim store> obs=image renders them)")
+        frames = store[key]
+        if frames.dtype != np.uint8 or frames.shape[1:] != obs_cfg.image_shape:
+            raise UserError(f"{where}: data/{key}: {frames.dtype} {frames.shape[1:]}, the policy takes uint8 "
+                            f"{obs_cfg.image_shape}")
+        parts.append(frames)
+    return Observations(parts)
+
+
+def _episodes(policy, data: str, split: str) -> tuple[Observations, np.ndarray, np.ndarray, np.ndarray]:
     """A store's observations, actions and episode ends, checked against the policy, and the
     episodes of `split` ("train" or "val": the policy's own split; all episodes when it has none)."""
     from envs.store import open_store
 
     with open_store(data, task=policy.meta.get("task")) as store:
-        obs = np.asarray(store["obs"], dtype=np.float32)
+        obs = read_observations(store, policy.obs_config, str(data))
         action = np.asarray(store["action"], dtype=np.float32)
         ends = store.episode_ends
-    if obs.shape[1] != policy.obs_dim:
-        raise UserError(f"{data}: data/obs has {obs.shape[1]} dims; the policy takes {policy.obs_dim}")
+    if obs.dim != policy.obs_dim:
+        raise UserError(f"{data}: data/obs has {obs.dim} dims; the policy takes {policy.obs_dim}")
     if action.shape[1] != policy.action_dim:
         raise UserError(f"{data}: data/action has {action.shape[1]} dims; the policy takes {policy.action_dim}")
     episodes = np.asarray(policy.meta.get(f"{split}_episodes") or [], dtype=np.int64)

@@ -127,6 +127,8 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     scratch = WarmStart()
     warm_gen: dict[str, torch.Generator] = {}
 
+    encode_ms: dict[str, float] = {}
+
     def run(name: str, i: int, obs: torch.Tensor, twin: bool = True):
         """(ms, normalized actions, result, normalized actions of the baseline on the same noise or None)."""
         pol.warm = scratch  # setting the sampler resets the policy's state: keep each sampler's own out of reach
@@ -145,6 +147,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         x, res = pol.sample(obs, noise=noise, generator=gen, advance=advance)
         sync(dev)
         ms = (time.perf_counter() - start) * 1e3
+        encode_ms[name] = pol.last_encode_ms  # of ms: the observation encoder (an image policy's cameras)
         if noise is None and twin:  # the baseline's answer from this plan's (shifted) noise, untimed
             w = pol.warm
             pol.warm = scratch
@@ -163,7 +166,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     for name in names:  # warm-up: allocator, caches, plan tables
         for i in range(cfg.warmup):
             run(name, -1 - i, obs_t[i % len(obs_t)][None])
-    rec = {n: {"lat": [], "evals": [], "iters": [], "conv": [], "x": [], "twin": []} for n in names}
+    rec = {n: {"lat": [], "enc": [], "evals": [], "iters": [], "conv": [], "x": [], "twin": []} for n in names}
     began, timed = time.perf_counter(), cfg.plans
     for i in tqdm(range(cfg.plans), desc="dp-bench", unit="plan"):
         if cfg.time_limit_s is not None and i >= 2 and time.perf_counter() - began > cfg.time_limit_s:
@@ -177,6 +180,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
             r = rec[name]
             r["twin"].append(None if twin is None else twin.cpu())
             r["lat"].append(lat)
+            r["enc"].append(encode_ms[name])
             r["evals"].append(res.model_evals)
             r["iters"].append(res.parallel_iters)
             r["conv"].append(res.converged)
@@ -205,6 +209,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
             "sampler": {k: v for k, v in dataclasses.asdict(specs[name]).items() if v is not None},
             "latency_ms_p50": p50[name],
             "latency_ms_p90": float(np.percentile(r["lat"], 90)),
+            "encode_ms_p50": float(np.percentile(r["enc"], 50)),
             "model_evals_mean": float(np.mean(r["evals"])),
             "parallel_iters_mean": float(np.mean(r["iters"])),
             "converged_rate": float(np.mean(r["conv"])),
@@ -253,12 +258,12 @@ def _same_chain(a, b, pol) -> bool:
 def table(results: list[dict]) -> str:
     w = max([22, *(len(r["name"]) + 2 for r in results)])
     v = max([12, *(len(r["baseline"]) for r in results)])
-    head = f"{'sampler':<{w}}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}{'bound':>8}  {'vs':<{v}}{'max|da|':>9}{'outside':>9}"
+    head = f"{'sampler':<{w}}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}{'bound':>8}  {'vs':<{v}}{'max|da|':>9}{'outside':>9}{'encode':>9}"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r['name']:<{w}}{r['latency_ms_p50']:>9.1f}{r['latency_ms_p90']:>9.1f}{r['model_evals_mean']:>8.1f}"
                      f"{r['parallel_iters_mean']:>8.1f}{r['speedup']:>8.2f}x{r['speedup_bound']:>7.2f}x  {r['baseline']:<{v}}"
-                     f"{r['action_max_abs_diff']:>9.1e}{r['outside_model_pct']:>8.1f}%")
+                     f"{r['action_max_abs_diff']:>9.1e}{r['outside_model_pct']:>8.1f}%{r['encode_ms_p50']:>7.1f}ms")
     return "\n".join(lines)
 
 
@@ -267,7 +272,7 @@ def write_outputs(out: Path, results: list[dict], context: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "results.json", json.dumps(results, indent=2))
     write_text(out / "context.json", json.dumps(context, indent=2))
-    cols = ["name", "latency_ms_p50", "latency_ms_p90", "model_evals_mean", "parallel_iters_mean", "speedup",
+    cols = ["name", "latency_ms_p50", "latency_ms_p90", "encode_ms_p50", "model_evals_mean", "parallel_iters_mean", "speedup",
             "speedup_bound", "baseline", "action_max_abs_diff", "action_mean_abs_diff", "converged_rate", "outside_model_pct"]
     rows = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in results]
     write_text(out / "results.csv", "\n".join(rows) + "\n")

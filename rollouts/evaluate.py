@@ -119,11 +119,11 @@ def _init_worker(checkpoint: str, device: str, threads: int, loop: dict | None =
     import torch
 
     import policy
-    from envs import make_env
+    from rollouts.runner import make_policy_env
 
     torch.set_num_threads(threads)
     _W["policy"] = policy.load(checkpoint, device=device)
-    _W["env"] = make_env(_W["policy"].meta["task"])
+    _W["env"] = make_policy_env(_W["policy"])
     _W["threads"], _W["checkpoint"], _W["device"] = threads, checkpoint, device
     _W["loop"] = LoopConfig(**loop) if loop is not None else None
 
@@ -133,7 +133,7 @@ def _warm_up(label: str, plan) -> None:
     if label not in _W.setdefault("warmed_up", set()):
         pol = _W["policy"]
         for _ in range(3):
-            plan(np.zeros((pol.cfg.n_obs_steps, pol.obs_dim), np.float32))
+            plan(pol.neutral_obs()[0].cpu().numpy())
         _W["warmed_up"].add(label)
 
 
@@ -198,9 +198,9 @@ def _run_job(job: dict) -> dict:
         pol.sampler = SamplerConfig(**job["config"])
         _warm_up(job["label"], pol.plan)
         if render and "render_env" not in _W:
-            from envs import make_env
+            from rollouts.runner import make_policy_env
 
-            _W["render_env"] = make_env(pol.meta["task"], render=True)
+            _W["render_env"] = make_policy_env(pol, render=True)
         r = run_episode(_W["render_env"] if render else _W["env"], pol, job["seed"], render=render)
         record.update(_outcome(r), plans=[dataclasses.asdict(p) for p in r.plans])
         if render:

@@ -50,6 +50,8 @@ def summarize(records: list[dict], labels: list[str], **context) -> list[dict]:
             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                            "mean": float(np.mean(lat))},
             "model_evals_per_plan": float(np.mean([p["model_evals"] for p in plans])) if plans else 0.0,
+            # of latency_ms: an image policy's observation encoder (0 for state policies)
+            "encode_ms_p50": float(np.percentile([p.get("encode_ms", 0.0) for p in plans], 50)) if plans else 0.0,
             "parallel_iters_per_plan": float(np.mean([p["parallel_iters"] for p in plans])) if plans else 0.0,
             "converged_rate": float(np.mean([p["converged"] for p in plans])) if plans else 0.0,
             "plans": len(plans),

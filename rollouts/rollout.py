@@ -26,9 +26,7 @@ class RolloutConfig:
 @command("rollout", RolloutConfig)
 def main(cfg) -> None:
     import policy
-    from envs import make_env
-    from policy.checkpoint import check_matches
-    from rollouts.runner import run_episode
+    from rollouts.runner import make_policy_env, run_episode
 
     for name in ("episodes", "threads"):
         if cfg[name] < 1:
@@ -37,8 +35,7 @@ def main(cfg) -> None:
     pol = policy.load(cfg.checkpoint, device=cfg.device)
     pol.sampler = SamplerConfig(**cfg.sampler)
     task = pol.meta["task"]
-    env = make_env(task)
-    check_matches(pol, task, env.observation_layout)
+    env = make_policy_env(pol)
     results = []
     for i in tqdm(range(cfg.episodes), desc=f"rollout {task}", unit="episode"):
         r = run_episode(env, pol, cfg.seed + i)

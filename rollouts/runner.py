@@ -21,6 +21,7 @@ class PlanRecord:
     model_evals: int
     parallel_iters: int
     converged: bool
+    encode_ms: float = 0.0  # of latency_ms: the observation encoder (image policies)
 
 
 @dataclass
@@ -35,6 +36,32 @@ class EpisodeResult:
     frames: list[np.ndarray] | None = None
 
 
+def make_policy_env(policy, **kwargs):
+    """The env `policy` acts in: its task, observing what it was trained on (state, or its
+    cameras at its size); UserError if the layouts disagree."""
+    from envs import make_env
+    from policy.checkpoint import check_matches
+
+    task = policy.meta["task"]
+    env = make_env(task, obs=policy.obs_config, **kwargs)
+    check_matches(policy, task, env.observation_layout)
+    return env
+
+
+def video_frame(env) -> np.ndarray:
+    """The scene camera's frame, and beside it, for an image policy, what its own cameras saw
+    (scaled up to the same height)."""
+    frame = env.render()
+    images = list(env.images().values()) if getattr(env, "obs", None) is not None and env.obs.image else []
+    for image in images:
+        k = max(1, frame.shape[0] // image.shape[0])
+        big = np.repeat(np.repeat(image, k, axis=0), k, axis=1)
+        pad = np.zeros((frame.shape[0], big.shape[1], 3), np.uint8)
+        pad[: big.shape[0]] = big[: frame.shape[0]]
+        frame = np.concatenate([frame, pad], axis=1)
+    return frame
+
+
 def run_episode(env, policy, seed: int, render: bool = False) -> EpisodeResult:
     """Run one episode from `env.reset(seed=seed)` until success or the env's horizon.
 
@@ -43,7 +70,7 @@ def run_episode(env, policy, seed: int, render: bool = False) -> EpisodeResult:
     policy.seed(seed)
     history = deque([obs] * policy.cfg.n_obs_steps, maxlen=policy.cfg.n_obs_steps)
     result = EpisodeResult(seed=seed, success=False, max_reward=0.0, return_=0.0, length=0,
-                           frames=[env.render()] if render else None)
+                           frames=[video_frame(env)] if render else None)
     done = False
     while not done:
         since = result.length - result.plans[-1].step if result.plans else None  # a warm sampler's advance
@@ -54,7 +81,7 @@ def run_episode(env, policy, seed: int, render: bool = False) -> EpisodeResult:
             result.success = False
             return result
         result.plans.append(PlanRecord(result.length, plan.latency_ms, plan.model_evals, plan.parallel_iters,
-                                       plan.converged))
+                                       plan.converged, plan.encode_ms))
         for action in plan.actions:
             try:
                 obs, reward, terminated, truncated, info = env.step(action)
@@ -67,7 +94,7 @@ def run_episode(env, policy, seed: int, render: bool = False) -> EpisodeResult:
             result.max_reward = max(result.max_reward, reward)
             result.success = result.success or info["success"]
             if render:
-                result.frames.append(env.render())
+                result.frames.append(video_frame(env))
             done = terminated or truncated
             if done:
                 break

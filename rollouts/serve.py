@@ -8,6 +8,11 @@ works unchanged:
 - on connect the server sends its metadata (one binary msgpack frame): task, observation key and
   shape, action dimension, chunk sizes, sampler;
 - each request is one binary frame, an observation dict `{"obs_history": float32 [n_obs, obs_dim]}`
+  (an image policy's history is its flat layout: proprioception, then each camera's pixels), or
+  for an image policy openpi's keys: `observation/image` and `observation/wrist_image` (uint8
+  [H, W, 3], or [n_obs, H, W, 3] with the history; other sizes are resized to the policy's) and
+  `observation/state` (float [9] or [n_obs, 9]: eef position, quaternion, gripper); a single frame
+  stands for the whole history, as at an episode's start
   (optionally `"n_actions": int`, up to `max_actions`, for a loop that executes chunks
   asynchronously, and `"advance": int`, the control steps since this connection's previous
   request, for a warm-started sampler: each connection keeps its own warm state, and a request
@@ -45,6 +50,9 @@ from rollouts import wire
 OBS_KEY = "obs_history"
 N_ACTIONS_KEY = "n_actions"
 ADVANCE_KEY = "advance"
+# openpi's image request keys (its LIBERO/DROID examples) -> the policy's cameras, in order.
+OPENPI_IMAGE_KEYS = ("observation/image", "observation/wrist_image")
+OPENPI_STATE_KEY = "observation/state"
 COMMITTED_KEY = "committed"  # Real-Time Chunking: the actions executing while this plan runs, float [m, action_dim]
 FROZEN_KEY = "frozen"  # how many of them the new chunk must keep exactly
 
@@ -71,8 +79,13 @@ class PolicyService:
 
     def metadata(self) -> dict:
         p = self.policy
+        images = {}
+        if p.obs_config.image:
+            images = {"obs": p.obs_config.to_dict(), "image_shape": list(p.obs_config.image_shape),
+                      "image_keys": dict(zip(OPENPI_IMAGE_KEYS, p.obs_config.image_keys)),
+                      "state_key": OPENPI_STATE_KEY, "state_dim": p.encoder.low_dim}
         return {"name": "parapolicy", "task": p.meta.get("task"), "checkpoint": p.meta.get("checkpoint"),
-                "step": p.meta.get("step"), "obs_key": OBS_KEY, "obs_shape": [p.cfg.n_obs_steps, p.obs_dim],
+                "step": p.meta.get("step"), "obs_key": OBS_KEY, "obs_shape": [p.cfg.n_obs_steps, p.obs_dim], **images,
                 "action_dim": p.action_dim, "horizon": p.cfg.horizon, "n_action_steps": p.cfg.n_action_steps,
                 "max_actions": p.max_actions,
                 "sampler": {k: v for k, v in vars(p.sampler).items() if v is not None}}
@@ -81,6 +94,8 @@ class PolicyService:
         """The observation history, action count and advance of a request, or a ValueError naming the field."""
         if not isinstance(obs, dict):
             raise ValueError(f"request: expected a dict with key {OBS_KEY!r}, got {type(obs).__name__}")
+        if OBS_KEY not in obs and self.policy.obs_config.image and any(k in obs for k in OPENPI_IMAGE_KEYS):
+            obs = {**obs, OBS_KEY: self.image_history(obs)}
         if OBS_KEY not in obs:
             raise ValueError(f"request: missing key {OBS_KEY!r} (keys: {', '.join(map(str, obs)) or 'none'})")
         x = obs[OBS_KEY]
@@ -101,6 +116,36 @@ class PolicyService:
                                     or advance < 0):
             raise ValueError(f"{ADVANCE_KEY}: {advance!r} is not a non-negative integer")
         return x, None if n is None else int(n), None if advance is None else int(advance)
+
+    def image_history(self, obs: dict) -> np.ndarray:
+        """The flat observation history [n_obs, obs_dim] of an openpi-style image request."""
+        p = self.policy
+        n, size = p.cfg.n_obs_steps, p.obs_config.size
+        parts = [self._steps(obs, OPENPI_STATE_KEY, (p.encoder.low_dim,), "f", n)]
+        for key in OPENPI_IMAGE_KEYS[: len(p.obs_config.image_keys)]:
+            frames = self._steps(obs, key, None, "u", n)
+            if frames.shape[-1] != 3 or frames.ndim != 4:
+                raise ValueError(f"{key}: shape {frames.shape[1:]}, expected uint8 [H, W, 3] (or [{n}, H, W, 3])")
+            if frames.shape[1:3] != (size, size):
+                frames = resize(frames, size)
+            parts.append(frames.reshape(n, -1).astype(np.float32))
+        return np.concatenate([parts[0].astype(np.float32), *parts[1:]], axis=1)
+
+    @staticmethod
+    def _steps(obs: dict, key: str, shape: tuple | None, kind: str, n: int) -> np.ndarray:
+        """`obs[key]` as [n, ...]: one step repeated n times, or n steps as they are."""
+        if key not in obs:
+            raise ValueError(f"request: missing key {key!r} (keys: {', '.join(map(str, obs))})")
+        x = obs[key]
+        what = "uint8" if kind == "u" else "float"
+        if not isinstance(x, np.ndarray) or x.dtype.kind != kind or (kind == "u" and x.dtype != np.uint8):
+            raise ValueError(f"{key}: expected a {what} array, got {getattr(x, 'dtype', type(x).__name__)}")
+        single = x.ndim == (len(shape) if shape is not None else 3)
+        x = np.repeat(x[None], n, axis=0) if single else x
+        if len(x) != n or (shape is not None and x.shape[1:] != shape):
+            want = shape if shape is not None else ("H", "W", 3)
+            raise ValueError(f"{key}: shape {obs[key].shape}, expected {list(want)} or [{n}, *{list(want)}]")
+        return x
 
     def check_committed(self, obs: dict) -> tuple[np.ndarray | None, int]:
         """Real-Time Chunking's fields of a request: the actions the robot will execute while this
@@ -130,8 +175,18 @@ class PolicyService:
             self.served += 1
         return {"actions": r.actions.astype(np.float32),
                 "policy_timing": {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
-                                  "parallel_iters": r.parallel_iters, "converged": r.converged},
+                                  "parallel_iters": r.parallel_iters, "converged": r.converged,
+                                  "encode_ms": r.encode_ms},
                 "server_timing": {"queue_ms": waited * 1e3}}
+
+
+def resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 frames [N, H, W, 3] -> [N, size, size, 3], bilinear with antialiasing (torch's)."""
+    import torch
+
+    x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float()  # a copy: wire arrays are read-only
+    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 async def serve(service: PolicyService, host: str, port: int, max_message_mb: float = 8.0,

@@ -55,17 +55,56 @@ def checkpoint(tmp_path_factory):
     return train(cfg)
 
 
+SMALL_IMAGES = {"mode": "image", "cameras": ["agentview", "robot0_eye_in_hand"], "size": 32, "render": "fast"}
+
+
+@pytest.fixture(scope="session")
+def image_store(tmp_path_factory):
+    """Two real lift expert demonstrations with both cameras rendered at 32x32 (in process)."""
+    from envs.collect import store_attrs
+    from envs.experts import expert_episode
+    from envs.robosuite_env import make_env
+    from envs.store import write_store
+    from envs.tasks import ObsConfig
+
+    obs = ObsConfig(**SMALL_IMAGES)
+    env = make_env("lift", obs=obs)
+    episodes = [expert_episode(env, "lift", seed) for seed in (0, 1)]
+    env.close()
+    keys = ("obs", "action", "state", "reward", "success", *obs.image_keys)
+    return write_store(tmp_path_factory.mktemp("images") / "lift_image.zarr",
+                       [{k: e[k] for k in keys} for e in episodes], store_attrs("lift", episodes, [], 0, obs))
+
+
+@pytest.fixture(scope="session")
+def image_checkpoint(image_store, tmp_path_factory):
+    """A tiny image policy (ResNet width 8) trained a few steps on `image_store`."""
+    from envs.tasks import ObsConfig
+    from policy.diffusion import PolicyConfig
+    from policy.network import UNetConfig
+    from policy.train import TrainConfig, train
+    from policy.vision import VisionConfig
+
+    cfg = TrainConfig(data=str(image_store), out=str(tmp_path_factory.mktemp("image-run") / "run"), steps=4,
+                      batch_size=4, val_fraction=0.0, progress=False, threads=1, checkpoint_every=4,
+                      obs=ObsConfig(**SMALL_IMAGES),
+                      policy=PolicyConfig(unet=UNetConfig(down_dims=[16, 32], step_embed_dim=16, n_groups=4),
+                                          vision=VisionConfig(width=8, keypoints=8, feature_dim=16, crop=28)))
+    return train(cfg)
+
+
 @pytest.fixture
 def start_server(checkpoint):
-    """Start a server (in a thread, on a free port) for the tiny policy; stopped after the test."""
+    """Start a server (in a thread, on a free port) for the tiny policy (or the checkpoint at
+    `path`); stopped after the test."""
     stops = []
 
-    def start(max_message_mb: float = 8.0):
+    def start(max_message_mb: float = 8.0, path=None):
         from policy.checkpoint import load_policy
         from policy.samplers import SamplerConfig
         from rollouts.serve import PolicyService, serve
 
-        pol = load_policy(checkpoint)
+        pol = load_policy(path or checkpoint)
         pol.sampler = SamplerConfig(name="ddim", steps=5)
         pol.seed(0)
         service = PolicyService(pol)

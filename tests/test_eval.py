@@ -45,7 +45,7 @@ def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
     episodes = (out / "episodes.csv").read_text().splitlines()
     assert episodes[0].startswith("sampler,seed,episode,success") and len(episodes) == 5
     plans = (out / "plans.csv").read_text().splitlines()
-    assert plans[0] == "sampler,seed,step,latency_ms,model_evals,parallel_iters,converged"
+    assert plans[0] == "sampler,seed,step,latency_ms,model_evals,parallel_iters,converged,encode_ms"
     assert len(plans) == 1 + 4 * 50  # 400 steps, a plan every 8
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     videos = sorted(p.name for p in (out / "videos").iterdir())
