@@ -230,3 +230,40 @@ def test_dp_align_and_dp_bench_take_an_image_policy(image_checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr
     (row,) = [e for e in json.loads((out / "results.json").read_text()) if e["name"] == "ddim3"]
     assert 0 < row["encode_ms_p50"] < row["latency_ms_p50"] and "encode" in r.stdout
+
+
+def test_the_real_time_loop_plans_from_the_cameras(image_checkpoint):
+    """SimRobot renders at every control step; each plan sees the newest frames in its history."""
+    from policy.checkpoint import load_policy
+    from policy.samplers import SamplerConfig
+    from rollouts.realtime import LocalPlanner, LoopConfig, run_loop
+    from rollouts.robot import SimRobot
+    from rollouts.runner import make_policy_env
+
+    pol = load_policy(image_checkpoint)
+    pol.sampler = SamplerConfig(name="ddim", steps=3)
+    pol.seed(3)
+    env = make_policy_env(pol)
+    try:
+        robot = SimRobot(env, period=0.05)
+        robot.reset(seed=3)
+        seen, frames = [], []
+        planner = LocalPlanner(pol)
+        plan, read = planner.plan, robot.read
+
+        def reading():
+            t, obs = read()
+            frames.append(env.images()["robot0_eye_in_hand_image"].copy())
+            return t, obs
+
+        robot.read = reading
+        planner.plan = lambda obs, n, advance=None, *rest: seen.append(obs.copy()) or plan(obs, n, advance, *rest)
+        stats = run_loop(robot, planner, LoopConfig(replan_every=4), max_steps=24)
+    finally:
+        env.close()
+    assert stats.steps >= 24 and stats.steps == stats.commanded + stats.no_fresh and len(seen) >= 2
+    layout = env.observation_layout
+    wrist = slice(*layout["robot0_eye_in_hand_image"])
+    newest = [o[-1, wrist].reshape(32, 32, 3) for o in seen]
+    assert all(any(np.array_equal(f, frame) for frame in frames) for f in newest)  # frames the robot read
+    assert not np.array_equal(newest[0], newest[-1])  # the arm moved: the wrist camera saw it
