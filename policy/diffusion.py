@@ -52,6 +52,18 @@ class PlanResult:
     encode_ms: float = 0.0  # of latency_ms: the observation encoder (camera frames), once per plan
 
 
+class TrainingLoss(nn.Module):
+    """`policy.loss` as a module's forward, so that DistributedDataParallel can wrap it (its
+    gradient synchronisation hooks run on the forward of the module it wraps)."""
+
+    def __init__(self, policy: DiffusionPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, obs, action, generator=None, part=None):
+        return self.policy.loss(obs, action, generator, part)
+
+
 class DiffusionPolicy(nn.Module):
     def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int, normalizer: Normalizer,
                  meta: dict | None = None):
@@ -175,12 +187,18 @@ class DiffusionPolicy(nn.Module):
         low = self.normalizer.normalize("obs", obs[..., :self.encoder.low_dim])
         return self.encoder(low, obs, generator)
 
-    def loss(self, obs: torch.Tensor, action: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Epsilon-prediction MSE on a batch of raw windows (obs [B, n_obs, D], action [B, H, A])."""
+    def loss(self, obs: torch.Tensor, action: torch.Tensor, generator: torch.Generator | None = None,
+             part: tuple[int, int] | None = None) -> torch.Tensor:
+        """Epsilon-prediction MSE on a batch of raw windows (obs [B, n_obs, D], action [B, H, A]).
+        `part` (start, total): these are rows start.. of a batch of `total` split over processes
+        (data parallel): the noise and steps are drawn for the whole batch and this part taken, so
+        that the processes together draw what one process would."""
         x0 = self.normalizer.normalize("action", action)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        t = torch.randint(0, self.cfg.schedule.num_train_timesteps, (x0.shape[0],), generator=generator,
-                          device=x0.device)
+        start, total = part if part is not None else (0, x0.shape[0])
+        rows = slice(start, start + x0.shape[0])
+        noise = torch.randn((total, *x0.shape[1:]), generator=generator, device=x0.device)[rows]
+        t = torch.randint(0, self.cfg.schedule.num_train_timesteps, (total,), generator=generator,
+                          device=x0.device)[rows]
         x_t = add_noise(self.scheduler, x0, noise, t)
         return nn.functional.mse_loss(self.net(x_t, t.float(), self.condition(obs, generator)), noise)
 

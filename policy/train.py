@@ -3,6 +3,11 @@
 AdamW with warm-up and cosine decay, EMA weights (diffusers' EMAModel), periodic validation
 loss, TensorBoard logs, atomic checkpoints. Running the same command again resumes from the
 run's `latest` checkpoint; the same seed gives the same run.
+
+Under `torchrun --nproc_per_node=N -m policy.train <same arguments>` the run is data parallel
+(`policy.distributed`): every process draws the same global batch and trains on its share of it
+(DistributedDataParallel averages the gradients), so N processes take the steps one would;
+process 0 writes checkpoints and logs. The checkpoints do not depend on N: resume with another.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from envs.tasks import ObsConfig, TaskConfig, get_task
 from envs.partial import remove_stale_partials
 from policy.device import resolve_device
 from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
-from policy.diffusion import DiffusionPolicy, PolicyConfig
+from policy.diffusion import DiffusionPolicy, PolicyConfig, TrainingLoss
+from policy.distributed import join, leave
 from policy.normalizer import Normalizer
 from policy.windows import Observations, episode_split, gather, read_observations, window_index
 
@@ -92,8 +98,11 @@ class Batches:
         act = gather(self.action, rows, self.cfg.horizon)
         return torch.as_tensor(obs, device=device), torch.as_tensor(act, device=device)
 
-    def sample(self, rng: np.random.Generator, batch: int, device: torch.device):
-        return self.get(self.rows[rng.integers(0, len(self.rows), batch)], device)
+    def sample(self, rng: np.random.Generator, batch: int, device: torch.device, share: tuple[int, int] | None = None):
+        """`batch` random windows, or of them the rows `share` (start, stop): every process of a
+        data-parallel run draws the same batch and takes its own part."""
+        rows = self.rows[rng.integers(0, len(self.rows), batch)]
+        return self.get(rows if share is None else rows[share[0]:share[1]], device)
 
 
 def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, dict]:
@@ -189,7 +198,8 @@ def train(cfg: TrainConfig) -> Path:
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
     torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    world, device = join(resolve_device(cfg.device))
+    share = world.share(cfg.batch_size)
     train_set, val_set, normalizer, meta = load_data(cfg)
     torch.manual_seed(cfg.seed)
     policy = DiffusionPolicy(cfg.policy, train_set.obs.dim, train_set.action.shape[1], normalizer, meta).to(device)
@@ -199,6 +209,11 @@ def train(cfg: TrainConfig) -> Path:
     ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
                    power=cfg.ema_power)
     ema_net = copy.deepcopy(model)
+    objective = TrainingLoss(policy)
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective = DistributedDataParallel(objective)  # gradients averaged over the processes
     rng = np.random.default_rng(cfg.seed)
     noise_gen = torch.Generator(device).manual_seed(cfg.seed)
     step, elapsed = 0, 0.0
@@ -215,8 +230,10 @@ def train(cfg: TrainConfig) -> Path:
         rng.bit_generator.state = state["numpy_rng"]
         noise_gen.set_state(state["torch_rng"].to("cpu") if device.type == "cpu" else state["torch_rng"])
         step, elapsed = state["step"], state["elapsed_s"]
-        print(f"resuming {out} from step {step}")
-    remove_stale_partials(out / "checkpoints")  # what a killed run of this `out` left half-written
+        if world.main:
+            print(f"resuming {out} from step {step}")
+    if world.main:
+        remove_stale_partials(out / "checkpoints")  # what a killed run of this `out` left half-written
 
     def checkpoint() -> Path:
         ema.copy_to(ema_net.parameters())
@@ -226,18 +243,19 @@ def train(cfg: TrainConfig) -> Path:
         return save_checkpoint(out, step, policy, ema_net, state, config_yaml, keep=cfg.keep_checkpoints)
 
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
-    writer = SummaryWriter(str(out / "tensorboard"))
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.task.name}", unit="step", disable=not cfg.progress)
+    writer = SummaryWriter(str(out / "tensorboard")) if world.main else None
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.task.name}", unit="step",
+               disable=not cfg.progress or not world.main)
     data_s = compute_s = 0.0
     policy.train()
     try:
         while step < end:
             t0 = time.perf_counter()
-            obs, act = train_set.sample(rng, cfg.batch_size, device)
+            obs, act = train_set.sample(rng, cfg.batch_size, device, share)
             t1 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            loss = policy.loss(obs, act, generator=noise_gen)
+            loss = objective(obs, act, noise_gen, (share[0], cfg.batch_size))
             if not torch.isfinite(loss):
                 last = latest(out)
                 raise UserError(f"loss: became {loss.item()} at step {step}; stopped, the last good checkpoint "
@@ -251,22 +269,28 @@ def train(cfg: TrainConfig) -> Path:
             elapsed += t2 - t0
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == end:
+            if world.main and (step % cfg.log_every == 0 or step == end):
                 bar.set_postfix(loss=f"{loss.item():.4f}", data=f"{100 * data_s / (data_s + compute_s):.1f}%")
                 writer.add_scalar("train/loss", loss.item(), step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
                 writer.add_scalar("train/data_time_fraction", data_s / (data_s + compute_s), step)
-            if val_set is not None and (step % cfg.val_every == 0 or step == end):
+            if world.main and val_set is not None and (step % cfg.val_every == 0 or step == end):
                 ema.copy_to(ema_net.parameters())
                 val = validation_loss(policy, ema_net, val_set, device, cfg.seed)
                 writer.add_scalar("val/loss_ema", val, step)
                 tqdm.write(f"step {step}: val loss (EMA) {val:.4f}")
             if step % cfg.checkpoint_every == 0 or step == end:
-                checkpoint()
+                if world.main:
+                    checkpoint()
+                world.barrier()  # no process runs ahead of a checkpoint it may resume from
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
+        leave(world)
     ckpt = latest(out)
+    if not world.main:
+        return ckpt
     print(f"{out}: step {step}/{cfg.steps}, {elapsed / 60:.1f} min of training; "
           f"data loading {100 * data_s / max(data_s + compute_s, 1e-9):.1f}% of step time; checkpoint {ckpt}")
     return ckpt

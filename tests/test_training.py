@@ -1,5 +1,6 @@
 """Training, checkpoints and loading, on small real stores (issue 3 groundwork)."""
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -111,3 +112,62 @@ def test_checkpoint_of_another_task_is_refused(store, tmp_path):
 def test_missing_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no such checkpoint"):
         policy.load(tmp_path / "nothing")
+
+
+def test_data_parallel_training_under_torchrun_takes_the_steps_one_process_takes(checkpoint, tmp_path):
+    """2 gloo processes (torchrun) on the same global batch end at the weights of one process, to
+    float tolerance; a run checkpointed by 2 processes resumes in 1 and still agrees."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from commands import dp
+
+    store = checkpoint.parents[2] / "lift.zarr"  # the tiny policy's three demonstrations
+    args = [f"data={store}", "batch_size=8", "val_fraction=0", "threads=1", "progress=false", "checkpoint_every=3",
+            "warmup_steps=1", "policy.unet.down_dims=[16,32]", "policy.unet.step_embed_dim=16", "policy.unet.n_groups=4"]
+    one = dp("dp-train", *args, "steps=6", "stop_at=3", f"out={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "policy.train", *args, "steps=6", "stop_at=3", f"out={tmp_path / 'two'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+
+    def weights(run):
+        ckpt = run / "checkpoints" / "latest"
+        return {k: v for name in ("weights", "weights_ema") for k, v in
+                {f"{name}.{k}": v for k, v in load_file(ckpt / f"{name}.safetensors").items()}.items()}
+
+    def agree(a, b):
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    agree(tmp_path / "one", tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "checkpoints" / "latest" / "policy.json").read_text())["step"] == 3
+    # resume: the 2-process run continues in one process, the 1-process run likewise
+    for run in ("one", "two"):
+        r = dp("dp-train", *args, "steps=6", f"out={tmp_path / run}")
+        assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    agree(tmp_path / "one", tmp_path / "two")
+
+
+def test_each_process_takes_its_share_of_the_batch_one_process_draws(checkpoint):
+    """The data-parallel split: the shares' losses average to the whole batch's loss (same noise
+    and steps), each share is a different half, and a batch that does not split is refused."""
+    from policy.distributed import World
+
+    pol = policy.load(checkpoint)
+    rng = np.random.default_rng(0)
+    obs = torch.as_tensor(rng.normal(size=(8, pol.cfg.n_obs_steps, pol.obs_dim)), dtype=torch.float32)
+    act = torch.as_tensor(rng.uniform(-1, 1, size=(8, pol.cfg.horizon, pol.action_dim)), dtype=torch.float32)
+    full = pol.loss(obs, act, torch.Generator().manual_seed(0))
+    shares = [World(r, 2).share(8) for r in (0, 1)]
+    assert shares == [(0, 4), (4, 8)]
+    parts = [pol.loss(obs[a:b], act[a:b], torch.Generator().manual_seed(0), part=(a, 8)) for a, b in shares]
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, full, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(parts[0], parts[1])
+    with pytest.raises(UserError, match="batch_size: 9 does not split over 2 processes"):
+        World(0, 2).share(9)

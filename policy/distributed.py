@@ -1,0 +1,60 @@
+"""Data-parallel training under `torchrun`: which process this is, and the process group.
+
+`torchrun --nproc_per_node=N -m policy.train ...` starts N processes with RANK, WORLD_SIZE and
+LOCAL_RANK set; each joins one process group (nccl on GPUs, gloo on CPUs) and trains
+DistributedDataParallel over its share of every global batch. Without torchrun this is one
+process of a world of one, and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from envs.errors import UserError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """The process that writes checkpoints, logs and progress."""
+        return self.rank == 0
+
+    def share(self, batch: int) -> tuple[int, int]:
+        """(start, stop) of this process's rows of a global batch of `batch`."""
+        if batch % self.size:
+            raise UserError(f"batch_size: {batch} does not split over {self.size} processes; "
+                            f"use a multiple of {self.size}")
+        n = batch // self.size
+        return self.rank * n, (self.rank + 1) * n
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            torch.distributed.barrier()
+
+
+def join(device: torch.device) -> tuple[World, torch.device]:
+    """This process's place in a torchrun world (joining its process group), and the device it
+    trains on: cuda:LOCAL_RANK when training on CUDA, else `device`."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(), device
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def leave(world: World) -> None:
+    if world.size > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
