@@ -68,6 +68,8 @@ class EvalConfig:
     progress: bool = True
     realtime: bool = False  # run episodes on the wall clock through the asynchronous loop (rollouts.realtime)
     loop: LoopConfig = field(default_factory=LoopConfig)  # the loop's rate, merge rule, transport
+    launcher: str = "pool"  # pool: worker processes here; ray: one Ray task an episode (rollouts.cluster)
+    ray_address: str | None = None  # launcher=ray: a cluster's head (host:port); default a local Ray
 
 
 def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig]:
@@ -271,6 +273,14 @@ def evaluate(cfg: EvalConfig) -> Path:
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise UserError(f"{name}: {value} must be at least {low}")
+    if cfg.launcher not in ("pool", "ray"):
+        raise UserError(f"launcher: {cfg.launcher!r} is not one of pool, ray")
+    if cfg.launcher == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UserError("launcher: ray needs the optional extra 'cluster' (uv run --extra cluster dp-eval ..., "
+                            "or pip install 'parapolicy[cluster]')")
     if cfg.realtime:
         cfg.loop.check()
         if cfg.videos:
@@ -325,7 +335,11 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
 
         loop = dataclasses.asdict(cfg.loop) if cfg.realtime else None
         try:
-            if workers == 1:
+            if cfg.launcher == "ray":
+                from rollouts.cluster import run_on_ray
+
+                run_on_ray(jobs, keep, (checkpoint, cfg.device, cfg.threads, loop), workers, cfg.ray_address)
+            elif workers == 1:
                 _init_worker(checkpoint, cfg.device, cfg.threads, loop)
                 try:
                     for job in jobs:
