@@ -12,6 +12,7 @@ returns. Episodes are deterministic, so the results equal the process pool's on 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from envs.errors import UserError
@@ -30,6 +31,10 @@ def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: tuple, work
                address: str | None = None, max_retries: int = 3) -> None:
     """Run `jobs` as Ray tasks (`workers` at a time on a local Ray; as many as the cluster's
     CPUs allow, `threads` CPUs each, at `address`), calling `keep` with each record as it returns."""
+    # Under `uv run`, Ray (>= 2.43) starts each worker through `uv run` again by default, which
+    # fails where uv cannot resolve anew (CI, no network): the workers take this interpreter, the
+    # driver's environment, instead. Read when ray is imported; a user's own setting wins.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     try:
         import ray
     except ImportError:
