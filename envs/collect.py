@@ -111,18 +111,9 @@ def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int, o
     }
 
 
-def store_size_mb(path) -> float:
-    """What a store takes on disk (a directory's files, or one zip)."""
-    from pathlib import Path
-
-    p = Path(path)
-    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
-    return sum(f.stat().st_size for f in files) / 1e6
-
-
 @command("collect", CollectConfig)
 def main(cfg: CollectConfig) -> None:
-    from envs.store import check_destination, write_store
+    from envs.store import check_destination, store_size_mb, write_store
 
     out = check_destination(cfg.out, cfg.overwrite)  # fail now, not after the collection
     obs = ObsConfig.from_dict(cfg.obs)

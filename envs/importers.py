@@ -24,7 +24,7 @@ from omegaconf import MISSING
 
 from envs.cli import command
 from envs.errors import SourceError, UserError
-from envs.store import check_destination, open_store, write_store
+from envs.store import check_destination, open_store, store_size_mb, write_store
 from envs.tasks import ACTION_DIM, TASKS, ObsConfig, TaskSpec
 
 _DEMO_NAME = re.compile(r"^demo_(\d+)$")
@@ -309,9 +309,8 @@ def _run(cfg: Any) -> None:
     except OSError as err:  # permissions, a full disk, ...: a file problem, not a bug
         raise UserError(f"{err.filename or cfg['out']}: {err.strerror or err}") from err
     with open_store(out) as store:
-        size = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file()) / 1e6
         print(f"wrote {out}: task {store.task}, {store.n_episodes} demos, {store.n_steps} steps, "
-              f"{size / store.n_episodes:.2f} MB per demo")
+              f"{store_size_mb(out) / store.n_episodes:.2f} MB per demo")
 
 
 main = command("import", ImportConfig)(_run)

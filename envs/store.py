@@ -309,6 +309,13 @@ def _remove_empty(directories: list[Path]) -> None:
             break
 
 
+def store_size_mb(path: str | os.PathLike) -> float:
+    """What a store takes on disk, in MB (a directory's files, or one zip)."""
+    p = Path(path)
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
 # -- reading ------------------------------------------------------------------------------------
 
 
