@@ -43,11 +43,19 @@ def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: tuple, work
     threads = init[2]
     started = not ray.is_initialized()
     if started:
-        options = {"address": address} if address else {"num_cpus": workers * threads, "include_dashboard": False}
+        # address="local": a Ray of its own, even where a `ray start` cluster runs on this machine
+        # (a bare ray.init() would join that one, and refuse num_cpus).
+        options = ({"address": address} if address else
+                   {"address": "local", "num_cpus": workers * threads, "include_dashboard": False})
         try:
             ray.init(log_to_driver=False, **options)
-        except ConnectionError as err:
-            raise UserError(f"ray_address: cannot join the Ray cluster at {address} ({str(err).splitlines()[0]})") from None
+        except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if address:
+                hint = ("" if os.environ.get("RAY_AUTH_MODE") == "token" else "; a cluster with token authentication "
+                        "needs RAY_AUTH_MODE=token and its token here too, see docs/cluster.md")
+                raise UserError(f"ray_address: cannot join the Ray cluster at {address} ({why}{hint})") from None
+            raise UserError(f"launcher: ray could not start a local Ray ({why})") from None
     try:
         task = ray.remote(num_cpus=threads, max_retries=max_retries)(_episode)
         pending = [task.remote(init, job) for job in jobs]

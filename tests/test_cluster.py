@@ -1,12 +1,15 @@
 """dp-eval on Ray (`launcher=ray`, the optional extra `cluster`): a local Ray, one task an
 episode; a worker killed mid-episode is retried and every episode is recorded exactly once,
-with the results of the process pool on the same seeds."""
+with the results of the process pool on the same seeds. With --runslow: a Hydra multirun over a
+two-node cluster that `ray start` makes on loopback."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,3 +69,87 @@ def test_ray_run_with_a_worker_killed_records_every_episode_once_as_the_pool_doe
 def test_ray_launcher_refuses_unknown_launchers_in_one_line(checkpoint, tmp_path):
     r = dp("dp-eval", f"checkpoint={checkpoint}", "launcher=slurm", "episodes=1", f"out={tmp_path / 'x'}")
     assert r.returncode == 2 and "launcher: 'slurm' is not one of pool, ray" in r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raylet_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise OSError(pid)
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A Ray cluster of two nodes on loopback, as docs/cluster.md makes one on real machines: a
+    head and one worker node joining it, one CPU each, with token authentication (the token a
+    file every node and the driver read). Yields the head's address and the environment that
+    joins it."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token)}
+    nodes = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        deadline = time.monotonic() + 300  # a loaded 2-core machine takes a while
+        while time.monotonic() < deadline:  # the head's GCS answers
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        nodes.append(subprocess.Popen([ray, "start", f"--address={address}", *common],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        while time.monotonic() < deadline:  # both nodes registered
+            status = subprocess.run([ray, "status", f"--address={address}"], capture_output=True, text=True, env=env)
+            if status.stdout.count(" node_") >= 2:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the Ray cluster at {address} did not come up with two nodes")
+        yield address, env
+    finally:
+        for node in reversed(nodes):  # `ray start --block` drains and stops its node on SIGTERM
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+
+
+@pytest.mark.slow  # ~2 min on 2 cores (two nodes, two runs that start their workers anew); CI runs the local-Ray test
+def test_a_multirun_sweep_fans_out_over_a_two_node_cluster_each_episode_once(checkpoint, tmp_path, ray_cluster):
+    """`dp-eval -m ... launcher=ray ray_address=HEAD`: every run of the Hydra sweep sends its
+    episodes to the cluster that `ray start` made, and its episodes run on both nodes."""
+    address, env = ray_cluster
+    exe = Path(sys.executable).with_name("dp-eval")
+    run = subprocess.Popen([str(exe), "-m", f"checkpoint={checkpoint}", "samplers=['paraddim15:steps=4']",
+                            "options.tol=0.05,0.1", "episodes=2", "threads=1", "progress=false",
+                            "launcher=ray", f"ray_address={address}", f"out={tmp_path}/tol${{options.tol}}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    raylets, deadline = set(), time.monotonic() + 300
+    while run.poll() is None and time.monotonic() < deadline:  # which node's raylet started each episode worker
+        for pid in _episode_workers():
+            try:
+                raylets.add(_raylet_of(pid))
+            except OSError:
+                continue
+        time.sleep(0.1)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err[-2000:]
+    for tol in ("0.05", "0.1"):
+        records = [json.loads(line) for line in (tmp_path / f"tol{tol}" / "episodes.jsonl").read_text().splitlines()]
+        assert sorted(r["seed"] for r in records) == [100000, 100001]  # every episode of this run, once
+        assert {r["sampler"] for r in records} == {f"paraddim15:steps=4,tol={tol}"}, records[0]["sampler"]
+        assert not any(r["error"] for r in records)
+    assert len(raylets) == 2, f"episodes ran under raylets {raylets}: not on both nodes"
