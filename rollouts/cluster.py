@@ -18,6 +18,15 @@ from collections.abc import Callable
 from envs.errors import UserError
 
 
+def check_installed() -> None:
+    """launcher=ray's one-line refusal where the optional extra is not installed (checked before any work)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UserError("launcher: ray needs the optional extra 'cluster' (uv run --extra cluster dp-eval ..., "
+                        "or pip install 'parapolicy[cluster]')")
+
+
 def _episode(init: tuple, job: dict) -> dict:
     from rollouts import evaluate
 
@@ -35,11 +44,9 @@ def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: tuple, work
     # fails where uv cannot resolve anew (CI, no network): the workers take this interpreter, the
     # driver's environment, instead. Read when ray is imported; a user's own setting wins.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    try:
-        import ray
-    except ImportError:
-        raise UserError("launcher: ray needs the optional extra 'cluster' (uv run --extra cluster dp-eval ..., "
-                        "or pip install 'parapolicy[cluster]')") from None
+    check_installed()
+    import ray
+
     threads = init[2]
     started = not ray.is_initialized()
     if started:

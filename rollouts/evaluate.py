@@ -276,11 +276,9 @@ def evaluate(cfg: EvalConfig) -> Path:
     if cfg.launcher not in ("pool", "ray"):
         raise UserError(f"launcher: {cfg.launcher!r} is not one of pool, ray")
     if cfg.launcher == "ray":
-        import importlib.util
+        from rollouts.cluster import check_installed
 
-        if importlib.util.find_spec("ray") is None:
-            raise UserError("launcher: ray needs the optional extra 'cluster' (uv run --extra cluster dp-eval ..., "
-                            "or pip install 'parapolicy[cluster]')")
+        check_installed()
     if cfg.realtime:
         cfg.loop.check()
         if cfg.videos:
