@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +29,20 @@ HYDRA_QUIET = [
     f"hydra.sweep.dir={Path(tempfile.gettempdir()) / 'parapolicy-multirun'}",
     "hydra.sweep.subdir=.",
 ]
+
+
+@contextlib.contextmanager
+def children_ignore_ctrl_c() -> Iterator[None]:
+    """Worker processes started in the block ignore SIGINT (an ignored signal stays ignored across
+    exec, and Python keeps it so): the terminal's Ctrl-C reaches the whole process group, and
+    only the parent should answer it, stopping its workers, instead of each worker printing a
+    traceback of whatever it was doing. An interrupt during the block itself (starting the
+    processes, milliseconds) is not seen."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def fail(command: str, message: str, code: int = 2) -> None:

@@ -32,6 +32,7 @@ Learned taus live in the checkpoint directory: `aligner/<solver>-<steps>-<spacin
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,27 @@ def align_command(checkpoint, solver: str, steps: int, spacing: str, strategy: s
     return f"dp-align checkpoint={checkpoint} sampler={solver} steps={steps} spacing={canonical_spacing(spacing)}{extra}"
 
 
+def check_taus(taus, steps: int, max_t: float, where: str) -> tuple[float, ...]:
+    """`taus` as floats if they are what `learn` makes of a chain of `steps`: one number a step,
+    finite, in [0, max_t], strictly decreasing; otherwise UserError naming `where`."""
+    if not isinstance(taus, list) or len(taus) != steps:
+        raise UserError(f"{where}: taus must be a list of {steps} numbers (one per step), not {str(taus)[:60]}")
+    for i, tau in enumerate(taus):
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+            raise UserError(f"{where}: taus[{i}] is {tau!r}, not a finite number")
+        if not 0 <= tau <= max_t:
+            raise UserError(f"{where}: taus[{i}] = {tau:g} is outside the schedule's timesteps 0..{max_t:g}")
+        if i and tau >= taus[i - 1]:
+            raise UserError(f"{where}: taus[{i}] = {tau:g} does not decrease from taus[{i - 1}] = {taus[i - 1]:g} "
+                            "(a chain runs from noise to data)")
+    return tuple(float(t) for t in taus)
+
+
 def load_taus(checkpoint: str | Path | None, solver: str, steps: int, spacing: str,
-              which: str = "default") -> tuple[float, ...]:
-    """The aligned timesteps of a chain, as `dp-align` stored them. `which`: "default" (the
-    strategy learned last) or a strategy. A missing file says which command makes it."""
+              which: str = "default", max_t: float = 999.0) -> tuple[float, ...]:
+    """The aligned timesteps of a chain, as `dp-align` stored them and checked (`check_taus`;
+    `max_t`: the schedule's last training timestep). `which`: "default" (the strategy learned
+    last) or a strategy. A missing file says which command makes it."""
     if checkpoint is None:
         raise UserError("sampler.aligner: this policy was not loaded from a checkpoint, so it has no aligned timesteps")
     path = aligner_file(checkpoint, solver, steps, spacing)
@@ -74,7 +92,8 @@ def load_taus(checkpoint: str | Path | None, solver: str, steps: int, spacing: s
     if entry is None:
         raise UserError(f"sampler.aligner: {path} has no {which} taus (it has {', '.join(doc['strategies'])}); "
                         f"make them with: {make}")
-    return tuple(float(v) for v in entry["taus"])
+    return check_taus(entry.get("taus") if isinstance(entry, dict) else None, steps, max_t,
+                      f"{path} ({doc['strategy'] if which == 'default' else which})")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from envs.errors import UserError
@@ -33,11 +34,22 @@ from policy.schedule import ScheduleConfig
 from policy.vision import VisionConfig
 
 LATEST = "latest"
+DESCRIPTION = "parapolicy.policy"  # the weights files' record of their network (safetensors metadata)
 T = TypeVar("T")
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def weights_metadata(policy: DiffusionPolicy) -> dict[str, str]:
+    """What a weights file records of the network it holds (safetensors metadata), so that a
+    policy.json edited after the fact is caught at load (`check_description`)."""
+    return {DESCRIPTION: json.dumps(_description(policy), sort_keys=True)}
+
+
+def _description(policy: DiffusionPolicy) -> dict:
+    return {"config": asdict(policy.cfg), "obs_dim": policy.obs_dim, "action_dim": policy.action_dim}
 
 
 def save_checkpoint(run_dir: str | Path, step: int, policy: DiffusionPolicy, ema_net: torch.nn.Module,
@@ -48,8 +60,8 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: DiffusionPolicy, ema
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     with building(final) as tmp:
-        save_file(_state(policy.trainable), tmp / "weights.safetensors")
-        save_file(_state(ema_net), tmp / "weights_ema.safetensors")
+        save_file(_state(policy.trainable), tmp / "weights.safetensors", weights_metadata(policy))
+        save_file(_state(ema_net), tmp / "weights_ema.safetensors", weights_metadata(policy))
         save_file(policy.normalizer.state_dict(), tmp / "normalizer.safetensors")
         meta = {"step": step, "obs_dim": policy.obs_dim, "action_dim": policy.action_dim,
                 "config": asdict(policy.cfg), "meta": policy.meta,
@@ -105,14 +117,41 @@ def read_file(path: Path, load: Callable[[Path], T]) -> T:
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:
-    """Load a safetensors file into `module`; UserError naming the file if it is damaged or its
-    tensors do not fit the architecture."""
+    """Load a safetensors file into `module`; UserError naming the file if it is damaged, holds
+    NaN or inf, or its tensors do not fit the architecture."""
     state = read_file(path, load_file)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{path}: tensor {bad} holds NaN or inf; the weights are damaged")
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path}: does not fit the network of {path.parent / 'policy.json'} "
                         f"({str(err).splitlines()[0]})") from None
+
+
+def check_description(policy: DiffusionPolicy, path: Path) -> None:
+    """Refuse a policy.json that describes another network than the weights file at `path` was
+    saved with (where the file says: files written before the record are taken as they are)."""
+    recorded = read_file(path, lambda p: safe_open(p, "pt").metadata() or {}).get(DESCRIPTION)
+    if recorded is None:
+        return
+    diff = _first_difference(json.loads(recorded), _description(policy))
+    if diff is not None:
+        key, saved, now = diff
+        raise UserError(f"{path.parent / 'policy.json'}: {key} is {now!r}, but the weights were saved with "
+                        f"{saved!r}; the file was edited or belongs to other weights")
+
+
+def _first_difference(saved, now, where: str = "") -> tuple[str, object, object] | None:
+    """(dotted key, saved value, current value) of the first key of `saved` that `now` differs in."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for k, v in saved.items():
+            d = _first_difference(v, now.get(k), f"{where}.{k}" if where else k)
+            if d is not None:
+                return d
+        return None
+    return None if saved == now else (where, saved, now)
 
 
 def load_meta(ckpt: Path) -> dict:
@@ -126,14 +165,30 @@ def load_normalizer(ckpt: Path) -> Normalizer:
 def load_policy(path: str | Path, device: str = "cpu", ema: bool = True) -> DiffusionPolicy:
     ckpt = resolve(path)
     meta = load_meta(ckpt)
+    normalizer = load_normalizer(ckpt)
     try:
-        policy = build_policy(meta, load_normalizer(ckpt))
+        policy = build_policy(meta, normalizer)
+    except UserError as err:
+        raise UserError(f"{ckpt / 'policy.json'}: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{ckpt / 'policy.json'}: not a policy description ({type(err).__name__}: {err})") from None
-    load_weights(policy.trainable, ckpt / ("weights_ema.safetensors" if ema else "weights.safetensors"))
+    check_normalizer_fits(policy, ckpt)
+    weights = ckpt / ("weights_ema.safetensors" if ema else "weights.safetensors")
+    check_description(policy, weights)
+    load_weights(policy.trainable, weights)
     policy.meta["checkpoint"] = str(ckpt)
     policy.meta["step"] = meta["step"]
     return policy.to(resolve_device(device)).eval()
+
+
+def check_normalizer_fits(policy: DiffusionPolicy, ckpt: Path) -> None:
+    """Refuse a normalizer whose fields have other dimensions than policy.json's network."""
+    low_dim = policy.obs_dim if policy.encoder is None else policy.encoder.low_dim
+    for key, dim in (("obs", low_dim), ("action", policy.action_dim)):
+        have = len(policy.normalizer.stats[key]["scale"])
+        if have != dim:
+            raise UserError(f"{ckpt / 'normalizer.safetensors'}: {key} has {have} dimensions, policy.json's "
+                            f"network {dim}; the two files belong to different policies")
 
 
 def check_matches(policy: DiffusionPolicy, task: str, obs_layout: dict) -> None:

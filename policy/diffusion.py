@@ -19,7 +19,7 @@ from policy.vision import ObsEncoder, VisionConfig
 from policy.normalizer import Normalizer
 from policy.denoiser import Denoiser, resolve_capture
 from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve, takes_inpaint, takes_pad
-from policy.safety import NonFiniteActions, check_actions, check_observation
+from policy.safety import MARGIN, UnsafeActions, check_actions, check_observation
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
 from policy.warm import WarmStart
@@ -35,6 +35,10 @@ class PolicyConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)  # image policies' encoder
 
     def __post_init__(self):
+        halvings = len(self.unet.down_dims) - 1 if isinstance(self.unet, UNetConfig) else 0
+        if self.horizon < 1 or self.horizon % 2**halvings:
+            raise UserError(f"policy.horizon: {self.horizon} is not a positive multiple of {2**halvings} (the UNet "
+                            f"halves it {halvings} times and doubles it back)")
         if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
             raise UserError(
                 f"policy.n_action_steps: {self.n_action_steps} does not fit a horizon of {self.horizon} "
@@ -102,7 +106,8 @@ class DiffusionPolicy(nn.Module):
             from policy.aligner import load_taus
 
             chain = chain_of(cfg, self.cfg.schedule.num_train_timesteps)
-            options["taus"] = load_taus(self.meta.get("checkpoint"), *chain, which)
+            options["taus"] = load_taus(self.meta.get("checkpoint"), *chain, which,
+                                        max_t=self.cfg.schedule.num_train_timesteps - 1)
         self._auto_window = options.get("window") == "auto"  # chosen on the first plan (policy.autowindow)
         if self._auto_window:
             options["window"] = None
@@ -249,6 +254,10 @@ class DiffusionPolicy(nn.Module):
         m = len(committed) if committed.ndim else 0
         if committed.ndim != 2 or committed.shape[1] != self.action_dim or not 1 <= m <= self.max_actions:
             raise ValueError(f"committed: shape {committed.shape}, expected [1..{self.max_actions}, {self.action_dim}]")
+        try:  # the chunk is pulled toward them: they must be actions the policy could have planned
+            check_actions(committed, *self.action_bounds)
+        except UnsafeActions as err:
+            raise ValueError(f"committed: {str(err).removeprefix('actions: ').split('; ')[0]}") from None
         if not 0 <= int(frozen) <= m:
             raise ValueError(f"frozen: {frozen} is not in 0..{m} (the committed actions)")
         first = self.cfg.n_obs_steps - 1  # chunk index of the current step
@@ -257,6 +266,12 @@ class DiffusionPolicy(nn.Module):
         w = torch.zeros(self.cfg.horizon, device=self.device)
         w[first:] = rtc_weights(self.cfg.horizon - first, int(frozen), m, self.device)
         return Inpaint(prefix, w, self.sampler.inpaint or "replace")
+
+    @property
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per action dimension, the range a plan may return (`policy.safety`): the trained range
+        widened by the safety margin."""
+        return self.normalizer.bounds("action", MARGIN)
 
     @property
     def max_actions(self) -> int:
@@ -276,7 +291,8 @@ class DiffusionPolicy(nn.Module):
         them), with weights decaying over the rest (`samplers.inpaint`).
 
         Raises ValueError for an observation that is not finite as float32, and
-        `policy.safety.NonFiniteActions` instead of returning a chunk with NaN or inf in it."""
+        `policy.safety.UnsafeActions` instead of returning a chunk with NaN or inf in it, or with
+        actions outside the trained range (beyond `policy.safety.MARGIN`)."""
         start = time.perf_counter()
         n = self.cfg.n_action_steps if n_actions is None else int(n_actions)
         if not 1 <= n <= self.max_actions:
@@ -292,9 +308,9 @@ class DiffusionPolicy(nn.Module):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         try:
-            actions = check_actions(actions.cpu().numpy())
-        except NonFiniteActions:
-            self.warm.reset()  # a non-finite chain must not seed the next plan
+            actions = check_actions(actions.cpu().numpy(), *self.action_bounds)
+        except UnsafeActions:
+            self.warm.reset()  # a diverged chain must not seed the next plan
             raise
         return PlanResult(actions, (time.perf_counter() - start) * 1e3, result.model_evals,
                           result.parallel_iters, result.converged, self.last_encode_ms)

@@ -40,10 +40,43 @@ class Normalizer:
         """Flat `<field>.<stat>` tensors, as safetensors stores them."""
         return {f"{k}.{s}": v.contiguous() for k, d in self.stats.items() for s, v in d.items()}
 
+    def bounds(self, key: str, margin: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per dimension, the trained range of `key` widened by `margin` of its width on each side
+        (a dimension trained on one value: that value +-(1 + 2 margin)), in the field's units."""
+        reach = 1.0 + 2.0 * margin  # in normalized units, where the trained range is [-1, 1]
+        lo = self.unnormalize(key, torch.full_like(self.stats[key]["scale"], -reach))
+        hi = self.unnormalize(key, torch.full_like(self.stats[key]["scale"], reach))
+        return lo.numpy(), hi.numpy()
+
     @classmethod
     def from_state_dict(cls, flat: dict[str, torch.Tensor]) -> Normalizer:
+        """The normalizer a checkpoint saved; ValueError naming the first stat that is missing,
+        not finite or does not follow from the field's range (a damaged or edited file)."""
         stats: dict[str, dict[str, torch.Tensor]] = {}
         for name, v in flat.items():
-            key, stat = name.rsplit(".", 1)
+            key, _, stat = name.rpartition(".")
             stats.setdefault(key, {})[stat] = v
+        for key in ("obs", "action"):
+            _check_field(key, stats.get(key))
         return cls(stats)
+
+
+def _check_field(key: str, s: dict[str, torch.Tensor] | None) -> None:
+    """What `Normalizer.fit` would have written for the range [min, max], or ValueError."""
+    if s is None:
+        raise ValueError(f"{key}: missing")
+    for stat in ("scale", "offset", "min", "max"):
+        if stat not in s:
+            raise ValueError(f"{key}.{stat}: missing")
+        if s[stat].ndim != 1 or s[stat].shape != s["scale"].shape:
+            raise ValueError(f"{key}.{stat}: shape {tuple(s[stat].shape)}, not that of {key}.scale")
+        if not torch.isfinite(s[stat]).all():
+            raise ValueError(f"{key}.{stat}: holds NaN or inf")
+    lo, hi = s["min"].double(), s["max"].double()
+    if (hi < lo).any():
+        raise ValueError(f"{key}.min: above {key}.max")
+    want = Normalizer.fit({key: torch.stack([lo, hi]).numpy()}).stats[key]
+    for stat in ("scale", "offset"):
+        if not torch.allclose(s[stat].double(), want[stat].double(), rtol=1e-4, atol=1e-6):
+            raise ValueError(f"{key}.{stat}: does not follow from {key}.min and {key}.max (a damaged or edited "
+                             f"normalizer)")

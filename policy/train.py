@@ -12,6 +12,7 @@ process 0 writes checkpoints and logs. The checkpoints do not depend on N: resum
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -27,6 +28,7 @@ from envs.cli import command
 from envs.errors import UserError
 from envs.store import open_store
 from envs.tasks import ObsConfig, TaskConfig, get_task
+from envs.lock import exclusive
 from envs.partial import remove_stale_partials
 from policy.device import resolve_device
 from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
@@ -191,14 +193,21 @@ def first_difference(a, b, where: str) -> tuple[str, object, object] | None:
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) the run in `cfg.out`; returns its latest checkpoint. Each checkpoint's
     config.yaml holds `cfg`, resolved."""
-    from diffusers.training_utils import EMAModel
     from omegaconf import OmegaConf
-    from torch.utils.tensorboard import SummaryWriter
 
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
     torch.set_num_threads(cfg.threads)
     world, device = join(resolve_device(cfg.device))
+    # one run an `out`: a second would resume from this one's step and interleave its checkpoints
+    with exclusive(cfg.out, "dp-train") if world.main else contextlib.nullcontext():
+        return _train(cfg, world, device, config_yaml)
+
+
+def _train(cfg: TrainConfig, world, device: torch.device, config_yaml: str) -> Path:
+    from diffusers.training_utils import EMAModel
+    from torch.utils.tensorboard import SummaryWriter
+
     share = world.share(cfg.batch_size)
     train_set, val_set, normalizer, meta = load_data(cfg)
     torch.manual_seed(cfg.seed)

@@ -8,6 +8,8 @@
                                  evaluation refuses them without the store) and `zoo`: where it
                                  came from, how it was trained, and what the shipped weights measured
         aligner/                 DPM-Aligner timesteps, where the checkpoint had them
+        histories.npz            closed-loop observation histories of held-out episodes, so that
+                                 dp-bench plans on the policy without its training store
 
 `policy.load("zoo/lift")` and every command's `checkpoint=zoo/lift` read it like a checkpoint.
 `dp-export checkpoint=outputs/lift out=zoo/lift command="..."` writes one (atomically);
@@ -22,26 +24,32 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from envs.cli import command
 from envs.errors import UserError
 from envs.partial import building, remove_stale_partials
-from policy.checkpoint import load_meta, read_file, resolve
+from policy.checkpoint import load_meta, load_policy, read_file, resolve, weights_metadata
 
 WEIGHTS = "weights_ema.safetensors"
+HISTORIES = "histories.npz"  # closed-loop observation histories: dp-bench plans on them without a store
 MAX_MB = 20.0  # what one task's shipped policy may take in the repository
+# Histories shipped: 200 is dp-bench's default plan count; an image policy's histories hold camera
+# frames (~170 kB each at 84x84), so it ships a few episodes' worth, which dp-bench replays in order.
+N_HISTORIES, N_IMAGE_HISTORIES = 200, 24
 
 
 def export(checkpoint: str | Path, out: str | Path, command: str = "", dtype: torch.dtype = torch.float16) -> Path:
     """Write the planning part of `checkpoint` to `out` (replacing a zoo policy there, nothing
     else) with its EMA weights cast to `dtype`; returns `out`."""
     ckpt, out = resolve(checkpoint), Path(out)
+    check_out(out, ckpt)
     meta = load_meta(ckpt)
+    pol = load_policy(ckpt)  # every part checked before anything is written
+    store = meta.get("meta", {}).get("data")
     weights = read_file(ckpt / WEIGHTS, load_file)
-    if out.exists() and not (out / "policy.json").is_file():
-        raise UserError(f"{out}: exists and is not a zoo policy (no policy.json); choose another out=")
     seeds = _seeds_used(meta.get("meta", {}).get("data"))
     meta["meta"] = {**meta.get("meta", {}), **({"seeds_used": seeds} if seeds is not None else {})}
     meta["zoo"] = {"source": str(ckpt), "weights_dtype": str(dtype).removeprefix("torch."), "command": command,
@@ -49,7 +57,9 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "", dtype: to
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent, out.name)
     with building(out) as tmp:
-        save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+        save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, tmp / WEIGHTS, weights_metadata(pol))
+        if store and Path(store).exists():
+            write_histories(pol, store, tmp / HISTORIES)
         shutil.copy2(ckpt / "normalizer.safetensors", tmp / "normalizer.safetensors")
         if (ckpt / "aligner").is_dir():
             shutil.copytree(ckpt / "aligner", tmp / "aligner")
@@ -60,12 +70,45 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "", dtype: to
     return out
 
 
+def write_histories(policy, store: str | Path, dest: Path, split: str = "val") -> Path:
+    """`dest` (.npz): the closed-loop observation histories of the store's `split` episodes
+    (`policy.windows.episode_sequences`; "val": the policy's validation episodes), as
+    `rollouts.bench.saved_histories` reads them, compressed."""
+    from policy.windows import episode_sequences
+
+    n = N_IMAGE_HISTORIES if policy.encoder is not None else N_HISTORIES
+    obs, first = episode_sequences(policy, str(store), split, n)
+    tmp = dest.with_name(f".{dest.name}.tmp.npz")
+    np.savez_compressed(tmp, obs=obs, first=first)
+    os.replace(tmp, dest)
+    return dest
+
+
+def check_out(out: Path, ckpt: Path) -> None:
+    """Refuse an `out=` that export would damage: anything but a zoo policy (a training
+    checkpoint or run included), a link, or a folder the checkpoint is in or that is in it."""
+    if out.is_symlink():
+        raise UserError(f"{out}: is a link (to {os.readlink(out)}); give a zoo directory, e.g. zoo/<task>")
+    where = out.resolve()
+    if where == ckpt or where in ckpt.parents or ckpt in where.parents:
+        raise UserError(f"{out}: is {'the checkpoint' if where == ckpt else 'a folder of the checkpoint'} {ckpt} "
+                        "being exported; give a zoo directory, e.g. zoo/<task>")
+    if not out.exists():
+        return
+    if not (out / "policy.json").is_file():
+        raise UserError(f"{out}: exists and is not a zoo policy (no policy.json); choose another out=")
+    training = [n for n in ("trainer.pt", "weights.safetensors", "checkpoints") if (out / n).exists()]
+    if training:
+        raise UserError(f"{out}: is a training checkpoint or run (holds {training[0]}), not a zoo policy; "
+                        "choose another out=")
+
+
 def record(zoo: str | Path, evaluation: str | Path) -> dict:
     """Add an evaluation of the zoo policy at `zoo` (a dp-eval directory of it) to its
     policy.json under zoo.measured; returns what was recorded."""
     zoo, evaluation = Path(zoo), Path(evaluation)
     meta = load_meta(zoo)
-    results = read_file(evaluation / "results.json", lambda p: json.loads(p.read_text()))
+    results = read_results(evaluation)
     mine = {str(zoo.resolve()), str(resolve(zoo))}
     if not results or any(r.get("checkpoint") not in mine for r in results):
         raise UserError(f"{evaluation}: not an evaluation of {zoo} (its checkpoint is {results[0].get('checkpoint')})"
@@ -79,6 +122,17 @@ def record(zoo: str | Path, evaluation: str | Path) -> dict:
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, zoo / "policy.json")
     return measured
+
+
+def read_results(evaluation: Path) -> list[dict]:
+    """The rows of a dp-eval directory's results.json; UserError naming the file unless it is a
+    list of rows that each name their sampler, checkpoint, episodes and success rate."""
+    path = Path(evaluation) / "results.json"
+    results = read_file(path, lambda p: json.loads(p.read_text()))
+    need = ("sampler", "checkpoint", "episodes", "success_rate")
+    if not isinstance(results, list) or not all(isinstance(r, dict) and all(k in r for k in need) for r in results):
+        raise UserError(f"{path}: not dp-eval results (a list of rows with {', '.join(need)})")
+    return results
 
 
 def _seeds_used(data: str | None) -> list[int] | None:
@@ -108,6 +162,8 @@ class ExportConfig:
 def _run(cfg) -> None:
     if cfg.checkpoint is None and cfg.measured is None:
         raise UserError("checkpoint: required (or measured=<dp-eval dir> to record an evaluation of out=)")
+    if cfg.measured is not None:
+        read_results(Path(cfg.measured))  # a bad evaluation is refused before anything is exported
     if cfg.checkpoint is not None:
         out = export(cfg.checkpoint, cfg.out, cfg.command)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20

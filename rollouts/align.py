@@ -24,6 +24,7 @@ import torch
 
 from envs.cli import command
 from envs.errors import UserError
+from envs.lock import exclusive
 from policy.aligner import (STRATEGIES, AlignSettings, aligner_file, learn, reference_trajectory,
                             trajectory_gap)
 from policy.samplers.solvers import SOLVERS, SPACINGS, canonical_spacing
@@ -96,9 +97,20 @@ def run_align(cfg: AlignConfig) -> Path:
     plain = trajectory_gap(policy, e_obs, s, None, reference, noise)
     aligned = trajectory_gap(policy, e_obs, s, tuple(result["taus"]), reference, noise)
 
-    aligned_steps = cfg.steps if cfg.align_last else max(cfg.steps - 1, 1)
     path = aligner_file(ckpt, cfg.solver, cfg.steps, spacing)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(path.parent, "dp-align"):  # read, add this strategy, write: one writer at a time
+        _record(path, cfg, s, data, result, aligned, plain, str(policy.device))
+    rows = summary(path.parent)
+    print(table(rows))
+    print(f"wrote {path} ({result['time_s']:.0f} s); summary and aligner_gap.png in {path.parent}")
+    return path
+
+
+def _record(path: Path, cfg: AlignConfig, s: AlignSettings, data: str, result: dict, aligned: list,
+            plain: list, device: str) -> None:
+    """Add the strategy just learned to the chain's aligner file (made if missing), with its loss plot."""
+    spacing = canonical_spacing(cfg.spacing)
+    aligned_steps = cfg.steps if cfg.align_last else max(cfg.steps - 1, 1)
     doc = json.loads(path.read_text()) if path.is_file() else {}
     entry = {
         "taus": result["taus"], "loss_before": result["loss_before"], "loss_after": result["loss_after"],
@@ -107,7 +119,7 @@ def run_align(cfg: AlignConfig) -> Path:
         "loss_after_total": float(np.sum(result["loss_after"][:aligned_steps])),
         "iters": result["iters"], "converged": result["converged"], "time_s": round(result["time_s"], 2),
         "data": {"store": str(data), "episodes": "train", "chunks": cfg.chunks, "seed": cfg.seed},
-        "settings": asdict(s), "threads": cfg.threads, "device": str(policy.device),
+        "settings": asdict(s), "threads": cfg.threads, "device": device,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "gap": aligned, "final_error": aligned[-1], "loss_curve": result["loss_curve"],
     }
@@ -119,10 +131,6 @@ def run_align(cfg: AlignConfig) -> Path:
            "gap_plain": plain, "final_error_plain": plain[-1], "strategies": strategies}
     write_text(path, json.dumps(doc, indent=1))
     plot_loss(path.with_name(f"{path.stem}-{cfg.strategy}-loss.png"), entry, path.stem)
-    rows = summary(path.parent)
-    print(table(rows))
-    print(f"wrote {path} ({result['time_s']:.0f} s); summary and aligner_gap.png in {path.parent}")
-    return path
 
 
 def summary(directory: Path) -> list[dict]:

@@ -54,7 +54,7 @@ class BenchConfig:
 
 def saved_histories(policy, path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `n` observation histories [n, n_obs, obs_dim] of an .npz file (`obs`, and `first`:
-    where an episode starts), as `rollouts.devicecheck` saves them."""
+    where an episode starts), as `policy.zoo` and `rollouts.devicecheck` save them."""
     if not Path(path).is_file():
         raise UserError(f"data: {path}: no such file")
     with np.load(path) as f:
@@ -64,9 +64,22 @@ def saved_histories(policy, path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     want = (policy.cfg.n_obs_steps, policy.obs_dim)
     if obs.ndim != 3 or obs.shape[1:] != want or len(first) != len(obs):
         raise UserError(f"data: {path}: obs {obs.shape} and first {first.shape} do not fit [N, *{want}] and [N]")
-    if len(obs) < n:
-        raise UserError(f"data: {path}: {len(obs)} histories, fewer than plans={n}")
-    return obs[:n], first[:n]
+    if not len(obs) or not first[0]:
+        raise UserError(f"data: {path}: must start with an episode's first history (first[0] true)")
+    reps = -(-n // len(obs))  # fewer histories than plans: the episodes again, from the first
+    return np.concatenate([obs] * reps)[:n], np.concatenate([first] * reps)[:n]
+
+
+def default_data(policy) -> str:
+    """Where dp-bench takes observation histories from without `data=`: the store the policy was
+    trained on, or else the histories a shipped policy carries (`policy.zoo.HISTORIES`)."""
+    from policy.zoo import HISTORIES
+
+    store = policy.meta.get("data") or f"data/{policy.meta.get('task')}.zarr"
+    shipped = Path(policy.meta["checkpoint"]) / HISTORIES
+    if Path(store).exists() or not shipped.is_file():
+        return store
+    return str(shipped)
 
 
 def observation_histories(policy, data: str, n: int, seed: int) -> np.ndarray:
@@ -82,12 +95,13 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     torch.set_num_threads(cfg.threads)
     pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
     dev = pol.device
-    if cfg.plans < 1:
-        raise UserError(f"plans: {cfg.plans} must be at least 1")
+    for key in ("plans", "overhead_plans"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key}: {getattr(cfg, key)} must be at least 1")
     if not cfg.samplers:
         raise UserError("samplers: empty list")
-    data = cfg.data or pol.meta.get("data") or f"data/{pol.meta.get('task')}.zarr"
-    if str(data).endswith(".npz"):  # histories saved by `dp-devicecheck prepare`: no store, no zarr
+    data = cfg.data or default_data(pol)
+    if str(data).endswith(".npz"):  # histories saved with a shipped policy or by `dp-devicecheck prepare`
         obs_all, first = saved_histories(pol, data, cfg.plans)
     elif cfg.closed_loop:
         from policy.windows import episode_sequences

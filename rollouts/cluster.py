@@ -27,6 +27,50 @@ def check_installed() -> None:
                         "or pip install 'parapolicy[cluster]')")
 
 
+PROBE_TIMEOUT_S = 5.0  # the head's GCS port answers a TCP connect at once; a silent host is given this long
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` (or `ray://host:port`, `[v6]:port`) of a Ray head, checked; a one-line
+    `UserError` naming `ray_address` otherwise. `auto` (the `ray start` cluster of this machine,
+    found by Ray) is not parsed here."""
+    text = str(address).strip()
+    rest = text[len("ray://"):] if text.startswith("ray://") else text
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit():
+        raise UserError(f"ray_address: {address!r} is not host:port (e.g. HEAD_HOST:6379)")
+    if not 1 <= int(port) <= 65535:
+        raise UserError(f"ray_address: port {port} of {address!r} is not in 1..65535")
+    return host, int(port)
+
+
+def check_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse, in one line and within about `timeout` seconds, a `ray_address` that is not
+    host:port or where nothing answers a TCP connect. Ray's own join retries an unreachable
+    head for many minutes (829 s for 127.0.0.1:1) before it gives up; a head's GCS port that
+    takes connections is what a join needs first."""
+    import socket
+
+    if address is None or str(address).strip() == "auto":
+        return
+    host, port = parse_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.gaierror as err:
+        raise UserError(f"ray_address: cannot join the Ray cluster at {address} (host {host!r} does not resolve: "
+                        f"{err.strerror or err})") from None
+    except TimeoutError:
+        raise UserError(f"ray_address: cannot join the Ray cluster at {address} (no answer from {host}:{port} "
+                        f"within {timeout:g} s; is the head running, and its port open to this machine?)") from None
+    except ConnectionRefusedError:
+        raise UserError(f"ray_address: cannot join the Ray cluster at {address} (connection refused: nothing "
+                        f"listens at {host}:{port}; start the head with `ray start --head --port={port}`)") from None
+    except OSError as err:
+        raise UserError(f"ray_address: cannot join the Ray cluster at {address} ({err.strerror or err})") from None
+
+
 def _episode(init: tuple, job: dict) -> dict:
     from rollouts import evaluate
 
@@ -50,6 +94,7 @@ def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: tuple, work
     threads = init[2]
     started = not ray.is_initialized()
     if started:
+        check_address(address)  # a head that went away since start-up: one line now, not Ray's minutes of retries
         # address="local": a Ray of its own, even where a `ray start` cluster runs on this machine
         # (a bare ray.init() would join that one, and refuse num_cpus).
         options = ({"address": address} if address else

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from envs.cli import command, fail
+from envs.cli import children_ignore_ctrl_c, command, fail
 from envs.errors import UserError
+from envs.lock import exclusive
 from policy.samplers import SamplerConfig
 from rollouts.presets import sampler_preset
 from rollouts.realtime import LoopConfig
@@ -276,14 +277,19 @@ def evaluate(cfg: EvalConfig) -> Path:
     if cfg.launcher not in ("pool", "ray"):
         raise UserError(f"launcher: {cfg.launcher!r} is not one of pool, ray")
     if cfg.launcher == "ray":
-        from rollouts.cluster import check_installed
+        from rollouts.cluster import check_address, check_installed
 
+        check_address(cfg.ray_address)  # syntax, and a head that answers: seconds, not Ray's minutes of retries
         check_installed()
-    if cfg.realtime:
-        cfg.loop.check()
-        if cfg.videos:
-            raise UserError("videos: not recorded with realtime=true (rendering would take the loop's time)")
-    pol = policy.load(cfg.checkpoint)  # fail early on a bad checkpoint, in this process
+    cfg.loop.check()
+    if cfg.realtime and cfg.videos:
+        raise UserError("videos: not recorded with realtime=true (rendering would take the loop's time)")
+    from policy.device import resolve_device
+
+    # The device every worker is given and run.json records: resolved once, here, before anything
+    # is written (`auto` on this machine; a device torch cannot reach is refused in one line).
+    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))
+    pol = policy.load(cfg.checkpoint, device=cfg.device)  # fail early on a bad checkpoint, in this process
     task = pol.meta["task"]
     specs = sampler_specs(cfg.samplers, dataclasses.asdict(cfg.options))
     for sc in specs.values():
@@ -291,6 +297,13 @@ def evaluate(cfg: EvalConfig) -> Path:
     seeds = range(cfg.seed, cfg.seed + cfg.episodes)
     check_seeds(cfg.data or pol.meta.get("data"), seeds, pol.meta.get("seeds_used"))
     out = Path(cfg.out or f"outputs/eval-{task}")
+    with exclusive(out, "dp-eval"):  # a second run on `out` would replace the log this one appends to
+        return _evaluate_into(out, cfg, pol, specs, seeds)
+
+
+def _evaluate_into(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConfig], seeds: range) -> Path:
+    """The episodes of `seeds` that `out` lacks, run and logged; then the report from the log."""
+    task = pol.meta["task"]
     done = prepare_out(out, _run_info(cfg, pol, specs), cfg.restart)
     finished = {(r["sampler"], r["seed"]) for r in done}
     jobs = []
@@ -348,8 +361,10 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
                 import multiprocessing as mp
 
                 ctx = mp.get_context("spawn")  # MuJoCo/EGL and torch threads do not survive fork
-                with ctx.Pool(workers, initializer=_init_worker,
-                              initargs=(checkpoint, cfg.device, cfg.threads, loop)) as pool:
+                with children_ignore_ctrl_c():
+                    pool = ctx.Pool(workers, initializer=_init_worker,
+                                    initargs=(checkpoint, cfg.device, cfg.threads, loop))
+                with pool:
                     for record in pool.imap_unordered(_run_job, jobs):
                         keep(record)
         except KeyboardInterrupt:

@@ -53,21 +53,41 @@ class LoopConfig:
     transport: str = "server"  # server: dp-serve in its own process over loopback; local: a thread here
     extra_delay_ms: float = 0.0  # latency added to every plan on purpose (success against delay)
 
+    MAX_RATE_HZ = 1000.0  # a step of 1 ms; at 1e9 Hz the loop "catches up" a step per nanosecond: a hang
+    MAX_DELAY_MS = 60_000.0  # a minute of added latency a plan; any more and no episode sees a second plan
+
     def check(self) -> None:
+        """Every setting a number of its kind, finite and in range, or a one-line `UserError`
+        naming the key (`nan` passes every `<` test: it must be refused as such). Called at
+        start-up by every command that takes a loop, and by `run_loop`."""
+        import math
+        import numbers
+
+        def number(key: str, low: float, high: float, low_open: bool = False, integer: bool = False) -> None:
+            value = getattr(self, key)
+            kind = numbers.Integral if integer else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise UserError(f"loop.{key}: {value!r} is not {'an integer' if integer else 'a number'}")
+            if not math.isfinite(value):
+                raise UserError(f"loop.{key}: {value!r} is not a finite number")
+            if value < low or (low_open and value == low):
+                why = "must be positive" if low_open else "must be at least 1" if integer else f"must be >= {low:g}"
+                raise UserError(f"loop.{key}: {value!r} {why}")
+            if value > high:
+                raise UserError(f"loop.{key}: {value!r} must be <= {high:g}")
+
         if self.merge not in LOOP_MERGES:
             raise UserError(f"loop.merge: {self.merge!r} is not one of {', '.join(LOOP_MERGES)}")
-        if not 0.0 < self.merge_alpha <= 1.0:
-            raise UserError(f"loop.merge_alpha: {self.merge_alpha} is not in (0, 1]")
         if self.transport not in TRANSPORTS:
             raise UserError(f"loop.transport: {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
-        if self.extra_delay_ms < 0:
-            raise UserError(f"loop.extra_delay_ms: {self.extra_delay_ms} must be >= 0")
-        if self.rate_hz is not None and self.rate_hz <= 0:
-            raise UserError(f"loop.rate_hz: {self.rate_hz} must be positive")
-        for name in ("replan_every", "n_actions"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"loop.{name}: {value} must be at least 1")
+        if self.rate_hz is not None:
+            number("rate_hz", 0.0, self.MAX_RATE_HZ, low_open=True)
+        number("merge_alpha", 0.0, 1.0, low_open=True)
+        number("act_m", 0.0, math.inf)
+        number("extra_delay_ms", 0.0, self.MAX_DELAY_MS)
+        for key in ("replan_every", "n_actions"):
+            if getattr(self, key) is not None:
+                number(key, 1, math.inf, integer=True)
 
 
 class Planner(Protocol):
@@ -148,6 +168,7 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
     planner error ends the loop by raising it (after the background plan in flight is finished),
     except a plan refused for non-finite actions after the first: the loop then holds and asks again.
     """
+    cfg.check()
     period = robot.period
     n_actions = min(cfg.n_actions or planner.max_actions, planner.max_actions)
     replan = cfg.replan_every or planner.n_action_steps

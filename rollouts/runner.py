@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policy.safety import NonFiniteActions
+from policy.safety import NonFiniteActions, UnsafeActions
 
 
 @dataclass
@@ -76,8 +76,9 @@ def run_episode(env, policy, seed: int, render: bool = False) -> EpisodeResult:
         since = result.length - result.plans[-1].step if result.plans else None  # a warm sampler's advance
         try:
             plan = policy.plan(np.stack(history), advance=since)
-        except NonFiniteActions:  # refused by the policy: nothing of it is executed, and it is no success
-            result.error = f"non-finite action at step {result.length}"
+        except UnsafeActions as err:  # refused by the policy: nothing of it is executed, and it is no success
+            kind = "non-finite action" if isinstance(err, NonFiniteActions) else "action outside the trained range"
+            result.error = f"{kind} at step {result.length}"
             result.success = False
             return result
         result.plans.append(PlanRecord(result.length, plan.latency_ms, plan.model_evals, plan.parallel_iters,

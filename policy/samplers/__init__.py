@@ -163,6 +163,31 @@ def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     return fn, options
 
 
+# The numeric options and their ranges, checked here and nowhere else (`resolve`): a value that
+# is not a number of the option's kind, not finite, or outside its range is a one-line error
+# naming the option. `nan` passes every `<` test and `inf` accepts every round (a 1-round plan of
+# unconverged actions reported converged), so finiteness is checked first. Upper bounds are far
+# above any measured setting; past them a value only costs memory (anderson) or means nothing.
+INTS = {"steps": (1, None), "window": (1, None), "max_iters": (1, None), "blocks": (1, None),
+        "picard_iters": (1, None), "start": (0, None), "anderson": (0, 1000)}
+FLOATS = {"tol": (0.0, 10.0), "floor": (0.0, 1.0)}
+
+
+def _check_number(key: str, value, integer: bool, low, high) -> None:
+    import math
+    import numbers
+
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise UserError(f"sampler.{key}: {value!r} is not {'an integer' if integer else 'a number'}")
+    if not math.isfinite(value):
+        raise UserError(f"sampler.{key}: {value!r} is not a finite number")
+    if value < low:
+        raise UserError(f"sampler.{key}: {value!r} must be " + ("at least 1" if low == 1 else f">= {low:g}"))
+    if high is not None and value > high:
+        raise UserError(f"sampler.{key}: {value!r} must be <= {high:g}")
+
+
 def _check(name: str, options: dict) -> None:
     from policy.samplers.solvers import SOLVERS, SPACINGS
 
@@ -173,23 +198,17 @@ def _check(name: str, options: dict) -> None:
         bad("spacing", f"is not a spacing; known: {', '.join(SPACINGS)}")
     if options.get("solver", "ddim") not in SOLVERS:
         bad("solver", f"is not a solver; known: {', '.join(SOLVERS)}")
-    if options.get("start", 0) < 0:
-        bad("start", "must be >= 0")
     if isinstance(options.get("window"), str) and options["window"] != "auto":
         bad("window", "is not a number of steps or auto")
-    for key in ("steps", "window", "max_iters", "blocks", "picard_iters"):
-        if key in options and not isinstance(options[key], str) and options[key] < 1:
-            bad(key, "must be at least 1")
-    if options.get("anderson", 0) < 0:
-        bad("anderson", "must be >= 0")
-    if options.get("tol", 0) < 0:
-        bad("tol", "must be >= 0")
+    for key, value in options.items():
+        if key in INTS and not (key == "window" and value == "auto"):
+            _check_number(key, value, True, *INTS[key])
+        elif key in FLOATS:
+            _check_number(key, value, False, *FLOATS[key])
     from policy.samplers.acceptance import RULES
 
     if options.get("rule", "paper") not in RULES:
         bad("rule", f"is not an acceptance rule; known: {', '.join(RULES)}")
-    if options.get("floor", 0) < 0:
-        bad("floor", "must be >= 0")
     if options.get("rule") == "chunk" and options.get("window", 16) != "auto" and \
             options.get("window", 16) < options.get("steps", 10**9):
         bad("window", "is shorter than the chain: the chunk rule needs a whole-chain window (window >= steps)")

@@ -1,0 +1,77 @@
+"""The console scripts' entry points: each imports its command only once it can answer a Ctrl-C.
+
+A command's module imports torch, Hydra and often robosuite: seconds in which a Ctrl-C would
+otherwise print a traceback of whatever import it interrupted. Here the import and the run are
+inside one handler, so an interrupt anywhere ends in one line and exit code 130 (a command's own
+handler, `envs.cli`, says more once it runs). Nothing here imports more than the standard library.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "dp-collect": "envs.collect", "dp-import": "envs.importers", "dp-train": "policy.train",
+    "dp-rollout": "rollouts.rollout", "dp-bench": "rollouts.bench", "dp-align": "rollouts.align",
+    "dp-serve": "rollouts.serve", "dp-eval": "rollouts.evaluate", "dp-report": "rollouts.report",
+    "dp-quickstart": "rollouts.quickstart", "dp-export": "policy.zoo", "dp-devicecheck": "rollouts.devicecheck",
+}
+
+
+def run(command: str) -> None:
+    """Import `command`'s module and call its `main`; a Ctrl-C before or after the command's own
+    handling is one line, exit 130."""
+    try:
+        importlib.import_module(COMMANDS[command]).main()
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; nothing incomplete was left at the output path", file=sys.stderr)
+        sys.exit(130)
+
+
+def dp_collect() -> None:
+    run("dp-collect")
+
+
+def dp_import() -> None:
+    run("dp-import")
+
+
+def dp_train() -> None:
+    run("dp-train")
+
+
+def dp_rollout() -> None:
+    run("dp-rollout")
+
+
+def dp_bench() -> None:
+    run("dp-bench")
+
+
+def dp_align() -> None:
+    run("dp-align")
+
+
+def dp_serve() -> None:
+    run("dp-serve")
+
+
+def dp_eval() -> None:
+    run("dp-eval")
+
+
+def dp_report() -> None:
+    run("dp-report")
+
+
+def dp_quickstart() -> None:
+    run("dp-quickstart")
+
+
+def dp_export() -> None:
+    run("dp-export")
+
+
+def dp_devicecheck() -> None:
+    run("dp-devicecheck")

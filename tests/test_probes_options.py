@@ -1,0 +1,176 @@
+"""Probes of the newer commands' options (issue 30, items 8, 9, 10 and 15's device), kept as tests:
+every numeric option is checked finite and in range at start-up, in one place per part, and
+refused in one line naming it before anything is written. Item numbers refer to the issue."""
+
+import json
+import time
+
+import pytest
+
+from envs.errors import UserError
+from policy.samplers import SamplerConfig, resolve
+from rollouts.realtime import LoopConfig, run_loop
+
+from commands import dp
+
+NAN, INF = float("nan"), float("inf")
+
+
+def one_line_error(r, command: str, *fragments: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-2000:])
+    lines = [x for x in r.stderr.splitlines() if x.startswith(f"{command}: ")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+# --- 8: sampler options: finite and in range, in SamplerConfig's one check ----------------------
+
+@pytest.mark.parametrize("option, value, says", [
+    ("tol", NAN, "not a finite number"), ("tol", INF, "not a finite number"), ("tol", -INF, "not a finite"),
+    ("tol", 1e300, "must be <= 10"), ("tol", -0.1, "must be >= 0"), ("tol", "0.1", "is not a number"),
+    ("floor", NAN, "not a finite number"), ("floor", INF, "not a finite number"), ("floor", 2.0, "must be <= 1"),
+    ("anderson", 10**9, "must be <= 1000"), ("anderson", 2.5, "is not an integer"),
+    ("window", 2.5, "is not an integer"), ("max_iters", True, "is not an integer"), ("max_iters", 0, "at least 1"),
+])
+def test_a_sampler_option_not_finite_or_out_of_range_is_refused_naming_it(option, value, says):
+    with pytest.raises(UserError, match=rf"^sampler\.{option}: .*{says}"):
+        resolve(SamplerConfig(name="paraddpm", steps=100, **{option: value}))
+
+
+def test_sampler_options_in_range_still_resolve():
+    _, options = resolve(SamplerConfig(name="paraddpm", steps=100, window="auto", tol=10.0, floor=1.0, anderson=4))
+    assert options["tol"] == 10.0 and options["window"] == "auto"
+    _, options = resolve(SamplerConfig(name="paraddpm", steps=100, tol=0, floor=0))  # tol 0: the sequential chain
+    assert options["tol"] == 0
+
+
+@pytest.mark.parametrize("args", [["samplers=['paraddpm100:tol=nan']"], ["samplers=['paraddpm100:tol=inf']"],
+                                  ["samplers=[paraddpm100]", "options.tol=nan"],
+                                  ["samplers=[paraddpm100]", "options.floor=inf"]])
+def test_dp_eval_refuses_a_non_finite_sampler_option_before_writing(checkpoint, tmp_path, args):
+    out = tmp_path / "eval"
+    r = dp("dp-eval", f"checkpoint={checkpoint}", *args, "episodes=1", "workers=1", "progress=false", f"out={out}")
+    option = "floor" if "floor" in args[-1] else "tol"
+    one_line_error(r, "dp-eval", f"sampler.{option}:", "not a finite number")
+    assert not out.exists()
+
+
+def test_dp_rollout_refuses_sampler_tol_nan(checkpoint, tmp_path):
+    r = dp("dp-rollout", f"checkpoint={checkpoint}", "sampler=paraddpm100", "sampler.tol=nan", "episodes=1")
+    one_line_error(r, "dp-rollout", "sampler.tol:", "not a finite number")
+
+
+# --- 9: ray_address: host:port checked, an unreachable head refused in seconds ------------------
+
+@pytest.mark.parametrize("address, says", [
+    ("127.0.0.1:99999", "port 99999"), ("127.0.0.1:0", "port 0"), ("HEAD", "is not host:port"),
+    (":6379", "is not host:port"), ("head:abc", "is not host:port"), ("head:", "is not host:port"),
+])
+def test_a_ray_address_that_is_not_host_and_port_is_refused(address, says):
+    from rollouts.cluster import parse_address
+
+    with pytest.raises(UserError, match=rf"^ray_address: .*{says}"):
+        parse_address(address)
+
+
+def test_ray_addresses_parse():
+    from rollouts.cluster import parse_address
+
+    assert parse_address("10.0.0.2:6379") == ("10.0.0.2", 6379)
+    assert parse_address("ray://head.example:10001") == ("head.example", 10001)
+    assert parse_address("[::1]:6379") == ("::1", 6379)
+
+
+@pytest.mark.parametrize("address, says", [("127.0.0.1:1", "nothing listens at 127.0.0.1:1"),
+                                           ("127.0.0.1:99999", "port 99999")])
+def test_dp_eval_refuses_an_unreachable_ray_head_in_seconds_before_writing(tmp_path, address, says):
+    """Port 1 of this machine: nothing listens (Ray's own join retried it for 829 s). Ray need
+    not be running, nor installed: the address is checked first."""
+    out = tmp_path / "eval"
+    start = time.monotonic()
+    r = dp("dp-eval", f"checkpoint={tmp_path / 'never-read'}", "launcher=ray", f"ray_address={address}",
+           "episodes=1", "progress=false", f"out={out}")
+    one_line_error(r, "dp-eval", "ray_address:", says)
+    assert time.monotonic() - start < 30
+    assert not out.exists()
+
+
+def test_a_silent_ray_head_is_refused_within_the_probe_timeout(monkeypatch):
+    """A host that drops packets (no refusal): the probe's timeout bounds the wait."""
+    import socket
+
+    from rollouts import cluster
+
+    waited = []
+
+    def silent(address, timeout=None):
+        waited.append(timeout)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", silent)
+    with pytest.raises(UserError, match=r"^ray_address: cannot join .*no answer from 10.9.9.9:6379 within 5 s"):
+        cluster.check_address("10.9.9.9:6379")
+    assert waited == [cluster.PROBE_TIMEOUT_S] and cluster.PROBE_TIMEOUT_S <= 10
+
+
+# --- 10: the real-time loop's settings: finite and in range, checked once ------------------------
+
+@pytest.mark.parametrize("key, value, says", [
+    ("rate_hz", NAN, "not a finite number"), ("rate_hz", INF, "not a finite number"),
+    ("rate_hz", 1e9, "must be <= 1000"), ("rate_hz", 0.0, "must be positive"), ("rate_hz", -20.0, "positive"),
+    ("extra_delay_ms", NAN, "not a finite number"), ("extra_delay_ms", INF, "not a finite number"),
+    ("extra_delay_ms", 1e12, "must be <= 60000"), ("extra_delay_ms", -1.0, "must be >= 0"),
+    ("merge_alpha", NAN, "not a finite number"), ("act_m", NAN, "not a finite number"),
+    ("act_m", -1.0, "must be >= 0"), ("replan_every", 0, "at least 1"), ("n_actions", 2.5, "not an integer"),
+])
+def test_a_loop_setting_not_finite_or_out_of_range_is_refused_naming_it(key, value, says):
+    with pytest.raises(UserError, match=rf"^loop\.{key}: .*{says}"):
+        LoopConfig(**{key: value}).check()
+
+
+def test_loop_settings_in_range_pass():
+    LoopConfig(rate_hz=1000.0, extra_delay_ms=300.0, merge="act", act_m=0.0, replan_every=1, n_actions=15).check()
+
+
+def test_run_loop_refuses_a_bad_setting_before_it_plans():
+    from test_realtime import CountingRobot, SleepyPlanner
+
+    planner = SleepyPlanner(0.0)
+    with pytest.raises(UserError, match=r"^loop\.extra_delay_ms: nan"):
+        run_loop(CountingRobot(0.02), planner, LoopConfig(extra_delay_ms=NAN), max_steps=5)
+    assert planner.count == 0
+
+
+@pytest.mark.parametrize("setting, key", [("loop.rate_hz=nan", "loop.rate_hz"), ("loop.rate_hz=1e9", "loop.rate_hz"),
+                                          ("loop.extra_delay_ms=nan", "loop.extra_delay_ms")])
+def test_dp_eval_realtime_refuses_a_bad_loop_setting_before_writing(checkpoint, tmp_path, setting, key):
+    out = tmp_path / "eval"
+    r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=[ddim10]", "realtime=true", setting, "episodes=1",
+           "progress=false", f"out={out}")
+    one_line_error(r, "dp-eval", f"{key}:")
+    assert not out.exists()
+
+
+# --- 15: dp-eval's device: checked before anything is written, recorded as used ------------------
+
+def test_dp_eval_refuses_a_device_torch_cannot_reach_before_writing(checkpoint, tmp_path):
+    import torch
+
+    out = tmp_path / "eval"
+    r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=[ddim10]", f"device=cuda:{torch.cuda.device_count() + 7}",
+           "episodes=1", "workers=1", "progress=false", f"out={out}")
+    one_line_error(r, "dp-eval", "device:")
+    assert not out.exists()
+
+
+def test_dp_eval_records_the_device_its_workers_were_given(checkpoint, tmp_path):
+    from rollouts import evaluate
+
+    out = tmp_path / "eval"
+    r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']", "device=auto", "episodes=1",
+           "workers=1", "progress=false", f"out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    used = evaluate._W["device"]  # workers=1 runs the episodes in this process
+    assert used != "auto" and json.loads((out / "run.json").read_text())["device"] == used
+    assert json.loads((out / "results.json").read_text())[0]["device"] == used
