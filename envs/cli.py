@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,21 +33,46 @@ HYDRA_QUIET = [
 
 
 @contextlib.contextmanager
-def children_ignore_ctrl_c() -> Iterator[None]:
-    """Worker processes started in the block ignore SIGINT (an ignored signal stays ignored across
-    exec, and Python keeps it so): the terminal's Ctrl-C reaches the whole process group, and
-    only the parent should answer it, stopping its workers, instead of each worker printing a
-    traceback of whatever it was doing. An interrupt during the block itself (starting the
-    processes, milliseconds) is not seen."""
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def workers_ignore_ctrl_c() -> Iterator[None]:
+    """Worker processes started in the block see no Ctrl-C until they ignore it
+    (`ignore_ctrl_c_in_worker`, their initializer's first call), and this process answers a
+    Ctrl-C that came during the block once it ends, not never.
+
+    The terminal's Ctrl-C reaches the whole process group; a worker answering it would print a
+    traceback of whatever it was importing. Ignoring SIGINT here while the workers start (they
+    would inherit that) would drop a Ctrl-C of those milliseconds. Instead SIGINT is blocked in
+    this thread (a blocked signal stays blocked across fork and exec) and, should another thread
+    take it, only noted; after the block it is raised again under the handler of before."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread: elsewhere, workers start as they are
+        return
+    from multiprocessing import resource_tracker
+
+    # Started now if it is not running: starting it unblocks SIGINT in this thread afterwards.
+    resource_tracker.ensure_running()
+    noted: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one held back is delivered now
+    if noted:
+        signal.raise_signal(signal.SIGINT)
+
+
+def ignore_ctrl_c_in_worker() -> None:
+    """In a worker started under `workers_ignore_ctrl_c`: ignore SIGINT from now on (the parent
+    answers it and stops the workers), then unblock it, dropping one held back while starting."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def fail(command: str, message: str, code: int = 2) -> None:
-    print(f"{command}: {message}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # of a data-parallel world's processes, the first speaks for all
+        print(f"{command}: {message}", file=sys.stderr)
     sys.exit(code)
 
 

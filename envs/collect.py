@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from envs.cli import command
+from envs.cli import command, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
 from envs.errors import UserError
 from envs.tasks import ObsConfig, TaskConfig, get_task
 
@@ -36,16 +36,29 @@ class CollectConfig:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(task: str, obs: dict | None = None) -> None:
-    from envs.robosuite_env import make_env
+class WorkerError(UserError):
+    """A worker could not build its environment: every worker would fail the same way."""
 
+
+def _init_worker(task: str, obs: dict | None = None) -> None:
+    ignore_ctrl_c_in_worker()  # the parent answers Ctrl-C and stops the pool
     _worker["task"] = task
-    _worker["env"] = make_env(task, obs=obs)
+    try:
+        from envs.robosuite_env import make_env
+
+        _worker["env"] = make_env(task, obs=obs)
+    except Exception as err:  # noqa: BLE001  (whatever it is, every worker would meet it)
+        # An initializer that raises ends its process, and the pool starts another in its place,
+        # forever. Kept instead, and reported by the first episode this worker is given.
+        text = " ".join(str(err).split()) or "(no message)"
+        _worker["error"] = f"{type(err).__name__}: {text}" if not isinstance(err, UserError) else text
 
 
 def _run_seed(seed: int) -> dict:
     from envs.experts import expert_episode
 
+    if "error" in _worker:
+        raise WorkerError(f"task {_worker['task']}: a worker could not build its environment: {_worker['error']}")
     return expert_episode(_worker["env"], _worker["task"], seed)
 
 
@@ -58,7 +71,8 @@ def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attemp
     Returns (successful episodes in seed order, failed seeds). Raises UserError when
     `max_attempts` seeds were tried without reaching `n_demos`.
     """
-    get_task(task)  # unknown task: fail before starting workers
+    obs = obs or ObsConfig()
+    obs.check_cameras(get_task(task))  # an unknown task or camera: fail before starting workers
     if n_demos < 1:
         raise UserError(f"n_demos: must be >= 1, got {n_demos}")
     max_attempts = max_attempts or 2 * n_demos + 20
@@ -68,8 +82,10 @@ def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attemp
     seeds = range(seed, seed + max_attempts)
     bar = tqdm(total=n_demos, desc=f"collect {task}", unit="demo", disable=not progress)
     # spawn, not fork: each worker builds its own simulator and OpenGL context from scratch.
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                         initargs=(task, (obs or ObsConfig()).to_dict())) as pool:
+    pool = None
+    try:
+        with workers_ignore_ctrl_c():  # a Ctrl-C meanwhile is raised at its end, once `pool` is set
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(task, obs.to_dict()))
         # imap keeps seed order, so "the first n_demos successes" is the same set on any machine.
         for episode in pool.imap(_run_seed, seeds):
             if episode["succeeded"]:
@@ -79,9 +95,11 @@ def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attemp
                 failed.append(int(episode["seed"]))
             bar.set_postfix(failed=len(failed))
             if len(kept) == n_demos:
-                pool.terminate()  # stop the seeds already handed out beyond the last one needed
                 break
-    bar.close()
+    finally:
+        if pool is not None:
+            pool.terminate()  # also stops the seeds already handed out beyond the last one needed
+        bar.close()  # ends the bar's line: an error or an interrupt is then a line of its own
     if len(kept) < n_demos:
         raise UserError(
             f"max_attempts: only {len(kept)} of {n_demos} demos succeeded in {max_attempts} seeds "

@@ -119,6 +119,7 @@ def read_robomimic(hdf5_path: str | os.PathLike) -> RobomimicSource:
         else:
             success_source = "final_step"
         episodes = [_episode(path, spec, n, data[n], success_source) for n in names]
+        _check_same_cameras(path, names, episodes)
         masks = {k: sorted((_str(v) for v in f["mask"][k][()]), key=_demo_order) for k in f.get("mask", {})}
     return RobomimicSource(path, spec, env_args, names, episodes, success_source, masks)
 
@@ -145,10 +146,14 @@ def _task_for_env(path: Path, env_args: dict) -> TaskSpec:
 
 
 def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: str) -> dict[str, np.ndarray]:
+    import h5py
+
     where = f"{path}: data/{name}"
     for key in ("obs", "actions", "rewards", "states"):
         if key not in demo:
             raise SourceError(f"{where}: missing {key!r}")
+    if not isinstance(demo["obs"], h5py.Group):
+        raise SourceError(f"{where}/obs: a dataset, expected a group of one dataset per observation key")
     parts = []
     for key, (start, stop) in spec.obs_layout.items():
         if key not in demo["obs"]:
@@ -159,9 +164,12 @@ def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: s
         parts.append(value)
     images = {}
     for key in sorted(k for k in demo["obs"] if k.endswith("_image")):
-        frames = np.asarray(demo["obs"][key][()])
+        frames = np.asarray(_dataset(f"{where}/obs/{key}", demo["obs"][key])[()])
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise SourceError(f"{where}/obs/{key}: {frames.dtype} {frames.shape}, expected uint8 [T, H, W, 3]")
+        if frames.shape[1] != frames.shape[2]:
+            raise SourceError(f"{where}/obs/{key}: frames of {frames.shape[1]}x{frames.shape[2]} pixels; an image "
+                              f"store holds square frames (obs.size)")
         images[key] = frames
     episode = {
         **images,
@@ -182,7 +190,7 @@ def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: s
     if success_source == "rewards":
         episode["success"] = episode["reward"] > 0
     elif success_source == "dones":
-        episode["success"] = np.asarray(demo["dones"]).astype(bool).reshape(-1)
+        episode["success"] = np.asarray(_dataset(f"{where}/dones", demo["dones"])[()]).astype(bool).reshape(-1)
     else:
         episode["success"] = np.arange(n) == n - 1
     lengths = {k: len(v) for k, v in episode.items()}
@@ -232,10 +240,39 @@ def render_store(src: str | os.PathLike, out_path: str | os.PathLike, obs: ObsCo
                        overwrite=overwrite)
 
 
+def _check_same_cameras(path: Path, names: list[str], episodes: list[dict[str, np.ndarray]]) -> None:
+    """SourceError naming the demo and field unless every demo has the cameras of the first, with
+    frames of the first's size: a store holds one array per camera, and a policy one frame size."""
+    first = {k: v.shape[1:] for k, v in episodes[0].items() if k.endswith("_image")}
+    for name, episode in zip(names[1:], episodes[1:]):
+        where = f"{path}: data/{name}/obs"
+        these = {k: v.shape[1:] for k, v in episode.items() if k.endswith("_image")}
+        missing, extra = sorted(set(first) - set(these)), sorted(set(these) - set(first))
+        if missing:
+            raise SourceError(f"{where}: no {missing[0]!r}, which data/{names[0]}/obs has "
+                              f"(every demo needs the same cameras)")
+        if extra:
+            raise SourceError(f"{where}/{extra[0]}: a camera data/{names[0]}/obs does not have "
+                              f"(every demo needs the same cameras)")
+        for key, shape in sorted(these.items()):
+            if shape != first[key]:
+                raise SourceError(f"{where}/{key}: frames of {tuple(shape)}, data/{names[0]}'s are {tuple(first[key])} "
+                                  f"(every demo needs frames of one size)")
+
+
+def _dataset(where: str, node: Any) -> Any:
+    """`node` if it is an HDF5 dataset; SourceError naming the field if it is a group."""
+    import h5py
+
+    if not isinstance(node, h5py.Dataset):
+        raise SourceError(f"{where}: {'a group' if isinstance(node, h5py.Group) else 'not a dataset'}, expected a dataset")
+    return node
+
+
 def _numbers(where: str, dataset: Any, dtype: type) -> np.ndarray:
     """An HDF5 dataset as finite numbers of `dtype`; SourceError naming the field otherwise (a
-    string-typed field, NaN or inf, a value too large for float32)."""
-    raw = np.asarray(dataset[()])
+    group, a string-typed field, NaN or inf, a value too large for float32)."""
+    raw = np.asarray(_dataset(where, dataset)[()])
     if raw.dtype.kind not in "biuf":
         raise SourceError(f"{where}: dtype {raw.dtype} is not numeric")
     with np.errstate(over="ignore"):

@@ -21,8 +21,28 @@ _OWNER = re.compile(r"\.(\d+)-[^.]+\.partial$")
 
 
 def make_partial(parent: Path, name: str) -> Path:
-    """A new empty hidden directory in `parent` for building `name`, owned by this process."""
+    """A new empty hidden directory in `parent` for building `name`, owned by this process (mode
+    0700 while it is built; `building` gives the finished directory the usual mode)."""
     return Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}-", suffix=SUFFIX, dir=parent))
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where the kernel says it (Linux 4.7+):
+    setting it to read it back would race with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def directory_mode() -> int:
+    """The mode `mkdir` gives a new directory here: 0777 less the umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -33,6 +53,8 @@ def building(final: Path) -> Iterator[Path]:
     tmp = make_partial(final.parent, final.name)
     try:
         yield tmp
+        # mkdtemp made it 0700: a checkpoint or zoo folder is as readable as any folder made here
+        os.chmod(tmp, directory_mode())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -89,6 +89,7 @@ class RobosuiteEnv(gym.Env):
     ):
         self.spec_task = task if isinstance(task, TaskSpec) else get_task(task)
         self.obs = ObsConfig.from_dict(obs)
+        self.obs.check_cameras(self.spec_task)  # robosuite's own refusal is a traceback, in every worker
         self.render_mode = "rgb_array" if render else None
         self.terminate_on_success = terminate_on_success
         self.camera = camera

@@ -29,8 +29,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore, ZipStore
 
-from envs.errors import StoreError
+from envs.errors import StoreError, UserError
 from envs.partial import make_partial, remove_stale_partials
+from envs.tasks import ObsConfig
 
 FORMAT = "parapolicy-replay-buffer"
 FORMAT_VERSION = 1
@@ -135,6 +136,7 @@ def write_store(
     root_attrs = {"format": FORMAT, "format_version": FORMAT_VERSION}
     root_attrs.update({k: _plain(v, f"attrs[{k!r}]") for k, v in attrs.items() if k not in root_attrs})
     keys, lengths = _check_episodes(path, episodes)
+    _check_cameras(path, attrs, episodes[0])
 
     created = _make_parents(path.parent)
     remove_stale_partials(path.parent, path.name)  # what a killed writer of this path left
@@ -191,6 +193,25 @@ def _check_episodes(path: Path, episodes: Sequence[Mapping[str, Any]]) -> tuple[
             raise ValueError(f"{path}: episode {i}: no steps")
         lengths.append(int(n))
     return keys, lengths
+
+
+def _check_cameras(path: Path, attrs: Mapping[str, Any], episode: Mapping[str, Any]) -> None:
+    """StoreError unless each camera the `cameras` attribute lists (an image store's) has its
+    `<camera>_image` frames, uint8 of the size it states: training would refuse the store later.
+    One episode says it for all (`_check_episodes` found them of one shape)."""
+    if attrs.get("cameras") is None:
+        return
+    try:
+        obs = ObsConfig.from_dict(attrs["cameras"])
+    except (UserError, TypeError, ValueError) as err:
+        raise StoreError(f"{path}: attrs['cameras'] is not an observation config ({err})") from None
+    for camera, key in zip(obs.cameras if obs.image else [], obs.image_keys):
+        if key not in episode:
+            raise StoreError(f"{path}: attrs['cameras'] lists {camera!r}, but there is no data/{key}")
+        frames = np.asarray(episode[key])
+        if frames.dtype != np.uint8 or frames.shape[1:] != obs.image_shape:
+            raise StoreError(f"{path}: data/{key}: {frames.dtype} frames of {frames.shape[1:]}, but attrs['cameras'] "
+                             f"says uint8 {obs.image_shape}")
 
 
 def _write_group(

@@ -53,6 +53,11 @@ class ObsConfig:
         if self.mode == "image":
             if not self.cameras:
                 raise UserError("obs.cameras: an image observation needs at least one camera")
+            seen = set()
+            for camera in self.cameras:
+                if camera in seen:  # one store key per camera: a second would overwrite the first
+                    raise UserError(f"obs.cameras: {camera!r} is listed twice")
+                seen.add(camera)
             if not 16 <= int(self.size) <= 512:
                 raise UserError(f"obs.size: {self.size} is not in 16..512 pixels")
 
@@ -68,6 +73,17 @@ class ObsConfig:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (int(self.size), int(self.size), 3)
+
+    def check_cameras(self, task: TaskSpec) -> None:
+        """UserError naming `obs.cameras` and the task's cameras if an image observation lists a
+        camera that `task`'s simulator does not have (robosuite would refuse it only while
+        building the environment, in every worker)."""
+        if not self.image:
+            return
+        for camera in self.cameras:
+            if camera not in task.cameras:
+                raise UserError(f"obs.cameras: {camera!r} is not a camera of task {task.name!r}; "
+                                f"known: {', '.join(task.cameras)}")
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "cameras": list(self.cameras), "size": int(self.size), "render": self.render}
@@ -86,6 +102,12 @@ class ObsConfig:
         return cls(**d)
 
 
+# The cameras robosuite models for these tasks: the arena's (TableArena for lift, BinsArena for can,
+# PegsArena for square) and the robot's (Panda). A test compares them with the simulator's.
+ARENA_CAMERAS = ("frontview", "birdview", "agentview", "sideview")
+ROBOT_CAMERAS = ("robot0_robotview", "robot0_eye_in_hand")
+
+
 class UnknownTaskError(UserError, ValueError):
     """A task name that is not in the registry."""
 
@@ -100,6 +122,7 @@ class TaskSpec:
     control_freq: int = CONTROL_FREQ
     horizon: int = HORIZON
     env_kwargs: dict = field(default_factory=dict)
+    cameras: tuple[str, ...] = ARENA_CAMERAS + ROBOT_CAMERAS  # what obs.cameras may name
 
     @property
     def obs_layout(self) -> dict[str, tuple[int, int]]:
@@ -138,7 +161,8 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "lift": TaskSpec("lift", "Lift", object_dim=10),
-    "can": TaskSpec("can", "PickPlaceCan", object_dim=14),
+    "can": TaskSpec("can", "PickPlaceCan", object_dim=14,
+                    cameras=("frontview", "birdview", "agentview") + ROBOT_CAMERAS),  # bins: no sideview
     "square": TaskSpec("square", "NutAssemblySquare", object_dim=14),
 }
 

@@ -185,6 +185,8 @@ def check_normalizer_fits(policy: DiffusionPolicy, ckpt: Path) -> None:
     """Refuse a normalizer whose fields have other dimensions than policy.json's network."""
     low_dim = policy.obs_dim if policy.encoder is None else policy.encoder.low_dim
     for key, dim in (("obs", low_dim), ("action", policy.action_dim)):
+        if key not in policy.normalizer.stats:
+            raise UserError(f"{ckpt / 'normalizer.safetensors'}: has no {key} field")
         have = len(policy.normalizer.stats[key]["scale"])
         if have != dim:
             raise UserError(f"{ckpt / 'normalizer.safetensors'}: {key} has {have} dimensions, policy.json's "

@@ -58,3 +58,31 @@ def join(device: torch.device) -> tuple[World, torch.device]:
 def leave(world: World) -> None:
     if world.size > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def launch(nproc: int, args: list[str], command: str) -> int:
+    """`python args...` in `nproc` processes of one world on this machine, as `torchrun
+    --standalone` starts them; returns 0, or the exit code of the first process that failed.
+    torchrun's own report of a failure (a traceback and a table) is left out: each process has
+    said what went wrong in its one line, and a failure without one (a process killed) gets one here."""
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure table
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(*args)
+    except ChildFailedError as err:
+        rank, failure = min(err.failures.items())
+        if rank != 0 or failure.exitcode < 0:  # the process that speaks (rank 0) did not say why
+            print(f"{command}: process {rank} of {nproc} failed (exit code {failure.exitcode})", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException:  # Ctrl-C: every process got it too, and process 0 said so
+        return 130
+    return 0

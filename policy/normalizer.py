@@ -56,15 +56,13 @@ class Normalizer:
         for name, v in flat.items():
             key, _, stat = name.rpartition(".")
             stats.setdefault(key, {})[stat] = v
-        for key in ("obs", "action"):
-            _check_field(key, stats.get(key))
+        for key, field in stats.items():
+            _check_field(key, field)
         return cls(stats)
 
 
-def _check_field(key: str, s: dict[str, torch.Tensor] | None) -> None:
+def _check_field(key: str, s: dict[str, torch.Tensor]) -> None:
     """What `Normalizer.fit` would have written for the range [min, max], or ValueError."""
-    if s is None:
-        raise ValueError(f"{key}: missing")
     for stat in ("scale", "offset", "min", "max"):
         if stat not in s:
             raise ValueError(f"{key}.{stat}: missing")

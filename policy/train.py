@@ -16,6 +16,8 @@ import contextlib
 import copy
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from envs.partial import remove_stale_partials
 from policy.device import resolve_device
 from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
 from policy.diffusion import DiffusionPolicy, PolicyConfig, TrainingLoss
-from policy.distributed import join, leave
+from policy.distributed import World, join, leave
 from policy.normalizer import Normalizer
 from policy.windows import Observations, episode_split, gather, read_observations, window_index
 
@@ -63,10 +65,11 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when present
     stop_at: int | None = None  # stop (with a checkpoint) after this step, as an interruption would
     progress: bool = True
+    nproc: int = 1  # processes on this machine training data parallel (torchrun's launcher, run for you)
 
     def __post_init__(self):
         """Numbers that cannot make a run fail here, before anything is read or written."""
-        at_least = {"steps": 1, "batch_size": 1, "threads": 1, "val_every": 1, "checkpoint_every": 1,
+        at_least = {"steps": 1, "batch_size": 1, "threads": 1, "nproc": 1, "val_every": 1, "checkpoint_every": 1,
                     "log_every": 1, "warmup_steps": 0, "min_episodes": 1, "keep_checkpoints": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -310,6 +313,13 @@ def main(cfg) -> None:
     from omegaconf import OmegaConf
 
     typed: TrainConfig = OmegaConf.to_object(cfg)  # builds the dataclasses: their checks run here
+    if typed.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from envs.cli import HYDRA_QUIET
+        from policy.distributed import launch
+
+        args = [a for a in sys.argv[1:] if a not in HYDRA_QUIET and not a.startswith("nproc=")]
+        World(0, typed.nproc).share(typed.batch_size)  # a global batch that does not split: refused here, once
+        sys.exit(launch(typed.nproc, ["-m", "policy.train", *args], "dp-train"))
     train(typed)
 
 

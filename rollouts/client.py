@@ -50,8 +50,8 @@ class PolicyClient:
 
     def infer(self, obs: dict) -> dict:
         """The server's reply to one observation dict. Raises PolicyServerError for a refused
-        request (`policy.safety.NonFiniteActions` when the plan's actions were not finite) and
-        TimeoutError, with the connection closed, when no reply came in time."""
+        request (`policy.safety.UnsafeActions` when the plan's actions were not finite or left the
+        trained range) and TimeoutError, with the connection closed, when no reply came in time."""
         if self.ws is None:
             self._connect()
         self.ws.send(wire.packb(obs))
@@ -62,9 +62,8 @@ class PolicyClient:
             raise TimeoutError(f"{self.url}: no reply within {self.timeout} s; the connection was closed "
                                f"so that the late reply cannot answer a later request") from None
         if isinstance(reply, str):
-            if reply.startswith(safety.PREFIX):
-                raise safety.NonFiniteActions(reply)
-            raise PolicyServerError(reply)
+            refused = safety.refusal(reply)  # a plan the safety rule refused: its own exception, as in process
+            raise refused if refused is not None else PolicyServerError(reply)
         self.last = wire.unpackb(reply)
         return self.last
 

@@ -21,15 +21,13 @@ import dataclasses
 import json
 import os
 import sys
-import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from envs.cli import children_ignore_ctrl_c, command, fail
+from envs.cli import command, fail, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
 from envs.errors import UserError
 from envs.lock import exclusive
 from policy.samplers import SamplerConfig
@@ -118,7 +116,9 @@ def check_seeds(data: str | None, seeds: range, recorded: list[int] | None = Non
 _W: dict = {}
 
 
-def _init_worker(checkpoint: str, device: str, threads: int, loop: dict | None = None) -> None:
+def _init_worker(checkpoint: str, device: str, threads: int, loop: dict | None = None, pooled: bool = False) -> None:
+    if pooled:
+        ignore_ctrl_c_in_worker()  # the parent answers Ctrl-C and stops the pool
     import torch
 
     import policy
@@ -361,12 +361,16 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
                 import multiprocessing as mp
 
                 ctx = mp.get_context("spawn")  # MuJoCo/EGL and torch threads do not survive fork
-                with children_ignore_ctrl_c():
-                    pool = ctx.Pool(workers, initializer=_init_worker,
-                                    initargs=(checkpoint, cfg.device, cfg.threads, loop))
-                with pool:
+                pool = None
+                try:
+                    with workers_ignore_ctrl_c():  # a Ctrl-C meanwhile is raised once `pool` is set
+                        pool = ctx.Pool(workers, initializer=_init_worker,
+                                        initargs=(checkpoint, cfg.device, cfg.threads, loop, True))
                     for record in pool.imap_unordered(_run_job, jobs):
                         keep(record)
+                finally:
+                    if pool is not None:
+                        pool.terminate()
         except KeyboardInterrupt:
             bar.close()
             fail("dp-eval", f"interrupted: the finished episodes are in {log}; the same command continues", 130)

@@ -33,7 +33,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from envs.errors import UserError
-from policy.safety import NonFiniteActions
+from policy.safety import UnsafeActions
 from rollouts.chunks import MERGES, ActionSchedule
 
 LOOP_MERGES = (*MERGES, "rtc")  # rtc: latest, with each plan inpainted to agree with what runs meanwhile
@@ -228,7 +228,7 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
             if pending is not None and pending.done():
                 try:
                     result = pending.result()
-                except NonFiniteActions as err:  # nothing of it is sent; the next request goes out now
+                except UnsafeActions as err:  # nothing of it is sent; the next request goes out now
                     stats.refused += 1
                     stats.refusal = stats.refusal or str(err)
                     retry = True

@@ -21,21 +21,34 @@ works unchanged:
 - arrays travel in openpi's msgpack encoding (`rollouts.wire`);
 - a bad request (not msgpack, not a dict, missing key, wrong shape or dtype, values that are not
   finite as float32) gets a text frame with a one-line error, which openpi-client raises as
-  RuntimeError, and the connection keeps serving; so does a plan whose actions are not finite
-  (`policy.safety`: the policy refuses it, the text starts with "actions: non-finite"), so no
-  reply ever carries NaN or inf;
-  a message over `max_message_mb` is refused by the websocket layer (close code 1009);
+  RuntimeError, and the connection keeps serving; so does a plan the safety rule refuses
+  (`policy.safety`: not finite, or outside the trained range; the text starts with
+  "actions: non-finite" or "actions: outside the trained range"), so no reply ever carries NaN,
+  inf or an action the policy was not trained for;
+  a message over `max_message_mb` is refused by the websocket layer (close code 1009); every
+  error text is one line of at most 300 characters (a request's keys are named up to five, then
+  "... and N more"); `frozen` without `committed` is refused;
+- a frame is refused from its shape, before any pixel is read, with more than 4096 pixels a side,
+  no pixels, or an aspect ratio over 8:1 (`MAX_IMAGE_SIDE`, `MAX_ASPECT`);
 - `GET /healthz` answers 200.
 
 Requests from several clients are queued: one policy, one plan at a time, run in a worker thread
-so the event loop keeps answering pings and other connections meanwhile.
+so the event loop keeps answering pings and other connections meanwhile. Resizing an image
+request's frames runs first, in a queue of its own (one request at a time, in arrival order, at
+most one per connection), so a client sending costly frames delays another image client by at
+most one of its requests and a request without images not at all.
+
+`port` (0..65535), `threads` (>= 1), `max_message_mb` (finite, in (0, 1024], and large enough for
+one request of the policy) and `seed` (0..2**63-1) are checked at start-up, one line naming the key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -56,6 +69,18 @@ OPENPI_STATE_KEY = "observation/state"
 COMMITTED_KEY = "committed"  # Real-Time Chunking: the actions executing while this plan runs, float [m, action_dim]
 FROZEN_KEY = "frozen"  # how many of them the new chunk must keep exactly
 
+# What one image in a request may be, checked from its shape before a pixel is read: at most
+# 4096 pixels a side (16.8 MP; 4K UHD cameras give 3840x2160, and the policy sees 32-224 px) and
+# a long side at most 8 times the short one (a 32:9 ultra-wide is 3.6:1). The cost of torch's
+# antialiased resize grows with the aspect ratio faster than with the bytes: one 1,250,000x1
+# frame (3.75 MB) took 2.3 s on a 2-core CPU, a 4096x512 one 28 ms, 4096x4096 275 ms.
+MAX_IMAGE_SIDE = 4096
+MAX_ASPECT = 8
+# max_message_mb: above this a message is not a request (websockets holds each one whole in memory).
+MAX_MESSAGE_MB = 1024.0
+# The longest error text sent back (a request of 300k keys once got a 2.3 MB line naming them all).
+MAX_ERROR_CHARS = 300
+
 
 @dataclass
 class ServeConfig:
@@ -67,6 +92,62 @@ class ServeConfig:
     threads: int = 2
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
     seed: int = 0
+
+
+def check_options(cfg) -> None:
+    """dp-serve's numeric options, checked once before anything loads: a UserError naming the key."""
+    from envs.errors import UserError
+
+    if not 0 <= cfg.port <= 65535:
+        raise UserError(f"port: {cfg.port} is not in 0..65535")
+    if cfg.threads < 1:
+        raise UserError(f"threads: {cfg.threads} must be at least 1")
+    mb = cfg.max_message_mb
+    if not (math.isfinite(mb) and 0 < mb <= MAX_MESSAGE_MB):
+        raise UserError(f"max_message_mb: {mb:g} is not a number in (0, {MAX_MESSAGE_MB:g}]")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"seed: {cfg.seed} is not in 0..2**63-1")
+
+
+def check_message_size(max_message_mb: float, service: PolicyService) -> None:
+    """A message limit too small for the policy's own smallest request would refuse every request."""
+    from envs.errors import UserError
+
+    p = service.policy
+    need = len(wire.packb({OBS_KEY: np.zeros((p.cfg.n_obs_steps, p.obs_dim), np.float32)}))
+    if int(max_message_mb * 2**20) < need:
+        raise UserError(f"max_message_mb: {max_message_mb:g} MB cannot hold one request for this policy "
+                        f"({need} bytes of {OBS_KEY})")
+
+
+def _show(value, limit: int = 40) -> str:
+    """`repr(value)`, cut to `limit` characters: error texts quote what a client sent, briefly."""
+    text = repr(value) if not isinstance(value, np.ndarray) else f"array{value.shape}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _keys(obs: dict, shown: int = 5) -> str:
+    """The first few keys of a request, then how many more (a request may hold 300k of them)."""
+    names = [_show(k, 30) for _, k in zip(range(shown), obs)]
+    more = len(obs) - len(names)
+    return ", ".join(names) + (f", ... and {more} more" if more > 0 else "") if names else "none"
+
+
+def one_line(text: str) -> str:
+    """An error text as sent back: one line, at most MAX_ERROR_CHARS characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def check_image_size(key: str, x: np.ndarray) -> None:
+    """Refuse a frame ([H, W, 3] or [n, H, W, 3]) with more than MAX_IMAGE_SIDE pixels a side, no
+    pixels, or a long side more than MAX_ASPECT times the short one; from its shape alone."""
+    if not isinstance(x, np.ndarray) or x.ndim not in (3, 4):
+        return  # not a frame: the shape checks name it
+    h, w = x.shape[-3], x.shape[-2]
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE and max(h, w) <= MAX_ASPECT * min(h, w)):
+        raise ValueError(f"{key}: {h}x{w} pixels; a frame may have 1 to {MAX_IMAGE_SIDE} pixels a side and "
+                         f"an aspect ratio up to {MAX_ASPECT}:1")
 
 
 class PolicyService:
@@ -90,14 +171,29 @@ class PolicyService:
                 "max_actions": p.max_actions,
                 "sampler": {k: v for k, v in vars(p.sampler).items() if v is not None}}
 
+    def needs_decoding(self, obs) -> bool:
+        """Whether a request carries openpi-style images to turn into the flat history (the costly
+        part of a request: resizing, run by the server in its decoding queue)."""
+        return (isinstance(obs, dict) and OBS_KEY not in obs and bool(self.policy.obs_config.image)
+                and any(k in obs for k in OPENPI_IMAGE_KEYS))
+
+    def check_images(self, obs) -> None:
+        """The size caps of a request's frames, from their shapes (cheap: run before queueing)."""
+        if self.needs_decoding(obs):
+            for key in OPENPI_IMAGE_KEYS[: len(self.policy.obs_config.image_keys)]:
+                check_image_size(key, obs.get(key))
+
+    def decode(self, obs: dict) -> dict:
+        """The request with its images made into the flat observation history."""
+        return {**obs, OBS_KEY: self.image_history(obs)} if self.needs_decoding(obs) else obs
+
     def check(self, obs) -> tuple[np.ndarray, int | None, int | None]:
         """The observation history, action count and advance of a request, or a ValueError naming the field."""
         if not isinstance(obs, dict):
             raise ValueError(f"request: expected a dict with key {OBS_KEY!r}, got {type(obs).__name__}")
-        if OBS_KEY not in obs and self.policy.obs_config.image and any(k in obs for k in OPENPI_IMAGE_KEYS):
-            obs = {**obs, OBS_KEY: self.image_history(obs)}
+        obs = self.decode(obs)
         if OBS_KEY not in obs:
-            raise ValueError(f"request: missing key {OBS_KEY!r} (keys: {', '.join(map(str, obs)) or 'none'})")
+            raise ValueError(f"request: missing key {OBS_KEY!r} (keys: {_keys(obs)})")
         x = obs[OBS_KEY]
         want = (self.policy.cfg.n_obs_steps, self.policy.obs_dim)
         if not isinstance(x, np.ndarray):
@@ -110,53 +206,66 @@ class PolicyService:
         n = obs.get(N_ACTIONS_KEY)
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
                               or not 1 <= n <= self.policy.max_actions):
-            raise ValueError(f"{N_ACTIONS_KEY}: {n!r} is not an integer in 1..{self.policy.max_actions}")
+            raise ValueError(f"{N_ACTIONS_KEY}: {_show(n)} is not an integer in 1..{self.policy.max_actions}")
         advance = obs.get(ADVANCE_KEY)
         if advance is not None and (isinstance(advance, bool) or not isinstance(advance, (int, np.integer))
                                     or advance < 0):
-            raise ValueError(f"{ADVANCE_KEY}: {advance!r} is not a non-negative integer")
+            raise ValueError(f"{ADVANCE_KEY}: {_show(advance)} is not a non-negative integer")
         return x, None if n is None else int(n), None if advance is None else int(advance)
 
     def image_history(self, obs: dict) -> np.ndarray:
         """The flat observation history [n_obs, obs_dim] of an openpi-style image request."""
         p = self.policy
-        n, size = p.cfg.n_obs_steps, p.obs_config.size
-        parts = [self._steps(obs, OPENPI_STATE_KEY, (p.encoder.low_dim,), "f", n)]
+        n = p.cfg.n_obs_steps
+        parts = [self._steps(obs, OPENPI_STATE_KEY, (p.encoder.low_dim,), n).astype(np.float32)]
         for key in OPENPI_IMAGE_KEYS[: len(p.obs_config.image_keys)]:
-            frames = self._steps(obs, key, None, "u", n)
-            if frames.shape[-1] != 3 or frames.ndim != 4:
-                raise ValueError(f"{key}: shape {frames.shape[1:]}, expected uint8 [H, W, 3] (or [{n}, H, W, 3])")
-            if frames.shape[1:3] != (size, size):
-                frames = resize(frames, size)
-            parts.append(frames.reshape(n, -1).astype(np.float32))
-        return np.concatenate([parts[0].astype(np.float32), *parts[1:]], axis=1)
+            parts.append(self._frames(obs, key, n, p.obs_config.size).reshape(n, -1).astype(np.float32))
+        return np.concatenate(parts, axis=1)
 
     @staticmethod
-    def _steps(obs: dict, key: str, shape: tuple | None, kind: str, n: int) -> np.ndarray:
-        """`obs[key]` as [n, ...]: one step repeated n times, or n steps as they are."""
+    def _steps(obs: dict, key: str, shape: tuple, n: int) -> np.ndarray:
+        """`obs[key]`, a float array, as [n, *shape]: one step repeated n times, or n steps as they are."""
         if key not in obs:
-            raise ValueError(f"request: missing key {key!r} (keys: {', '.join(map(str, obs))})")
+            raise ValueError(f"request: missing key {key!r} (keys: {_keys(obs)})")
         x = obs[key]
-        what = "uint8" if kind == "u" else "float"
-        if not isinstance(x, np.ndarray) or x.dtype.kind != kind or (kind == "u" and x.dtype != np.uint8):
-            raise ValueError(f"{key}: expected a {what} array, got {getattr(x, 'dtype', type(x).__name__)}")
-        single = x.ndim == (len(shape) if shape is not None else 3)
-        x = np.repeat(x[None], n, axis=0) if single else x
-        if len(x) != n or (shape is not None and x.shape[1:] != shape):
-            want = shape if shape is not None else ("H", "W", 3)
-            raise ValueError(f"{key}: shape {obs[key].shape}, expected {list(want)} or [{n}, *{list(want)}]")
+        if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+            raise ValueError(f"{key}: expected a float array, got {getattr(x, 'dtype', type(x).__name__)}")
+        x = np.repeat(x[None], n, axis=0) if x.ndim == len(shape) else x
+        if x.ndim != len(shape) + 1 or len(x) != n or x.shape[1:] != shape:
+            raise ValueError(f"{key}: shape {obs[key].shape}, expected {list(shape)} or [{n}, *{list(shape)}]")
         return x
+
+    @staticmethod
+    def _frames(obs: dict, key: str, n: int, size: int) -> np.ndarray:
+        """`obs[key]`, uint8 [H, W, 3] or [n, H, W, 3], as [n, size, size, 3]: checked from its shape
+        first (size caps included), resized if it is not the policy's size (a single frame once),
+        then a single frame repeated n times."""
+        if key not in obs:
+            raise ValueError(f"request: missing key {key!r} (keys: {_keys(obs)})")
+        x = obs[key]
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
+            raise ValueError(f"{key}: expected a uint8 array, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim not in (3, 4) or x.shape[-1] != 3 or (x.ndim == 4 and len(x) != n):
+            raise ValueError(f"{key}: shape {x.shape}, expected uint8 [H, W, 3] (or [{n}, H, W, 3])")
+        check_image_size(key, x)
+        frames = x[None] if x.ndim == 3 else x
+        if frames.shape[1:3] != (size, size):
+            frames = resize(frames, size)
+        return np.repeat(frames, n, axis=0) if x.ndim == 3 else frames
 
     def check_committed(self, obs: dict) -> tuple[np.ndarray | None, int]:
         """Real-Time Chunking's fields of a request: the actions the robot will execute while this
         plan runs (float [m, action_dim]) and how many of them are frozen; absent: a free plan."""
-        committed, frozen = obs.get(COMMITTED_KEY), obs.get(FROZEN_KEY, 0)
+        committed, frozen = obs.get(COMMITTED_KEY), obs.get(FROZEN_KEY)
         if committed is None:
+            if frozen is not None:  # a client that meant RTC and lost its prefix: not a free plan
+                raise ValueError(f"{FROZEN_KEY}: given without {COMMITTED_KEY}")
             return None, 0
         if not isinstance(committed, np.ndarray) or committed.dtype.kind != "f":
             raise ValueError(f"{COMMITTED_KEY}: expected a float array [m, {self.policy.action_dim}]")
+        frozen = 0 if frozen is None else frozen
         if isinstance(frozen, bool) or not isinstance(frozen, (int, np.integer)):
-            raise ValueError(f"{FROZEN_KEY}: {frozen!r} is not an integer")
+            raise ValueError(f"{FROZEN_KEY}: {_show(frozen)} is not an integer")
         return committed, int(frozen)
 
     def infer(self, obs, warm: WarmStart | None = None) -> dict:
@@ -193,14 +302,29 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
                 ready: threading.Event | None = None, stop: asyncio.Event | None = None,
                 bound: list | None = None, announce: bool = False) -> None:
     """Serve until `stop` is set (forever without one). `bound` receives the (host, port) bound
-    (port=0 picks a free one); `announce` prints it as `dp-serve: listening on ws://HOST:PORT`."""
+    (port=0 picks a free one); `announce` prints it as `dp-serve: listening on ws://HOST:PORT`.
+
+    Images are resized in a queue of their own, one request at a time in arrival order: each
+    connection waits for its reply before its next request is read, so it has at most one request
+    in that queue, and a client sending costly frames delays another by at most one of its
+    requests (bounded by the size caps, `check_image_size`). Requests without images do not enter
+    it. Plans run in worker threads, one at a time (`PolicyService.lock`)."""
     from websockets.asyncio.server import serve as ws_serve
     from websockets.exceptions import ConnectionClosed
+    from websockets.protocol import State
+
+    decoder = ThreadPoolExecutor(1, thread_name_prefix="dp-serve-decode")
+    stopping = threading.Event()
 
     def health(connection, request):
         if request.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "OK\n")
         return None
+
+    def decode(ws, obs: dict) -> dict | None:
+        if ws.protocol.state is not State.OPEN:  # the client left while its request waited
+            return None
+        return service.decode(obs)
 
     async def handler(ws):
         warm = WarmStart()  # this connection's plans only
@@ -211,6 +335,7 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
             except ConnectionClosed:
                 return
             t0 = time.perf_counter()
+            decode_ms = None
             try:
                 if isinstance(message, str):
                     raise ValueError("request: a text frame; send the observation as binary msgpack")
@@ -220,35 +345,56 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
                     raise ValueError(f"request: {err}") from None
                 except Exception as err:
                     raise ValueError(f"request: not msgpack ({type(err).__name__})") from None
+                if service.needs_decoding(obs):
+                    service.check_images(obs)  # from the shapes, before the queue and any pixel
+                    try:
+                        obs = await asyncio.wrap_future(decoder.submit(decode, ws, obs))
+                    except asyncio.CancelledError:
+                        if stopping.is_set():  # the server stops: queued requests are dropped
+                            return
+                        raise
+                    if obs is None:
+                        return
+                    decode_ms = (time.perf_counter() - t0) * 1e3
                 reply = await asyncio.to_thread(service.infer, obs, warm)
             except ValueError as err:
-                reply = str(err)
+                reply = one_line(str(err))
             except Exception as err:  # a failure of the policy itself: reported, the server lives on
-                reply = f"server: {type(err).__name__}: {err}"
+                reply = one_line(f"server: {type(err).__name__}: {err}")
             try:
                 if isinstance(reply, dict):
                     reply["server_timing"]["infer_ms"] = (time.perf_counter() - t0) * 1e3
+                    if decode_ms is not None:
+                        reply["server_timing"]["decode_ms"] = decode_ms
                     await ws.send(wire.packb(reply))
                 else:
                     await ws.send(reply)  # a text frame: openpi-client raises it as RuntimeError
             except ConnectionClosed:  # the client left mid-request
                 return
 
-    async with ws_serve(handler, host, port, compression=None, max_size=int(max_message_mb * 2**20),
-                        process_request=health) as server:
-        address = server.sockets[0].getsockname()[:2]
-        if bound is not None:
-            bound.append(address)
-        if announce:
-            print(f"dp-serve: listening on ws://{address[0]}:{address[1]} "
-                  f"(health: http://{address[0]}:{address[1]}/healthz)", flush=True)
-        if ready is not None:
-            ready.set()
-        await (stop.wait() if stop is not None else asyncio.Future())
+    try:
+        async with ws_serve(handler, host, port, compression=None, max_size=int(max_message_mb * 2**20),
+                            process_request=health) as server:
+            address = server.sockets[0].getsockname()[:2]
+            if bound is not None:
+                bound.append(address)
+            if announce:
+                print(f"dp-serve: listening on ws://{address[0]}:{address[1]} "
+                      f"(health: http://{address[0]}:{address[1]}/healthz)", flush=True)
+            if ready is not None:
+                ready.set()
+            try:
+                await (stop.wait() if stop is not None else asyncio.Future())
+            finally:
+                stopping.set()
+                decoder.shutdown(wait=False, cancel_futures=True)  # before the handlers are awaited
+    finally:
+        decoder.shutdown(wait=False, cancel_futures=True)
 
 
 @command("serve", ServeConfig)
 def main(cfg) -> None:
+    check_options(cfg)  # before the imports and the checkpoint: a mistyped number fails at once
     import torch
 
     import policy as policy_pkg
@@ -257,10 +403,11 @@ def main(cfg) -> None:
     pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
     pol.sampler = SamplerConfig(**cfg.sampler)
     pol.seed(cfg.seed)
+    service = PolicyService(pol)
+    check_message_size(cfg.max_message_mb, service)
     entry = pol.choose_window()  # window=auto: chosen (or read from the cache) before the first request
     if entry is not None:
         print(f"dp-serve: window=auto chose {entry['window']} on {entry['machine']}", flush=True)
-    service = PolicyService(pol)
     print(f"dp-serve: {pol.meta['checkpoint']} with {cfg.sampler.name}", flush=True)
     try:
         asyncio.run(serve(service, cfg.host, cfg.port, cfg.max_message_mb, announce=True))

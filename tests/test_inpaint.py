@@ -142,7 +142,8 @@ def test_a_plan_with_committed_actions_starts_with_them(checkpoint):
 
     pol = load(checkpoint)
     obs = np.random.default_rng(0).normal(size=(2, pol.obs_dim)).astype(np.float32)
-    committed = np.random.default_rng(1).uniform(-0.5, 0.5, size=(6, pol.action_dim)).astype(np.float32)
+    spread = torch.as_tensor(np.random.default_rng(1).uniform(-0.9, 0.9, size=(6, pol.action_dim)))
+    committed = pol.normalizer.unnormalize("action", spread.float()).numpy()  # in the trained range
     for cfg in (SamplerConfig(name="ddim", steps=8), SamplerConfig(name="paraddim", steps=8, window=8, tol=0.0)):
         pol.sampler = cfg
         pol.seed(0)

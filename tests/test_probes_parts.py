@@ -273,7 +273,9 @@ def test_nan_weights_do_not_load(ckpt_copy):  # noqa: F811
 def _interrupt(args: list[str], after: float, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MUJOCO_GL": "egl"}
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                         start_new_session=True)  # a process group of its own, as a terminal's job is
+                         start_new_session=True,  # a process group of its own, as a terminal's job is
+                         # a shell's background job inherits SIGINT ignored; Ctrl-C is what is tested
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(after)
     os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C does: the whole group
     out, err = p.communicate(timeout=120)
@@ -307,3 +309,17 @@ def test_dp_bench_plans_on_a_shipped_policy_without_its_store(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     context = json.loads((tmp_path / "bench" / "context.json").read_text())
     assert context["data"].endswith("histories.npz") and context["plans"] == 3
+
+
+# --- 11: data-parallel training's failures are one line, not torchrun's report ------------------------
+
+def test_dp_train_nproc_failures_are_one_line(lift_store, tmp_path):  # noqa: F811
+    r = dp("dp-train", f"data={lift_store}", f"out={tmp_path / 'a'}", *TINY, "nproc=2", "batch_size=7")
+    one_line_error(r, "dp-train", "batch_size: 7 does not split over 2 processes")
+    # a failure inside every process (which write to the terminal, so a real process here): process 0
+    # says it once; torchrun's traceback and failure table are left out
+    r = subprocess.run([str(BIN / "dp-train"), f"data={tmp_path / 'none.zarr'}", f"out={tmp_path / 'b'}", *TINY,
+                        "nproc=2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    one_line_error(r, "dp-train", "none.zarr: no such demonstration store")
+    assert "ChildFailedError" not in r.stderr and "Root Cause" not in r.stderr
+    assert not (tmp_path / "b").exists()

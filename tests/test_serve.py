@@ -6,6 +6,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 import pytest
 from openpi_client import msgpack_numpy
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
@@ -171,7 +172,9 @@ def test_a_request_with_committed_actions_gets_a_chunk_that_starts_with_them(sta
     service, port = start_server()
     client = WebsocketClientPolicy(host="127.0.0.1", port=port)
     p = service.policy
-    committed = np.linspace(-0.3, 0.3, 5 * p.action_dim, dtype=np.float32).reshape(5, p.action_dim)
+    # actions the policy could have planned: spread over its trained range (outside it they are refused)
+    spread = torch.linspace(-0.9, 0.9, 5 * p.action_dim).reshape(5, p.action_dim)
+    committed = p.normalizer.unnormalize("action", spread).numpy().astype(np.float32)
     out = client.infer({**_obs(service), "n_actions": 8, "committed": committed, "frozen": 3})
     np.testing.assert_allclose(out["actions"][:3], committed[:3], atol=1e-5)
     free = client.infer(_obs(service))["actions"]

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import policy
 from envs.errors import UserError
-from policy.zoo import MAX_MB, WEIGHTS, export, record
+from policy.zoo import HISTORIES, MAX_MB, WEIGHTS, export, record
 
 from commands import dp
 
@@ -24,7 +24,9 @@ def test_export_writes_16_bit_weights_that_plan_like_the_checkpoint(checkpoint, 
     out = export(checkpoint, tmp_path / "zoo" / "lift", command="dp-train task=lift")
     with safe_open(str(out / WEIGHTS), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    assert sorted(p.name for p in out.iterdir()) == ["normalizer.safetensors", "policy.json", WEIGHTS]
+    assert sorted(p.name for p in out.iterdir()) == [HISTORIES, "normalizer.safetensors", "policy.json", WEIGHTS]
+    with np.load(out / HISTORIES) as f:  # the store's validation episodes, for dp-bench without the store
+        assert f["obs"].shape[1:] == (2, policy.load(checkpoint).obs_dim) and f["first"][0]
     meta = json.loads((out / "policy.json").read_text())
     assert meta["zoo"]["weights_dtype"] == "float16" and meta["zoo"]["command"] == "dp-train task=lift"
     assert meta["meta"]["seeds_used"] == [0, 1, 2]  # the tiny policy's three demonstrations
