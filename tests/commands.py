@@ -37,3 +37,13 @@ def dp(command: str, *args, cwd=None) -> subprocess.CompletedProcess:
         os.chdir(here)
         torch.set_num_threads(threads)  # commands set their own; the tests run on one
     return subprocess.CompletedProcess([command, *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def one_line_error(r: subprocess.CompletedProcess, command: str, *fragments: str) -> None:
+    """`r` failed as a user's mistake should: exit code 2, exactly one line `command: ...` holding
+    every fragment, and no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [x for x in r.stderr.splitlines() if x.startswith(f"{command}: ")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]

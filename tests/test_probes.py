@@ -27,7 +27,7 @@ from policy.safety import NonFiniteActions
 from rollouts import wire
 from rollouts.realtime import LoopConfig, run_loop
 
-from commands import dp
+from commands import dp, one_line_error
 
 BIN = Path(sys.executable).parent
 
@@ -35,14 +35,6 @@ BIN = Path(sys.executable).parent
 def cli(*args, cwd=None):
     """A dp-* command, run in this process (`commands.dp`); the kill tests start real processes."""
     return dp(*args, cwd=cwd)
-
-
-def one_line_error(r, command: str, *fragments: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [x for x in r.stderr.splitlines() if x.startswith(f"{command}: ")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def dead_pid() -> int:

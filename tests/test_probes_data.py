@@ -22,7 +22,7 @@ from envs.partial import building
 from envs.store import write_store
 from envs.tasks import TASKS, ObsConfig
 
-from commands import dp
+from commands import dp, one_line_error
 from test_importers import write_robomimic
 
 BIN = Path(sys.executable).parent
@@ -46,14 +46,6 @@ def within(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, before)
-
-
-def one_line_error(r, command: str, *fragments: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [x for x in r.stderr.splitlines() if x.startswith(f"{command}: ")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 # --- 1: dp-collect with a camera the task does not have -------------------------------------------

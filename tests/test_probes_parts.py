@@ -23,8 +23,8 @@ from envs.errors import UserError
 from envs.lock import exclusive
 from policy.safety import ActionsOutOfRange, NonFiniteActions, check_actions, refusal
 
-from commands import dp
-from test_probes import TINY, ckpt_copy, lift_store, one_line_error  # noqa: F401  (fixtures)
+from commands import dp, one_line_error
+from test_probes import TINY, ckpt_copy, lift_store  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -14,17 +14,9 @@ from websockets.sync.client import connect
 
 from rollouts import wire
 
-from commands import dp
+from commands import dp, one_line_error
 
 IMAGE_KEYS = ("observation/image", "observation/wrist_image")
-
-
-def one_line_error(r, command: str, *fragments: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [x for x in r.stderr.splitlines() if x.startswith(f"{command}: ")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def _image_request(shape, rng=None) -> dict:
