@@ -18,7 +18,18 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def _conf_dir() -> Path:
+    """The commands' Hydra configs: the copy an installed package carries (the wheel puts the
+    repository's conf/ at envs/conf), else the checkout's conf/ (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "sampler").is_dir():
+            return candidate
+    return here.parent / "conf"  # neither: every command says so in one line (`command`)
+
+
+CONF_DIR = _conf_dir()
 
 # Hydra writes neither logs nor an output directory for our commands: they write only `out=`.
 # A multirun (-m) always saves its `multirun.yaml` in the sweep directory: a temporary one.
@@ -181,6 +192,9 @@ def command(config_name: str, schema: type | None = None,
         hydra_main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)
 
         def main() -> None:
+            if not (CONF_DIR / f"{config_name}.yaml").is_file():
+                fail(name, f"{CONF_DIR / config_name}.yaml: no such file; this installation lacks its configs "
+                           "(conf/ in a checkout, envs/conf in an installed package): reinstall parapolicy")
             argv = [_alias(arg, aliases) for arg in sys.argv[1:]] if aliases else sys.argv[1:]
             _check_group_choices(name, argv)
             sys.argv = [name, *argv, *HYDRA_QUIET]

@@ -79,15 +79,21 @@ def candidates(n: int, rule: str | None) -> list[int]:
     return sorted({min(w, n) for w in CANDIDATES} | {n})
 
 
-def key(policy, cfg) -> str:
-    """Device, threads, weights and every sampler setting but the window."""
+def weights_hash(policy) -> str:
+    """A short hash of the denoiser's weights: a cached measurement belongs to one checkpoint."""
     weights = hashlib.sha1()
     for name, tensor in sorted(policy.net.state_dict().items()):
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return weights.hexdigest()[:16]
+
+
+def key(policy, cfg) -> str:
+    """Device, threads, weights, the backend the calls run on and every sampler setting but the window."""
     setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("window", "warm") and v is not None}
+    setting["backend"] = policy.backend  # auto resolved: the curve is the chosen backend's
     return json.dumps({"device": machine(policy.device), "threads": torch.get_num_threads(),
-                       "weights": weights.hexdigest()[:16], "sampler": setting}, sort_keys=True)
+                       "weights": weights_hash(policy), "sampler": setting}, sort_keys=True)
 
 
 def lookup(k: str) -> dict | None:

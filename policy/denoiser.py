@@ -29,6 +29,7 @@ import time
 import torch
 
 from envs.errors import UserError
+from policy import backends
 from policy.device import sync
 from policy.network import SinusoidalStepEmbedding
 
@@ -62,9 +63,10 @@ class Denoiser:
     graphs, which read the weights where they were captured, are captured again."""
 
     def __init__(self, net: torch.nn.Module, precision: str = "fp32", capture: str = "none",
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, backend: str = "torch"):
         check(capture, precision)
-        self.net, self.precision, self.capture = net, precision, capture
+        backends.check(backend, precision, capture)
+        self.net, self.precision, self.capture, self.backend = net, precision, capture, backend
         self.device = device if device is not None else next(net.parameters()).device
         if capture == "graph" and self.device.type != "cuda":
             resolve_capture(capture, self.device)
@@ -75,6 +77,7 @@ class Denoiser:
         self._weights: tuple | None = None  # (where the weights are, their versions) the copy and graphs were made for
         self._graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static x, t, cond, eps)
         self._pool = None
+        self._runtime: tuple | None = None  # (weights, threads) it was built for, the runtime's network
 
     @property
     def pad(self) -> bool:
@@ -115,6 +118,8 @@ class Denoiser:
         return out
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.backend != "torch" and not torch.is_grad_enabled():  # a runtime has no autograd
+            return self._runtime_network(x, t, cond)(x, t, cond)
         net = self._network()
         if self.capture != "graph" or torch.is_grad_enabled():  # the aligner trains t through eager calls
             return self._eager(net, x, t, cond)
@@ -128,6 +133,16 @@ class Denoiser:
         sc.copy_(cond)
         graph.replay()
         return out.clone()  # the next replay overwrites `out`; the caller keeps this round's
+
+    def _runtime_network(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+        """The network built by the backend's runtime from the weights as they are now (made again
+        when they change in place or move, or when torch's thread count changes)."""
+        state = (next(self.net.parameters()).data_ptr(), sum(p._version for p in self.net.parameters()),
+                 torch.get_num_threads())
+        if self._runtime is None or self._runtime[0] != state:
+            example = (x[:1].detach().float(), t.expand(x.shape[0])[:1].detach().float(), cond[:1].detach().float())
+            self._runtime = (state, backends.OpenVinoNetwork(self.net, example, state[2]))
+        return self._runtime[1]
 
     def _capture(self, net, x, t, cond):
         sx, st, sc = x.clone(), t.clone(), cond.clone()

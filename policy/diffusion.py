@@ -17,6 +17,7 @@ from envs.tasks import ObsConfig
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.vision import ObsEncoder, VisionConfig
 from policy.normalizer import Normalizer
+from policy.backends import check_device
 from policy.denoiser import Denoiser, resolve_capture
 from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve, takes_inpaint, takes_pad
 from policy.safety import MARGIN, UnsafeActions, check_actions, check_observation
@@ -86,7 +87,8 @@ class DiffusionPolicy(nn.Module):
         self.scheduler = make_scheduler(cfg.schedule)
         self.warm = WarmStart()  # noise and chain carried between one episode's plans (sampler.warm)
         self._windows: dict[str, dict] = {}  # sampler setting -> its measured window (window=auto)
-        self._denoisers: dict[tuple, Denoiser] = {}  # (precision, capture, device) -> the samplers' denoiser
+        self._denoisers: dict[tuple, Denoiser] = {}  # (precision, capture, device, backend) -> the samplers' denoiser
+        self._backends: dict[str, str] = {}  # sampler setting -> the backend backend=auto chose
         self.sampler = SamplerConfig()
         self.generator: torch.Generator | None = None
         self.last_encode_ms = 0.0
@@ -113,18 +115,39 @@ class DiffusionPolicy(nn.Module):
             options["window"] = None
         if cfg.capture == "graph" and not torch.cuda.is_available():
             resolve_capture("graph", torch.device("cpu"))  # the one-line refusal, now rather than at the first plan
+        check_device(cfg.backend, self.device)
         self._sample_fn, self._sample_options = fn, options
         self._sampler = cfg
         self.warm.reset()
 
     @property
     def denoiser(self) -> Denoiser:
-        """What the samplers call, `eps = denoiser(x, t, cond)`: the network at the sampler's
-        `precision`, eager or replaying CUDA graphs (`capture`; auto: graphs on CUDA)."""
-        key = (self.sampler.precision or "fp32", resolve_capture(self.sampler.capture, self.device), str(self.device))
-        if key not in self._denoisers:  # kept across sampler changes: its 16-bit copy and graphs are made once
-            self._denoisers[key] = Denoiser(self.net, key[0], key[1], self.device)
+        """What the samplers call, `eps = denoiser(x, t, cond)`: the network on the sampler's
+        `backend` (`policy.backends`; auto: measured), at its `precision`, eager or replaying CUDA
+        graphs (`capture`; auto: graphs on CUDA)."""
+        return self.denoiser_for(self.backend)
+
+    def denoiser_for(self, backend: str) -> Denoiser:
+        """The sampler's denoiser on `backend` (torch or openvino)."""
+        key = (self.sampler.precision or "fp32", resolve_capture(self.sampler.capture, self.device), str(self.device),
+               backend)
+        if key not in self._denoisers:  # kept across sampler changes: its 16-bit copy, graphs and runtime model
+            self._denoisers[key] = Denoiser(self.net, key[0], key[1], self.device, backend)
         return self._denoisers[key]
+
+    @property
+    def backend(self) -> str:
+        """The backend the sampler's denoiser calls run on: its `backend`, with `auto` resolved by
+        measurement once per sampler setting (`policy.backends.choose`, cached per device)."""
+        asked = self.sampler.backend or "torch"
+        if asked != "auto":
+            return asked
+        setting = repr(self.sampler)
+        if setting not in self._backends:
+            from policy import backends
+
+            self._backends[setting] = backends.choose(self, self.sampler)["backend"]
+        return self._backends[setting]
 
     @property
     def trainable(self) -> nn.Module:

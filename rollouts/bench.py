@@ -123,7 +123,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
                       if c.name == base.name and not c.warm and _same_chain(c, base, pol)), None)
         if match is None:
             match = f"{base.name}{base.steps or pol.cfg.schedule.num_train_timesteps}"
-            extra = [f"capture={base.capture}"] if base.capture else []
+            extra = [f"{k}={getattr(base, k)}" for k in ("capture", "backend") if getattr(base, k)]
             if aligner_choice(base) == "default":
                 match += "+aligner"
             elif aligner_choice(base) is not None:
@@ -263,10 +263,11 @@ def add_speedup_bounds(results: list[dict], curve: list[dict]) -> None:
 
 def _same_chain(a, b, pol) -> bool:
     """Same solver chain with the same denoiser inputs (aligned or not, by the same strategy),
-    called the same way (capture, precision)."""
+    called the same way (capture, precision, backend)."""
     T = pol.cfg.schedule.num_train_timesteps
     return (chain_of(a, T) == chain_of(b, T) and aligner_choice(a) == aligner_choice(b)
-            and (a.capture or "auto") == (b.capture or "auto") and (a.precision or "fp32") == (b.precision or "fp32"))
+            and (a.capture or "auto") == (b.capture or "auto") and (a.precision or "fp32") == (b.precision or "fp32")
+            and (a.backend or "torch") == (b.backend or "torch"))
 
 
 def table(results: list[dict]) -> str:

@@ -44,8 +44,8 @@ def sampler_preset(spec: str) -> SamplerConfig:
 
 def baseline_of(cfg: SamplerConfig) -> SamplerConfig:
     """The sequential sampler of the same chain (solver, steps, spacing) that a parallel sampler
-    must reproduce, its calls run the same way (`capture`) at full precision: a 16-bit row is
-    compared with float32, so its action difference is what the precision costs. A float32
-    sequential sampler is its own."""
+    must reproduce, its calls run the same way (`capture`, on the same `backend`) at full
+    precision: a 16-bit row is compared with float32, so its action difference is what the
+    precision costs. A float32 sequential sampler is its own."""
     return SamplerConfig(name=solver_of(cfg), steps=cfg.steps, spacing=cfg.spacing, aligner=cfg.aligner,
-                         capture=cfg.capture)
+                         capture=cfg.capture, backend=cfg.backend)

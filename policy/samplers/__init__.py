@@ -52,8 +52,11 @@ class SamplerConfig:
     capture: str | None = None  # denoiser calls: auto | none | pad | graph (policy/denoiser.py; auto: graph on CUDA)
     precision: str | None = None  # denoiser weights: fp32 | bf16 | fp16 (the chain's arithmetic stays fp32)
     inpaint: str | None = None  # committed actions (Real-Time Chunking): replace (default) | guide (samplers/inpaint.py)
+    backend: str | None = None  # denoiser calls: torch (default) | openvino | auto (policy/backends.py)
 
 
+# What the policy applies around the sampler function: where the network runs and what it feeds it.
+POLICY_OPTIONS = ("name", "aligner", "warm", "capture", "precision", "inpaint", "backend")
 ALIGNER_OFF, ALIGNER_ON = ("false", "no", "off", "0", "none"), ("true", "yes", "on", "1")
 ALIGNER_STRATEGIES = ("sequential", "parallel")
 
@@ -134,14 +137,15 @@ def takes_pad(fn: Callable) -> bool:
 def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     """The sampler function `cfg` names and the options it sets. An option the sampler does not
     take, or a value out of range, is a one-line `UserError` naming the field. The aligner
-    switch is checked here but applied by the policy, which knows its checkpoint; so are `capture`
-    and `precision`, which say how the policy runs its network (`policy.denoiser`)."""
-    from policy import denoiser
+    switch is checked here but applied by the policy, which knows its checkpoint; so are `capture`,
+    `precision` and `backend`, which say how the policy runs its network (`policy.denoiser`)."""
+    from policy import backends, denoiser
 
     fn = get_sampler(cfg.name)
     allowed = options_of(fn)
     aligner_choice(cfg)
     denoiser.check(cfg.capture, cfg.precision)
+    backends.check(cfg.backend, cfg.precision, cfg.capture)
     from policy.samplers.inpaint import MODES
 
     if cfg.inpaint is not None and cfg.inpaint not in MODES:
@@ -154,7 +158,7 @@ def resolve(cfg: SamplerConfig) -> tuple[Callable[..., SampleResult], dict]:
     options = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in ("name", "aligner", "warm", "capture", "precision", "inpaint") or value is None:  # the policy's
+        if f.name in POLICY_OPTIONS or value is None:  # applied by the policy, not the sampler function
             continue
         if f.name not in allowed:
             raise UserError(f"sampler.{f.name}: not an option of {cfg.name} (its options: {', '.join(sorted(allowed))})")

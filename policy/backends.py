@@ -1,0 +1,151 @@
+"""Where the denoiser's calls run: eager torch, or OpenVINO built from the same weights in memory.
+
+A 4.5 M-parameter 1-D UNet at one row is mostly framework overhead in eager torch: on a 2-core
+x86-64 CPU a one-row call ran at ~15 GFLOP/s where batched calls reach ~200. OpenVINO, given the
+network's graph once, runs the same arithmetic with a fraction of that overhead. Measured here
+(2026-12-04, shipped lift UNet, 2 threads, median of 40 calls): one row 1.23 ms against eager
+torch's 3.05 ms, 16 rows 6.1 against 11.4, 100 rows 29.0 against 31.5; ONNX Runtime and
+torch.compile were measured too and lost at 16 and 100 rows (DESIGN.md), so OpenVINO is the one
+runtime here. Its noise estimates agree with torch's to ~5e-7 (relative to their largest value).
+
+- `torch`: the network as it is (`policy.denoiser`: precision, CUDA graphs).
+- `openvino`: the network converted once (`openvino.convert_model`, no file) and compiled for
+  the CPU per input shape on its first use (~0.16 s; a model of static shape ran 1.1-1.4x faster
+  than one of dynamic batch). Rebuilt when the weights change. fp32 only; CPU only. A call that
+  needs a gradient (the aligner's training, RTC guidance's one VJP per step) runs on torch, as
+  the runtime has no autograd.
+- `auto`: torch on CUDA (its captured graphs) or where OpenVINO is not installed; on a CPU the
+  faster of the two at the rows the sampler's calls have (1 for a sequential sampler, the window
+  for ParaDiGMS), measured once per machine, threads, checkpoint and rows, and cached with
+  `window=auto`'s measurements (`policy.autowindow`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+
+from envs.errors import UserError
+
+BACKENDS = ("auto", "torch", "openvino")
+
+
+def installed(name: str) -> bool:
+    if name != "openvino":
+        return True
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check(backend: str | None, precision: str | None = None, capture: str | None = None) -> None:
+    """One-line errors for a backend that does not exist, is not installed, or cannot run the
+    precision or capture asked for."""
+    if backend is None:
+        return
+    if backend not in BACKENDS:
+        raise UserError(f"sampler.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend != "openvino":
+        return
+    if not installed(backend):
+        raise UserError(f"sampler.backend: {backend} is not installed here (pip install {backend}); "
+                        "backend=torch or auto run without it")
+    if precision not in (None, "fp32"):
+        raise UserError(f"sampler.backend: {backend} runs the network in fp32; precision={precision} is torch's")
+    if capture == "graph":
+        raise UserError(f"sampler.backend: {backend} runs on the CPU; capture=graph is for torch on CUDA")
+
+
+def check_device(backend: str | None, device: torch.device) -> None:
+    if backend == "openvino" and device.type != "cpu":
+        raise UserError(f"sampler.backend: openvino runs on the CPU; this policy is on {device} "
+                        "(backend=auto or torch)")
+
+
+class OpenVinoNetwork:
+    """`eps = net(x, t, cond)` by OpenVINO on the CPU, built from `net`'s weights as they are now."""
+
+    def __init__(self, net: torch.nn.Module, example: tuple[torch.Tensor, ...], threads: int):
+        import openvino as ov
+
+        shapes = [ov.PartialShape([-1, *e.shape[1:]]) for e in example]
+        with torch.no_grad():
+            self.model = ov.convert_model(net, example_input=example, input=shapes)
+        self.core, self.threads = ov.Core(), threads
+        self.requests: dict[tuple, object] = {}  # input shapes -> an infer request of a model of those shapes
+
+    def _request(self, shapes: tuple):
+        if shapes not in self.requests:
+            model = self.model.clone()
+            model.reshape({port: list(s) for port, s in zip(model.inputs, shapes)})
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads,
+                      "INFERENCE_PRECISION_HINT": "f32"}
+            try:
+                compiled = self.core.compile_model(model, "CPU", config)
+            except RuntimeError:
+                # OpenVINO 2026.4's fused subgraphs ("snippets") fail to compile some small networks
+                # at one thread ("Supported precisions set is not available for Mish"); without them
+                # it compiles, at up to 2x the time per call on the shipped networks, so only then.
+                compiled = self.core.compile_model(model, "CPU", {**config, "SNIPPETS_MODE": "DISABLE"})
+            self.requests[shapes] = compiled.create_infer_request()
+        return self.requests[shapes]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        inputs = [a.detach().to(torch.float32).contiguous().numpy() for a in (x, t, cond)]
+        out = self._request(tuple(a.shape for a in inputs)).infer(inputs, share_inputs=True)[0]
+        return torch.from_numpy(np.array(out, copy=True))  # the request's output is overwritten by its next call
+
+
+def typical_rows(policy, cfg) -> int:
+    """The rows of most denoiser calls of sampler `cfg`: 1 in a sequential chain; the window (16
+    while `window=auto` has not chosen) in ParaDiGMS; a block's steps in PIADM."""
+    from policy.samplers import chain_of
+
+    n = chain_of(cfg, policy.cfg.schedule.num_train_timesteps)[1]
+    if cfg.name.startswith("para"):
+        return min(cfg.window if isinstance(cfg.window, int) else 16, n)
+    if cfg.name == "piadm":
+        return max(1, -(-n // (cfg.blocks or 1)))
+    return 1
+
+
+def choose(policy, cfg) -> dict:
+    """For `backend=auto`: the backend this device runs `cfg`'s calls fastest on, as cached or
+    measured now: {"backend", "rows", "ms": {name: median ms of one call}}."""
+    from policy import autowindow
+    from policy.device import machine
+
+    if policy.device.type != "cpu" or not installed("openvino"):
+        return {"backend": "torch", "rows": None, "ms": {}}
+    rows = typical_rows(policy, cfg)
+    key = json.dumps({"backend-auto": rows, "device": machine(policy.device), "threads": torch.get_num_threads(),
+                      "weights": autowindow.weights_hash(policy)}, sort_keys=True)
+    entry = autowindow.lookup(key)
+    if entry is None:
+        ms = {name: call_ms(policy, name, rows) for name in ("torch", "openvino")}
+        entry = {"backend": min(ms, key=ms.get), "rows": rows, "ms": ms}
+        autowindow.store(key, entry)
+    return entry
+
+
+def call_ms(policy, backend: str, rows: int, reps: int = 15) -> float:
+    """Median wall time (ms) of one denoiser call of `rows` rows on `backend`."""
+    den = policy.denoiser_for(backend)
+    g = torch.Generator(policy.device).manual_seed(0)
+    x = torch.randn((rows, policy.cfg.horizon, policy.action_dim), generator=g)
+    cond = torch.randn((rows, policy.cond_dim), generator=g)
+    t = torch.linspace(0, policy.cfg.schedule.num_train_timesteps - 1, rows)
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 3):
+            start = time.perf_counter()
+            den(x, t, cond)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))

@@ -1,0 +1,144 @@
+"""Denoiser backends (`policy.backends`, issue 31): OpenVINO built from the policy's own weights
+agrees with torch, every sampler feature runs on it or is refused in one line, ParaDiGMS at
+zero tolerance reproduces its sequential twin on it, and `backend=auto` is measured once and cached."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import policy
+from envs.errors import UserError
+from policy.backends import check_device
+from policy.samplers import SamplerConfig
+from rollouts.presets import sampler_preset
+
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
+
+
+def _eps(pol, backend: str, rows: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn((rows, pol.cfg.horizon, pol.action_dim), generator=g)
+    cond = torch.randn((rows, pol.cond_dim), generator=g)
+    t = torch.linspace(0, pol.cfg.schedule.num_train_timesteps - 1, rows)
+    with torch.no_grad():
+        return pol.denoiser_for(backend)(x, t, cond)
+
+
+@pytest.mark.parametrize("task", ["lift", "can", "square", "lift_image"])
+def test_openvino_noise_estimates_agree_with_torch_on_the_shipped_policies(task):
+    pol = policy.load(ZOO / task)
+    for rows in (1, 16):
+        ref, ov = _eps(pol, "torch", rows), _eps(pol, "openvino", rows)
+        assert ((ov - ref).abs().max() / ref.abs().max()).item() <= 1e-5, (task, rows)
+
+
+@pytest.mark.parametrize("solver, extra", [("ddim", {}), ("ddpm", {}), ("dpmsolver", {"anderson": 0}),
+                                           ("ddim", {"pad": None, "capture": "pad"})])
+def test_paradigms_at_zero_tolerance_reproduces_its_twin_on_openvino(checkpoint, solver, extra):
+    pol = policy.load(checkpoint)
+    obs = pol.neutral_obs()
+    noise = torch.randn((1, pol.cfg.horizon, pol.action_dim), generator=torch.Generator().manual_seed(0))
+    capture = extra.get("capture")
+    pol.sampler = SamplerConfig(name=solver, steps=12, backend="openvino", capture=capture)
+    seq, _ = pol.sample(obs, noise=noise, generator=torch.Generator().manual_seed(1))
+    pol.sampler = SamplerConfig(name=f"para{solver}", steps=12, window=5, tol=0.0, backend="openvino",
+                                capture=capture, anderson=extra.get("anderson"))
+    par, res = pol.sample(obs, noise=noise, generator=torch.Generator().manual_seed(1))
+    assert res.converged and res.parallel_iters <= 12
+    assert (par - seq).abs().max().item() <= 1e-5
+
+
+def test_warm_start_rtc_and_aligner_taus_run_on_openvino_as_on_torch(checkpoint, tmp_path):
+    """Each feature on both backends from the same noise: the same plan to float tolerance
+    (RTC guidance's gradient calls run on torch: the runtime has no autograd)."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    (ckpt / "aligner").mkdir()
+    doc = {"strategy": "sequential", "strategies": {"sequential": {"taus": [99.0, 79.5, 60.0, 39.0, 20.5]}}}
+    (ckpt / "aligner" / "ddim-5-trailing.json").write_text(json.dumps(doc))
+    obs = policy.load(ckpt).neutral_obs()[0].numpy()
+    specs = ["ddim5+aligner", "paraddim15:warm=true", "ddim10:inpaint=guide", "paraddim15:inpaint=replace"]
+    for spec in specs:
+        plans = {}
+        for backend in ("torch", "openvino"):
+            pol = policy.load(ckpt)
+            pol.sampler = sampler_preset(f"{spec}{',' if ':' in spec else ':'}backend={backend}")
+            pol.seed(0)
+            committed = pol.plan(obs).actions[:4] if "inpaint" in spec else None
+            pol.seed(0)
+            first = pol.plan(obs, committed=committed, frozen=2 if committed is not None else 0)
+            second = pol.plan(obs, advance=8)  # a warm sampler starts from the first plan's chain
+            plans[backend] = np.concatenate([first.actions, second.actions])
+        np.testing.assert_allclose(plans["openvino"], plans["torch"], atol=1e-4, err_msg=spec)
+
+
+def test_the_runtime_network_is_rebuilt_when_the_weights_change(checkpoint):
+    pol = policy.load(checkpoint)
+    before = _eps(pol, "openvino", 2)
+    with torch.no_grad():
+        for p in pol.net.parameters():
+            p.mul_(1.01)  # in place, as an optimizer step or load_state_dict would
+    after, ref = _eps(pol, "openvino", 2), _eps(pol, "torch", 2)
+    assert (after - before).abs().max() > 1e-4
+    assert ((after - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"backend": "onnx"}, "sampler.backend: 'onnx' is not one of auto, torch, openvino"),
+    ({"backend": "openvino", "precision": "bf16"}, "openvino runs the network in fp32"),
+    ({"backend": "openvino", "capture": "graph"}, "capture=graph is for torch on CUDA"),
+])
+def test_backends_that_cannot_run_a_setting_are_refused_in_one_line(checkpoint, changes, message):
+    pol = policy.load(checkpoint)
+    with pytest.raises(UserError, match=message):
+        pol.sampler = SamplerConfig(name="ddim", steps=5, **changes)
+
+
+def test_openvino_is_refused_on_a_gpu_and_auto_takes_torch_there():
+    with pytest.raises(UserError, match="openvino runs on the CPU; this policy is on cuda:0"):
+        check_device("openvino", torch.device("cuda", 0))
+    check_device("auto", torch.device("cuda", 0))
+
+
+def test_a_missing_runtime_is_one_line(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    from policy import backends
+
+    with pytest.raises(UserError, match=r"sampler.backend: openvino is not installed here \(pip install openvino\)"):
+        backends.check("openvino")
+
+
+def test_auto_is_measured_once_and_cached_per_rows(checkpoint):
+    pol = policy.load(checkpoint)
+    pol.sampler = sampler_preset("ddim5:backend=auto")
+    chosen = pol.backend
+    assert chosen in ("torch", "openvino")
+    table = json.loads(Path(os.environ["PARAPOLICY_CACHE"]).read_text())
+    entries = [v for k, v in table.items() if json.loads(k).get("backend-auto") == 1]
+    assert entries and entries[-1]["backend"] == chosen and set(entries[-1]["ms"]) == {"torch", "openvino"}
+    again = policy.load(checkpoint)
+    again.sampler = sampler_preset("ddim5:backend=auto")
+    calls = []
+    import policy.backends as backends
+
+    original = backends.call_ms
+    backends.call_ms = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        assert again.backend == chosen and calls == []  # from the cache, not measured again
+    finally:
+        backends.call_ms = original
