@@ -68,7 +68,9 @@ def check_device(backend: str | None, device: torch.device) -> None:
 
 
 class OpenVinoNetwork:
-    """`eps = net(x, t, cond)` by OpenVINO on the CPU, built from `net`'s weights as they are now."""
+    """`out = net(*inputs)` by OpenVINO on the CPU, built from `net`'s weights as they are now: a
+    module of float tensors in (the batch first, compiled per input shape) and one tensor out
+    (the denoiser's `eps = net(x, t, cond)`, the image encoder's planning path)."""
 
     def __init__(self, net: torch.nn.Module, example: tuple[torch.Tensor, ...], threads: int):
         import openvino as ov
@@ -95,11 +97,29 @@ class OpenVinoNetwork:
             self.requests[shapes] = compiled.create_infer_request()
         return self.requests[shapes]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        inputs = [a.detach().to(torch.float32).contiguous().numpy() for a in (x, t, cond)]
-        out = self._request(tuple(a.shape for a in inputs)).infer(inputs, share_inputs=True)[0]
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        arrays = [a.detach().to(torch.float32).contiguous().numpy() for a in inputs]
+        out = self._request(tuple(a.shape for a in arrays)).infer(arrays, share_inputs=True)[0]
         return torch.from_numpy(np.array(out, copy=True))  # the request's output is overwritten by its next call
+
+
+class Runtime:
+    """`module(*inputs)` by the runtime (OpenVINO), following `module`'s weights: converted again
+    when they change in place (an optimizer step, `load_state_dict`: the parameters' versions),
+    move (`.to()` there and back: new memory), or when torch's thread count changes. The inputs
+    are float tensors, the batch first; no autograd (the caller runs torch when it needs one)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self._built: tuple | None = None  # (weights and threads it was built for, the runtime's network)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        params = list(self.module.parameters())
+        state = (params[0].data_ptr(), sum(p._version for p in params), torch.get_num_threads())
+        if self._built is None or self._built[0] != state:
+            example = tuple(a[:1].detach().float() for a in inputs)
+            self._built = (state, OpenVinoNetwork(self.module, example, state[2]))
+        return self._built[1](*inputs)
 
 
 def typical_rows(policy, cfg) -> int:

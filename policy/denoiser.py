@@ -77,7 +77,7 @@ class Denoiser:
         self._weights: tuple | None = None  # (where the weights are, their versions) the copy and graphs were made for
         self._graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static x, t, cond, eps)
         self._pool = None
-        self._runtime: tuple | None = None  # (weights, threads) it was built for, the runtime's network
+        self._runtime = backends.Runtime(net)  # the network on `backend`'s runtime, built on first use
 
     @property
     def pad(self) -> bool:
@@ -119,7 +119,7 @@ class Denoiser:
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self.backend != "torch" and not torch.is_grad_enabled():  # a runtime has no autograd
-            return self._runtime_network(x, t, cond)(x, t, cond)
+            return self._runtime(x, t.expand(x.shape[0]), cond)  # a scalar t: one per row
         net = self._network()
         if self.capture != "graph" or torch.is_grad_enabled():  # the aligner trains t through eager calls
             return self._eager(net, x, t, cond)
@@ -133,16 +133,6 @@ class Denoiser:
         sc.copy_(cond)
         graph.replay()
         return out.clone()  # the next replay overwrites `out`; the caller keeps this round's
-
-    def _runtime_network(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
-        """The network built by the backend's runtime from the weights as they are now (made again
-        when they change in place or move, or when torch's thread count changes)."""
-        state = (next(self.net.parameters()).data_ptr(), sum(p._version for p in self.net.parameters()),
-                 torch.get_num_threads())
-        if self._runtime is None or self._runtime[0] != state:
-            example = (x[:1].detach().float(), t.expand(x.shape[0])[:1].detach().float(), cond[:1].detach().float())
-            self._runtime = (state, backends.OpenVinoNetwork(self.net, example, state[2]))
-        return self._runtime[1]
 
     def _capture(self, net, x, t, cond):
         sx, st, sc = x.clone(), t.clone(), cond.clone()

@@ -123,9 +123,26 @@ class ObsEncoder(nn.Module):
         return {key: pixels[:, i] for i, key in enumerate(self.image_keys)}
 
     def forward(self, low_dim: torch.Tensor, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.encode(low_dim, obs, generator, random=self.training)
+
+    def encode(self, low_dim: torch.Tensor, obs: torch.Tensor, generator: torch.Generator | None = None,
+               random: bool = False) -> torch.Tensor:
+        """The condition with random crops (from `generator`) or centre crops, whatever the mode."""
         b, n = obs.shape[:2]
         parts = [low_dim.reshape(b * n, -1)]
         for key, frames in self.frames(obs).items():
-            frames = crop(frames, self.cfg.crop, generator, random=self.training)
+            frames = crop(frames, self.cfg.crop, generator, random=random)
             parts.append(self.cameras[key](frames))
         return torch.cat(parts, dim=-1).reshape(b, -1)
+
+
+class PlanningEncoder(nn.Module):
+    """`encoder`'s planning path as a module of tensors only, `cond = module(low_dim, obs)` with
+    centre crops: what a runtime converts (`policy.backends`), with no branch on the mode."""
+
+    def __init__(self, encoder: ObsEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, low_dim: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode(low_dim, obs)

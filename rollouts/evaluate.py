@@ -71,6 +71,10 @@ class EvalConfig:
     ray_address: str | None = None  # launcher=ray: a cluster's head (host:port); default a local Ray
 
 
+# How the policy runs the network: taken by every sampler (`options.backend=auto` sets them all).
+EVERY_SAMPLER = {"backend", "capture", "precision"}
+
+
 def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig]:
     """Label -> checked config for each requested sampler, with `options` applied where taken."""
     from policy.samplers import get_sampler, options_of
@@ -81,7 +85,7 @@ def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig
     specs, used = {}, set()
     for spec in samplers:
         base = sampler_preset(spec)
-        allowed = options_of(get_sampler(base.name))
+        allowed = options_of(get_sampler(base.name)) | EVERY_SAMPLER
         extra = {k: v for k, v in options.items() if k in allowed}
         used |= set(extra)
         label = spec if not extra else spec + (":" if ":" not in spec else ",") + ",".join(

@@ -71,7 +71,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     from envs.store import write_store
     from policy.checkpoint import latest
     from policy.train import TrainConfig, train
-    from rollouts.evaluate import EvalConfig, evaluate
+    from rollouts.evaluate import EvalConfig, SamplerOptions, evaluate
 
     task = cfg.task.name
     root = Path(cfg.out)
@@ -104,7 +104,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
     t = stages.begin(2, f"evaluating {', '.join(cfg.samplers)} on {cfg.episodes} episodes each into {evaluation}")
     evaluate(EvalConfig(checkpoint=str(ckpt), samplers=list(cfg.samplers), episodes=cfg.episodes,
-                        out=str(evaluation), workers=cfg.workers, data=str(data)))
+                        out=str(evaluation), workers=cfg.workers, data=str(data),
+                        options=SamplerOptions(backend="auto")))  # each sampler on this machine's fastest backend
     stages.end(2, t)
     print(f"quickstart finished in {(time.monotonic() - total) / 60:.1f} min; plot: {evaluation / 'pareto.png'}")
     return evaluation
