@@ -239,21 +239,30 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         "checkpoint": pol.meta.get("checkpoint"), "step": pol.meta.get("step"), "task": pol.meta.get("task"),
         "data": str(data), "plans": timed, "closed_loop": cfg.closed_loop, "device": str(dev), "threads": torch.get_num_threads(),
         "machine": machine(dev), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "batch_scaling": batch_scaling(pol, cfg.batch_sizes),
         "window_auto": windows,
     }
-    add_speedup_bounds(results, context["batch_scaling"])
+    # one batch-scaling curve per backend the rows ran on: each row's bound, and window=auto, use its own
+    curves = {}
+    for r in results:
+        pol.sampler = specs[r["name"]]
+        r["backend"] = pol.backend
+        if r["backend"] not in curves:
+            curves[r["backend"]] = batch_scaling(pol, cfg.batch_sizes)
+    context["batch_scaling"] = next(iter(curves.values()))  # the first row's backend (the table's first curve)
+    context["batch_scaling_by_backend"] = curves
+    add_speedup_bounds(results, curves)
     return results, context
 
 
-def add_speedup_bounds(results: list[dict], curve: list[dict]) -> None:
-    """`speedup_bound`: the speedup the batch-scaling curve allows a sampler, with each of its
-    iterations costing one denoiser call at its mean rows per iteration (evaluations /
-    iterations) and the same for its baseline. Where the curve is flat (a GPU) this approaches
-    baseline iterations / iterations; on a CPU whose cost grows with the batch it falls to ~1."""
+def add_speedup_bounds(results: list[dict], curves: dict[str, list[dict]]) -> None:
+    """`speedup_bound`: the speedup the batch-scaling curve of a row's backend allows it, with
+    each of its iterations costing one denoiser call at its mean rows per iteration (evaluations
+    / iterations) and the same for its baseline (on the same backend). Where the curve is flat (a
+    GPU) this approaches baseline iterations / iterations; on a CPU whose cost grows with the batch
+    it falls to ~1."""
     by = {r["name"]: r for r in results}
     for r in results:
-        base = by[r["baseline"]]
+        base, curve = by[r["baseline"]], curves[r["backend"]]
 
         def cost(e):
             return e["parallel_iters_mean"] * cost_ratio(curve, e["model_evals_mean"] / e["parallel_iters_mean"])
@@ -287,7 +296,7 @@ def write_outputs(out: Path, results: list[dict], context: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "results.json", json.dumps(results, indent=2))
     write_text(out / "context.json", json.dumps(context, indent=2))
-    cols = ["name", "latency_ms_p50", "latency_ms_p90", "encode_ms_p50", "model_evals_mean", "parallel_iters_mean", "speedup",
+    cols = ["name", "backend", "latency_ms_p50", "latency_ms_p90", "encode_ms_p50", "model_evals_mean", "parallel_iters_mean", "speedup",
             "speedup_bound", "baseline", "action_max_abs_diff", "action_mean_abs_diff", "converged_rate", "outside_model_pct"]
     rows = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in results]
     write_text(out / "results.csv", "\n".join(rows) + "\n")
@@ -338,8 +347,10 @@ def main(cfg) -> None:
     out = Path(cfg.out or f"outputs/bench/{context['task']}")
     write_outputs(out, results, context)
     print(table(results))
-    curve = ", ".join(f"{b['batch']}: {b['ratio']:.2f}" for b in context["batch_scaling"])
-    print(f"batch scaling cost(p)/cost(1) on {context['machine']} ({context['device']}, {context['threads']} threads): {curve}")
+    for backend, bs in context["batch_scaling_by_backend"].items():
+        curve = ", ".join(f"{b['batch']}: {b['ratio']:.2f} ({b['ms']:.2f} ms)" for b in bs)
+        print(f"batch scaling cost(p)/cost(1) of {backend} on {context['machine']} ({context['device']}, "
+              f"{context['threads']} threads): {curve}")
     for name, entry in context["window_auto"].items():
         tried = ", ".join(f"{r['window']}: {r['rounds']:.1f} rounds x {r['rows_per_round']:.1f} rows = {r['cost']:.0f}"
                           for r in entry["rows"])
