@@ -1,4 +1,5 @@
-"""Where the denoiser's calls run: eager torch, or OpenVINO built from the same weights in memory.
+"""Where the denoiser's calls, and an image policy's encoder when it plans, run: eager torch, or
+OpenVINO built from the same weights in memory.
 
 A 4.5 M-parameter 1-D UNet at one row is mostly framework overhead in eager torch: on a 2-core
 x86-64 CPU a one-row call ran at ~15 GFLOP/s where batched calls reach ~200. OpenVINO, given the
@@ -14,6 +15,8 @@ runtime here. Its noise estimates agree with torch's to ~5e-7 (relative to their
   than one of dynamic batch). Rebuilt when the weights change. fp32 only; CPU only. A call that
   needs a gradient (the aligner's training, RTC guidance's one VJP per step) runs on torch, as
   the runtime has no autograd.
+  An image policy's observation encoder runs there too when it plans (eval mode, no gradient:
+  its centre-crop path, `policy.vision.PlanningEncoder`), once per plan; training runs torch.
 - `auto`: torch on CUDA (its captured graphs) or where OpenVINO is not installed; on a CPU the
   faster of the two at the rows the sampler's calls have (1 for a sequential sampler, the window
   for ParaDiGMS), measured once per machine, threads, checkpoint and rows, and cached with
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -72,13 +76,15 @@ class OpenVinoNetwork:
     module of float tensors in (the batch first, compiled per input shape) and one tensor out
     (the denoiser's `eps = net(x, t, cond)`, the image encoder's planning path)."""
 
-    def __init__(self, net: torch.nn.Module, example: tuple[torch.Tensor, ...], threads: int):
+    def __init__(self, net: torch.nn.Module, example: tuple[torch.Tensor, ...], threads: int, snippets: bool = True):
         import openvino as ov
 
         shapes = [ov.PartialShape([-1, *e.shape[1:]]) for e in example]
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # the converter traces with torch.jit, whose deprecation and tracer notices are not the user's
+            warnings.simplefilter("ignore")
             self.model = ov.convert_model(net, example_input=example, input=shapes)
-        self.core, self.threads = ov.Core(), threads
+        self.core, self.threads, self.snippets = ov.Core(), threads, snippets
         self.requests: dict[tuple, object] = {}  # input shapes -> an infer request of a model of those shapes
 
     def _request(self, shapes: tuple):
@@ -86,7 +92,7 @@ class OpenVinoNetwork:
             model = self.model.clone()
             model.reshape({port: list(s) for port, s in zip(model.inputs, shapes)})
             config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads,
-                      "INFERENCE_PRECISION_HINT": "f32"}
+                      "INFERENCE_PRECISION_HINT": "f32", **({} if self.snippets else {"SNIPPETS_MODE": "DISABLE"})}
             try:
                 compiled = self.core.compile_model(model, "CPU", config)
             except RuntimeError:
@@ -107,10 +113,14 @@ class Runtime:
     """`module(*inputs)` by the runtime (OpenVINO), following `module`'s weights: converted again
     when they change in place (an optimizer step, `load_state_dict`: the parameters' versions),
     move (`.to()` there and back: new memory), or when torch's thread count changes. The inputs
-    are float tensors, the batch first; no autograd (the caller runs torch when it needs one)."""
+    are float tensors, the batch first; no autograd (the caller runs torch when it needs one).
+    `snippets=False` compiles without OpenVINO's fused subgraphs: 2026.4's CPU plugin crashes the
+    process (SIGSEGV, nothing to catch) compiling the image encoder's ResNet (two GroupNorm blocks
+    in a row) once reshaped from a dynamic batch to a static one; without them it compiles, and its
+    calls were no slower (measured on zoo/lift_image, 2026-12-05)."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
+    def __init__(self, module: torch.nn.Module, snippets: bool = True):
+        self.module, self.snippets = module, snippets
         self._built: tuple | None = None  # (weights and threads it was built for, the runtime's network)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -118,7 +128,7 @@ class Runtime:
         state = (params[0].data_ptr(), sum(p._version for p in params), torch.get_num_threads())
         if self._built is None or self._built[0] != state:
             example = tuple(a[:1].detach().float() for a in inputs)
-            self._built = (state, OpenVinoNetwork(self.module, example, state[2]))
+            self._built = (state, OpenVinoNetwork(self.module, example, state[2], self.snippets))
         return self._built[1](*inputs)
 
 

@@ -15,9 +15,9 @@ from torch import nn
 from envs.errors import UserError
 from envs.tasks import ObsConfig
 from policy.network import ConditionalUnet1D, UNetConfig
-from policy.vision import ObsEncoder, VisionConfig
+from policy.vision import ObsEncoder, PlanningEncoder, VisionConfig
 from policy.normalizer import Normalizer
-from policy.backends import check_device
+from policy.backends import Runtime, check_device
 from policy.denoiser import Denoiser, resolve_capture
 from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve, takes_inpaint, takes_pad
 from policy.safety import MARGIN, UnsafeActions, check_actions, check_observation
@@ -92,6 +92,7 @@ class DiffusionPolicy(nn.Module):
         self.sampler = SamplerConfig()
         self.generator: torch.Generator | None = None
         self.last_encode_ms = 0.0
+        self._encoder_runtime: Runtime | None = None  # the encoder's planning path on the backend's runtime
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -207,13 +208,17 @@ class DiffusionPolicy(nn.Module):
         """[B, n_obs_steps, obs_dim] raw observations -> [B, cond_dim] denoiser condition: the
         normalized vector, or for an image policy the encoder's features of each frame (random
         crops from `generator` in training mode, centre crops in eval) beside the normalized
-        proprioception."""
+        proprioception. Planning (eval mode, no gradient) runs the encoder on the sampler's backend."""
         if self.encoder is None:
             return self.normalizer.normalize("obs", obs).flatten(1)
         if len(obs) > 256 and not torch.is_grad_enabled():  # thousands of windows (dp-align): a slice at a time
             return torch.cat([self.condition(part, generator) for part in obs.split(256)])
         low = self.normalizer.normalize("obs", obs[..., :self.encoder.low_dim])
-        return self.encoder(low, obs, generator)
+        if torch.is_grad_enabled() or self.encoder.training or self.backend == "torch":
+            return self.encoder(low, obs, generator)
+        if self._encoder_runtime is None or self._encoder_runtime.module.encoder is not self.encoder:
+            self._encoder_runtime = Runtime(PlanningEncoder(self.encoder), snippets=False)  # follows its weights
+        return self._encoder_runtime(low, obs)
 
     def loss(self, obs: torch.Tensor, action: torch.Tensor, generator: torch.Generator | None = None,
              part: tuple[int, int] | None = None) -> torch.Tensor:

@@ -13,12 +13,26 @@ import sys
 from importlib.metadata import entry_points
 
 
+def _absl_keeps_its_stream() -> None:
+    """absl.logging (which `import openvino` brings in) binds `sys.stderr` when it is imported and
+    closes that stream when its handler is closed unless it is the current `sys.stderr`. Hydra's
+    logging set-up closes every handler, and `dp` runs a command with `sys.stderr` redirected: the
+    stream closed would be pytest's capture file. Bound to the process's own stderr, it is left open
+    (a command run as a process never redirects, so this is a test-harness matter only)."""
+    try:
+        import absl.logging
+    except ImportError:
+        return
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
 def dp(command: str, *args, cwd=None) -> subprocess.CompletedProcess:
     """`command args...` in this process; the result as `subprocess.run(..., capture_output=True,
     text=True)` would give it. An exception the command lets escape (a traceback a user would
     see) propagates, and fails the test."""
     import torch
 
+    _absl_keeps_its_stream()
     (point,) = entry_points(group="console_scripts", name=command)
     main = point.load()
     argv, here, threads = sys.argv, os.getcwd(), torch.get_num_threads()

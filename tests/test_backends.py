@@ -142,3 +142,47 @@ def test_auto_is_measured_once_and_cached_per_rows(checkpoint):
         assert again.backend == chosen and calls == []  # from the cache, not measured again
     finally:
         backends.call_ms = original
+
+
+def _histories(n: int) -> torch.Tensor:
+    """The first `n` closed-loop observation histories shipped with zoo/lift_image (real frames)."""
+    return torch.as_tensor(np.load(ZOO / "lift_image" / "histories.npz")["obs"][:n])
+
+
+def test_the_image_encoder_plans_on_openvino_as_on_torch():
+    pol = policy.load(ZOO / "lift_image")
+    obs = _histories(3)
+    with torch.no_grad():
+        ref = pol.condition(obs)
+        pol.sampler = sampler_preset("ddim10:backend=openvino")
+        for rows in (1, 3):
+            ov = pol.condition(obs[:rows])
+            assert ((ov - ref[:rows]).abs().max() / ref[:rows].abs().max()).item() <= 1e-5, rows
+    assert pol._encoder_runtime is not None  # it ran on the runtime, not on torch
+    assert pol.condition(obs[:1]).requires_grad  # with a gradient asked for: torch
+
+
+def test_an_image_policy_plans_the_same_chunk_on_openvino_and_torch():
+    obs = _histories(1)[0].numpy()
+    plans = {}
+    for backend in ("torch", "openvino"):
+        pol = policy.load(ZOO / "lift_image")
+        pol.sampler = sampler_preset(f"ddim10:backend={backend}")
+        pol.seed(0)
+        plans[backend] = pol.plan(obs).actions
+    np.testing.assert_allclose(plans["openvino"], plans["torch"], atol=1e-4)
+
+
+def test_the_runtime_encoder_is_rebuilt_when_its_weights_change():
+    pol = policy.load(ZOO / "lift_image")
+    pol.sampler = sampler_preset("ddim10:backend=openvino")
+    obs = _histories(1)
+    with torch.no_grad():
+        before = pol.condition(obs)
+        for p in pol.encoder.parameters():
+            p.mul_(1.01)  # in place, as an optimizer step or load_state_dict would
+        after = pol.condition(obs)
+        pol.sampler = sampler_preset("ddim10:backend=torch")
+        ref = pol.condition(obs)
+    assert (after - before).abs().max() > 1e-4
+    assert ((after - ref).abs().max() / ref.abs().max()).item() <= 1e-5
