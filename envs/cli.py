@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -82,8 +83,9 @@ def ignore_ctrl_c_in_worker() -> None:
 
 
 def fail(command: str, message: str, code: int = 2) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # of a data-parallel world's processes, the first speaks for all
-        print(f"{command}: {message}", file=sys.stderr)
+    print(f"{command}: {message}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) > 0:  # data parallel: let process 0, which meets the same error
+        time.sleep(3.0)                       # and speaks for all, fail first (`policy.distributed.launch`)
     sys.exit(code)
 
 

@@ -63,26 +63,41 @@ def leave(world: World) -> None:
 def launch(nproc: int, args: list[str], command: str) -> int:
     """`python args...` in `nproc` processes of one world on this machine, as `torchrun
     --standalone` starts them; returns 0, or the exit code of the first process that failed.
-    torchrun's own report of a failure (a traceback and a table) is left out: each process has
-    said what went wrong in its one line, and a failure without one (a process killed) gets one here."""
+    Process 0 writes to the terminal (progress, its one-line error); the others' stderr goes to
+    files, so that an error every process meets is said once. torchrun's own report of a failure
+    (a traceback and a table) is left out: when process 0 did not fail, the failed process's own
+    line is repeated from its file, or one is made."""
+    import glob
     import logging
     import sys
+    import tempfile
     import uuid
 
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure table
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
-    try:
-        elastic_launch(config, entrypoint=sys.executable)(*args)
-    except ChildFailedError as err:
-        rank, failure = min(err.failures.items())
-        if rank != 0 or failure.exitcode < 0:  # the process that speaks (rank 0) did not say why
-            print(f"{command}: process {rank} of {nproc} failed (exit code {failure.exitcode})", file=sys.stderr)
-        return failure.exitcode if failure.exitcode > 0 else 1
-    except SignalException:  # Ctrl-C: every process got it too, and process 0 said so
-        return 130
+    with tempfile.TemporaryDirectory(prefix="dp-train-logs-") as logs:
+        specs = DefaultLogsSpecs(log_dir=logs, redirects={r: Std.ERR for r in range(1, nproc)})
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+                              logs_specs=specs)
+        try:
+            elastic_launch(config, entrypoint=sys.executable)(*args)
+        except ChildFailedError as err:
+            def said(rank: int) -> list[str]:  # the one-line errors a process wrote to its stderr file
+                return [line for path in glob.glob(f"{logs}/**/{rank}/stderr.log", recursive=True)
+                        for line in open(path, errors="replace").read().splitlines() if line.startswith(f"{command}: ")]
+
+            failed = {rank: f.exitcode for rank, f in err.failures.items()}
+            if failed.get(0, 0) > 0:
+                return failed[0]  # process 0 said why on the terminal (the others wait for it: `envs.cli.fail`)
+            rank, code = min(((r, c) for r, c in failed.items() if c > 0), default=min(failed.items()))
+            print((said(rank) or [f"{command}: process {rank} of {nproc} failed (exit code {code})"])[-1],
+                  file=sys.stderr)
+            return code if code > 0 else 1
+        except SignalException:  # Ctrl-C: every process got it too, and process 0 said so
+            return 130
     return 0
