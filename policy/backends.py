@@ -109,6 +109,12 @@ class OpenVinoNetwork:
         return torch.from_numpy(np.array(out, copy=True))  # the request's output is overwritten by its next call
 
 
+def weights_state(params: list[torch.nn.Parameter]) -> tuple[int, int]:
+    """Where the weights are and how often they were changed in place: what a copy made from them
+    (a runtime's network, a 16-bit copy, CUDA graphs) must be made again for when it changes."""
+    return params[0].data_ptr(), sum(p._version for p in params)
+
+
 class Runtime:
     """`module(*inputs)` by the runtime (OpenVINO), following `module`'s weights: converted again
     when they change in place (an optimizer step, `load_state_dict`: the parameters' versions),
@@ -121,11 +127,11 @@ class Runtime:
 
     def __init__(self, module: torch.nn.Module, snippets: bool = True):
         self.module, self.snippets = module, snippets
+        self._params = list(module.parameters())  # listed once: walking the modules costs ~0.2 ms a call
         self._built: tuple | None = None  # (weights and threads it was built for, the runtime's network)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        params = list(self.module.parameters())
-        state = (params[0].data_ptr(), sum(p._version for p in params), torch.get_num_threads())
+        state = (*weights_state(self._params), torch.get_num_threads())
         if self._built is None or self._built[0] != state:
             example = tuple(a[:1].detach().float() for a in inputs)
             self._built = (state, OpenVinoNetwork(self.module, example, state[2], self.snippets))

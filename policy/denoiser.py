@@ -78,6 +78,7 @@ class Denoiser:
         self._graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static x, t, cond, eps)
         self._pool = None
         self._runtime = backends.Runtime(net)  # the network on `backend`'s runtime, built on first use
+        self._params = list(net.parameters())  # listed once: walking the modules on every call costs ~0.2 ms
 
     @property
     def pad(self) -> bool:
@@ -88,8 +89,8 @@ class Denoiser:
         if self.dtype is None and self.capture != "graph":
             return self.net  # nothing made from the weights to keep up to date
         # where the weights are (graphs read them there), and for a 16-bit copy their versions too
-        weights = (next(self.net.parameters()).data_ptr(),
-                   0 if self.dtype is None else sum(p._version for p in self.net.parameters()))
+        ptr, version = backends.weights_state(self._params)
+        weights = (ptr, 0 if self.dtype is None else version)
         if weights != self._weights:
             self._weights, self._copy = weights, None
             self._graphs.clear()
