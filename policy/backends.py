@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -85,9 +86,12 @@ class OpenVinoNetwork:
             warnings.simplefilter("ignore")
             self.model = ov.convert_model(net, example_input=example, input=shapes)
         self.core, self.threads, self.snippets = ov.Core(), threads, snippets
-        self.requests: dict[tuple, object] = {}  # input shapes -> an infer request of a model of those shapes
+        self.requests: dict[tuple, tuple] = {}  # input shapes -> (infer request, its input views, output view)
 
     def _request(self, shapes: tuple):
+        """The infer request of a model of these input shapes, and torch views of its input and
+        output memory: a call copies into and out of them, without OpenVINO's per-call dispatch of
+        Python inputs (~0.15 ms, an eighth of a one-row call)."""
         if shapes not in self.requests:
             model = self.model.clone()
             model.reshape({port: list(s) for port, s in zip(model.inputs, shapes)})
@@ -100,13 +104,21 @@ class OpenVinoNetwork:
                 # at one thread ("Supported precisions set is not available for Mish"); without them
                 # it compiles, at up to 2x the time per call on the shipped networks, so only then.
                 compiled = self.core.compile_model(model, "CPU", {**config, "SNIPPETS_MODE": "DISABLE"})
-            self.requests[shapes] = compiled.create_infer_request()
+            request = compiled.create_infer_request()
+            inputs = [torch.from_numpy(request.get_input_tensor(i).data) for i in range(len(shapes))]
+            self.requests[shapes] = (request, inputs, torch.from_numpy(request.get_output_tensor(0).data))
         return self.requests[shapes]
 
+    def compile(self, *shapes: tuple) -> None:
+        """Compile now for calls of these input shapes, rather than on their first call (~0.16 s each)."""
+        self._request(tuple(tuple(s) for s in shapes))
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        arrays = [a.detach().to(torch.float32).contiguous().numpy() for a in inputs]
-        out = self._request(tuple(a.shape for a in arrays)).infer(arrays, share_inputs=True)[0]
-        return torch.from_numpy(np.array(out, copy=True))  # the request's output is overwritten by its next call
+        request, views, out = self._request(tuple(tuple(a.shape) for a in inputs))
+        for view, a in zip(views, inputs):
+            view.copy_(a.detach())
+        request.infer()
+        return out.clone()  # the request's output memory is overwritten by its next call
 
 
 def weights_state(params: list[torch.nn.Parameter]) -> tuple[int, int]:
@@ -129,13 +141,41 @@ class Runtime:
         self.module, self.snippets = module, snippets
         self._params = list(module.parameters())  # listed once: walking the modules costs ~0.2 ms a call
         self._built: tuple | None = None  # (weights and threads it was built for, the runtime's network)
+        self._plan: dict | None = None  # while a plan runs (`planning`): its threads and the network it calls
+
+    def network(self, example: tuple[torch.Tensor, ...], threads: int | None = None) -> OpenVinoNetwork:
+        """The runtime's network for the weights as they are now (built from `example` inputs if
+        they changed), running on `threads` (default: torch's)."""
+        threads = torch.get_num_threads() if threads is None else threads
+        state = (*weights_state(self._params), threads)
+        if self._built is None or self._built[0] != state:
+            example = tuple(a[:1].detach().float() for a in example)
+            self._built = (state, OpenVinoNetwork(self.module, example, threads, self.snippets))
+        return self._built[1]
+
+    @contextmanager
+    def planning(self):
+        """One plan's span. Its calls check the weights once (~0.05-0.1 ms a call otherwise; they
+        do not change inside a plan) and torch's own arithmetic around them (the sampler's steps,
+        sums and mixing) runs on one thread: after an op torch's idle OpenMP workers spin for a
+        while, and on 2 cores they took the runtime's: a 16-row call inside ParaDiGMS's loop ran at
+        5.5 ms against 3.7 alone, 4.2 with torch on one thread (measured 2026-12-04). These tensors
+        are too small for a second thread to help them."""
+        threads = torch.get_num_threads()
+        self._plan = {"threads": threads, "net": None}
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            self._plan = None
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        state = (*weights_state(self._params), torch.get_num_threads())
-        if self._built is None or self._built[0] != state:
-            example = tuple(a[:1].detach().float() for a in inputs)
-            self._built = (state, OpenVinoNetwork(self.module, example, state[2], self.snippets))
-        return self._built[1](*inputs)
+        if self._plan is None:
+            return self.network(inputs)(*inputs)
+        if self._plan["net"] is None:
+            self._plan["net"] = self.network(inputs, self._plan["threads"])
+        return self._plan["net"](*inputs)
 
 
 def typical_rows(policy, cfg) -> int:

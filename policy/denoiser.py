@@ -23,6 +23,7 @@ compilation in a six-minute device check; `torch.cuda.make_graphed_callables` ta
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -79,6 +80,22 @@ class Denoiser:
         self._pool = None
         self._runtime = backends.Runtime(net)  # the network on `backend`'s runtime, built on first use
         self._params = list(net.parameters())  # listed once: walking the modules on every call costs ~0.2 ms
+
+    def compile(self, rows: list[int], horizon: int, action_dim: int, cond_dim: int) -> None:
+        """On a runtime: compile now the calls of these row counts (~0.16 s each on their first
+        use otherwise, which in a control loop is a missed deadline). Nothing on torch."""
+        if self.backend == "torch":
+            return
+        shapes = [((r, horizon, action_dim), (r,), (r, cond_dim)) for r in rows]
+        example = tuple(torch.zeros(s, device=self.device) for s in shapes[0])
+        net = self._runtime.network(example)
+        for s in shapes:
+            net.compile(*s)
+
+    def planning(self):
+        """The span of one plan's calls: on a runtime, its weights checked once and torch's own
+        arithmetic on one thread (`backends.Runtime.planning`); nothing on torch."""
+        return self._runtime.planning() if self.backend != "torch" else contextlib.nullcontext()
 
     @property
     def pad(self) -> bool:

@@ -19,7 +19,8 @@ from policy.vision import ObsEncoder, PlanningEncoder, VisionConfig
 from policy.normalizer import Normalizer
 from policy.backends import Runtime, check_device
 from policy.denoiser import Denoiser, resolve_capture
-from policy.samplers import SampleResult, SamplerConfig, aligner_choice, chain_of, resolve, takes_inpaint, takes_pad
+from policy.samplers import (SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of, resolve, takes_inpaint,
+                             takes_pad)
 from policy.safety import MARGIN, UnsafeActions, check_actions, check_observation
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
@@ -195,6 +196,15 @@ class DiffusionPolicy(nn.Module):
         self._sample_options["window"] = entry["window"]
         return entry
 
+    def prepare(self, obs: torch.Tensor | None = None) -> dict | None:
+        """Everything a plan would otherwise do on its first run, now, for a loop or server before
+        its first plan: `window=auto` chosen (`choose_window`, on `obs`; returned), `backend=auto`
+        measured, and on a runtime every call shape this sampler's plans can have compiled."""
+        entry = self.choose_window(obs)
+        rows = call_rows(self.sampler, self.sample_options(), self.cfg.schedule.num_train_timesteps)
+        self.denoiser.compile(rows, self.cfg.horizon, self.action_dim, self.cond_dim)
+        return entry
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -269,8 +279,9 @@ class DiffusionPolicy(nn.Module):
         if self.encoder is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_encode_ms = (time.perf_counter() - start) * 1e3
-        result = self._sample_fn(denoiser, cond, self.scheduler, noise, generator,
-                                 **self.sample_options(denoiser), **extra)
+        with denoiser.planning():
+            result = self._sample_fn(denoiser, cond, self.scheduler, noise, generator,
+                                     **self.sample_options(denoiser), **extra)
         if warmed:
             self.warm.keep(result.chain)
         return self.normalizer.unnormalize("action", result.x), result

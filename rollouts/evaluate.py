@@ -203,6 +203,7 @@ def _run_job(job: dict) -> dict:
         if _W["loop"] is not None:
             return _run_realtime_job(job, record)
         pol.sampler = SamplerConfig(**job["config"])
+        pol.prepare()  # window=auto chosen, runtime calls compiled (cached after a label's first episode)
         _warm_up(job["label"], pol.plan)
         if render and "render_env" not in _W:
             from rollouts.runner import make_policy_env

@@ -110,7 +110,7 @@ class LocalPlanner:
 
     def __init__(self, policy):
         self.policy = policy
-        policy.choose_window()  # window=auto: chosen before the loop's first plan, not during it
+        policy.prepare()  # window=auto chosen, runtime calls compiled: before the loop's first plan, not during it
         self.n_obs_steps, self.n_action_steps = policy.cfg.n_obs_steps, policy.cfg.n_action_steps
         self.max_actions = policy.max_actions
 

@@ -405,7 +405,7 @@ def main(cfg) -> None:
     pol.seed(cfg.seed)
     service = PolicyService(pol)
     check_message_size(cfg.max_message_mb, service)
-    entry = pol.choose_window()  # window=auto: chosen (or read from the cache) before the first request
+    entry = pol.prepare()  # window=auto chosen (or read from the cache), runtime calls compiled: before the first request
     if entry is not None:
         print(f"dp-serve: window=auto chose {entry['window']} on {entry['machine']}", flush=True)
     print(f"dp-serve: {pol.meta['checkpoint']} with {cfg.sampler.name}", flush=True)

@@ -186,3 +186,74 @@ def test_the_runtime_encoder_is_rebuilt_when_its_weights_change():
         ref = pol.condition(obs)
     assert (after - before).abs().max() > 1e-4
     assert ((after - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("spec", ["paraddpm100:steps=30,window=8", "paraddim15:window=6,anderson=0",
+                                  "piadm15", "ddim10", "paraddim15:window=6,capture=pad"])
+def test_prepare_compiles_every_call_shape_a_plan_uses(checkpoint, spec, monkeypatch):
+    """After `prepare`, no plan (cold or warm) compiles a shape on its first call: a control loop's
+    plan never pays OpenVINO's compile, and `call_rows` lists exactly the row counts plans use."""
+    from policy.samplers import call_rows
+
+    pol = policy.load(checkpoint)
+    pol.sampler = sampler_preset(f"{spec},backend=openvino" if ":" in spec else f"{spec}:backend=openvino")
+    pol.prepare()
+    net = pol.denoiser._runtime._built[1]
+    compiled = set(net.requests)
+    seen = set()
+    call = type(net).__call__
+    monkeypatch.setattr(type(net), "__call__", lambda self, *a: (seen.add(a[0].shape[0]), call(self, *a))[1])
+    obs = pol.neutral_obs()[0].numpy()
+    for seed in range(4):
+        pol.seed(seed)
+        for step in range(3):
+            pol.plan(obs + 0.05 * step, advance=None if step == 0 else pol.cfg.n_action_steps)
+    assert set(net.requests) == compiled
+    assert seen and seen <= set(call_rows(pol.sampler, pol.sample_options(), pol.cfg.schedule.num_train_timesteps))
+
+
+def test_a_plan_on_a_runtime_holds_torch_to_one_thread_and_gives_the_threads_back(checkpoint, monkeypatch):
+    """Inside a plan on OpenVINO torch's own ops run on one thread (its spinning workers would take
+    the runtime's cores) while the runtime keeps the caller's; after it, and after a failing plan,
+    torch has its threads again."""
+    import policy.samplers.solvers as solvers
+
+    pol = policy.load(checkpoint)
+    pol.sampler = SamplerConfig(name="ddim", steps=5, backend="openvino")
+    torch.set_num_threads(2)
+    inside = []
+    step_rows = solvers.step_rows
+    monkeypatch.setattr("policy.samplers.sequential.step_rows",
+                        lambda *a, **k: (inside.append(torch.get_num_threads()), step_rows(*a, **k))[1])
+    pol.plan(pol.neutral_obs()[0].numpy())
+    assert inside == [1] * 5 and torch.get_num_threads() == 2
+    assert pol.denoiser._runtime._built[0][2] == 2  # compiled for the caller's threads
+    monkeypatch.setattr("policy.samplers.sequential.step_rows", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        pol.plan(pol.neutral_obs()[0].numpy())
+    assert torch.get_num_threads() == 2
+    pol.sampler = SamplerConfig(name="ddim", steps=5, backend="torch")
+    inside.clear()
+    monkeypatch.setattr("policy.samplers.sequential.step_rows",
+                        lambda *a, **k: (inside.append(torch.get_num_threads()), step_rows(*a, **k))[1])
+    pol.plan(pol.neutral_obs()[0].numpy())
+    assert inside == [2] * 5  # torch's own calls keep every thread
+
+
+def test_a_plan_after_the_weights_changed_runs_the_new_weights(checkpoint):
+    """A plan checks the weights once, on its first call: the next plan sees an in-place change."""
+    pol = policy.load(checkpoint)
+    obs = pol.neutral_obs()
+    noise = torch.randn((1, pol.cfg.horizon, pol.action_dim), generator=torch.Generator().manual_seed(0))
+
+    def chunk(backend):
+        pol.sampler = SamplerConfig(name="ddim", steps=5, backend=backend)
+        return pol.sample(obs, noise=noise)[0]
+
+    before = chunk("openvino")
+    with torch.no_grad():
+        for p in pol.net.parameters():
+            p.mul_(1.02)
+    after = chunk("openvino")
+    assert (after - before).abs().max() > 1e-4
+    assert (after - chunk("torch")).abs().max() <= 1e-4

@@ -87,6 +87,22 @@ def chain_of(cfg: SamplerConfig, num_train_timesteps: int) -> tuple[str, int, st
     return solver_of(cfg), cfg.steps or num_train_timesteps, canonical_spacing(cfg.spacing or "trailing")
 
 
+def call_rows(cfg: SamplerConfig, options: dict, num_train_timesteps: int) -> list[int]:
+    """Every row count a one-observation plan's denoiser calls can have, given the sampler
+    function's `options` (the window resolved): 1 in a sequential chain; 1..window in ParaDiGMS
+    (the window at its chain's end, or the whole window when padded); PIADM's shrinking blocks."""
+    import numpy as np
+
+    n = chain_of(cfg, num_train_timesteps)[1]
+    if cfg.name.startswith("para"):
+        p = min(options.get("window") or n, n)
+        return [p] if options.get("pad") else list(range(1, p + 1))
+    if cfg.name == "piadm":
+        sizes = {len(b) for b in np.array_split(np.arange(n), options.get("blocks", 4))}
+        return sorted({m - it for m in sizes for it in range(min(options.get("picard_iters", 3), m))})
+    return [1]
+
+
 def _registry() -> dict[str, Callable[..., SampleResult]]:
     from policy.samplers.paradigms import paradigms
     from policy.samplers.piadm import piadm
