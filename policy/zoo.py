@@ -129,6 +129,8 @@ def read_results(evaluation: Path) -> list[dict]:
     list of rows that each name their sampler, checkpoint, episodes and success rate."""
     path = Path(evaluation) / "results.json"
     results = read_file(path, lambda p: json.loads(p.read_text()))
+    if isinstance(results, dict):  # {"samplers": rows, "reference", "recommendation"}; older runs: the rows
+        results = results.get("samplers")
     need = ("sampler", "checkpoint", "episodes", "success_rate")
     if not isinstance(results, list) or not all(isinstance(r, dict) and all(k in r for k in need) for r in results):
         raise UserError(f"{path}: not dp-eval results (a list of rows with {', '.join(need)})")

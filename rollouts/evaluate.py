@@ -33,7 +33,9 @@ from envs.lock import exclusive
 from policy.samplers import SamplerConfig
 from rollouts.presets import sampler_preset
 from rollouts.realtime import LoopConfig
-from rollouts.report import episode_rows, plan_rows, summarize, table, write_report
+from rollouts.report import (check_deadline, episode_rows, plan_rows, recommendation_line, summarize, table,
+                             write_report)
+from rollouts.stats import loop_deadline_ms, recommend
 
 LOG = "episodes.jsonl"
 
@@ -69,6 +71,8 @@ class EvalConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # the loop's rate, merge rule, transport
     launcher: str = "pool"  # pool: worker processes here; ray: one Ray task an episode (rollouts.cluster)
     ray_address: str | None = None  # launcher=ray: a cluster's head (host:port); default a local Ray
+    reference: str | None = None  # the sampler every row is compared with on shared seeds (default: the first)
+    deadline_ms: float | None = None  # recommend a sampler for this planning deadline (realtime: what the loop allows)
 
 
 # How the policy runs the network: taken by every sampler (`options.backend=auto` sets them all).
@@ -297,6 +301,8 @@ def evaluate(cfg: EvalConfig) -> Path:
     pol = policy.load(cfg.checkpoint, device=cfg.device)  # fail early on a bad checkpoint, in this process
     task = pol.meta["task"]
     specs = sampler_specs(cfg.samplers, dataclasses.asdict(cfg.options))
+    reference_label(cfg, specs)  # a reference that names no sampler: one line, before any episode
+    check_deadline(cfg.deadline_ms)
     for sc in specs.values():
         pol.sampler = sc  # a missing aligner fails here, in one line, before any worker starts
     seeds = range(cfg.seed, cfg.seed + cfg.episodes)
@@ -327,13 +333,40 @@ def _evaluate_into(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConf
     if jobs:
         _run_jobs(jobs, out / LOG, cfg, workers, pol.meta["checkpoint"])
     records = [r for r in read_log(out / LOG) if r["sampler"] in specs and r["seed"] in seeds]
-    summary = summarize(records, list(specs), workers=workers, threads=cfg.threads, device=str(pol.device),
-                        checkpoint=pol.meta["checkpoint"], step=pol.meta["step"], task=task,
+    summary = summarize(records, list(specs), reference_label(cfg, specs), workers=workers, threads=cfg.threads,
+                        device=str(pol.device), checkpoint=pol.meta["checkpoint"], step=pol.meta["step"], task=task,
                         **({"loop": dataclasses.asdict(cfg.loop)} if cfg.realtime else {}))
-    write_report(out, summary, episode_rows(records), plan_rows(records))
+    deadline = cfg.deadline_ms if cfg.deadline_ms is not None else loop_deadline(cfg, pol) if cfg.realtime else None
+    rec = recommend(summary, deadline) if deadline is not None else None
+    write_report(out, summary, episode_rows(records), plan_rows(records), rec)
     print(table(summary))
+    if rec is not None:
+        print(recommendation_line(rec))
     print(f"wrote {out}/results.json, episodes.csv, plans.csv, pareto.png")
     return out
+
+
+def reference_label(cfg: EvalConfig, specs: dict[str, SamplerConfig]) -> str:
+    """The label of the sampler rows are compared with: `reference` as a label or as one of
+    `samplers` (the first by default)."""
+    labels = list(specs)
+    if cfg.reference is None:
+        return labels[0]
+    if cfg.reference in specs:
+        return cfg.reference
+    if cfg.reference in cfg.samplers:  # the spec as given; its label may carry `options`
+        return labels[list(cfg.samplers).index(cfg.reference)]
+    raise UserError(f"reference: {cfg.reference!r} is not one of the samplers ({', '.join(cfg.samplers)})")
+
+
+def loop_deadline(cfg: EvalConfig, pol) -> float:
+    """What the real-time loop allows a plan: the time the current chunk still covers when the
+    next plan is requested (`rollouts.stats.loop_deadline_ms`), at the loop's settings."""
+    from envs.tasks import get_task
+
+    rate = cfg.loop.rate_hz or get_task(pol.meta["task"]).control_freq
+    n_actions = min(cfg.loop.n_actions or pol.max_actions, pol.max_actions)
+    return loop_deadline_ms(n_actions, cfg.loop.replan_every or pol.cfg.n_action_steps, rate)
 
 
 def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkpoint: str) -> None:

@@ -71,7 +71,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     from envs.store import write_store
     from policy.checkpoint import latest
     from policy.train import TrainConfig, train
-    from rollouts.evaluate import EvalConfig, SamplerOptions, evaluate
+    import policy
+    from rollouts.evaluate import EvalConfig, SamplerOptions, evaluate, loop_deadline
 
     task = cfg.task.name
     root = Path(cfg.out)
@@ -103,9 +104,12 @@ def quickstart(cfg: QuickstartConfig) -> Path:
         stages.end(1, t)
 
     t = stages.begin(2, f"evaluating {', '.join(cfg.samplers)} on {cfg.episodes} episodes each into {evaluation}")
-    evaluate(EvalConfig(checkpoint=str(ckpt), samplers=list(cfg.samplers), episodes=cfg.episodes,
-                        out=str(evaluation), workers=cfg.workers, data=str(data),
-                        options=SamplerOptions(backend="auto")))  # each sampler on this machine's fastest backend
+    spec = EvalConfig(checkpoint=str(ckpt), samplers=list(cfg.samplers), episodes=cfg.episodes,
+                      out=str(evaluation), workers=cfg.workers, data=str(data),
+                      options=SamplerOptions(backend="auto"))  # each sampler on this machine's fastest backend
+    # the recommendation for the task's control rate: the time a chunk still covers when the next plan is asked
+    spec.deadline_ms = loop_deadline(spec, policy.load(str(ckpt)))
+    evaluate(spec)
     stages.end(2, t)
     print(f"quickstart finished in {(time.monotonic() - total) / 60:.1f} min; plot: {evaluation / 'pareto.png'}")
     return evaluation

@@ -16,23 +16,13 @@ import numpy as np
 from envs.cli import command
 from envs.errors import UserError
 from rollouts.files import save_figure, write_text
+from rollouts.stats import paired, recommend, row_outcomes, wilson
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a success rate (sound at 0 % and 100 %, unlike p ± 2 se)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # The interval contains p; in floating point centre + half can land a hair below 1.0 at
-    # p = 1 (and centre - half above 0.0 at p = 0), so the bounds are clamped to include p.
-    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
-
-
-def summarize(records: list[dict], labels: list[str], **context) -> list[dict]:
-    """One entry per sampler (in `labels` order) from its finished episodes."""
+def summarize(records: list[dict], labels: list[str], reference: str | None = None, **context) -> list[dict]:
+    """One entry per sampler (in `labels` order) from its finished episodes, each compared with
+    the `reference` sampler (default the first) on the seeds both ran (`paired`; None for the
+    reference itself)."""
     out = []
     for label in labels:
         eps = sorted((r for r in records if r["sampler"] == label), key=lambda r: r["seed"])
@@ -57,9 +47,25 @@ def summarize(records: list[dict], labels: list[str], **context) -> list[dict]:
             "plans": len(plans),
             "errors": [{"seed": r["seed"], "error": r["error"]} for r in eps if r.get("error")],
             **({"realtime": realtime_summary(eps)} if any("realtime" in r for r in eps) else {}),
+            "outcomes": {"seeds": [int(r["seed"]) for r in eps], "success": [int(bool(r["success"])) for r in eps]},
             **context,
         })
-    return out
+    return compare(out, reference)
+
+
+def compare(rows: list[dict], reference: str | None = None) -> list[dict]:
+    """Each row's `paired` comparison with the `reference` row (default the first) over the seeds
+    both ran; the reference's own is None."""
+    if not rows:
+        return rows
+    reference = reference or rows[0]["sampler"]
+    ref = next((r for r in rows if r["sampler"] == reference), None)
+    if ref is None:
+        raise UserError(f"reference: {reference!r} is not one of the samplers "
+                        f"({', '.join(r['sampler'] for r in rows)})")
+    for r in rows:
+        r["paired"] = None if r is ref else paired(row_outcomes(r), row_outcomes(ref), reference)
+    return rows
 
 
 def realtime_summary(episodes: list[dict]) -> dict:
@@ -97,15 +103,19 @@ def table(summary: list[dict]) -> str:
     skipped actions per plan and jitter p99 (p50/p95 ms are then round trips, what the robot waits)."""
     w = max([24, *(len(s["sampler"]) + 1 for s in summary)])
     rt = all("realtime" in s for s in summary)
-    head = (f"{'sampler':<{w}}{'episodes':>9}{'success':>9}{'95% CI':>14}{'reward':>8}{'p50 ms':>9}{'p95 ms':>9}"
-            f"{'evals':>8}{'iters':>8}{'errors':>7}")
+    head = (f"{'sampler':<{w}}{'episodes':>9}{'success':>9}{'95% CI':>14}{'vs ref':>8}{'p':>8}{'reward':>8}"
+            f"{'p50 ms':>9}{'p95 ms':>9}{'evals':>8}{'iters':>8}{'errors':>7}")
     if rt:
         head += f"{'stale p50':>10}{'stale p95':>10}{'no act':>8}{'skip/plan':>10}{'jitter p99':>11}"
     lines = [head, "-" * len(head)]
     for s in summary:
         lo, hi = s["success_ci95"]
+        pair = s.get("paired")
+        versus = "ref" if pair is None else f"{100 * pair['diff']:+.0f} pt"
+        pval = "" if pair is None else f"{pair['p_value']:.2g}"
         line = (f"{s['sampler']:<{w}}{s['episodes']:>9}{s['success_rate']:>8.0%} {f'{lo:.0%}-{hi:.0%}':>13}"
-                f"{s['reward_mean']:>8.2f}{s['latency_ms']['p50']:>9.1f}{s['latency_ms']['p95']:>9.1f}"
+                f"{versus:>8}{pval:>8}{s['reward_mean']:>8.2f}"
+                f"{s['latency_ms']['p50']:>9.1f}{s['latency_ms']['p95']:>9.1f}"
                 f"{s['model_evals_per_plan']:>8.1f}{s['parallel_iters_per_plan']:>8.1f}{len(s['errors']):>7}")
         if rt:
             r = s["realtime"]
@@ -126,7 +136,9 @@ def pareto_front(summary: list[dict]) -> list[dict]:
     return front
 
 
-def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
+def plot_pareto(path: Path, summary: list[dict], title: str, recommendation: dict | None = None) -> None:
+    """Success against p50 latency, non-dominated samplers joined; with a `recommendation`, its
+    deadline as a vertical line (against which the samplers' p95 was held) and its pick ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,6 +170,8 @@ def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
                     arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6})
     ax.set_xscale("log")
     ax.set_xlim(min(xs) / 1.6, max(xs) * 1.8)  # room for the labels right of each point
+    if recommendation is not None:
+        _draw_deadline(ax, summary, recommendation)
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
@@ -172,6 +186,17 @@ def plot_pareto(path: Path, summary: list[dict], title: str) -> None:
     save_figure(fig, path)
 
 
+def _draw_deadline(ax, summary: list[dict], rec: dict) -> None:
+    d = rec["deadline_ms"]
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(min(lo, d / 1.3), max(hi, d * 1.3))
+    ax.axvline(d, color="#d62728", ls="--", lw=1.2, zorder=0, label=f"deadline {d:g} ms (held against p95)")
+    pick = next((s for s in summary if s["sampler"] == rec["sampler"]), None)
+    if pick is not None:
+        ax.plot([pick["latency_ms"]["p50"]], [100 * pick["success_rate"]], "o", ms=14, mfc="none", mec="#d62728",
+                mew=1.5, zorder=3, label=f"recommended: {pick['sampler']}")
+
+
 def plot_realtime(path: Path, summary: list[dict], title: str) -> None:
     """Success against the staleness of executed actions (p50, bar to p95), and the share of
     control steps each sampler left without a fresh action."""
@@ -181,18 +206,18 @@ def plot_realtime(path: Path, summary: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    for i, s in enumerate(summary):
+    for s in summary:
         r, y = s["realtime"], 100 * s["success_rate"]
         lo, hi = s["success_ci95"]
         x, x95 = r["staleness_ms"]["p50"], r["staleness_ms"]["p95"]
+        # a legend, not labels at the points: samplers often sit on top of each other here
         ax.errorbar([x], [y], yerr=[[y - 100 * lo], [100 * hi - y]], xerr=[[0], [max(x95 - x, 0)]], fmt="o",
-                    capsize=3)
-        ax.annotate(s["sampler"], (x, y), textcoords="offset points", xytext=(6, 6 + 10 * (i % 4) if y < 90 else
-                    -12 - 10 * (i % 4)), fontsize=7.5)
+                    capsize=3, label=s["sampler"])
     ax.set_xlabel("staleness of executed actions (ms): p50, bar to p95")
     ax.set_ylabel("task success (%), 95 % Wilson interval")
     ax.set_ylim(-5, 112)
     ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=7.5)
     names = [s["sampler"] for s in summary]
     rates = [100 * s["realtime"]["no_fresh_rate"] for s in summary]
     bars = bx.barh(names, rates, color="#fd8d3c")
@@ -226,26 +251,63 @@ def _title(summary: list[dict]) -> str:
 
 
 def write_report(out: Path, summary: list[dict], episodes: list[dict] | None = None,
-                 plans: list[dict] | None = None) -> None:
+                 plans: list[dict] | None = None, recommendation: dict | None = None) -> None:
+    """results.json ({"samplers": rows, "reference", "recommendation"}), the CSVs and the plots."""
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "results.json", json.dumps(summary, indent=2))
+    reference = next((s["sampler"] for s in summary if s.get("paired") is None), None)
+    doc = {"samplers": summary, "reference": reference, "recommendation": recommendation}
+    write_text(out / "results.json", json.dumps(doc, indent=2))
     if episodes is not None:
         write_text(out / "episodes.csv", _csv(episodes))
     if plans is not None:
         write_text(out / "plans.csv", _csv(plans))
-    plot_pareto(out / "pareto.png", summary, _title(summary))
+    plot_pareto(out / "pareto.png", summary, _title(summary), recommendation)
     if all("realtime" in s for s in summary):
         plot_realtime(out / "realtime.png", summary, _title(summary))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The sampler rows of a dp-eval results.json (the current {"samplers": [...]} or an older
+    list of rows); UserError naming the file otherwise."""
+    try:
+        doc = json.loads(path.read_text())
+        rows = doc["samplers"] if isinstance(doc, dict) else doc
+        assert isinstance(rows, list) and all(isinstance(e, dict) and "sampler" in e for e in rows)
+    except (json.JSONDecodeError, KeyError, AssertionError):
+        raise UserError(f"{path}: not a dp-eval results.json") from None
+    except OSError as err:
+        raise UserError(f"{path}: {err.strerror}") from None
+    return rows
+
+
+def recommendation_line(rec: dict) -> str:
+    if rec["sampler"] is None:
+        return f"deadline {rec['deadline_ms']:g} ms: no recommendation: {rec['reason']}"
+    return (f"deadline {rec['deadline_ms']:g} ms: use {rec['sampler']} ({rec['success_rate']:.0%} success, "
+            f"p95 {rec['latency_p95_ms']:.0f} ms): {rec['reason']}")
+
+
+def seed_note(rows: list[dict]) -> str | None:
+    """A line saying that the rows were not all run on the same seeds (None if they were)."""
+    sets = {r["sampler"]: frozenset(row_outcomes(r)) for r in rows}
+    if len(set(sets.values())) <= 1:
+        return None
+    shared = frozenset.intersection(*sets.values())
+    counts = ", ".join(f"{k} {len(v)}" for k, v in sets.items())
+    return (f"seeds differ between runs ({counts}); each comparison is over the seeds both ran "
+            f"({len(shared)} shared by all)")
 
 
 @dataclass
 class ReportConfig:
     inputs: list[str] = field(default_factory=list)  # evaluation directories (or their results.json)
     out: str = "outputs/report"
+    reference: str | None = None  # the sampler every row is compared with (default: the first)
+    deadline_ms: float | None = None  # recommend the fastest sampler whose p95 fits, as good as the best that fits
 
 
 def merge(inputs: list[str]) -> list[dict]:
-    """The entries of several results.json files; a sampler label that repeats gets its run's
+    """The rows of several results.json files; a sampler label that repeats gets its run's
     directory name appended."""
     if not inputs:
         raise UserError("inputs: empty list; give evaluation directories, e.g. inputs=[outputs/eval-a,outputs/eval-b]")
@@ -255,12 +317,7 @@ def merge(inputs: list[str]) -> list[dict]:
         path = path / "results.json" if path.is_dir() else path
         if not path.is_file():
             raise UserError(f"{path}: no such file (not an evaluation directory?)")
-        try:
-            entries = json.loads(path.read_text())
-            assert isinstance(entries, list) and all("sampler" in e for e in entries)
-        except (json.JSONDecodeError, AssertionError):
-            raise UserError(f"{path}: not a dp-eval results.json") from None
-        for e in entries:
+        for e in read_rows(path):
             if e["sampler"] in seen:
                 e = {**e, "sampler": f"{e['sampler']} ({path.parent.name})"}
             seen.add(e["sampler"])
@@ -268,12 +325,25 @@ def merge(inputs: list[str]) -> list[dict]:
     return merged
 
 
+def check_deadline(deadline_ms) -> None:
+    if deadline_ms is not None and (isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float))
+                                    or not math.isfinite(deadline_ms) or deadline_ms <= 0):
+        raise UserError(f"deadline_ms: {deadline_ms!r} must be a positive number of milliseconds")
+
+
 @command("report", ReportConfig)
 def main(cfg) -> None:
-    summary = merge(list(cfg.inputs))
+    check_deadline(cfg.deadline_ms)
+    summary = compare(merge(list(cfg.inputs)), cfg.reference)
+    note = seed_note(summary)
+    rec = recommend(summary, cfg.deadline_ms) if cfg.deadline_ms is not None else None
     out = Path(cfg.out)
-    write_report(out, summary)
+    write_report(out, summary, recommendation=rec)
     print(table(summary))
+    if note:
+        print(f"dp-report: {note}")
+    if rec is not None:
+        print(recommendation_line(rec))
     print(f"wrote {out}/results.json, pareto.png")
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from envs.errors import UserError
 from rollouts.evaluate import EvalConfig, SamplerOptions, evaluate, read_log, sampler_specs
-from rollouts.report import pareto_front, wilson
+from rollouts.report import pareto_front, read_rows
+from rollouts.stats import wilson
 
 from commands import dp
 
@@ -32,7 +33,7 @@ def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
     r = run(["dp-eval", f"checkpoint={checkpoint}", samplers(*FAST), "episodes=2",
              "workers=1", "videos=1", f"out={out}"])
     assert r.returncode == 0, r.stderr
-    results = json.loads((out / "results.json").read_text())
+    results = read_rows(out / "results.json")
     assert [e["sampler"] for e in results] == FAST
     for e in results:
         assert e["episodes"] == 2 and e["success_rate"] == 0.0  # 20 training steps lift nothing
@@ -115,7 +116,7 @@ def test_crashing_episode_is_recorded_with_its_reason(checkpoint, tmp_path, monk
     out = tmp_path / "eval"
     evaluate(EvalConfig(checkpoint=str(checkpoint), samplers=[FAST[0]], episodes=2, workers=1, out=str(out),
                         progress=False))
-    results = json.loads((out / "results.json").read_text())
+    results = read_rows(out / "results.json")
     assert results[0]["episodes"] == 2
     assert results[0]["errors"] == [{"seed": 100001, "error": "non-finite action at step 0"}]
     assert "non-finite action at step 0" in (out / "episodes.csv").read_text()
@@ -141,13 +142,13 @@ def test_multirun_sweep_and_report_merge(checkpoint, tmp_path):
              "options.window=1,2", "episodes=1", "workers=1", f"out={out}/w" + "${options.window}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for w in (1, 2):
-        (entry,) = json.loads((out / f"w{w}" / "results.json").read_text())
+        (entry,) = read_rows(out / f"w{w}" / "results.json")
         assert entry["sampler"] == f"paraddim15:steps=2,window={w}"
     assert not (tmp_path / "multirun").exists() and not Path("multirun").exists()
     assert not (tmp_path / "multirun.yaml").exists()  # the sweep writes nothing where it runs
     merged = run(["dp-report", f"inputs=[{out}/w1,{out}/w2]", f"out={tmp_path}/report"])
     assert merged.returncode == 0, merged.stderr
-    entries = json.loads((tmp_path / "report" / "results.json").read_text())
+    entries = read_rows(tmp_path / "report" / "results.json")
     assert [e["sampler"] for e in entries] == ["paraddim15:steps=2,window=1", "paraddim15:steps=2,window=2"]
     assert (tmp_path / "report" / "pareto.png").exists() and "window=2" in merged.stdout
     bad = dp("dp-report", f"inputs=[{tmp_path}/nothing]")
@@ -172,9 +173,10 @@ def test_quickstart_runs_the_whole_path_and_reuses_it(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "[1/3] collecting 2 scripted lift demonstrations" in r.stdout
     assert "[3/3] evaluating ddim5:steps=2 on 1 episodes each" in r.stdout and "min left in all" in r.stdout
-    (entry,) = json.loads((out / "eval" / "results.json").read_text())
+    (entry,) = read_rows(out / "eval" / "results.json")
     assert entry["sampler"] == "ddim5:steps=2,backend=auto" and entry["episodes"] == 1  # the fastest backend here
     assert (out / "eval" / "pareto.png").exists() and (out / "train" / "checkpoints" / "latest").exists()
+    assert "deadline 350 ms: use ddim5:steps=2,backend=auto" in r.stdout  # 20 Hz, 15 actions, a plan every 8
     again = run(args)
     assert again.returncode == 0, again.stderr
     assert "reusing the store already there" in again.stdout and "reusing" in again.stdout.split("[2/3] done")[0]

@@ -28,6 +28,7 @@ from rollouts import wire
 from rollouts.realtime import LoopConfig, run_loop
 
 from commands import dp, one_line_error
+from rollouts.report import read_rows
 
 BIN = Path(sys.executable).parent
 
@@ -55,7 +56,7 @@ def ckpt_copy(checkpoint, tmp_path):
 # --- 1: the Wilson interval at 0 % and 100 % ---------------------------------------------------
 
 def test_wilson_interval_holds_the_rate_at_every_count_from_1_to_100():
-    from rollouts.report import wilson
+    from rollouts.stats import wilson
 
     for n in range(1, 101):
         for k in range(n + 1):
@@ -405,7 +406,7 @@ def test_dp_eval_killed_with_sigkill_continues_with_nothing_lost_or_doubled(chec
     assert r.returncode == 0 and "continuing" in r.stderr, r.stderr[-2000:]
     seeds = [json.loads(x)["seed"] for x in log.read_text().splitlines()]
     assert sorted(seeds) == [100000, 100001, 100002]
-    assert json.loads((out / "results.json").read_text())[0]["episodes"] == 3
+    assert read_rows(out / "results.json")[0]["episodes"] == 3
 
 
 # --- 11: overwrite=true replaces only a store -------------------------------------------------------

@@ -12,6 +12,7 @@ from policy.samplers import SamplerConfig, resolve
 from rollouts.realtime import LoopConfig, run_loop
 
 from commands import dp
+from rollouts.report import read_rows
 
 NAN, INF = float("nan"), float("inf")
 
@@ -173,4 +174,4 @@ def test_dp_eval_records_the_device_its_workers_were_given(checkpoint, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     used = evaluate._W["device"]  # workers=1 runs the episodes in this process
     assert used != "auto" and json.loads((out / "run.json").read_text())["device"] == used
-    assert json.loads((out / "results.json").read_text())[0]["device"] == used
+    assert read_rows(out / "results.json")[0]["device"] == used

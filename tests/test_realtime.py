@@ -21,6 +21,7 @@ from rollouts.chunks import ActionSchedule
 from rollouts.client import PolicyClient, ServerProcess
 from rollouts.realtime import LocalPlanner, LoopConfig, RemotePlanner, run_loop, run_realtime_episode
 from rollouts.robot import Robot, SimRobot, hold_action
+from rollouts.report import read_rows
 
 BIN = Path(sys.executable).parent
 
@@ -230,12 +231,15 @@ def test_dp_eval_realtime_writes_its_report(checkpoint, tmp_path):
                         "episodes=1", "realtime=true", "loop.rate_hz=50", "loop.merge=act", f"out={out}"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    (e,) = json.loads((out / "results.json").read_text())
+    (e,) = read_rows(out / "results.json")
     rt = e["realtime"]
     assert e["episodes"] == 1 and e["workers"] == 1 and e["loop"]["merge"] == "act" and rt["rate_hz"] == 50
     assert rt["steps"] >= 390 and 0 <= rt["no_fresh_rate"] <= 1 and rt["staleness_ms"]["p50"] > 0
     assert set(rt["jitter_ms"]) == {"p50", "p99", "mean", "max"} and e["model_evals_per_plan"] == 2
     assert (out / "realtime.png").read_bytes()[:4] == b"\x89PNG" and "stale p50" in r.stdout
+    # the loop's own deadline: 15 actions a plan, a plan every 8 steps, at 50 Hz: 7 steps of 20 ms
+    rec = json.loads((out / "results.json").read_text())["recommendation"]
+    assert rec["deadline_ms"] == 140 and "deadline 140 ms" in r.stdout
     plans = (out / "plans.csv").read_text().splitlines()
     assert plans[0].startswith("sampler,seed,step,arrived,skipped,latency_ms,plan_ms")
     # the same out= with realtime off is another evaluation: refused in one line

@@ -10,8 +10,9 @@ so the x axis is the count that decides latency on every device (docs/rounds.md)
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from rollouts.report import read_rows
 
 LABELS = {  # dp-eval label -> short name on the plot
     "ddpm100": "DDPM-100",
@@ -40,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = {}
     for d in args.evals:
-        for r in json.loads((Path(d) / "results.json").read_text()):
+        for r in read_rows(Path(d) / "results.json"):
             if r["sampler"] in LABELS and LABELS[r["sampler"]] not in rows:
                 rows[LABELS[r["sampler"]]] = r
     fig, ax = plt.subplots(figsize=(9, 5))

@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from rollouts.report import read_rows  # noqa: E402
+
 run, episodes, sampler = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 wanted = {int(s) for s in sys.argv[4:]}
 ckpts = sorted(run.glob("checkpoints/step-*"))
@@ -33,7 +35,7 @@ for ckpt in ckpts:
     out = Path(f"outputs/curve-{task}/{ckpt.name}")
     subprocess.run([str(Path(sys.executable).with_name("dp-eval")), f"checkpoint={ckpt}", f"samplers=[{sampler}]", f"episodes={episodes}",
                     "seed=100000", f"out={out}", "workers=2", "threads=1"], check=True)
-    (res,) = json.loads((out / "results.json").read_text())
+    (res,) = read_rows(out / "results.json")
     rows.append((step, minutes, res["success_rate"], *res["success_ci95"], res["episodes"]))
     print(f"step {step}: {minutes:.1f} min, success {res['success_rate']:.0%}", flush=True)
 dest = Path(f"rollouts/results/image-curve-{task}")

@@ -1,0 +1,125 @@
+"""Statistics of success rates: one sampler's interval, two samplers compared on the seeds both
+ran, and the sampler to pick for a planning deadline.
+
+Every sampler of an evaluation runs the same seeds, so two samplers are compared pair by pair: a
+seed both solve or both fail says nothing about which is better; only the seeds where they
+disagree do. With `b` seeds only this sampler solved and `c` only the reference solved:
+
+- McNemar's exact test: with no difference, each of the `b + c` disagreements goes either way
+  with probability 1/2, so p = min(1, 2 P(X <= min(b, c))), X ~ Binomial(b + c, 1/2).
+- Newcombe's square-and-add interval for the paired difference (Newcombe 1998, method 10;
+  Fagerland, Lydersen & Laake, "Statistical Analysis of Contingency Tables", ch. 8): the two
+  rates' Wilson intervals combined with their correlation over the seeds, much narrower than two
+  independent intervals when the samplers mostly agree.
+
+Written out here (a few lines each) rather than imported: scipy has the binomial test but no
+paired interval, and statsmodels, which has McNemar's, is not otherwise needed; the tests check
+the p-values against scipy's exact binomial test and the interval's coverage by simulation.
+"""
+
+from __future__ import annotations
+
+import math
+
+SIGNIFICANT = 0.05  # a difference with a paired p below this is called real
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate (sound at 0 % and 100 %, unlike p ± 2 se)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # The interval contains p; in floating point centre + half can land a hair below 1.0 at
+    # p = 1 (and centre - half above 0.0 at p = 0), so the bounds are clamped to include p.
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
+
+
+def mcnemar_p(only_this: int, only_reference: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant seeds' counts."""
+    m = only_this + only_reference
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, i) for i in range(min(only_this, only_reference) + 1)) / 2**m
+    return min(1.0, 2 * tail)
+
+
+def paired_diff_ci(both: int, only_this: int, only_reference: int, neither: int) -> tuple[float, float]:
+    """95 % interval of (this sampler's success rate) - (the reference's) over paired seeds."""
+    n = both + only_this + only_reference + neither
+    if n == 0:
+        return (-1.0, 1.0)
+    p1, p2 = (both + only_this) / n, (both + only_reference) / n
+    l1, u1 = wilson(both + only_this, n)
+    l2, u2 = wilson(both + only_reference, n)
+    margins = (both + only_this) * (only_reference + neither) * (both + only_reference) * (only_this + neither)
+    a = both * neither - only_this * only_reference
+    # the rates' correlation over the seeds, continuity-corrected as Newcombe's method 10 has it
+    phi = 0.0 if margins == 0 or 0 <= a <= n / 2 else (a - n / 2 if a > 0 else a) / math.sqrt(margins)
+    d = p1 - p2
+    low = d - math.sqrt(max(0.0, (p1 - l1) ** 2 + (u2 - p2) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2)))
+    high = d + math.sqrt(max(0.0, (p2 - l2) ** 2 + (u1 - p1) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1)))
+    return (max(-1.0, low), min(1.0, high))
+
+
+def outcomes(episodes: list[dict]) -> dict[int, bool]:
+    """Seed -> success of one sampler's episodes."""
+    return {int(r["seed"]): bool(r["success"]) for r in episodes}
+
+
+def paired(this: dict[int, bool], reference: dict[int, bool], reference_label: str) -> dict:
+    """This sampler against the reference over the seeds both ran (`outcomes` of each)."""
+    seeds = sorted(set(this) & set(reference))
+    both = sum(this[s] and reference[s] for s in seeds)
+    only_this = sum(this[s] and not reference[s] for s in seeds)
+    only_ref = sum(reference[s] and not this[s] for s in seeds)
+    neither = len(seeds) - both - only_this - only_ref
+    return {"reference": reference_label, "seeds": len(seeds), "only_this": only_this,
+            "only_reference": only_ref, "diff": (only_this - only_ref) / len(seeds) if seeds else 0.0,
+            "p_value": mcnemar_p(only_this, only_ref),
+            "diff_ci95": list(paired_diff_ci(both, only_this, only_ref, neither))}
+
+
+def recommend(rows: list[dict], deadline_ms: float) -> dict:
+    """The fastest sampler whose p95 planning latency fits `deadline_ms` and whose success is not
+    significantly below that of the best sampler that fits (paired p >= 0.05 on their shared
+    seeds), with the reason. `rows`: summary rows with `sampler`, `success_rate`,
+    `latency_ms.p95` and `outcomes` ({"seeds": [...], "success": [...]})."""
+    fits = [r for r in rows if math.isfinite(r["latency_ms"]["p95"]) and r["latency_ms"]["p95"] <= deadline_ms]
+    out = {"deadline_ms": deadline_ms, "sampler": None, "success_rate": None, "latency_p95_ms": None}
+    if not fits:
+        fastest = min((r["latency_ms"]["p95"] for r in rows if math.isfinite(r["latency_ms"]["p95"])), default=math.nan)
+        return out | {"reason": f"no sampler's p95 planning latency fits {deadline_ms:g} ms "
+                                f"(the fastest's is {fastest:.0f} ms)"}
+    best = max(fits, key=lambda r: (r["success_rate"], -r["latency_ms"]["p95"]))
+    for r in sorted(fits, key=lambda r: r["latency_ms"]["p95"]):
+        test = paired(row_outcomes(r), row_outcomes(best), best["sampler"])
+        if r is best or r["success_rate"] >= best["success_rate"] or test["p_value"] >= SIGNIFICANT:
+            break
+    if len(fits) == 1:
+        reason = f"the only sampler whose p95 fits {deadline_ms:g} ms"
+    elif r is best:
+        faster = sum(f["latency_ms"]["p95"] < r["latency_ms"]["p95"] for f in fits)
+        reason = (f"the most successful of the {len(fits)} samplers whose p95 fits {deadline_ms:g} ms"
+                  + (f"; the {faster} faster ones are significantly less successful (paired p < {SIGNIFICANT:g})"
+                     if faster else ", and the fastest of them"))
+    else:
+        reason = (f"the fastest sampler whose p95 fits {deadline_ms:g} ms and whose success is not significantly "
+                  f"below the best that fits ({best['sampler']} {best['success_rate']:.0%}; paired p = "
+                  f"{test['p_value']:.2g} over {test['seeds']} seeds)")
+    return out | {"sampler": r["sampler"], "success_rate": r["success_rate"],
+                  "latency_p95_ms": r["latency_ms"]["p95"], "reason": reason}
+
+
+def row_outcomes(row: dict) -> dict[int, bool]:
+    """Seed -> success from a summary row's `outcomes`."""
+    o = row.get("outcomes") or {"seeds": [], "success": []}
+    return {int(s): bool(v) for s, v in zip(o["seeds"], o["success"])}
+
+
+def loop_deadline_ms(n_actions: int, replan_every: int, rate_hz: float) -> float:
+    """What a real-time loop allows a plan: the time the current chunk still covers when the next
+    plan is requested (its `n_actions` actions, `replan_every` of them executed by then)."""
+    return max(0, n_actions - replan_every) * 1e3 / rate_hz
