@@ -336,7 +336,9 @@ def _evaluate_into(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConf
     summary = summarize(records, list(specs), reference_label(cfg, specs), workers=workers, threads=cfg.threads,
                         device=str(pol.device), checkpoint=pol.meta["checkpoint"], step=pol.meta["step"], task=task,
                         **({"loop": dataclasses.asdict(cfg.loop)} if cfg.realtime else {}))
-    deadline = cfg.deadline_ms if cfg.deadline_ms is not None else loop_deadline(cfg, pol) if cfg.realtime else None
+    deadline = cfg.deadline_ms
+    if deadline is None and cfg.realtime:
+        deadline = loop_deadline(cfg, pol)
     rec = recommend(summary, deadline) if deadline is not None else None
     write_report(out, summary, episode_rows(records), plan_rows(records), rec)
     print(table(summary))

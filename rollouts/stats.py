@@ -54,7 +54,8 @@ def paired_diff_ci(both: int, only_this: int, only_reference: int, neither: int)
     p1, p2 = (both + only_this) / n, (both + only_reference) / n
     l1, u1 = wilson(both + only_this, n)
     l2, u2 = wilson(both + only_reference, n)
-    margins = (both + only_this) * (only_reference + neither) * (both + only_reference) * (only_this + neither)
+    successes_this, successes_ref = both + only_this, both + only_reference
+    margins = successes_this * (n - successes_this) * successes_ref * (n - successes_ref)
     a = both * neither - only_this * only_reference
     # the rates' correlation over the seeds, continuity-corrected as Newcombe's method 10 has it
     phi = 0.0 if margins == 0 or 0 <= a <= n / 2 else (a - n / 2 if a > 0 else a) / math.sqrt(margins)
@@ -87,10 +88,11 @@ def recommend(rows: list[dict], deadline_ms: float) -> dict:
     significantly below that of the best sampler that fits (paired p >= 0.05 on their shared
     seeds), with the reason. `rows`: summary rows with `sampler`, `success_rate`,
     `latency_ms.p95` and `outcomes` ({"seeds": [...], "success": [...]})."""
-    fits = [r for r in rows if math.isfinite(r["latency_ms"]["p95"]) and r["latency_ms"]["p95"] <= deadline_ms]
+    p95 = {r["sampler"]: r["latency_ms"]["p95"] for r in rows}
+    fits = [r for r in rows if math.isfinite(p95[r["sampler"]]) and p95[r["sampler"]] <= deadline_ms]
     out = {"deadline_ms": deadline_ms, "sampler": None, "success_rate": None, "latency_p95_ms": None}
     if not fits:
-        fastest = min((r["latency_ms"]["p95"] for r in rows if math.isfinite(r["latency_ms"]["p95"])), default=math.nan)
+        fastest = min((v for v in p95.values() if math.isfinite(v)), default=math.nan)
         return out | {"reason": f"no sampler's p95 planning latency fits {deadline_ms:g} ms "
                                 f"(the fastest's is {fastest:.0f} ms)"}
     best = max(fits, key=lambda r: (r["success_rate"], -r["latency_ms"]["p95"]))
@@ -103,12 +105,12 @@ def recommend(rows: list[dict], deadline_ms: float) -> dict:
     elif r is best:
         faster = sum(f["latency_ms"]["p95"] < r["latency_ms"]["p95"] for f in fits)
         reason = (f"the most successful of the {len(fits)} samplers whose p95 fits {deadline_ms:g} ms"
-                  + (f"; the {faster} faster ones are significantly less successful (paired p < {SIGNIFICANT:g})"
-                     if faster else ", and the fastest of them"))
+                  + (f"; the {faster} faster ones are significantly less successful "
+                     f"(paired p < {SIGNIFICANT:g})" if faster else ", and the fastest of them"))
     else:
-        reason = (f"the fastest sampler whose p95 fits {deadline_ms:g} ms and whose success is not significantly "
-                  f"below the best that fits ({best['sampler']} {best['success_rate']:.0%}; paired p = "
-                  f"{test['p_value']:.2g} over {test['seeds']} seeds)")
+        reason = (f"the fastest sampler whose p95 fits {deadline_ms:g} ms and whose success is not "
+                  f"significantly below the best that fits ({best['sampler']} {best['success_rate']:.0%}; "
+                  f"paired p = {test['p_value']:.2g} over {test['seeds']} seeds)")
     return out | {"sampler": r["sampler"], "success_rate": r["success_rate"],
                   "latency_p95_ms": r["latency_ms"]["p95"], "reason": reason}
 
