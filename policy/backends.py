@@ -179,16 +179,15 @@ class Runtime:
 
 
 def typical_rows(policy, cfg) -> int:
-    """The rows of most denoiser calls of sampler `cfg`: 1 in a sequential chain; the window (16
-    while `window=auto` has not chosen) in ParaDiGMS; a block's steps in PIADM."""
-    from policy.samplers import chain_of
+    """The rows of most denoiser calls of sampler `cfg`: the most its plans use (`call_rows`: 1 in
+    a sequential chain, the window in ParaDiGMS, 16 while `window=auto` has not chosen, a block's
+    steps in PIADM)."""
+    from policy.samplers import call_rows, resolve
 
-    n = chain_of(cfg, policy.cfg.schedule.num_train_timesteps)[1]
-    if cfg.name.startswith("para"):
-        return min(cfg.window if isinstance(cfg.window, int) else 16, n)
-    if cfg.name == "piadm":
-        return max(1, -(-n // (cfg.blocks or 1)))
-    return 1
+    options = resolve(cfg)[1]
+    if options.get("window") == "auto":
+        options["window"] = 16
+    return max(call_rows(cfg, options, policy.cfg.schedule.num_train_timesteps))
 
 
 def choose(policy, cfg) -> dict:

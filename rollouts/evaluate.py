@@ -367,8 +367,7 @@ def loop_deadline(cfg: EvalConfig, pol) -> float:
     from envs.tasks import get_task
 
     rate = cfg.loop.rate_hz or get_task(pol.meta["task"]).control_freq
-    n_actions = min(cfg.loop.n_actions or pol.max_actions, pol.max_actions)
-    return loop_deadline_ms(n_actions, cfg.loop.replan_every or pol.cfg.n_action_steps, rate)
+    return loop_deadline_ms(*cfg.loop.plan_sizes(pol.max_actions, pol.cfg.n_action_steps), rate)
 
 
 def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkpoint: str) -> None:

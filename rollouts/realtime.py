@@ -56,6 +56,11 @@ class LoopConfig:
     MAX_RATE_HZ = 1000.0  # a step of 1 ms; at 1e9 Hz the loop "catches up" a step per nanosecond: a hang
     MAX_DELAY_MS = 60_000.0  # a minute of added latency a plan; any more and no episode sees a second plan
 
+    def plan_sizes(self, max_actions: int, n_action_steps: int) -> tuple[int, int]:
+        """(actions asked of each plan, control steps between plan requests) for a planner that
+        returns at most `max_actions` and executes `n_action_steps` of a chunk."""
+        return min(self.n_actions or max_actions, max_actions), self.replan_every or n_action_steps
+
     def check(self) -> None:
         """Every setting a number of its kind, finite and in range, or a one-line `UserError`
         naming the key (`nan` passes every `<` test: it must be refused as such). Called at
@@ -170,8 +175,7 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
     """
     cfg.check()
     period = robot.period
-    n_actions = min(cfg.n_actions or planner.max_actions, planner.max_actions)
-    replan = cfg.replan_every or planner.n_action_steps
+    n_actions, replan = cfg.plan_sizes(planner.max_actions, planner.n_action_steps)
     schedule = ActionSchedule("latest" if cfg.merge == "rtc" else cfg.merge, cfg.merge_alpha, cfg.act_m)
     stats = LoopStats(period_s=period)
     _, obs = robot.read()

@@ -51,11 +51,10 @@ def paired_diff_ci(both: int, only_this: int, only_reference: int, neither: int)
     n = both + only_this + only_reference + neither
     if n == 0:
         return (-1.0, 1.0)
-    p1, p2 = (both + only_this) / n, (both + only_reference) / n
-    l1, u1 = wilson(both + only_this, n)
-    l2, u2 = wilson(both + only_reference, n)
-    successes_this, successes_ref = both + only_this, both + only_reference
-    margins = successes_this * (n - successes_this) * successes_ref * (n - successes_ref)
+    s1, s2 = both + only_this, both + only_reference  # each sampler's successes
+    p1, p2 = s1 / n, s2 / n
+    (l1, u1), (l2, u2) = wilson(s1, n), wilson(s2, n)
+    margins = s1 * (n - s1) * s2 * (n - s2)
     a = both * neither - only_this * only_reference
     # the rates' correlation over the seeds, continuity-corrected as Newcombe's method 10 has it
     phi = 0.0 if margins == 0 or 0 <= a <= n / 2 else (a - n / 2 if a > 0 else a) / math.sqrt(margins)
@@ -65,13 +64,8 @@ def paired_diff_ci(both: int, only_this: int, only_reference: int, neither: int)
     return (max(-1.0, low), min(1.0, high))
 
 
-def outcomes(episodes: list[dict]) -> dict[int, bool]:
-    """Seed -> success of one sampler's episodes."""
-    return {int(r["seed"]): bool(r["success"]) for r in episodes}
-
-
 def paired(this: dict[int, bool], reference: dict[int, bool], reference_label: str) -> dict:
-    """This sampler against the reference over the seeds both ran (`outcomes` of each)."""
+    """This sampler against the reference over the seeds both ran (seed -> success of each)."""
     seeds = sorted(set(this) & set(reference))
     both = sum(this[s] and reference[s] for s in seeds)
     only_this = sum(this[s] and not reference[s] for s in seeds)

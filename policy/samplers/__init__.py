@@ -94,12 +94,17 @@ def call_rows(cfg: SamplerConfig, options: dict, num_train_timesteps: int) -> li
     import numpy as np
 
     n = chain_of(cfg, num_train_timesteps)[1]
+    defaults = inspect.signature(get_sampler(cfg.name)).parameters  # the sampler's own defaults
+
+    def option(key: str):
+        return options.get(key, defaults[key].default)
+
     if cfg.name.startswith("para"):
         p = min(options.get("window") or n, n)
         return [p] if options.get("pad") else list(range(1, p + 1))
     if cfg.name == "piadm":
-        sizes = {len(b) for b in np.array_split(np.arange(n), options.get("blocks", 4))}
-        return sorted({m - it for m in sizes for it in range(min(options.get("picard_iters", 3), m))})
+        sizes = {len(b) for b in np.array_split(np.arange(n), option("blocks"))}
+        return sorted({m - it for m in sizes for it in range(min(option("picard_iters"), m))})
     return [1]
 
 
