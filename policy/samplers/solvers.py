@@ -27,8 +27,8 @@ import torch
 
 from envs.errors import UserError
 
-SOLVERS = ("ddpm", "ddim", "dpmsolver")
 SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr", "uniform")
+# SOLVERS, the solver names, is defined below with the coefficient builder of each (`_COEFFICIENTS`).
 
 
 def canonical_spacing(spacing: str) -> str:
@@ -56,7 +56,8 @@ class Plan:
 
     @property
     def point_sqrt_a(self) -> torch.Tensor:
-        """[n + 1] sqrt(alpha_bar) of the chain's points: point i < n sits at step i's level, point n is clean."""
+        """[n + 1] sqrt(alpha_bar) of the chain's points: point i < n sits at step i's level, point n
+        is clean."""
         return torch.cat([self.sqrt_a, self.sqrt_a.new_ones(1)])
 
     @property
@@ -145,6 +146,80 @@ def _point_variance(abar: np.ndarray, abar_next: np.ndarray) -> np.ndarray:
     return np.where(out > 0, out, floor)
 
 
+@dataclass(frozen=True)
+class _Coefficients:
+    """One solver's float64 coefficient rows along the timesteps (the `Plan` fields of the same names)."""
+    sqrt_a: np.ndarray
+    sqrt_1ma: np.ndarray
+    cx: np.ndarray
+    c0: np.ndarray
+    ce: np.ndarray
+    c1: np.ndarray
+    std: np.ndarray
+    noisy: tuple[bool, ...]
+
+
+def _coefficients(a: np.ndarray, **given) -> _Coefficients:
+    """The coefficients `given`, the rest at their defaults: zero, no noise, sqrt(a) and sqrt(1 - a)."""
+    n = len(a)
+    fields = dict(sqrt_a=np.sqrt(a), sqrt_1ma=np.sqrt(1 - a), noisy=(False,) * n)
+    fields.update({name: np.zeros(n) for name in ("cx", "c0", "ce", "c1", "std")})
+    fields.update(given)
+    return _Coefficients(**fields)
+
+
+def _ddpm(a: np.ndarray, ap: np.ndarray, ts: np.ndarray) -> _Coefficients:
+    """DDPM posterior mean and variance (diffusers' "fixed_small")."""
+    cur_alpha = a / ap
+    cur_beta = 1 - cur_alpha
+    c0 = np.sqrt(ap) * cur_beta / (1 - a)
+    cx = np.sqrt(cur_alpha) * (1 - ap) / (1 - a)
+    std = np.sqrt(np.maximum((1 - ap) / (1 - a) * cur_beta, 1e-20))
+    return _coefficients(a, cx=cx, c0=c0, std=std, noisy=tuple(bool(t > 0) for t in ts))
+
+
+def _ddim(a: np.ndarray, ap: np.ndarray, ts: np.ndarray) -> _Coefficients:
+    """eta = 0, the raw eps (diffusers' default use_clipped_model_output=False)."""
+    return _coefficients(a, c0=np.sqrt(ap), ce=np.sqrt(1 - ap))
+
+
+def _float32_alpha_sigma(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """alpha_t, sigma_t rounded along diffusers' float32 route (via sigma = sqrt((1 - a) / a)):
+    at t = T - 1, x0 = (x - sigma_t eps) / alpha_t divides by alpha_t ~ 0.003, which turns an ulp
+    of difference into 1e-5 in the result."""
+    a32 = a.astype(np.float32)
+    sig = np.sqrt((np.float32(1) - a32) / a32)
+    alpha = (np.float32(1) / np.sqrt(sig * sig + np.float32(1))).astype(np.float64)
+    sigma = (sig * alpha.astype(np.float32)).astype(np.float64)
+    return alpha, sigma
+
+
+def _dpmsolver(a: np.ndarray, ap: np.ndarray, ts: np.ndarray) -> _Coefficients:
+    """DPM-Solver++ 2M, midpoint, first order at the first and the final (sigma 0) step."""
+    alpha, sigma = _float32_alpha_sigma(a)
+    n = len(a)
+    cx, c0, c1 = np.zeros(n), np.zeros(n), np.zeros(n)
+    alpha_n, sigma_n = np.append(alpha[1:], 1.0), np.append(sigma[1:], 0.0)
+    lam = np.log(alpha) - np.log(sigma)
+    c0[n - 1] = 1.0  # sigma_next = 0: lambda_next = inf, the update is x0 itself
+    for k in range(n - 1):
+        lam_n = np.log(alpha_n[k]) - np.log(sigma_n[k])
+        h = lam_n - lam[k]
+        phi = alpha_n[k] * -np.expm1(-h)  # alpha_t (1 - e^{-h})
+        cx[k] = sigma_n[k] / sigma[k]
+        if k == 0:
+            c0[k] = phi
+        else:
+            r0 = (lam[k] - lam[k - 1]) / h
+            c0[k] = phi * (1 + 0.5 / r0)
+            c1[k] = -phi * 0.5 / r0
+    return _coefficients(a, sqrt_a=alpha, sqrt_1ma=sigma, cx=cx, c0=c0, c1=c1)
+
+
+_COEFFICIENTS = {"ddpm": _ddpm, "ddim": _ddim, "dpmsolver": _dpmsolver}
+SOLVERS = tuple(_COEFFICIENTS)
+
+
 def build_plan(scheduler, solver: str, ts, device="cpu", dtype=torch.float32) -> Plan:
     """The coefficient table of `solver` along timesteps `ts` (descending; integers or floats,
     alpha_bar linearly interpolated between training steps)."""
@@ -155,56 +230,16 @@ def build_plan(scheduler, solver: str, ts, device="cpu", dtype=torch.float32) ->
     abar_train = scheduler.alphas_cumprod.double().numpy()
     a = np.interp(ts, np.arange(T), abar_train)
     ap = np.concatenate([a[1:], [1.0]])  # after the last step: clean data (alpha_bar 1)
-    n = len(ts)
-    zeros = np.zeros(n)
-    sqrt_a, sqrt_1ma = np.sqrt(a), np.sqrt(1 - a)
-    cx, c0, ce, c1, std = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
-    noisy = (False,) * n
-    if solver == "ddpm":  # DDPM posterior mean and variance (diffusers' "fixed_small")
-        cur_alpha = a / ap
-        cur_beta = 1 - cur_alpha
-        c0 = np.sqrt(ap) * cur_beta / (1 - a)
-        cx = np.sqrt(cur_alpha) * (1 - ap) / (1 - a)
-        std = np.sqrt(np.maximum((1 - ap) / (1 - a) * cur_beta, 1e-20))
-        noisy = tuple(bool(t > 0) for t in ts)
-    elif solver == "ddim":  # eta = 0, the raw eps (diffusers' default use_clipped_model_output=False)
-        c0 = np.sqrt(ap)
-        ce = np.sqrt(1 - ap)
-    else:  # DPM-Solver++ 2M, midpoint, first order at the first and the final (sigma 0) step
-        # alpha_t, sigma_t rounded along diffusers' float32 route (via sigma = sqrt((1 - a) / a)):
-        # at t = T - 1, x0 = (x - sigma_t eps) / alpha_t divides by alpha_t ~ 0.003, which turns
-        # an ulp of difference into 1e-5 in the result.
-        a32 = a.astype(np.float32)
-        sig = np.sqrt((np.float32(1) - a32) / a32)
-        alpha = (np.float32(1) / np.sqrt(sig * sig + np.float32(1))).astype(np.float64)
-        sigma = (sig * alpha.astype(np.float32)).astype(np.float64)
-        sqrt_a, sqrt_1ma = alpha, sigma
-        alpha_n, sigma_n = np.append(alpha[1:], 1.0), np.append(sigma[1:], 0.0)
-        lam = np.log(alpha) - np.log(sigma)
-        last = n - 1
-        for k in range(n):
-            if k == last:  # sigma_next = 0: lambda_next = inf, the update is x0 itself
-                c0[k] = 1.0
-                continue
-            lam_n = np.log(alpha_n[k]) - np.log(sigma_n[k])
-            h = lam_n - lam[k]
-            phi = alpha_n[k] * -np.expm1(-h)  # alpha_t (1 - e^{-h})
-            cx[k] = sigma_n[k] / sigma[k]
-            if k == 0:
-                c0[k] = phi
-            else:
-                r0 = (lam[k] - lam[k - 1]) / h
-                c0[k] = phi * (1 + 0.5 / r0)
-                c1[k] = -phi * 0.5 / r0
-    linear = cx + ce / sqrt_1ma  # eps = (x - sqrt(a) x0_raw) / sqrt(1 - a)
+    co = _COEFFICIENTS[solver](a, ap, ts)
+    linear = co.cx + co.ce / co.sqrt_1ma  # eps = (x - sqrt(a) x0_raw) / sqrt(1 - a)
 
     def tensor(v):
         return torch.as_tensor(np.asarray(v, dtype=np.float64), device=device).to(dtype)
 
     return Plan(
-        solver=solver, timesteps=ts, t=tensor(ts), sqrt_a=tensor(sqrt_a), sqrt_1ma=tensor(sqrt_1ma),
-        cx=tensor(cx), c0=tensor(c0), ce=tensor(ce), c1=tensor(c1), std=tensor(std), noisy=noisy,
-        var=tensor(_point_variance(a, ap)), linear=tensor(linear),
+        solver=solver, timesteps=ts, t=tensor(ts), sqrt_a=tensor(co.sqrt_a), sqrt_1ma=tensor(co.sqrt_1ma),
+        cx=tensor(co.cx), c0=tensor(co.c0), ce=tensor(co.ce), c1=tensor(co.c1), std=tensor(co.std),
+        noisy=co.noisy, var=tensor(_point_variance(a, ap)), linear=tensor(linear),
         clip=bool(scheduler.config.clip_sample),
     )
 
