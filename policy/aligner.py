@@ -53,22 +53,24 @@ def aligner_file(checkpoint: str | Path, solver: str, steps: int, spacing: str) 
 
 def align_command(checkpoint, solver: str, steps: int, spacing: str, strategy: str | None = None) -> str:
     extra = f" strategy={strategy}" if strategy and strategy != "default" else ""
-    return f"dp-align checkpoint={checkpoint} sampler={solver} steps={steps} spacing={canonical_spacing(spacing)}{extra}"
+    return (f"dp-align checkpoint={checkpoint} sampler={solver} steps={steps} "
+            f"spacing={canonical_spacing(spacing)}{extra}")
 
 
 def check_taus(taus, steps: int, max_t: float, where: str) -> tuple[float, ...]:
     """`taus` as floats if they are what `learn` makes of a chain of `steps`: one number a step,
     finite, in [0, max_t], strictly decreasing; otherwise UserError naming `where`."""
     if not isinstance(taus, list) or len(taus) != steps:
-        raise UserError(f"{where}: taus must be a list of {steps} numbers (one per step), not {str(taus)[:60]}")
+        raise UserError(f"{where}: taus must be a list of {steps} numbers (one per step), "
+                        f"not {str(taus)[:60]}")
     for i, tau in enumerate(taus):
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
             raise UserError(f"{where}: taus[{i}] is {tau!r}, not a finite number")
         if not 0 <= tau <= max_t:
             raise UserError(f"{where}: taus[{i}] = {tau:g} is outside the schedule's timesteps 0..{max_t:g}")
         if i and tau >= taus[i - 1]:
-            raise UserError(f"{where}: taus[{i}] = {tau:g} does not decrease from taus[{i - 1}] = {taus[i - 1]:g} "
-                            "(a chain runs from noise to data)")
+            raise UserError(f"{where}: taus[{i}] = {tau:g} does not decrease from "
+                            f"taus[{i - 1}] = {taus[i - 1]:g} (a chain runs from noise to data)")
     return tuple(float(t) for t in taus)
 
 
@@ -78,11 +80,13 @@ def load_taus(checkpoint: str | Path | None, solver: str, steps: int, spacing: s
     `max_t`: the schedule's last training timestep). `which`: "default" (the strategy learned
     last) or a strategy. A missing file says which command makes it."""
     if checkpoint is None:
-        raise UserError("sampler.aligner: this policy was not loaded from a checkpoint, so it has no aligned timesteps")
+        raise UserError("sampler.aligner: this policy was not loaded from a checkpoint, "
+                        "so it has no aligned timesteps")
     path = aligner_file(checkpoint, solver, steps, spacing)
     make = align_command(checkpoint, solver, steps, spacing, which)
     if not path.is_file():
-        raise UserError(f"sampler.aligner: no aligned timesteps for {path.stem} (no {path}); make them with: {make}")
+        raise UserError(f"sampler.aligner: no aligned timesteps for {path.stem} (no {path}); "
+                        f"make them with: {make}")
     try:
         doc = json.loads(path.read_text())
         entry = doc["strategies"][doc["strategy"] if which == "default" else which] if which in (
@@ -90,8 +94,8 @@ def load_taus(checkpoint: str | Path | None, solver: str, steps: int, spacing: s
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: unreadable aligner file ({err.__class__.__name__}: {err})") from None
     if entry is None:
-        raise UserError(f"sampler.aligner: {path} has no {which} taus (it has {', '.join(doc['strategies'])}); "
-                        f"make them with: {make}")
+        raise UserError(f"sampler.aligner: {path} has no {which} taus "
+                        f"(it has {', '.join(doc['strategies'])}); make them with: {make}")
     return check_taus(entry.get("taus") if isinstance(entry, dict) else None, steps, max_t,
                       f"{path} ({doc['strategy'] if which == 'default' else which})")
 
@@ -175,124 +179,179 @@ def _setup(policy, s: AlignSettings) -> tuple[Plan, torch.Generator, np.random.G
     return plan, torch.Generator(policy.device).manual_seed(s.seed), np.random.default_rng(s.seed)
 
 
+def _fit_taus(tau: torch.Tensor, batch_loss, s: AlignSettings, bar, max_t: float, trace: list,
+              scale: int | None = None, frozen: int | None = None) -> list[float]:
+    """Adam on the input timestep(s) `tau`, one step per iteration of `bar` (a tqdm range) on the
+    minibatch loss `batch_loss()` draws, until the trace of tau settles. Appends tau to `trace`
+    after every step (a float for one tau, an array for all of them) and returns the minibatch
+    losses. `scale` multiplies the loss before the backward pass; tau[`frozen`] stays put."""
+    opt = torch.optim.Adam([tau], lr=s.lr)
+    sched = _decay(opt, s)
+    curve = []
+    for _ in bar:
+        loss = batch_loss()
+        opt.zero_grad()
+        (loss if scale is None else loss * scale).backward()
+        if frozen is not None:
+            tau.grad[frozen] = 0.0  # Adam moves nothing whose gradient was always 0
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            tau.clamp_(0.0, max_t)
+        trace.append(float(tau.detach()) if tau.dim() == 0 else tau.detach().cpu().numpy().copy())
+        curve.append(float(loss.detach()))
+        if _settled(trace, s.window, s.min_iters, s.tol):
+            break
+    bar.close()
+    return curve
+
+
+class _Pool:
+    """The sequential strategy's training chunks rolled along the chain: their points `x` at the
+    step being learned, the multistep solver's `history`, and that step's rows `ks` and noise `z`."""
+
+    def __init__(self, plan: Plan, net, chunks: _Chunks, gen: torch.Generator, device):
+        self.plan, self.net, self.cond, self.device = plan, net, chunks.cond, device
+        self.ks = self.z = None  # set by start_step
+        noise = torch.randn(chunks.x0.shape, generator=gen, device=device)
+        self.x = plan.sqrt_a[0] * chunks.x0 + plan.sqrt_1ma[0] * noise
+        self.history = new_history(plan, self.x)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def start_step(self, k: int, gen: torch.Generator) -> None:
+        self.ks = torch.full((len(self),), k, device=self.device, dtype=torch.long)
+        self.z = _step_noise(self.plan, self.ks, self.x.shape, gen)  # this step's noise for every row, fixed
+
+    def loss(self, idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        # history[idx] is a copy: what the training steps write stays out of the pool
+        history = None if self.history is None else self.history[idx]
+        return _loss(self.plan, self.net, self.x[idx], self.ks[idx], self.cond[idx], history,
+                     tau.expand(len(idx)), self.z[idx]).mean()
+
+    def batch_loss(self, rng: np.random.Generator, batch_size: int, tau: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(rng.integers(0, len(self), batch_size), device=self.device)
+        return self.loss(idx, tau)
+
+    @torch.no_grad()
+    def advance(self, tau: torch.Tensor) -> None:
+        """Every row one step along the chain, at input timestep `tau`."""
+        N = len(self)
+        for lo in range(0, N, 256):
+            idx = torch.arange(lo, min(N, lo + 256), device=self.device)
+            self.x[idx] = step_rows(self.plan, self.net, self.cond, self.x[idx], self.ks[idx], idx,
+                                    self.history, t=tau.expand(len(idx))) + self.z[idx]
+
+
 def align_sequential(policy, chunks: _Chunks, s: AlignSettings, progress: bool = True) -> dict:
     plan, gen, rng = _setup(policy, s)
-    net, dev, n, N = policy.net, policy.device, plan.n, len(chunks)
-    x = plan.sqrt_a[0] * chunks.x0 + plan.sqrt_1ma[0] * torch.randn(chunks.x0.shape, generator=gen, device=dev)
-    history = new_history(plan, x)
-    eval_idx = torch.arange(min(N, 256), device=dev)
+    dev, n, max_t = policy.device, plan.n, plan_max_t(policy)
+    pool = _Pool(plan, policy.net, chunks, gen, dev)
+    eval_idx = torch.arange(min(len(chunks), 256), device=dev)
     taus, before, after, curve, iters, converged = [], [], [], [], [], []
     for k in range(n):
-        ks = torch.full((N,), k, device=dev, dtype=torch.long)
-        z = _step_noise(plan, ks, x.shape, gen)  # this step's noise for every pool row, fixed
-
-        def loss_on(idx, tau, ks=ks, z=z):
-            # history[idx] is a copy: what the training steps write stays out of the pool
-            return _loss(plan, net, x[idx], ks[idx], chunks.cond[idx], None if history is None else history[idx],
-                         tau.expand(len(idx)), z[idx]).mean()
-
+        pool.start_step(k, gen)
         t_k = float(plan.t[k])
         with torch.no_grad():
-            before.append(float(loss_on(eval_idx, torch.tensor(t_k, device=dev))))
+            before.append(float(pool.loss(eval_idx, torch.tensor(t_k, device=dev))))
         tau = torch.tensor(t_k, device=dev, requires_grad=True)
-        opt = torch.optim.Adam([tau], lr=s.lr)
-        sched = _decay(opt, s)
         trace = [t_k]
         todo = s.max_iters if (k < n - 1 or s.align_last) else 0
-        bar = tqdm(range(todo), desc=f"align {s.solver}-{n} step {k + 1}/{n}", leave=False, disable=not progress)
-        for it in bar:
-            idx = torch.as_tensor(rng.integers(0, N, s.batch_size), device=dev)
-            loss = loss_on(idx, tau)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                tau.clamp_(0.0, plan_max_t(policy))
-            trace.append(float(tau.detach()))
-            curve.append(float(loss.detach()))
-            if _settled(trace, s.window, s.min_iters, s.tol):
-                break
-        bar.close()
+        bar = tqdm(range(todo), desc=f"align {s.solver}-{n} step {k + 1}/{n}", leave=False,
+                   disable=not progress)
+        curve += _fit_taus(tau, lambda: pool.batch_loss(rng, s.batch_size, tau), s, bar, max_t, trace)
         value = float(np.mean(trace[-s.window:]))  # averaged over the last steps: Adam jitters
         taus.append(value)
         iters.append(len(trace) - 1)
         converged.append(len(trace) - 1 < todo or todo == 0)
         with torch.no_grad():
             tau_v = torch.tensor(value, device=dev)
-            after.append(float(loss_on(eval_idx, tau_v)))
-            for lo in range(0, N, 256):  # advance the pool one aligned step
-                idx = torch.arange(lo, min(N, lo + 256), device=dev)
-                x[idx] = step_rows(plan, net, chunks.cond, x[idx], ks[idx], idx, history,
-                                   t=tau_v.expand(len(idx))) + z[idx]
+            after.append(float(pool.loss(eval_idx, tau_v)))
+            pool.advance(tau_v)
     return {"taus": taus, "loss_before": before, "loss_after": after, "loss_curve": curve, "iters": iters,
             "converged": converged}
 
 
-def align_parallel(policy, chunks: _Chunks, s: AlignSettings, progress: bool = True) -> dict:
-    plan, gen, rng = _setup(policy, s)
-    net, dev, n, N = policy.net, policy.device, plan.n, len(chunks)
+@dataclass(frozen=True)
+class _Marginals:
+    """The parallel strategy's states: x_{t_k} drawn from q(. | x0) for chunks of the training set."""
+    plan: Plan
+    net: torch.nn.Module
+    chunks: _Chunks
+    device: torch.device | str
 
-    def states(idx, k, tau_all, noise):
+    def states(self, idx, k, tau_all, noise) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x_{t_k} ~ q(. | x0) and, for the multistep solver, the previous step's data estimate
         at the point q gives t_{k-1} with the same noise (the taus there held fixed)."""
-        x0 = chunks.x0[idx]
+        plan, x0 = self.plan, self.chunks.x0[idx]
         x = _rows(plan.sqrt_a[k], x0) * x0 + _rows(plan.sqrt_1ma[k], x0) * noise
         if not plan.multistep:
             return x, None
         km = (k - 1).clamp(min=0)
         with torch.no_grad():
             xp = _rows(plan.sqrt_a[km], x0) * x0 + _rows(plan.sqrt_1ma[km], x0) * noise
-            x0p = plan.denoise(km, xp, net(xp, tau_all.detach()[km], chunks.cond[idx]))
-        history = x.new_zeros((len(idx), n, *x.shape[1:]))
-        history[torch.arange(len(idx), device=dev), km] = x0p
+            x0p = plan.denoise(km, xp, self.net(xp, tau_all.detach()[km], self.chunks.cond[idx]))
+        history = x.new_zeros((len(idx), plan.n, *x.shape[1:]))
+        history[torch.arange(len(idx), device=self.device), km] = x0p
         return x, history
 
-    def loss_rows(idx, k, tau_all, noise, z):
-        x, history = states(idx, k, tau_all, noise)
-        return _loss(plan, net, x, k, chunks.cond[idx], history, tau_all[k], z)
+    def loss_rows(self, idx, k, tau_all, noise, z) -> torch.Tensor:
+        x, history = self.states(idx, k, tau_all, noise)
+        return _loss(self.plan, self.net, x, k, self.chunks.cond[idx], history, tau_all[k], z)
 
-    # A fixed evaluation set: 256 chunks at every step, with fixed noise.
-    m = min(N, 256)
-    e_idx = torch.arange(m, device=dev).repeat(n)
-    e_k = torch.arange(n, device=dev).repeat_interleave(m)
-    e_noise = torch.randn((len(e_idx), *chunks.x0.shape[1:]), generator=gen, device=dev)
-    e_z = _step_noise(plan, e_k, e_noise.shape, gen)
+    def batch_loss(self, rng: np.random.Generator, per: int, tau_all: torch.Tensor,
+                   gen: torch.Generator) -> torch.Tensor:
+        """The mean loss of `per` random chunks, every step in every batch, at fresh noise."""
+        n, dev = self.plan.n, self.device
+        idx = torch.as_tensor(rng.integers(0, len(self.chunks), per), device=dev)
+        k = torch.arange(per, device=dev) % n
+        noise = torch.randn((per, *self.chunks.x0.shape[1:]), generator=gen, device=dev)
+        return self.loss_rows(idx, k, tau_all, noise, _step_noise(self.plan, k, noise.shape, gen)).mean()
 
-    def per_step(tau_all):
-        with torch.no_grad():
-            rows = torch.cat([loss_rows(e_idx[lo:lo + 512], e_k[lo:lo + 512], tau_all, e_noise[lo:lo + 512],
-                                        e_z[lo:lo + 512]) for lo in range(0, len(e_idx), 512)])
-        return [float(v) for v in rows.reshape(n, m).mean(1)]
 
+@dataclass(frozen=True)
+class _EvalSet:
+    """A fixed evaluation set: the same `m` chunks at every step, with fixed noise."""
+    m: int
+    idx: torch.Tensor
+    k: torch.Tensor
+    noise: torch.Tensor
+    z: torch.Tensor
+
+    @classmethod
+    def draw(cls, plan: Plan, chunks: _Chunks, gen: torch.Generator, device) -> _EvalSet:
+        m, n = min(len(chunks), 256), plan.n
+        idx = torch.arange(m, device=device).repeat(n)
+        k = torch.arange(n, device=device).repeat_interleave(m)
+        noise = torch.randn((len(idx), *chunks.x0.shape[1:]), generator=gen, device=device)
+        return cls(m, idx, k, noise, _step_noise(plan, k, noise.shape, gen))
+
+    @torch.no_grad()
+    def per_step(self, q: _Marginals, tau_all: torch.Tensor) -> list[float]:
+        """Each step's mean loss over the set at input timesteps `tau_all`."""
+        rows = torch.cat([q.loss_rows(self.idx[lo:lo + 512], self.k[lo:lo + 512], tau_all,
+                                      self.noise[lo:lo + 512], self.z[lo:lo + 512])
+                          for lo in range(0, len(self.idx), 512)])
+        return [float(v) for v in rows.reshape(q.plan.n, self.m).mean(1)]
+
+
+def align_parallel(policy, chunks: _Chunks, s: AlignSettings, progress: bool = True) -> dict:
+    plan, gen, rng = _setup(policy, s)
+    dev, n = policy.device, plan.n
+    q = _Marginals(plan, policy.net, chunks, dev)
+    evals = _EvalSet.draw(plan, chunks, gen, dev)
     tau_all = plan.t.clone().requires_grad_(True)
-    before = per_step(tau_all)
-    opt = torch.optim.Adam([tau_all], lr=s.lr)
-    sched = _decay(opt, s)
-    trace, curve = [], []
+    before = evals.per_step(q, tau_all)
     total = s.max_iters
     bar = tqdm(range(total), desc=f"align {s.solver}-{n} all steps", leave=False, disable=not progress)
     per = s.batch_size * n  # batch_size rows per step: the sequential strategy's work, all at once
-    for it in bar:
-        idx = torch.as_tensor(rng.integers(0, N, per), device=dev)
-        k = torch.arange(per, device=dev) % n  # every step in every batch
-        noise = torch.randn((per, *chunks.x0.shape[1:]), generator=gen, device=dev)
-        loss = loss_rows(idx, k, tau_all, noise, _step_noise(plan, k, noise.shape, gen)).mean()
-        opt.zero_grad()
-        (loss * n).backward()  # the sum of the steps' losses: each tau sees its own loss's gradient
-        if not s.align_last:
-            tau_all.grad[n - 1] = 0.0  # Adam moves nothing whose gradient was always 0
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            tau_all.clamp_(0.0, plan_max_t(policy))
-        trace.append(tau_all.detach().cpu().numpy().copy())
-        curve.append(float(loss.detach()))
-        if _settled(trace, s.window, s.min_iters, s.tol):
-            break
-    bar.close()
+    trace = []
+    # scale n: the sum of the steps' losses, so that each tau sees its own loss's gradient
+    curve = _fit_taus(tau_all, lambda: q.batch_loss(rng, per, tau_all, gen), s, bar, plan_max_t(policy),
+                      trace, scale=n, frozen=None if s.align_last else n - 1)
     taus = np.mean(trace[-s.window:], axis=0)
-    after = per_step(torch.as_tensor(taus, device=dev, dtype=torch.float32))
+    after = evals.per_step(q, torch.as_tensor(taus, device=dev, dtype=torch.float32))
     return {"taus": [float(v) for v in taus], "loss_before": before, "loss_after": after, "loss_curve": curve,
             "iters": [len(trace)] * n, "converged": [len(trace) < total] * n}
 
@@ -312,7 +371,8 @@ def learn(policy, obs: np.ndarray, action: np.ndarray, s: AlignSettings, progres
     fn = align_sequential if s.strategy == "sequential" else align_parallel
     out = fn(policy, chunks, s, progress)
     out["time_s"] = time.perf_counter() - start
-    out["timesteps"] = [float(v) for v in get_plan(policy.scheduler, s.solver, s.steps, s.spacing, policy.device).t]
+    plan = get_plan(policy.scheduler, s.solver, s.steps, s.spacing, policy.device)
+    out["timesteps"] = [float(v) for v in plan.t]
     return out
 
 
@@ -326,9 +386,10 @@ def trajectory_gap(policy, obs: np.ndarray, s: AlignSettings, taus: tuple[float,
     cond = policy.condition(torch.as_tensor(obs, device=policy.device))
     points = []
     gen = torch.Generator(policy.device).manual_seed(s.seed + 1)
-    sequential(policy.net, cond, policy.scheduler, noise, gen, solver=s.solver, steps=s.steps, spacing=s.spacing,
-               taus=taus, callback=lambda info: points.append(info["x"]))
-    times = [int(t) for t in get_plan(policy.scheduler, s.solver, s.steps, s.spacing, policy.device).timesteps[1:]]
+    sequential(policy.net, cond, policy.scheduler, noise, gen, solver=s.solver, steps=s.steps,
+               spacing=s.spacing, taus=taus, callback=lambda info: points.append(info["x"]))
+    plan = get_plan(policy.scheduler, s.solver, s.steps, s.spacing, policy.device)
+    times = [int(t) for t in plan.timesteps[1:]]
     times.append(-1)  # clean
     return [float((p - reference[t]).flatten(1).norm(dim=1).mean()) for p, t in zip(points, times)]
 
