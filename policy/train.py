@@ -69,8 +69,9 @@ class TrainConfig:
 
     def __post_init__(self):
         """Numbers that cannot make a run fail here, before anything is read or written."""
-        at_least = {"steps": 1, "batch_size": 1, "threads": 1, "nproc": 1, "val_every": 1, "checkpoint_every": 1,
-                    "log_every": 1, "warmup_steps": 0, "min_episodes": 1, "keep_checkpoints": 1}
+        at_least = {"steps": 1, "batch_size": 1, "threads": 1, "nproc": 1, "val_every": 1,
+                    "checkpoint_every": 1, "log_every": 1, "warmup_steps": 0, "min_episodes": 1,
+                    "keep_checkpoints": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise UserError(f"{name}: {getattr(self, name)} must be at least {low}")
@@ -103,7 +104,8 @@ class Batches:
         act = gather(self.action, rows, self.cfg.horizon)
         return torch.as_tensor(obs, device=device), torch.as_tensor(act, device=device)
 
-    def sample(self, rng: np.random.Generator, batch: int, device: torch.device, share: tuple[int, int] | None = None):
+    def sample(self, rng: np.random.Generator, batch: int, device: torch.device,
+               share: tuple[int, int] | None = None):
         """`batch` random windows, or of them the rows `share` (start, stop): every process of a
         data-parallel run draws the same batch and takes its own part."""
         rows = self.rows[rng.integers(0, len(self.rows), batch)]
@@ -115,12 +117,14 @@ def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, di
     obs_cfg = ObsConfig.from_dict(cfg.obs)
     with open_store(cfg.data, task=cfg.task.name) as store:
         if store.n_episodes < cfg.min_episodes:
-            raise UserError(f"{cfg.data}: has {store.n_episodes} episodes; training needs at least {cfg.min_episodes}")
+            raise UserError(f"{cfg.data}: has {store.n_episodes} episodes; "
+                            f"training needs at least {cfg.min_episodes}")
         for key in ("obs", "action"):
             if key not in store.keys:
                 raise UserError(f"{cfg.data}: data/{key}: missing")
         if store["obs"].shape[1] != spec.obs_dim:
-            raise UserError(f"{cfg.data}: data/obs has {store['obs'].shape[1]} dims; task {spec.name} has {spec.obs_dim}")
+            raise UserError(f"{cfg.data}: data/obs has {store['obs'].shape[1]} dims; "
+                            f"task {spec.name} has {spec.obs_dim}")
         obs = read_observations(store, obs_cfg, str(cfg.data))
         action = np.asarray(store["action"], dtype=np.float32)
         ends = store.episode_ends
@@ -174,12 +178,14 @@ def check_resumable(resume: Path, state: dict, cfg: TrainConfig) -> None:
     out = resume.parent.parent
     was, now = Path(state["data"]).resolve(), Path(cfg.data).resolve()
     if was != now:
-        raise UserError(f"{out}: holds a run on data={was}, not {now}; choose another out= (or the same data)")
+        raise UserError(f"{out}: holds a run on data={was}, not {now}; "
+                        "choose another out= (or the same data)")
     saved = load_meta(resume)["config"]
     diff = first_difference(saved, json.loads(json.dumps(asdict(cfg.policy))), "policy")
     if diff is not None:
         key, a, b = diff
-        raise UserError(f"{out}: holds a run with {key}={a!r}, not {b!r}; choose another out= (or the same {key})")
+        raise UserError(f"{out}: holds a run with {key}={a!r}, not {b!r}; "
+                        f"choose another out= (or the same {key})")
 
 
 def first_difference(a, b, where: str) -> tuple[str, object, object] | None:
@@ -207,104 +213,142 @@ def train(cfg: TrainConfig) -> Path:
         return _train(cfg, world, device, config_yaml)
 
 
+class _Run:
+    """One training run's moving parts: the policy, its optimizer and EMA weights, the random
+    sources, and the counters a checkpoint keeps."""
+
+    def __init__(self, cfg: TrainConfig, world, device: torch.device, config_yaml: str, train_set: Batches,
+                 normalizer: Normalizer, meta: dict):
+        from diffusers.training_utils import EMAModel
+
+        self.cfg, self.world, self.device, self.config_yaml = cfg, world, device, config_yaml
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)  # the network's initial weights
+        self.policy = DiffusionPolicy(cfg.policy, train_set.obs.dim, train_set.action.shape[1], normalizer,
+                                      meta).to(device)
+        self.model = self.policy.trainable  # the denoiser, and an image policy's encoder with it
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.95, 0.999),
+                                           weight_decay=cfg.weight_decay)
+        self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True,
+                            inv_gamma=1.0, power=cfg.ema_power)
+        self.ema_net = copy.deepcopy(self.model)
+        self.objective = TrainingLoss(self.policy)
+        if world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.objective = DistributedDataParallel(self.objective)  # gradients averaged over the processes
+        self.rng = np.random.default_rng(cfg.seed)
+        self.noise_gen = torch.Generator(device).manual_seed(cfg.seed)
+        self.step, self.elapsed = 0, 0.0
+        self.data_s = self.compute_s = 0.0
+
+    def resume(self) -> None:
+        """Continue from the run's latest checkpoint, if it has one: weights, normalizer, optimizer,
+        EMA, random sources and counters."""
+        resume = latest(self.out)
+        if resume is None:
+            return
+        device = self.device
+        state = read_file(resume / "trainer.pt",
+                          lambda p: torch.load(p, map_location=device, weights_only=False))
+        check_resumable(resume, state, self.cfg)
+        load_weights(self.model, resume / "weights.safetensors")
+        self.policy.normalizer = load_normalizer(resume)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.noise_gen.set_state(state["torch_rng"].to("cpu") if device.type == "cpu" else state["torch_rng"])
+        self.step, self.elapsed = state["step"], state["elapsed_s"]
+        if self.world.main:
+            print(f"resuming {self.out} from step {self.step}")
+
+    def checkpoint(self) -> Path:
+        self.ema.copy_to(self.ema_net.parameters())
+        state = {"step": self.step, "elapsed_s": self.elapsed, "optimizer": self.optimizer.state_dict(),
+                 "ema": self.ema.state_dict(), "numpy_rng": self.rng.bit_generator.state,
+                 "torch_rng": self.noise_gen.get_state(), "data": str(Path(self.cfg.data).resolve())}
+        return save_checkpoint(self.out, self.step, self.policy, self.ema_net, state, self.config_yaml,
+                               keep=self.cfg.keep_checkpoints)
+
+    def train_step(self, train_set: Batches, share: tuple[int, int]) -> torch.Tensor:
+        """One optimizer and EMA step on this process's share of a random batch; its loss."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        obs, act = train_set.sample(self.rng, cfg.batch_size, self.device, share)
+        t1 = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        loss = self.objective(obs, act, self.noise_gen, (share[0], cfg.batch_size))
+        if not torch.isfinite(loss):
+            last = latest(self.out)
+            raise UserError(f"loss: became {loss.item()} at step {self.step}; stopped, "
+                            f"the last good checkpoint is {last if last else 'none (none was written yet)'}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.ema.step(self.model.parameters())
+        t2 = time.perf_counter()
+        self.data_s, self.compute_s = self.data_s + (t1 - t0), self.compute_s + (t2 - t1)
+        self.elapsed += t2 - t0
+        self.step += 1
+        return loss
+
+    def log(self, bar, writer, loss: torch.Tensor) -> None:
+        data_s, compute_s, step = self.data_s, self.compute_s, self.step
+        bar.set_postfix(loss=f"{loss.item():.4f}", data=f"{100 * data_s / (data_s + compute_s):.1f}%")
+        writer.add_scalar("train/loss", loss.item(), step)
+        writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+        writer.add_scalar("train/data_time_fraction", data_s / (data_s + compute_s), step)
+
+    def validate(self, writer, val_set: Batches) -> None:
+        self.ema.copy_to(self.ema_net.parameters())
+        val = validation_loss(self.policy, self.ema_net, val_set, self.device, self.cfg.seed)
+        writer.add_scalar("val/loss_ema", val, self.step)
+        tqdm.write(f"step {self.step}: val loss (EMA) {val:.4f}")
+
+    def summary(self, ckpt: Path | None) -> str:
+        data_s, compute_s = self.data_s, self.compute_s
+        share = 100 * data_s / max(data_s + compute_s, 1e-9)
+        return (f"{self.out}: step {self.step}/{self.cfg.steps}, {self.elapsed / 60:.1f} min of training; "
+                f"data loading {share:.1f}% of step time; checkpoint {ckpt}")
+
+
 def _train(cfg: TrainConfig, world, device: torch.device, config_yaml: str) -> Path:
-    from diffusers.training_utils import EMAModel
     from torch.utils.tensorboard import SummaryWriter
 
     share = world.share(cfg.batch_size)
     train_set, val_set, normalizer, meta = load_data(cfg)
-    torch.manual_seed(cfg.seed)
-    policy = DiffusionPolicy(cfg.policy, train_set.obs.dim, train_set.action.shape[1], normalizer, meta).to(device)
-    model = policy.trainable  # the denoiser, and an image policy's encoder with it
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.95, 0.999),
-                                  weight_decay=cfg.weight_decay)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
-                   power=cfg.ema_power)
-    ema_net = copy.deepcopy(model)
-    objective = TrainingLoss(policy)
-    if world.size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        objective = DistributedDataParallel(objective)  # gradients averaged over the processes
-    rng = np.random.default_rng(cfg.seed)
-    noise_gen = torch.Generator(device).manual_seed(cfg.seed)
-    step, elapsed = 0, 0.0
-
-    out = Path(cfg.out)
-    resume = latest(out)
-    if resume is not None:
-        state = read_file(resume / "trainer.pt", lambda p: torch.load(p, map_location=device, weights_only=False))
-        check_resumable(resume, state, cfg)
-        load_weights(model, resume / "weights.safetensors")
-        policy.normalizer = load_normalizer(resume)
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        rng.bit_generator.state = state["numpy_rng"]
-        noise_gen.set_state(state["torch_rng"].to("cpu") if device.type == "cpu" else state["torch_rng"])
-        step, elapsed = state["step"], state["elapsed_s"]
-        if world.main:
-            print(f"resuming {out} from step {step}")
+    run = _Run(cfg, world, device, config_yaml, train_set, normalizer, meta)
+    run.resume()
     if world.main:
-        remove_stale_partials(out / "checkpoints")  # what a killed run of this `out` left half-written
-
-    def checkpoint() -> Path:
-        ema.copy_to(ema_net.parameters())
-        state = {"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                 "numpy_rng": rng.bit_generator.state, "torch_rng": noise_gen.get_state(),
-                 "data": str(Path(cfg.data).resolve())}
-        return save_checkpoint(out, step, policy, ema_net, state, config_yaml, keep=cfg.keep_checkpoints)
-
+        remove_stale_partials(run.out / "checkpoints")  # what a killed run of this `out` left half-written
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
-    writer = SummaryWriter(str(out / "tensorboard")) if world.main else None
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.task.name}", unit="step",
+    writer = SummaryWriter(str(run.out / "tensorboard")) if world.main else None
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {cfg.task.name}", unit="step",
                disable=not cfg.progress or not world.main)
-    data_s = compute_s = 0.0
-    policy.train()
+    run.policy.train()
     try:
-        while step < end:
-            t0 = time.perf_counter()
-            obs, act = train_set.sample(rng, cfg.batch_size, device, share)
-            t1 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            loss = objective(obs, act, noise_gen, (share[0], cfg.batch_size))
-            if not torch.isfinite(loss):
-                last = latest(out)
-                raise UserError(f"loss: became {loss.item()} at step {step}; stopped, the last good checkpoint "
-                                f"is {last if last else 'none (none was written yet)'}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ema.step(model.parameters())
-            t2 = time.perf_counter()
-            data_s, compute_s = data_s + (t1 - t0), compute_s + (t2 - t1)
-            elapsed += t2 - t0
-            step += 1
+        while run.step < end:
+            loss = run.train_step(train_set, share)
             bar.update(1)
+            step = run.step
             if world.main and (step % cfg.log_every == 0 or step == end):
-                bar.set_postfix(loss=f"{loss.item():.4f}", data=f"{100 * data_s / (data_s + compute_s):.1f}%")
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                writer.add_scalar("train/data_time_fraction", data_s / (data_s + compute_s), step)
+                run.log(bar, writer, loss)
             if world.main and val_set is not None and (step % cfg.val_every == 0 or step == end):
-                ema.copy_to(ema_net.parameters())
-                val = validation_loss(policy, ema_net, val_set, device, cfg.seed)
-                writer.add_scalar("val/loss_ema", val, step)
-                tqdm.write(f"step {step}: val loss (EMA) {val:.4f}")
+                run.validate(writer, val_set)
             if step % cfg.checkpoint_every == 0 or step == end:
                 if world.main:
-                    checkpoint()
+                    run.checkpoint()
                 world.barrier()  # no process runs ahead of a checkpoint it may resume from
     finally:
         bar.close()
         if writer is not None:
             writer.close()
         leave(world)
-    ckpt = latest(out)
+    ckpt = latest(run.out)
     if not world.main:
         return ckpt
-    print(f"{out}: step {step}/{cfg.steps}, {elapsed / 60:.1f} min of training; "
-          f"data loading {100 * data_s / max(data_s + compute_s, 1e-9):.1f}% of step time; checkpoint {ckpt}")
+    print(run.summary(ckpt))
     return ckpt
 
 
@@ -318,7 +362,8 @@ def main(cfg) -> None:
         from policy.distributed import launch
 
         args = [a for a in sys.argv[1:] if a not in HYDRA_QUIET and not a.startswith("nproc=")]
-        World(0, typed.nproc).share(typed.batch_size)  # a global batch that does not split: refused here, once
+        # a global batch that does not split: refused here, once
+        World(0, typed.nproc).share(typed.batch_size)
         sys.exit(launch(typed.nproc, ["-m", "policy.train", *args], "dp-train"))
     train(typed)
 
