@@ -19,8 +19,7 @@ from policy.vision import ObsEncoder, PlanningEncoder, VisionConfig
 from policy.normalizer import Normalizer
 from policy.backends import Runtime, check_device
 from policy.denoiser import Denoiser, resolve_capture
-from policy.samplers import (SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of, resolve, takes_inpaint,
-                             takes_pad)
+from policy.samplers import SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of, resolve, takes_pad
 from policy.safety import MARGIN, UnsafeActions, check_actions, check_observation
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
@@ -260,8 +259,6 @@ class DiffusionPolicy(nn.Module):
         shape = (obs.shape[0], self.cfg.horizon, self.action_dim)
         extra = {} if step_noise is None else {"step_noise": step_noise}
         if inpaint is not None:
-            if not takes_inpaint(self._sample_fn):
-                raise UserError(f"committed: {self.sampler.name} cannot take committed actions")
             extra["inpaint"] = inpaint
         warmed = bool(self.sampler.warm) and noise is None
         if warmed:

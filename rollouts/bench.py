@@ -28,9 +28,8 @@ from envs.cli import command
 from envs.errors import UserError
 from policy.autowindow import batch_scaling, cost_ratio
 from policy.device import machine, sync
-from policy.samplers import aligner_choice, chain_of
+from policy.samplers import SamplerConfig, aligner_choice, chain_of
 from rollouts.files import save_figure, write_text
-from rollouts.presets import baseline_of, sampler_preset
 
 DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15", "piadm15"]
 
@@ -113,22 +112,16 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     # The samplers asked for, plus the sequential baseline of each (timed too, listed after).
     specs: dict[str, object] = {}
     for spec in cfg.samplers:
-        specs[spec] = sampler_preset(spec)
+        specs[spec] = SamplerConfig.parse(spec)
         pol.sampler = specs[spec]  # a missing aligner fails here, before anything is timed
     baselines: dict[str, str] = {}
     for spec, sc in list(specs.items()):
-        base = baseline_of(sc)
+        base = sc.baseline()
         # a warm sequential sampler (Falcon) walks part of the chain: it is nobody's twin
         match = next((s for s, c in specs.items()
                       if c.name == base.name and not c.warm and _same_chain(c, base, pol)), None)
         if match is None:
-            match = f"{base.name}{base.steps or pol.cfg.schedule.num_train_timesteps}"
-            extra = [f"{k}={getattr(base, k)}" for k in ("capture", "backend") if getattr(base, k)]
-            if aligner_choice(base) == "default":
-                match += "+aligner"
-            elif aligner_choice(base) is not None:
-                extra.insert(0, f"aligner={base.aligner}")
-            match += f":{','.join(extra)}" if extra else ""
+            match = base.label(pol.cfg.schedule.num_train_timesteps)
             specs[match] = base
         baselines[spec] = match
 

@@ -48,17 +48,17 @@ PAPER_DDIM15 = "paraddim15:anderson=0,tol=0.1,floor=0,warm=false"  # the paper's
 def samplers(device: torch.device) -> list[str]:
     """The rows of the check: each eager and captured, and the fastest again in bf16. The
     presets are the new rule (`paraddpm100`: window auto); `paraddpm100paper` is the paper's."""
+    from policy.samplers.spec import with_options
+
     captured = "graph" if device.type == "cuda" else "pad"
     base = ["ddpm100", "paraddpm100paper", "paraddpm100paper:window=32", "paraddpm100paper:window=100"]
     base += ["paraddpm100"] + [f"paraddpm100:window={w}" for w in (16, 32, 100)]
     base += ["ddim10", "ddim15", PAPER_DDIM15, "paraddim15"]
     rows = []
     for spec in base:
-        sep = "," if ":" in spec else ":"
-        rows += [f"{spec}{sep}capture=none", f"{spec}{sep}capture={captured}"]
+        rows += [with_options(spec, {"capture": "none"}), with_options(spec, {"capture": captured})]
     for spec in ("ddpm100", "paraddpm100:window=100", "ddim10", "paraddim15"):
-        sep = "," if ":" in spec else ":"
-        rows.append(f"{spec}{sep}capture={captured},precision=bf16")
+        rows.append(with_options(spec, {"capture": captured, "precision": "bf16"}))
     return rows
 
 
@@ -165,7 +165,7 @@ def run(checkpoint: str, data: str, out: Path, plans: int, budget_s: float, warm
         overhead_plans: int = 5, batch_sizes: list[int] | None = None, rows: list[str] | None = None) -> Path:
     from rollouts.bench import BenchConfig, run_bench, write_outputs
     from rollouts.files import write_text
-    from rollouts.presets import sampler_preset
+    from policy.samplers import SamplerConfig
 
     began = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,7 +179,7 @@ def run(checkpoint: str, data: str, out: Path, plans: int, budget_s: float, warm
 
     pol = policy.load(checkpoint, device=device)
     obs = torch.as_tensor(np.load(data)["obs"][:1], device=pol.device) if data.endswith(".npz") else None
-    syncs = host_syncs(pol, {r: sampler_preset(r) for r in rows}, obs) if obs is not None else {}
+    syncs = host_syncs(pol, {r: SamplerConfig.parse(r) for r in rows}, obs) if obs is not None else {}
     context["wall_s"] = time.perf_counter() - began
     write_outputs(out, results, context)
     write_text(out / "host_syncs.json", json.dumps(syncs, indent=2))

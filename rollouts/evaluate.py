@@ -31,7 +31,6 @@ from envs.cli import command, fail, ignore_ctrl_c_in_worker, workers_ignore_ctrl
 from envs.errors import UserError
 from envs.lock import exclusive
 from policy.samplers import SamplerConfig
-from rollouts.presets import sampler_preset
 from rollouts.realtime import LoopConfig
 from rollouts.report import (check_deadline, episode_rows, plan_rows, recommendation_line, summarize, table,
                              write_report)
@@ -81,20 +80,18 @@ EVERY_SAMPLER = {"backend", "capture", "precision"}
 
 def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig]:
     """Label -> checked config for each requested sampler, with `options` applied where taken."""
-    from policy.samplers import get_sampler, options_of
+    from policy.samplers.spec import options_of, with_options
 
     options = {k: v for k, v in options.items() if v is not None}
     if not samplers:
         raise UserError("samplers: empty list")
     specs, used = {}, set()
     for spec in samplers:
-        base = sampler_preset(spec)
-        allowed = options_of(get_sampler(base.name)) | EVERY_SAMPLER
+        allowed = options_of(SamplerConfig.parse(spec).name) | EVERY_SAMPLER
         extra = {k: v for k, v in options.items() if k in allowed}
         used |= set(extra)
-        label = spec if not extra else spec + (":" if ":" not in spec else ",") + ",".join(
-            f"{k}={v}" for k, v in extra.items())
-        specs[label] = sampler_preset(label)
+        label = with_options(spec, extra)
+        specs[label] = SamplerConfig.parse(label)
     unused = set(options) - used
     if unused:
         raise UserError(f"options.{sorted(unused)[0]}: taken by none of the samplers {samplers}")

@@ -36,6 +36,18 @@ class Acceptance:
     final_bound: float | None  # chunk: the run ends when the last point's squared change is at most this
 
 
+@dataclass(frozen=True)
+class Rule:
+    """An acceptance rule and its settings, as a sampler option (`paradigms(rule=...)`)."""
+
+    name: str = "paper"
+    tol: float = 0.1
+    floor: float = 0.0
+
+    def bounds(self, plan, dim: int, window: int) -> Acceptance:
+        return acceptance(plan, self.name, self.tol, self.floor, dim, window)
+
+
 def acceptance(plan, rule: str, tol: float, floor: float, dim: int, window: int) -> Acceptance:
     """The bounds of `rule` for the chain of `plan`, chunks of `dim` numbers."""
     if rule not in RULES:

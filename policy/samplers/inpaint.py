@@ -108,6 +108,27 @@ class BoundInpaint:
         target = a * self.prefix[rows] + s * self.noise[rows]
         return x + self.w * (target - x)
 
+    def move(self, step: torch.Tensor, z: torch.Tensor, x: torch.Tensor, points: torch.Tensor,
+             rows: torch.Tensor) -> torch.Tensor:
+        """The pulled step from rows `x` as a move (`step` + `z` pulled, minus `x`): what ParaDiGMS's
+        cumulative sums add up."""
+        return self(step + z, points, rows) - x
+
+
+class NoInpaint:
+    """No committed actions: every point as the step left it (a do-nothing `BoundInpaint`)."""
+
+    guide = None
+
+    def __call__(self, x: torch.Tensor, points, rows) -> torch.Tensor:
+        return x
+
+    def move(self, step: torch.Tensor, z: torch.Tensor, x: torch.Tensor, points, rows) -> torch.Tensor:
+        return step - x + z  # the unpulled step's arithmetic order (the tol=0 chains are compared bit for bit)
+
+
+NO_INPAINT = NoInpaint()
+
 
 def rtc_weights(horizon: int, frozen: int, overlap: int, device=None) -> torch.Tensor:
     """Real-Time Chunking's soft mask: 1 on the first `frozen` actions (they execute before the new
