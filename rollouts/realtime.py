@@ -114,17 +114,19 @@ class LocalPlanner:
     """The policy in this process (plans run in the loop's background thread)."""
 
     def __init__(self, policy):
-        self.policy = policy
+        from policy.warm import PlanSession
+
+        self.policy, self.session = policy, PlanSession()  # the episode's plan state is the planner's
         policy.prepare()  # window=auto chosen, runtime calls compiled: before the loop's first plan, not during it
         self.n_obs_steps, self.n_action_steps = policy.cfg.n_obs_steps, policy.cfg.n_action_steps
         self.max_actions = policy.max_actions
 
     def seed(self, seed: int) -> None:
-        self.policy.seed(seed)
+        self.session.reseed(seed, self.policy.device)
 
     def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None,
              committed: np.ndarray | None = None, frozen: int = 0) -> tuple[np.ndarray, dict]:
-        r = self.policy.plan(obs_history, n_actions, advance, committed, frozen)
+        r = self.policy.plan(obs_history, n_actions, advance, committed, frozen, session=self.session)
         return r.actions, {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
                            "parallel_iters": r.parallel_iters, "converged": r.converged}
 

@@ -57,7 +57,7 @@ import numpy as np
 from envs.cli import command
 from policy.safety import check_observation
 from policy.samplers import SamplerConfig
-from policy.warm import WarmStart
+from policy.warm import PlanSession, WarmStart
 from rollouts import wire
 
 OBS_KEY = "obs_history"
@@ -269,18 +269,15 @@ class PolicyService:
         return committed, int(frozen)
 
     def infer(self, obs, warm: WarmStart | None = None) -> dict:
-        """Plan for one request; `warm` is the connection's own warm-start state."""
+        """Plan for one request; `warm` is the connection's own warm-start state (its noise comes
+        from the server's one generator, seeded at the start)."""
         x, n, advance = self.check(obs)
         committed, frozen = self.check_committed(obs)
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - start
-            own = self.policy.warm  # this connection's state in, the policy's own back after
-            self.policy.warm = warm if warm is not None else WarmStart()
-            try:
-                r = self.policy.plan(x, n, advance, committed, frozen)
-            finally:
-                self.policy.warm = own
+            session = PlanSession(self.policy.generator, warm if warm is not None else WarmStart())
+            r = self.policy.plan(x, n, advance, committed, frozen, session=session)
             self.served += 1
         return {"actions": r.actions.astype(np.float32),
                 "policy_timing": {"plan_ms": r.latency_ms, "model_evals": r.model_evals,

@@ -269,7 +269,7 @@ def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
     assert advances[0] is None and advances[1:len(steps)] == [b - a for a, b in zip(steps, steps[1:])]
     for prev, nxt in zip(result.plans, result.plans[1:]):  # the next request waits for the chunk and 6 steps
         assert nxt["step"] >= max(prev["step"] + 6, prev["arrived"])
-    assert pol.warm.chain is not None and all(p["model_evals"] > 0 for p in result.plans)
+    assert planner.session.warm.chain is not None and all(p["model_evals"] > 0 for p in result.plans)
 
 
 class CommittingPlanner(SleepyPlanner):
