@@ -15,8 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from envs.cli import command, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
-from envs.errors import UserError
+from common.cli import command, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
+from common.errors import UserError
 from envs.tasks import ObsConfig, TaskConfig, get_task
 
 

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
-from envs.cli import command
-from envs.errors import SourceError, UserError
+from common.cli import command
+from common.errors import UserError
+from envs.errors import SourceError
 from envs.store import check_destination, open_store, store_size_mb, write_store
 from envs.tasks import ACTION_DIM, TASKS, ObsConfig, TaskSpec
 

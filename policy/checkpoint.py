@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from envs.errors import UserError
-from envs.partial import building
+from common.errors import UserError
+from common.files import building
 from policy.device import resolve_device
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.network import UNetConfig

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from envs.cli import command
-from envs.errors import UserError
-from envs.partial import building, remove_stale_partials
+from common.cli import command
+from common.errors import UserError
+from common.files import building, remove_stale_partials
 from policy.checkpoint import load_meta, load_policy, read_file, resolve, weights_metadata
 
 WEIGHTS = "weights_ema.safetensors"

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.cli import command
-from envs.errors import UserError
+from common.cli import command
+from common.errors import UserError
+from common.files import save_figure, write_text
 from policy.autowindow import batch_scaling, cost_ratio
 from policy.device import machine, sync
 from policy.samplers import aligner_choice, chain_of
-from rollouts.files import save_figure, write_text
 from rollouts.presets import baseline_of, sampler_preset
 
 DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15", "piadm15"]

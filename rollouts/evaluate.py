@@ -27,9 +27,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from envs.cli import command, fail, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
-from envs.errors import UserError
-from envs.lock import exclusive
+from common.cli import command, fail, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
+from common.errors import UserError
+from common.lock import exclusive
 from policy.samplers import SamplerConfig
 from rollouts.presets import sampler_preset
 from rollouts.realtime import LoopConfig

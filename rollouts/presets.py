@@ -10,8 +10,8 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from envs.cli import CONF_DIR
-from envs.errors import UserError
+from common.cli import CONF_DIR
+from common.errors import UserError
 from policy.samplers import SamplerConfig, resolve, solver_of
 
 ALIGNED = "+aligner"

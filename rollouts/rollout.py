@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.cli import command
-from envs.errors import UserError
+from common.cli import command
+from common.errors import UserError
 from policy.diffusion import SamplerConfig
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.samplers.result import SampleResult
 
 

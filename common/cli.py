@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 def _conf_dir() -> Path:
     """The commands' Hydra configs: the copy an installed package carries (the wheel puts the
-    repository's conf/ at envs/conf), else the checkout's conf/ (a checkout or an editable install)."""
+    repository's conf/ at common/conf), else the checkout's conf/ (a checkout or an editable install)."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "sampler").is_dir():
@@ -163,7 +163,7 @@ def command(config_name: str, schema: type | None = None,
     from hydra.core.config_store import ConfigStore
     from omegaconf.errors import MissingMandatoryValue
 
-    from envs.errors import UserError
+    from common.errors import UserError
 
     if schema is not None:
         ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
@@ -195,8 +195,9 @@ def command(config_name: str, schema: type | None = None,
 
         def main() -> None:
             if not (CONF_DIR / f"{config_name}.yaml").is_file():
-                fail(name, f"{CONF_DIR / config_name}.yaml: no such file; this installation lacks its configs "
-                           "(conf/ in a checkout, envs/conf in an installed package): reinstall parapolicy")
+                fail(name, f"{CONF_DIR / config_name}.yaml: no such file; this installation lacks its "
+                           "configs (conf/ in a checkout, common/conf in an installed package): "
+                           "reinstall parapolicy")
             argv = [_alias(arg, aliases) for arg in sys.argv[1:]] if aliases else sys.argv[1:]
             _check_group_choices(name, argv)
             sys.argv = [name, *argv, *HYDRA_QUIET]

@@ -1,4 +1,5 @@
-"""Hidden work directories for atomic writes, named for the process that owns them.
+"""Writes a reader never sees half done: a file written beside its destination and renamed into
+place, a directory built in a hidden partial directory and renamed into place when complete.
 
 A store or checkpoint is built in `.<name>.<pid>-<random>.partial` beside its destination and
 renamed into place when complete. A process killed with SIGKILL cannot remove its own; the next
@@ -83,7 +84,26 @@ def remove_stale_partials(parent: Path, name: str | None = None) -> list[Path]:
     removed = []
     for p in parent.glob(f".{name if name is not None else '*'}.*{SUFFIX}"):
         owner = _OWNER.search(p.name)
-        if p.is_dir() and (owner is None or (int(owner.group(1)) != os.getpid() and not _alive(int(owner.group(1))))):
+        pid = int(owner.group(1)) if owner is not None else None
+        if p.is_dir() and (pid is None or (pid != os.getpid() and not _alive(pid))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure to `path` (PNG) atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
