@@ -66,14 +66,14 @@ def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> 
     """`out`/obs.npz (closed-loop histories of the validation episodes) and `out`/wheels."""
     import policy
     from common.errors import UserError
+    from common.files import atomic_path
     from policy.windows import episode_sequences
 
     out.mkdir(parents=True, exist_ok=True)
     pol = policy.load(checkpoint, device="cpu")
     obs, first = episode_sequences(pol, data, "val", plans)
-    tmp = out / ".obs.tmp.npz"
-    np.savez(tmp, obs=obs, first=first)
-    tmp.replace(out / "obs.npz")
+    with atomic_path(out / "obs.npz") as tmp:
+        np.savez(tmp, obs=obs, first=first)
     print(f"wrote {out / 'obs.npz'}: {len(obs)} histories of {int(first.sum())} validation episodes of {data}")
     if not wheels:
         return

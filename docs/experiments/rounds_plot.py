@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.files import save_figure
 from rollouts.report import read_rows
 
 LABELS = {  # dp-eval label -> short name on the plot
@@ -60,9 +61,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out)
+    save_figure(fig, out, dpi=110)
     print(f"wrote {out}")
 
 
