@@ -54,7 +54,7 @@ def test_wheel_installs_and_commands_run_from_elsewhere(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("parapolicy-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "common/conf/bench.yaml" in names and "common/conf/sampler/ddim10.yaml" in names
-    assert not [n for n in names if n.startswith(("zoo/", "conf/", "rollouts/results/"))]
+    assert not [n for n in names if n.startswith(("zoo/", "conf/", "experiments/"))]
 
     run([uv, "export", "--frozen", "--no-hashes", "--no-emit-project", "--all-extras", "--quiet",
          "--output-file", tmp_path / "lock.txt"], 60, cwd=ROOT)

@@ -3,8 +3,8 @@ steps), the device-independent cost, for the presets and their peers. Reads dp-e
 files; writes one PNG. The latencies of those evaluations came from runs that shared the cores,
 so the x axis is the count that decides latency on every device (docs/rounds.md).
 
-    uv run python docs/experiments/rounds_plot.py outputs/eval-rules-square outputs/eval-peers-square \
-        outputs/eval-w16-square --out rollouts/results/pareto-rules-square.png
+    uv run python experiments/rounds_plot.py outputs/eval-rules-square outputs/eval-peers-square \
+        outputs/eval-w16-square --out experiments/results/pareto-rules-square.png
 """
 
 from __future__ import annotations
