@@ -134,7 +134,7 @@ def main(cfg: CollectConfig) -> None:
     from envs.store import check_destination, store_size_mb, write_store
 
     out = check_destination(cfg.out, cfg.overwrite)  # fail now, not after the collection
-    obs = ObsConfig.from_dict(cfg.obs)
+    obs = cfg.obs
     episodes, failed = collect(cfg.task.name, cfg.n_demos, cfg.seed, cfg.workers, cfg.max_attempts, obs=obs)
     keys = ("obs", "action", "state", "reward", "success", *obs.image_keys)
     write_store(out, [{k: e[k] for k in keys} for e in episodes],

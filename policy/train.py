@@ -309,10 +309,7 @@ def _train(cfg: TrainConfig, world, device: torch.device, config_yaml: str) -> P
 
 
 @command("train", TrainConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    typed: TrainConfig = OmegaConf.to_object(cfg)  # builds the dataclasses: their checks run here
+def main(typed: TrainConfig) -> None:
     if typed.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from common.cli import HYDRA_QUIET
         from policy.distributed import launch

@@ -158,9 +158,13 @@ class ExportConfig:
     measured: str | None = None  # a dp-eval directory of `out` to record in its policy.json
 
 
-def _run(cfg) -> None:
+def _require_source(cfg) -> None:
+    """Before the config is built (which would name a missing out= first): something to do."""
     if cfg.checkpoint is None and cfg.measured is None:
         raise UserError("checkpoint: required (or measured=<dp-eval dir> to record an evaluation of out=)")
+
+
+def _run(cfg: ExportConfig) -> None:
     if cfg.measured is not None:
         read_results(Path(cfg.measured))  # a bad evaluation is refused before anything is exported
     if cfg.checkpoint is not None:
@@ -173,7 +177,7 @@ def _run(cfg) -> None:
                                                    for r in m["results"]))
 
 
-main = command("export", ExportConfig)(_run)
+main = command("export", ExportConfig, before=_require_source)(_run)
 
 
 if __name__ == "__main__":

@@ -230,7 +230,5 @@ def plot_loss(path: Path, entry: dict, chain: str) -> None:
 
 
 @command("align", AlignConfig, aliases={"sampler": "solver"})
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    run_align(AlignConfig(**OmegaConf.to_container(cfg, resolve=True)))
+def main(cfg: AlignConfig) -> None:
+    run_align(cfg)

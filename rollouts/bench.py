@@ -341,10 +341,7 @@ def plot(path: Path, results: list[dict], context: dict) -> None:
 
 
 @command("bench", BenchConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    cfg = BenchConfig(**OmegaConf.to_container(cfg, resolve=True))
+def main(cfg: BenchConfig) -> None:
     results, context = run_bench(cfg)
     out = Path(cfg.out or f"outputs/bench/{context['task']}")
     write_outputs(out, results, context)

@@ -418,13 +418,8 @@ def _slug(label: str) -> str:
 
 
 @command("eval", EvalConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw["options"] = SamplerOptions(**raw["options"])
-    raw["loop"] = LoopConfig(**raw["loop"])
-    evaluate(EvalConfig(**raw))
+def main(cfg: EvalConfig) -> None:
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def sampler_preset(spec: str) -> SamplerConfig:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.strip() for o in overrides.split(",")]))
     except OmegaConfBaseException as err:
         raise UserError(f"samplers: {spec!r}: {str(err).splitlines()[0]}") from None
-    out = SamplerConfig(**OmegaConf.to_container(cfg))
+    out = OmegaConf.to_object(cfg)
     resolve(out)
     return out
 

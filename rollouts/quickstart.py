@@ -116,12 +116,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
 
 @command("quickstart", QuickstartConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw["task"] = TaskConfig(**raw["task"])
-    quickstart(QuickstartConfig(**raw))
+def main(cfg: QuickstartConfig) -> None:
+    quickstart(cfg)
 
 
 if __name__ == "__main__":

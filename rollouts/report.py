@@ -332,7 +332,7 @@ def check_deadline(deadline_ms) -> None:
 
 
 @command("report", ReportConfig)
-def main(cfg) -> None:
+def main(cfg: ReportConfig) -> None:
     check_deadline(cfg.deadline_ms)
     summary = compare(merge(list(cfg.inputs)), cfg.reference)
     note = seed_note(summary)

@@ -393,7 +393,7 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
 
 
 @command("serve", ServeConfig)
-def main(cfg) -> None:
+def main(cfg: ServeConfig) -> None:
     check_options(cfg)  # before the imports and the checkpoint: a mistyped number fails at once
     import torch
 
@@ -401,7 +401,7 @@ def main(cfg) -> None:
 
     torch.set_num_threads(cfg.threads)
     pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
-    pol.sampler = SamplerConfig(**cfg.sampler)
+    pol.sampler = cfg.sampler
     pol.seed(cfg.seed)
     service = PolicyService(pol)
     check_message_size(cfg.max_message_mb, service)
