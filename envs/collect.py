@@ -15,8 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from envs.cli import command, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
-from envs.errors import UserError
+from common.cli import command, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
+from common.errors import UserError
 from envs.tasks import ObsConfig, TaskConfig, get_task
 
 
@@ -134,7 +134,7 @@ def main(cfg: CollectConfig) -> None:
     from envs.store import check_destination, store_size_mb, write_store
 
     out = check_destination(cfg.out, cfg.overwrite)  # fail now, not after the collection
-    obs = ObsConfig.from_dict(cfg.obs)
+    obs = cfg.obs
     episodes, failed = collect(cfg.task.name, cfg.n_demos, cfg.seed, cfg.workers, cfg.max_attempts, obs=obs)
     keys = ("obs", "action", "state", "reward", "success", *obs.image_keys)
     write_store(out, [{k: e[k] for k in keys} for e in episodes],

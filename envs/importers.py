@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
-from envs.cli import command
-from envs.errors import SourceError, UserError
+from common.cli import command
+from common.errors import UserError
+from envs.errors import SourceError
 from envs.store import check_destination, open_store, store_size_mb, write_store
 from envs.tasks import ACTION_DIM, TASKS, ObsConfig, TaskSpec
 
@@ -304,15 +305,23 @@ def _sha256(path: Path) -> str:
 
 # -- command line -------------------------------------------------------------------------------
 
+def _set_fields(self, **values: Any) -> None:
+    """ImportConfig's __init__: the command harness builds the config (`OmegaConf.to_object`)
+    with every field as a keyword, `in` included."""
+    for key, value in values.items():
+        setattr(self, key, value)
+
+
 # The schema of conf/import.yaml. Its first key is the Python keyword `in`, which the dataclass
 # decorator accepts only without a generated __init__/__repr__/__eq__ (they would name it as a
-# variable); Hydra and OmegaConf only read the fields, so nothing is lost.
+# variable): the __init__ is `_set_fields`, the field read with getattr(cfg, "in").
 ImportConfig = dataclasses.dataclass(init=False, repr=False, eq=False)(
     type(
         "ImportConfig",
         (),
         {
             "__module__": __name__,
+            "__init__": _set_fields,
             "__doc__": "dp-import: in=<robomimic .hdf5 | store> out=<store path> overwrite=<bool> [obs=image].",
             "__annotations__": {"in": str, "out": str, "overwrite": bool, "obs": ObsConfig},
             "in": MISSING,
@@ -327,27 +336,31 @@ _USAGE = ("usage: dp-import in=demo.hdf5 out=data/lift.zarr [overwrite=true]; "
           "dp-import in=data/lift.zarr out=data/lift_image.zarr obs=image (render cameras from saved states)")
 
 
-def _run(cfg: Any) -> None:
+def _require_in_and_out(cfg: Any) -> None:
+    """Before the config is built (which would name a missing key alone): with the usage."""
     from omegaconf import OmegaConf
 
     for key in ("in", "out"):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"{key}: required; {_USAGE}")
-    obs = ObsConfig.from_dict(cfg["obs"])
-    source = Path(cfg["in"])
+
+
+def _run(cfg: ImportConfig) -> None:
+    obs = cfg.obs
+    source = Path(getattr(cfg, "in"))
     is_store = source.is_dir() or (source.suffix == ".zip" and source.is_file())
     try:
         if is_store:
-            out = render_store(source, cfg["out"], obs, overwrite=cfg["overwrite"])
+            out = render_store(source, cfg.out, obs, overwrite=cfg.overwrite)
         elif obs.image:
             raise UserError(f"obs: {source} is a robomimic file; its image keys are imported as they are, without obs=image")
         else:
-            out = import_robomimic(cfg["in"], cfg["out"], overwrite=cfg["overwrite"])
+            out = import_robomimic(getattr(cfg, "in"), cfg.out, overwrite=cfg.overwrite)
     except OSError as err:  # permissions, a full disk, ...: a file problem, not a bug
-        raise UserError(f"{err.filename or cfg['out']}: {err.strerror or err}") from err
+        raise UserError(f"{err.filename or cfg.out}: {err.strerror or err}") from err
     with open_store(out) as store:
         print(f"wrote {out}: task {store.task}, {store.n_episodes} demos, {store.n_steps} steps, "
               f"{store_size_mb(out) / store.n_episodes:.2f} MB per demo")
 
 
-main = command("import", ImportConfig)(_run)
+main = command("import", ImportConfig, before=_require_in_and_out)(_run)

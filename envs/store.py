@@ -29,8 +29,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore, ZipStore
 
-from envs.errors import StoreError, UserError
-from envs.partial import make_partial, remove_stale_partials
+from common.errors import UserError
+from common.files import make_partial, remove_stale_partials
+from envs.errors import StoreError
 from envs.tasks import ObsConfig
 
 FORMAT = "parapolicy-replay-buffer"

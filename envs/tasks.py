@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from envs.errors import UserError
+from common.errors import UserError
 
 # robomimic's low-dim observation keys, in the order they are concatenated into the vector.
 OBS_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.samplers.solvers import Plan, canonical_spacing, get_plan, new_history, step_rows
 
 STRATEGIES = ("sequential", "parallel")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import write_json
 from policy.device import machine, sync
 
 CANDIDATES = (4, 8, 16, 32, 64)  # plus the whole chain; capped at the chain's length
@@ -114,9 +115,7 @@ def store(k: str, entry: dict) -> None:
         except (OSError, ValueError):
             table = {}
         table[k] = entry
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
+        write_json(path, table, indent=1)
     except OSError:
         pass
 

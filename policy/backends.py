@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 BACKENDS = ("auto", "torch", "openvino")
 

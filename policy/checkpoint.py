@@ -14,7 +14,6 @@ newest complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -24,8 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from envs.errors import UserError
-from envs.partial import building
+from common.errors import UserError
+from common.files import building, replace_symlink
 from policy.device import resolve_device
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.network import UNetConfig
@@ -69,10 +68,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: DiffusionPolicy, ema
         (tmp / "policy.json").write_text(json.dumps(meta, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
         torch.save(trainer_state, tmp / "trainer.pt")
-    link = root / f".{LATEST}.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(final.name)
-    os.replace(link, root / LATEST)  # atomic: `latest` is always a complete checkpoint
+    replace_symlink(root / LATEST, final.name)  # atomic: `latest` is always a complete checkpoint
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

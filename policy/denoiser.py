@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy import backends
 from policy.device import sync
 from policy.network import SinusoidalStepEmbedding

@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:

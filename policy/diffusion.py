@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from envs.errors import UserError
+from common.errors import UserError
 from envs.tasks import ObsConfig
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.vision import ObsEncoder, PlanningEncoder, VisionConfig

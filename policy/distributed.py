@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def launch(nproc: int, args: list[str], command: str) -> int:
 
             failed = {rank: f.exitcode for rank, f in err.failures.items()}
             if failed.get(0, 0) > 0:
-                return failed[0]  # process 0 said why on the terminal (the others wait for it: `envs.cli.fail`)
+                return failed[0]  # process 0 said why on the terminal (the others wait for it: `common.cli.fail`)
             rank, code = min(((r, c) for r, c in failed.items() if c > 0), default=min(failed.items()))
             print((said(rank) or [f"{command}: process {rank} of {nproc} failed (exit code {code})"])[-1],
                   file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.errors import UserError
+from common.errors import UserError
 
 
 def episode_split(n_episodes: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

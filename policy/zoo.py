@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from envs.cli import command
-from envs.errors import UserError
-from envs.partial import building, remove_stale_partials
+from common.cli import command
+from common.errors import UserError
+from common.files import atomic_path, building, remove_stale_partials, write_json
 from policy.checkpoint import load_meta, load_policy, read_file, resolve, weights_metadata
 
 WEIGHTS = "weights_ema.safetensors"
@@ -78,9 +78,8 @@ def write_histories(policy, store: str | Path, dest: Path, split: str = "val") -
 
     n = N_IMAGE_HISTORIES if policy.encoder is not None else N_HISTORIES
     obs, first = episode_sequences(policy, str(store), split, n)
-    tmp = dest.with_name(f".{dest.name}.tmp.npz")
-    np.savez_compressed(tmp, obs=obs, first=first)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        np.savez_compressed(tmp, obs=obs, first=first)
     return dest
 
 
@@ -118,9 +117,7 @@ def record(zoo: str | Path, evaluation: str | Path) -> dict:
     run = read_file(evaluation / "run.json", lambda p: json.loads(p.read_text()))
     measured = {"seed": run.get("seed"), "results": [{k: r.get(k) for k in keep} for r in results]}
     meta.setdefault("zoo", {})["measured"] = measured
-    tmp = zoo / ".policy.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, zoo / "policy.json")
+    write_json(zoo / "policy.json", meta, indent=1)
     return measured
 
 
@@ -161,9 +158,13 @@ class ExportConfig:
     measured: str | None = None  # a dp-eval directory of `out` to record in its policy.json
 
 
-def _run(cfg) -> None:
+def _require_source(cfg) -> None:
+    """Before the config is built (which would name a missing out= first): something to do."""
     if cfg.checkpoint is None and cfg.measured is None:
         raise UserError("checkpoint: required (or measured=<dp-eval dir> to record an evaluation of out=)")
+
+
+def _run(cfg: ExportConfig) -> None:
     if cfg.measured is not None:
         read_results(Path(cfg.measured))  # a bad evaluation is refused before anything is exported
     if cfg.checkpoint is not None:
@@ -176,7 +177,7 @@ def _run(cfg) -> None:
                                                    for r in m["results"]))
 
 
-main = command("export", ExportConfig)(_run)
+main = command("export", ExportConfig, before=_require_source)(_run)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.cli import command
-from envs.errors import UserError
-from envs.lock import exclusive
+from common.cli import command
+from common.errors import UserError
+from common.lock import exclusive
 from policy.aligner import (STRATEGIES, AlignSettings, aligner_file, learn, reference_trajectory,
                             trajectory_gap)
+from common.files import save_figure, write_text
 from policy.samplers.solvers import SOLVERS, SPACINGS, canonical_spacing
-from rollouts.files import save_figure, write_text
 
 
 @dataclass
@@ -230,7 +230,5 @@ def plot_loss(path: Path, entry: dict, chain: str) -> None:
 
 
 @command("align", AlignConfig, aliases={"sampler": "solver"})
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    run_align(AlignConfig(**OmegaConf.to_container(cfg, resolve=True)))
+def main(cfg: AlignConfig) -> None:
+    run_align(cfg)

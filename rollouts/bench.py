@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.cli import command
-from envs.errors import UserError
+from common.cli import command
+from common.errors import UserError
+from common.files import save_figure, write_text
 from policy.autowindow import batch_scaling, cost_ratio
 from policy.device import machine, sync
 from policy.samplers import SamplerConfig, aligner_choice, chain_of
 from policy.warm import PlanSession
-from rollouts.files import save_figure, write_text
 
 DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15", "piadm15"]
 
@@ -372,10 +372,7 @@ def plot(path: Path, results: list[dict], context: dict) -> None:
 
 
 @command("bench", BenchConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    cfg = BenchConfig(**OmegaConf.to_container(cfg, resolve=True))
+def main(cfg: BenchConfig) -> None:
     results, context = run_bench(cfg)
     out = Path(cfg.out or f"outputs/bench/{context['task']}")
     write_outputs(out, results, context)

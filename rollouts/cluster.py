@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from envs.errors import UserError
+from common.errors import UserError
 
 
 def check_installed() -> None:

@@ -65,15 +65,15 @@ def samplers(device: torch.device) -> list[str]:
 def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> None:
     """`out`/obs.npz (closed-loop histories of the validation episodes) and `out`/wheels."""
     import policy
-    from envs.errors import UserError
+    from common.errors import UserError
+    from common.files import atomic_path
     from policy.windows import episode_sequences
 
     out.mkdir(parents=True, exist_ok=True)
     pol = policy.load(checkpoint, device="cpu")
     obs, first = episode_sequences(pol, data, "val", plans)
-    tmp = out / ".obs.tmp.npz"
-    np.savez(tmp, obs=obs, first=first)
-    tmp.replace(out / "obs.npz")
+    with atomic_path(out / "obs.npz") as tmp:
+        np.savez(tmp, obs=obs, first=first)
     print(f"wrote {out / 'obs.npz'}: {len(obs)} histories of {int(first.sum())} validation episodes of {data}")
     if not wheels:
         return
@@ -100,7 +100,7 @@ def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> 
 def _python_with_pip() -> str:
     """uv's environments have no pip; the interpreter they were made from has (a fresh machine has
     Python and pip)."""
-    from envs.errors import UserError
+    from common.errors import UserError
 
     for python in (sys.executable, getattr(sys, "_base_executable", None), shutil.which("python3")):
         if python and subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode == 0:
@@ -164,7 +164,7 @@ def summary(results: list[dict], context: dict, syncs: dict) -> str:
 def run(checkpoint: str, data: str, out: Path, plans: int, budget_s: float, warmup: int = 2,
         overhead_plans: int = 5, batch_sizes: list[int] | None = None, rows: list[str] | None = None) -> Path:
     from rollouts.bench import BenchConfig, run_bench, write_outputs
-    from rollouts.files import write_text
+    from common.files import write_text
     from policy.samplers import SamplerConfig
 
     began = time.perf_counter()
@@ -192,7 +192,7 @@ def run(checkpoint: str, data: str, out: Path, plans: int, budget_s: float, warm
 
 
 def main(argv: list[str] | None = None) -> None:
-    from envs.errors import UserError
+    from common.errors import UserError
 
     parser = argparse.ArgumentParser(prog="dp-devicecheck", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from envs.cli import command, fail, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
-from envs.errors import UserError
-from envs.lock import exclusive
+from common.cli import command, fail, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
+from common.errors import UserError
+from common.files import write_json, write_text
+from common.lock import exclusive
 from policy.samplers import SamplerConfig
 from rollouts.realtime import LoopConfig
 from rollouts.report import (check_deadline, episode_rows, plan_rows, recommendation_line, summarize, table,
@@ -262,14 +263,10 @@ def prepare_out(out: Path, info: dict, restart: bool) -> list[dict]:
             if label in before.get("samplers", {}) and before["samplers"][label] != cfg:
                 raise UserError(f"{out}: sampler {label!r} was evaluated with other options; pass restart=true")
         info = {**info, "samplers": {**before.get("samplers", {}), **info["samplers"]}}
-    tmp = out / ".run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run_file)
+    write_json(run_file, info, indent=2)
     done = read_log(out / LOG)
     if (out / LOG).exists():  # drop a line a kill cut short, so appends start on a fresh line
-        tmp = out / f".{LOG}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in done))
-        os.replace(tmp, out / LOG)
+        write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in done))
     return done
 
 
@@ -418,13 +415,8 @@ def _slug(label: str) -> str:
 
 
 @command("eval", EvalConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw["options"] = SamplerOptions(**raw["options"])
-    raw["loop"] = LoopConfig(**raw["loop"])
-    evaluate(EvalConfig(**raw))
+def main(cfg: EvalConfig) -> None:
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

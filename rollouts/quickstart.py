@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envs.cli import command
+from common.cli import command
 from envs.tasks import TaskConfig
 
 # Minutes per unit of each stage on the slower of the 2-core CPUs measured (2026-12-02): per
@@ -54,7 +54,7 @@ class Stages:
 
 
 def _store_ok(path: Path, n_demos: int, task: str) -> bool:
-    from envs.errors import UserError
+    from common.errors import UserError
     from envs.store import open_store
 
     try:
@@ -116,12 +116,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
 
 
 @command("quickstart", QuickstartConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw["task"] = TaskConfig(**raw["task"])
-    quickstart(QuickstartConfig(**raw))
+def main(cfg: QuickstartConfig) -> None:
+    quickstart(cfg)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.safety import UnsafeActions
 from rollouts.chunks import MERGES, ActionSchedule
 

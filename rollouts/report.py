@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.cli import command
-from envs.errors import UserError
-from rollouts.files import save_figure, write_text
+from common.cli import command
+from common.errors import UserError
+from common.files import save_figure, write_text
 from rollouts.stats import paired, recommend, row_outcomes, wilson
 
 
@@ -332,7 +332,7 @@ def check_deadline(deadline_ms) -> None:
 
 
 @command("report", ReportConfig)
-def main(cfg) -> None:
+def main(cfg: ReportConfig) -> None:
     check_deadline(cfg.deadline_ms)
     summary = compare(merge(list(cfg.inputs)), cfg.reference)
     note = seed_note(summary)

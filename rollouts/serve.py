@@ -54,7 +54,7 @@ from http import HTTPStatus
 
 import numpy as np
 
-from envs.cli import command
+from common.cli import command
 from policy.safety import check_observation
 from policy.samplers import SamplerConfig
 from policy.warm import PlanSession, WarmStart
@@ -96,7 +96,7 @@ class ServeConfig:
 
 def check_options(cfg) -> None:
     """dp-serve's numeric options, checked once before anything loads: a UserError naming the key."""
-    from envs.errors import UserError
+    from common.errors import UserError
 
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"port: {cfg.port} is not in 0..65535")
@@ -111,7 +111,7 @@ def check_options(cfg) -> None:
 
 def check_message_size(max_message_mb: float, service: PolicyService) -> None:
     """A message limit too small for the policy's own smallest request would refuse every request."""
-    from envs.errors import UserError
+    from common.errors import UserError
 
     p = service.policy
     need = len(wire.packb({OBS_KEY: np.zeros((p.cfg.n_obs_steps, p.obs_dim), np.float32)}))
@@ -390,7 +390,7 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
 
 
 @command("serve", ServeConfig)
-def main(cfg) -> None:
+def main(cfg: ServeConfig) -> None:
     check_options(cfg)  # before the imports and the checkpoint: a mistyped number fails at once
     import torch
 
@@ -398,7 +398,7 @@ def main(cfg) -> None:
 
     torch.set_num_threads(cfg.threads)
     pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
-    pol.sampler = SamplerConfig(**cfg.sampler)
+    pol.sampler = cfg.sampler
     pol.seed(cfg.seed)
     service = PolicyService(pol)
     check_message_size(cfg.max_message_mb, service)
@@ -412,7 +412,7 @@ def main(cfg) -> None:
         import errno
         import socket
 
-        from envs.errors import UserError
+        from common.errors import UserError
 
         # A name that does not resolve, or an address that is not this machine's, is the host's
         # fault; a port in use or reserved is the port's.

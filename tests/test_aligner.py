@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.aligner import AlignSettings, aligner_file, learn, load_taus
 from policy.checkpoint import load_policy
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.autowindow import candidates, cost_ratio, measure
 from policy.checkpoint import load_policy
 from rollouts.presets import sampler_preset

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 import policy
-from envs.errors import UserError
 from policy.backends import check_device
 from policy.samplers import SamplerConfig
 from rollouts.presets import sampler_preset

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.samplers import SamplerConfig
 from rollouts.presets import baseline_of, known_presets, sampler_preset
 

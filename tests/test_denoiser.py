@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from commands import dp
-from envs.errors import UserError
+from common.errors import UserError
 from policy.denoiser import Denoiser
 from policy.device import resolve_device
 from policy.network import ConditionalUnet1D, UNetConfig

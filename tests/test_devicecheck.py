@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 from rollouts.devicecheck import main, samplers
 from rollouts.presets import sampler_preset
 

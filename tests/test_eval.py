@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.errors import UserError
+from common.errors import UserError
 from rollouts.evaluate import EvalConfig, SamplerOptions, evaluate, read_log, sampler_specs
 from rollouts.report import pareto_front, read_rows
 from rollouts.stats import wilson

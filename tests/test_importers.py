@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from envs.errors import SourceError, StoreError, UserError
+from common.errors import UserError
+from envs.errors import SourceError, StoreError
 from envs.importers import import_robomimic
 from envs.store import open_store
 from envs.tasks import OBS_KEYS, TASKS, get_task

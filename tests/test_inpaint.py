@@ -136,7 +136,7 @@ def test_a_plan_with_committed_actions_starts_with_them(checkpoint):
     overlap after them is pulled but not pinned; a bad prefix is named."""
     import numpy as np
 
-    from envs.errors import UserError
+    from common.errors import UserError
     from policy import load
     from policy.samplers import SamplerConfig
 

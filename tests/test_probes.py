@@ -19,9 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
+from common.errors import UserError
+from common.files import make_partial, remove_stale_partials
 import policy
-from envs.errors import StoreError, UserError
-from envs.partial import make_partial, remove_stale_partials
+from envs.errors import StoreError
 from envs.store import write_store
 from policy.safety import NonFiniteActions
 from rollouts import wire

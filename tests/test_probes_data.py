@@ -16,9 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
+from common.files import building
 from envs.collect import collect
 from envs.errors import StoreError
-from envs.partial import building
 from envs.store import write_store
 from envs.tasks import TASKS, ObsConfig
 
@@ -71,14 +71,14 @@ def test_the_cameras_of_each_task_are_those_of_its_simulator():
 
 
 def test_a_camera_listed_twice_is_refused():
-    from envs.errors import UserError
+    from common.errors import UserError
 
     with pytest.raises(UserError, match="obs.cameras: 'agentview' is listed twice"):
         ObsConfig("image", ["agentview", "agentview"])
 
 
 def test_a_worker_that_cannot_build_its_env_fails_the_run_instead_of_restarting_forever(monkeypatch):
-    from envs.errors import UserError
+    from common.errors import UserError
 
     # every worker's simulator fails to start the same way (spawned workers inherit the environment)
     monkeypatch.setenv("MUJOCO_GL", "no-such-backend")
@@ -105,7 +105,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_ctrl_c_while_the_workers_start_is_answered_after_not_lost():
-    from envs.cli import workers_ignore_ctrl_c
+    from common.cli import workers_ignore_ctrl_c
 
     done = False
     with pytest.raises(KeyboardInterrupt), workers_ignore_ctrl_c():

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.samplers import SamplerConfig, resolve
 from rollouts.realtime import LoopConfig, run_loop
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.errors import UserError
+from common.lock import exclusive
 import policy
-from envs.errors import UserError
-from envs.lock import exclusive
 from policy.safety import ActionsOutOfRange, NonFiniteActions, check_actions, refusal
 
 from commands import dp, one_line_error
@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 
 def hold_lock(out: Path, command: str) -> subprocess.Popen:
     """Another process holding `out`'s lock as `command` would (until killed)."""
-    code = ("import sys, time\nfrom envs.lock import exclusive\n"
+    code = ("import sys, time\nfrom common.lock import exclusive\n"
             f"with exclusive({str(out)!r}, {command!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert p.stdout.readline().strip() == "held"

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.errors import UserError
 from envs import make_env
-from envs.errors import UserError
 from policy.checkpoint import load_policy
 from policy.samplers import SamplerConfig
 from rollouts.chunks import ActionSchedule

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.samplers import SamplerConfig, get_sampler, resolve
 from policy.samplers.solvers import get_plan, new_history, step_rows, timesteps

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import zarr
 
+from common.errors import UserError
 from envs import store as store_module
-from envs.errors import StoreError, UserError
+from envs.errors import StoreError
 from envs.store import FORMAT, FORMAT_VERSION, open_store, write_store
 
 OBS_DIM, STATE_DIM = 23, 32

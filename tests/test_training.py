@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 import policy
-from envs.errors import UserError
 from envs.store import write_store
 from envs.tasks import get_task
 from policy.checkpoint import check_matches

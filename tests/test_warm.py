@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_samplers import Counting, inputs, net, sched  # noqa: F401 (net, sched: the samplers' fixtures)
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.checkpoint import load_policy
 from policy.samplers import SamplerConfig, get_sampler, resolve
 from policy.samplers.solvers import get_plan

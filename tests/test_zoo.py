@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from common.errors import UserError
 import policy
-from envs.errors import UserError
 from policy.zoo import HISTORIES, MAX_MB, WEIGHTS, export, record
 
 from commands import dp

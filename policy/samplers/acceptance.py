@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 RULES = ("paper", "x0", "chunk")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.samplers.chain import Chain
 from policy.samplers.result import SampleResult
 from policy.samplers.solvers import new_history, step_rows

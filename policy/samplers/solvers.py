@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 SOLVERS = ("ddpm", "ddim", "dpmsolver")
 SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr", "uniform")

@@ -14,7 +14,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from envs.errors import UserError
+from common.errors import UserError
 
 SEQUENTIAL = frozenset({"ddpm", "ddim", "dpmsolver"})
 PARALLEL = frozenset({"paraddpm", "paraddim", "paradpmsolver"})
@@ -96,7 +96,7 @@ ALIGNED = "+aligner"
 
 
 def preset_dir():
-    from envs.cli import CONF_DIR
+    from common.cli import CONF_DIR
 
     return CONF_DIR / "sampler"
 

@@ -3,7 +3,7 @@ sequential-step units (from the 2-core batch-scaling curve in the README) of Par
 along closed-loop observation sequences (consecutive plans are real neighbours, 8 steps apart).
 Counts only; wall-clock speed is dp-bench's job.
 
-    uv run python docs/experiments/picard_rounds.py outputs/lift 24 \\
+    uv run python experiments/picard_rounds.py outputs/lift 24 \\
         paraddpm:steps=100,window=16,tol=0.1 paraddpm:steps=100,window=16,tol=0.1,anderson=4,warm=true
 """
 import sys

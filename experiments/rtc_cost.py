@@ -1,5 +1,5 @@
 """Planning cost of RTC inpainting per plan, free vs replace vs guide (zoo/square, 1 thread; docs/realtime.md).
-Run from the repository root: uv run python rollouts/results/rtc_cost.py (writes outputs/rtc_cost.json)."""
+Run from the repository root: uv run python experiments/rtc_cost.py (writes outputs/rtc_cost.json)."""
 import json, os, time
 
 import numpy as np

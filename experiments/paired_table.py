@@ -2,7 +2,7 @@
 each sampler against the run's reference on the seeds both ran, McNemar's exact p and the paired
 95 % interval, and whether the difference is real (p < 0.05).
 
-    uv run python docs/experiments/paired_table.py outputs/sweep32-square
+    uv run python experiments/paired_table.py outputs/sweep32-square
 """
 
 import sys

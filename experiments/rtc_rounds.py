@@ -1,5 +1,5 @@
 """Rounds per plan of warm-started ParaDiGMS with RTC along consecutive plans (zoo/square; docs/realtime.md).
-Run from the repository root: uv run python rollouts/results/rtc_rounds.py 6 (writes outputs/rtcrounds.json)."""
+Run from the repository root: uv run python experiments/rtc_rounds.py 6 (writes outputs/rtcrounds.json)."""
 import json, os, sys, time
 
 import numpy as np

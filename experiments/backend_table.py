@@ -1,7 +1,7 @@
 """The backend table of docs/samplers.md from one dp-bench run whose rows are `<preset>:backend=torch`
 and `<preset>:backend=auto` (measurement script, not product code):
 
-    uv run python docs/experiments/backend_table.py outputs/bench-backends-lift
+    uv run python experiments/backend_table.py outputs/bench-backends-lift
 """
 
 import json

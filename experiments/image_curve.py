@@ -1,9 +1,9 @@
 """Success against training time for an image policy run: each kept checkpoint of `run`
 evaluated by dp-eval on the same seeds, its training time read from its trainer state.
 
-    uv run python rollouts/results/image_curve.py outputs/lift_image 20 ddim10 [step ...]
+    uv run python experiments/image_curve.py outputs/lift_image 20 ddim10 [step ...]
 
-Writes rollouts/results/image-curve-<task>.csv and .png (the results are dp-eval's own, under
+Writes experiments/results/image-curve-<task>.csv and .png (the results are dp-eval's own, under
 outputs/curve-<task>/step-N/).
 """
 
@@ -38,7 +38,7 @@ for ckpt in ckpts:
     (res,) = read_rows(out / "results.json")
     rows.append((step, minutes, res["success_rate"], *res["success_ci95"], res["episodes"]))
     print(f"step {step}: {minutes:.1f} min, success {res['success_rate']:.0%}", flush=True)
-dest = Path(f"rollouts/results/image-curve-{task}")
+dest = Path(f"experiments/results/image-curve-{task}")
 dest.with_suffix(".csv").write_text("step,training_min,success,ci_lo,ci_hi,episodes\n"
                                     + "".join(",".join(f"{v:.4g}" for v in r) + "\n" for r in rows))
 fig, ax = plt.subplots(figsize=(5, 3.2))
