@@ -15,7 +15,8 @@ COMMANDS = {
     "dp-collect": "envs.collect", "dp-import": "envs.importers", "dp-train": "policy.train",
     "dp-rollout": "rollouts.rollout", "dp-bench": "rollouts.bench", "dp-align": "rollouts.align",
     "dp-serve": "rollouts.serve", "dp-eval": "rollouts.evaluate", "dp-report": "rollouts.report",
-    "dp-quickstart": "rollouts.quickstart", "dp-export": "policy.zoo", "dp-devicecheck": "rollouts.devicecheck",
+    "dp-quickstart": "rollouts.quickstart", "dp-export": "policy.zoo",
+    "dp-devicecheck": "rollouts.devicecheck",
 }
 
 

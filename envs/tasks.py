@@ -86,7 +86,8 @@ class ObsConfig:
                                 f"known: {', '.join(task.cameras)}")
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "cameras": list(self.cameras), "size": int(self.size), "render": self.render}
+        return {"mode": self.mode, "cameras": list(self.cameras), "size": int(self.size),
+                "render": self.render}
 
     @classmethod
     def from_dict(cls, d) -> ObsConfig:

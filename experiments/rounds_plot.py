@@ -18,7 +18,8 @@ from rollouts.report import read_rows
 LABELS = {  # dp-eval label -> short name on the plot
     "ddpm100": "DDPM-100",
     "paraddpm100:window=100,anderson=4,tol=1.0,floor=0.03,warm=true": "ParaDDPM-100, new, window 100",
-    "paraddpm100:window=16,anderson=4,tol=1.0,floor=0.03,warm=true": "ParaDDPM-100, new, window 16 (preset here)",
+    "paraddpm100:window=16,anderson=4,tol=1.0,floor=0.03,warm=true": "ParaDDPM-100, new, "
+                                                                     "window 16 (preset here)",
     "paraddpm100:window=100,anderson=4,rule=x0,tol=0.02,warm=true": "ParaDDPM-100, x0 rule",
     "falcon100:start=70": "Falcon, start 70",
     "falcon100": "Falcon, start 50",

@@ -92,7 +92,8 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def build_policy(meta: dict, normalizer: Normalizer) -> DiffusionPolicy:
     cfg = dict(meta["config"])
-    cfg = PolicyConfig(**{**cfg, "unet": UNetConfig(**cfg["unet"]), "schedule": ScheduleConfig(**cfg["schedule"]),
+    cfg = PolicyConfig(**{**cfg, "unet": UNetConfig(**cfg["unet"]),
+                          "schedule": ScheduleConfig(**cfg["schedule"]),
                           "vision": VisionConfig(**cfg.get("vision", {}))})
     return DiffusionPolicy(cfg, meta["obs_dim"], meta["action_dim"], normalizer, meta.get("meta"))
 
@@ -167,7 +168,8 @@ def load_policy(path: str | Path, device: str = "cpu", ema: bool = True) -> Diff
     except UserError as err:
         raise UserError(f"{ckpt / 'policy.json'}: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{ckpt / 'policy.json'}: not a policy description ({type(err).__name__}: {err})") from None
+        raise UserError(f"{ckpt / 'policy.json'}: not a policy description "
+                        f"({type(err).__name__}: {err})") from None
     check_normalizer_fits(policy, ckpt)
     weights = ckpt / ("weights_ema.safetensors" if ema else "weights.safetensors")
     check_description(policy, weights)
@@ -197,4 +199,5 @@ def check_matches(policy: DiffusionPolicy, task: str, obs_layout: dict) -> None:
         raise UserError(f"{ckpt}: policy was trained on task {policy.meta.get('task')!r}, not {task!r}")
     want = {k: list(v) for k, v in obs_layout.items()}
     if policy.meta.get("obs_layout") != want:
-        raise UserError(f"{ckpt}: observation layout {policy.meta.get('obs_layout')} does not match the env's {want}")
+        raise UserError(f"{ckpt}: observation layout {policy.meta.get('obs_layout')} does not "
+                        f"match the env's {want}")

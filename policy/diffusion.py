@@ -19,7 +19,8 @@ from policy.vision import ObsEncoder, PlanningEncoder, VisionConfig
 from policy.normalizer import Normalizer
 from policy.backends import Runtime, check_device
 from policy.denoiser import Denoiser, resolve_capture
-from policy.samplers import SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of, resolve, takes_pad
+from policy.samplers import (SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of, resolve,
+                             takes_pad)
 from policy.safety import MARGIN, UnsafeActions, check_actions, check_observation
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
@@ -38,8 +39,8 @@ class PolicyConfig:
     def __post_init__(self):
         halvings = len(self.unet.down_dims) - 1 if isinstance(self.unet, UNetConfig) else 0
         if self.horizon < 1 or self.horizon % 2**halvings:
-            raise UserError(f"policy.horizon: {self.horizon} is not a positive multiple of {2**halvings} (the UNet "
-                            f"halves it {halvings} times and doubles it back)")
+            raise UserError(f"policy.horizon: {self.horizon} is not a positive multiple of {2**halvings} "
+                            f"(the UNet halves it {halvings} times and doubles it back)")
         if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
             raise UserError(
                 f"policy.n_action_steps: {self.n_action_steps} does not fit a horizon of {self.horizon} "
@@ -95,9 +96,11 @@ class DiffusionPolicy(nn.Module):
         self.cond_dim = cfg.n_obs_steps * (obs_dim if self.encoder is None else self.encoder.out_dim)
         self.net = ConditionalUnet1D(action_dim, self.cond_dim, cfg.unet)
         self.scheduler = make_scheduler(cfg.schedule)
-        self.session = PlanSession()  # the one-caller API's plan state (`seed`, `plan`); callers may bring their own
+        # the one-caller API's plan state (`seed`, `plan`); callers may bring their own
+        self.session = PlanSession()
         self._windows: dict[str, dict] = {}  # sampler setting -> its measured window (window=auto)
-        self._denoisers: dict[tuple, Denoiser] = {}  # (precision, capture, device, backend) -> the samplers' denoiser
+        # (precision, capture, device, backend) -> the samplers' denoiser
+        self._denoisers: dict[tuple, Denoiser] = {}
         self._backends: dict[str, str] = {}  # sampler setting -> the backend backend=auto chose
         self.sampler = SamplerConfig()
         self._encoder_runtime: Runtime | None = None  # the encoder's planning path on the backend's runtime
@@ -129,7 +132,8 @@ class DiffusionPolicy(nn.Module):
         if auto_window:
             options["window"] = None
         if cfg.capture == "graph" and not torch.cuda.is_available():
-            resolve_capture("graph", torch.device("cpu"))  # the one-line refusal, now rather than at the first plan
+            # the one-line refusal, now rather than at the first plan
+            resolve_capture("graph", torch.device("cpu"))
         check_device(cfg.backend, self.device)
         return Sampling(cfg, fn, options, auto_window)
 
@@ -175,9 +179,10 @@ class DiffusionPolicy(nn.Module):
 
     def denoiser_for(self, backend: str) -> Denoiser:
         """The sampler's denoiser on `backend` (torch or openvino)."""
-        key = (self.sampler.precision or "fp32", resolve_capture(self.sampler.capture, self.device), str(self.device),
-               backend)
-        if key not in self._denoisers:  # kept across sampler changes: its 16-bit copy, graphs and runtime model
+        key = (self.sampler.precision or "fp32", resolve_capture(self.sampler.capture, self.device),
+               str(self.device), backend)
+        # kept across sampler changes: its 16-bit copy, graphs and runtime model
+        if key not in self._denoisers:
             self._denoisers[key] = Denoiser(self.net, key[0], key[1], self.device, backend)
         return self._denoisers[key]
 
@@ -212,7 +217,8 @@ class DiffusionPolicy(nn.Module):
         """One observation history [1, n_obs, obs_dim] at the centre of what the policy was
         trained on (low-dim at the normalizer's centre, frames mid-grey): for measuring, not acting."""
         low_dim = self.obs_dim if self.encoder is None else self.encoder.low_dim
-        low = self.normalizer.unnormalize("obs", torch.zeros((1, self.cfg.n_obs_steps, low_dim), device=self.device))
+        low = self.normalizer.unnormalize("obs",
+                                          torch.zeros((1, self.cfg.n_obs_steps, low_dim), device=self.device))
         grey = torch.full((1, self.cfg.n_obs_steps, self.obs_dim - low_dim), 127.0, device=self.device)
         return torch.cat([low, grey], dim=-1)
 
@@ -264,13 +270,15 @@ class DiffusionPolicy(nn.Module):
         proprioception. Planning (eval mode, no gradient) runs the encoder on the sampler's backend."""
         if self.encoder is None:
             return self.normalizer.normalize("obs", obs).flatten(1)
-        if len(obs) > 256 and not torch.is_grad_enabled():  # thousands of windows (dp-align): a slice at a time
+        # thousands of windows (dp-align): a slice at a time
+        if len(obs) > 256 and not torch.is_grad_enabled():
             return torch.cat([self.condition(part, generator) for part in obs.split(256)])
         low = self.normalizer.normalize("obs", obs[..., :self.encoder.low_dim])
         if torch.is_grad_enabled() or self.encoder.training or self.backend == "torch":
             return self.encoder(low, obs, generator)
         if self._encoder_runtime is None or self._encoder_runtime.module.encoder is not self.encoder:
-            self._encoder_runtime = Runtime(PlanningEncoder(self.encoder), snippets=False)  # follows its weights
+            # follows its weights
+            self._encoder_runtime = Runtime(PlanningEncoder(self.encoder), snippets=False)
         return self._encoder_runtime(low, obs)
 
     def loss(self, obs: torch.Tensor, action: torch.Tensor, generator: torch.Generator | None = None,
@@ -311,8 +319,9 @@ class DiffusionPolicy(nn.Module):
         if warmed:
             chain = get_plan(self.scheduler, *chain_of(self.sampler, self.cfg.schedule.num_train_timesteps),
                              self.device, torch.float32, self._sample_options.get("taus"))
-            noise, extra["step_noise"], extra["init"] = session.warm.prepare(chain, shape, generator, self.device,
-                                                                             torch.float32, advance)
+            noise, extra["step_noise"], extra["init"] = session.warm.prepare(chain, shape, generator,
+                                                                             self.device, torch.float32,
+                                                                             advance)
         elif noise is None:
             noise = torch.randn(shape, generator=generator, device=self.device)
         if self._auto_window and self._sample_options["window"] is None:
@@ -336,7 +345,8 @@ class DiffusionPolicy(nn.Module):
         committed = check_observation(committed, "committed")  # float32, finite
         m = len(committed) if committed.ndim else 0
         if committed.ndim != 2 or committed.shape[1] != self.action_dim or not 1 <= m <= self.max_actions:
-            raise ValueError(f"committed: shape {committed.shape}, expected [1..{self.max_actions}, {self.action_dim}]")
+            raise ValueError(f"committed: shape {committed.shape}, expected "
+                             f"[1..{self.max_actions}, {self.action_dim}]")
         try:  # the chunk is pulled toward them: they must be actions the policy could have planned
             check_actions(committed, *self.action_bounds)
         except UnsafeActions as err:
@@ -345,7 +355,8 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"frozen: {frozen} is not in 0..{m} (the committed actions)")
         first = self.cfg.n_obs_steps - 1  # chunk index of the current step
         prefix = torch.zeros((1, self.cfg.horizon, self.action_dim), device=self.device)
-        prefix[0, first:first + m] = self.normalizer.normalize("action", torch.as_tensor(committed, device=self.device))
+        prefix[0, first:first + m] = self.normalizer.normalize("action",
+                                                               torch.as_tensor(committed, device=self.device))
         w = torch.zeros(self.cfg.horizon, device=self.device)
         w[first:] = rtc_weights(self.cfg.horizon - first, int(frozen), m, self.device)
         return Inpaint(prefix, w, self.sampler.inpaint or "replace")
@@ -362,7 +373,8 @@ class DiffusionPolicy(nn.Module):
         return self.cfg.horizon - self.cfg.n_obs_steps + 1
 
     def plan(self, obs_history: np.ndarray, n_actions: int | None = None, advance: int | None = None,
-             committed: np.ndarray | None = None, frozen: int = 0, session: PlanSession | None = None) -> PlanResult:
+             committed: np.ndarray | None = None, frozen: int = 0,
+             session: PlanSession | None = None) -> PlanResult:
         """The actions to execute next for one observation history [n_obs_steps, obs_dim]: the
         first `n_actions` (default `n_action_steps`; at most `max_actions`) from the current step.
         An asynchronous control loop asks for more than it executes, to cover the next plan's latency.
@@ -387,9 +399,10 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"obs_history: shape {obs.shape}, expected {want}")
         inpaint = None if committed is None else self._inpaint(committed, frozen)
         session = self.session if session is None else session
-        chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None], advance=advance, inpaint=inpaint,
-                                    session=session)
-        first = self.cfg.n_obs_steps - 1  # chunk index 0 is the oldest observation's step; this is the current one
+        chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None], advance=advance,
+                                    inpaint=inpaint, session=session)
+        # chunk index 0 is the oldest observation's step; this is the current one
+        first = self.cfg.n_obs_steps - 1
         actions = chunk[0, first : first + n]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

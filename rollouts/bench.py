@@ -32,7 +32,8 @@ from policy.device import machine, sync
 from policy.samplers import SamplerConfig, aligner_choice, chain_of
 from policy.warm import PlanSession
 
-DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15", "piadm15"]
+DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15",
+                    "paradpmsolver15", "piadm15"]
 
 
 @dataclass
@@ -48,8 +49,10 @@ class BenchConfig:
     warmup: int = 3  # untimed plans per sampler first
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     overhead_plans: int = 20  # plans re-run with the denoiser timed, for the outside-model share
-    closed_loop: bool = False  # plans along demonstration episodes, every n_action_steps: warm samplers carry over
-    time_limit_s: float | None = None  # stop timing new plans after this long (at least 2 plans; the device check)
+    # plans along demonstration episodes, every n_action_steps: warm samplers carry over
+    closed_loop: bool = False
+    # stop timing new plans after this long (at least 2 plans; the device check)
+    time_limit_s: float | None = None
 
 
 def saved_histories(policy, path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +66,8 @@ def saved_histories(policy, path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         obs, first = np.asarray(f["obs"], np.float32), np.asarray(f["first"], bool)
     want = (policy.cfg.n_obs_steps, policy.obs_dim)
     if obs.ndim != 3 or obs.shape[1:] != want or len(first) != len(obs):
-        raise UserError(f"data: {path}: obs {obs.shape} and first {first.shape} do not fit [N, *{want}] and [N]")
+        raise UserError(f"data: {path}: obs {obs.shape} and first {first.shape} do not "
+                        f"fit [N, *{want}] and [N]")
     if not len(obs) or not first[0]:
         raise UserError(f"data: {path}: must start with an episode's first history (first[0] true)")
     reps = -(-n // len(obs))  # fewer histories than plans: the episodes again, from the first
@@ -109,7 +113,8 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "window_auto": windows,
     }
     curves = trials.curves(results, cfg.batch_sizes)
-    context["batch_scaling"] = next(iter(curves.values()))  # the first row's backend (the table's first curve)
+    # the first row's backend (the table's first curve)
+    context["batch_scaling"] = next(iter(curves.values()))
     context["batch_scaling_by_backend"] = curves
     add_speedup_bounds(results, curves)
     return results, context
@@ -224,7 +229,8 @@ class Trials:
             self.pol.use(self.samplings[name])
             den = self.pol.denoiser
             den.timed = 0.0
-            total += self.run(name, i, obs[i][None], twin=False)[0] / 1e3  # a twin's calls would count as the model's
+            # a twin's calls would count as the model's
+            total += self.run(name, i, obs[i][None], twin=False)[0] / 1e3
             inside, den.timed = inside + den.timed, None
         return 100.0 * max(0.0, 1 - inside / total)
 
@@ -244,7 +250,8 @@ def _time_plans(trials: Trials, obs: torch.Tensor, cfg: BenchConfig) -> tuple[di
     """Every row's timed plans, interleaved (each plan's rows in a rotating order), until
     `cfg.plans` or the time limit; the records and how many plans were timed."""
     names = trials.names
-    rec = {n: {"lat": [], "enc": [], "evals": [], "iters": [], "conv": [], "x": [], "twin": []} for n in names}
+    rec = {n: {"lat": [], "enc": [], "evals": [], "iters": [], "conv": [], "x": [], "twin": []}
+           for n in names}
     began = time.perf_counter()
     for i in tqdm(range(cfg.plans), desc="dp-bench", unit="plan"):
         if cfg.time_limit_s is not None and i >= 2 and time.perf_counter() - began > cfg.time_limit_s:
@@ -261,7 +268,8 @@ def _time_plans(trials: Trials, obs: torch.Tensor, cfg: BenchConfig) -> tuple[di
     return rec, cfg.plans
 
 
-def _result(name: str, rec: dict, trials: Trials, outside: float, windows: dict, requested: list[str]) -> dict:
+def _result(name: str, rec: dict, trials: Trials, outside: float, windows: dict,
+            requested: list[str]) -> dict:
     """A row of results: latency percentiles, counts, speedup and action difference against its baseline."""
     r, base = rec[name], trials.baselines.get(name, name)
     refs = [t if t is not None else b for t, b in zip(r["twin"], rec[base]["x"])]
@@ -278,7 +286,8 @@ def _result(name: str, rec: dict, trials: Trials, outside: float, windows: dict,
         "converged_rate": float(np.mean(r["conv"])),
         "speedup": float(np.percentile(rec[base]["lat"], 50)) / p50,
         "baseline": base,
-        "action_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(r["x"], refs)),  # normalized units
+        # normalized units
+        "action_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(r["x"], refs)),
         "action_mean_abs_diff": float(np.mean([float((a - b).abs().mean()) for a, b in zip(r["x"], refs)])),
         "outside_model_pct": outside,
         "requested": name in requested,
@@ -297,7 +306,8 @@ def add_speedup_bounds(results: list[dict], curves: dict[str, list[dict]]) -> No
         base, curve = by[r["baseline"]], curves[r["backend"]]
 
         def cost(e):
-            return e["parallel_iters_mean"] * cost_ratio(curve, e["model_evals_mean"] / e["parallel_iters_mean"])
+            return e["parallel_iters_mean"] * cost_ratio(curve,
+                                                         e["model_evals_mean"] / e["parallel_iters_mean"])
 
         r["speedup_bound"] = cost(base) / cost(r)
 
@@ -307,19 +317,22 @@ def _same_chain(a, b, pol) -> bool:
     called the same way (capture, precision, backend)."""
     T = pol.cfg.schedule.num_train_timesteps
     return (chain_of(a, T) == chain_of(b, T) and aligner_choice(a) == aligner_choice(b)
-            and (a.capture or "auto") == (b.capture or "auto") and (a.precision or "fp32") == (b.precision or "fp32")
+            and (a.capture or "auto") == (b.capture or "auto")
+            and (a.precision or "fp32") == (b.precision or "fp32")
             and (a.backend or "torch") == (b.backend or "torch"))
 
 
 def table(results: list[dict]) -> str:
     w = max([22, *(len(r["name"]) + 2 for r in results)])
     v = max([12, *(len(r["baseline"]) for r in results)])
-    head = f"{'sampler':<{w}}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}{'bound':>8}  {'vs':<{v}}{'max|da|':>9}{'outside':>9}{'encode':>9}"
+    head = (f"{'sampler':<{w}}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}{'bound':>8}  "
+            f"{'vs':<{v}}{'max|da|':>9}{'outside':>9}{'encode':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['name']:<{w}}{r['latency_ms_p50']:>9.1f}{r['latency_ms_p90']:>9.1f}{r['model_evals_mean']:>8.1f}"
-                     f"{r['parallel_iters_mean']:>8.1f}{r['speedup']:>8.2f}x{r['speedup_bound']:>7.2f}x  {r['baseline']:<{v}}"
-                     f"{r['action_max_abs_diff']:>9.1e}{r['outside_model_pct']:>8.1f}%{r['encode_ms_p50']:>7.1f}ms")
+        lines.append(f"{r['name']:<{w}}{r['latency_ms_p50']:>9.1f}{r['latency_ms_p90']:>9.1f}"
+                     f"{r['model_evals_mean']:>8.1f}{r['parallel_iters_mean']:>8.1f}{r['speedup']:>8.2f}x"
+                     f"{r['speedup_bound']:>7.2f}x  {r['baseline']:<{v}}{r['action_max_abs_diff']:>9.1e}"
+                     f"{r['outside_model_pct']:>8.1f}%{r['encode_ms_p50']:>7.1f}ms")
     return "\n".join(lines)
 
 
@@ -328,9 +341,9 @@ def write_outputs(out: Path, results: list[dict], context: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "results.json", json.dumps(results, indent=2))
     write_text(out / "context.json", json.dumps(context, indent=2))
-    cols = ["name", "backend", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95", "encode_ms_p50", "model_evals_mean",
-            "parallel_iters_mean", "speedup", "speedup_bound", "baseline", "action_max_abs_diff", "action_mean_abs_diff",
-            "converged_rate", "outside_model_pct"]
+    cols = ["name", "backend", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95", "encode_ms_p50",
+            "model_evals_mean", "parallel_iters_mean", "speedup", "speedup_bound", "baseline",
+            "action_max_abs_diff", "action_mean_abs_diff", "converged_rate", "outside_model_pct"]
     rows = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in results]
     write_text(out / "results.csv", "\n".join(rows) + "\n")
     plot(out / "bench.png", results, context)
@@ -350,16 +363,19 @@ def plot(path: Path, results: list[dict], context: dict) -> None:
     ax1.barh(y, p90, color="#c6dbef", label="p90")
     ax1.barh(y, p50, color="#2171b5", label="p50")
     for yi, r in zip(y, results):
-        ax1.text(r["latency_ms_p90"], yi, f"  {r['parallel_iters_mean']:.0f} it, {r['speedup']:.2f}x", va="center", fontsize=8)
+        ax1.text(r["latency_ms_p90"], yi, f"  {r['parallel_iters_mean']:.0f} it, {r['speedup']:.2f}x",
+                 va="center", fontsize=8)
     ax1.set_yticks(y, names)
     ax1.invert_yaxis()
     ax1.set_xlim(0, 1.3 * max(p90))
     ax1.set_xlabel("plan latency (ms); labels: parallel iterations, speedup over the sequential twin")
     ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
-    ax1.set_title(f"{context['task']}: {context['plans']} plans, {context['device']}, {context['threads']} threads")
+    ax1.set_title(f"{context['task']}: {context['plans']} plans, {context['device']}, "
+                  f"{context['threads']} threads")
     bs = context["batch_scaling"]
     ax2.plot([b["batch"] for b in bs], [b["ratio"] for b in bs], "o-", label="measured")
-    ax2.plot([b["batch"] for b in bs], [b["batch"] for b in bs], "--", color="grey", label="linear (no parallel gain)")
+    ax2.plot([b["batch"] for b in bs], [b["batch"] for b in bs], "--", color="grey",
+             label="linear (no parallel gain)")
     ax2.axhline(1.0, color="green", ls=":", label="ideal (free parallelism)")
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log", base=2)
@@ -382,10 +398,11 @@ def main(cfg: BenchConfig) -> None:
         print(f"batch scaling cost(p)/cost(1) of {backend} on {context['machine']} ({context['device']}, "
               f"{context['threads']} threads): {curve}")
     for name, entry in context["window_auto"].items():
-        tried = ", ".join(f"{r['window']}: {r['rounds']:.1f} rounds x {r['rows_per_round']:.1f} rows = {r['cost']:.0f}"
+        tried = ", ".join(f"{r['window']}: {r['rounds']:.1f} rounds x {r['rows_per_round']:.1f} "
+                          f"rows = {r['cost']:.0f}"
                           for r in entry["rows"])
-        print(f"{name}: window=auto chose {entry['window']} on {entry['machine']}, {entry['threads']} threads "
-              f"(predicted cost in one-row calls; {tried})")
+        print(f"{name}: window=auto chose {entry['window']} on {entry['machine']}, {entry['threads']} "
+              f"threads (predicted cost in one-row calls; {tried})")
     print(f"wrote {out}/results.json, results.csv, context.json, bench.png")
 
 

@@ -74,7 +74,8 @@ def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> 
     obs, first = episode_sequences(pol, data, "val", plans)
     with atomic_path(out / "obs.npz") as tmp:
         np.savez(tmp, obs=obs, first=first)
-    print(f"wrote {out / 'obs.npz'}: {len(obs)} histories of {int(first.sum())} validation episodes of {data}")
+    print(f"wrote {out / 'obs.npz'}: {len(obs)} histories of {int(first.sum())} "
+          f"validation episodes of {data}")
     if not wheels:
         return
     dest = out / "wheels"
@@ -88,7 +89,8 @@ def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> 
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode:
-            last = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or done.stderr.splitlines()[-1:]
+            last = [line for line in done.stderr.splitlines()
+                    if line.startswith("ERROR")] or done.stderr.splitlines()[-1:]
             raise UserError(f"wheels: {' '.join(step[:4])} failed: {last[0] if last else done.returncode}")
     for wheel in dest.glob("*.whl"):
         if wheel.name.split("-")[0].lower() in ON_THE_MACHINE:
@@ -127,7 +129,8 @@ def host_syncs(pol, specs: dict, obs: torch.Tensor) -> dict:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
-        out[name] = {"syncs": syncs, "rounds": res.parallel_iters, "per_round": syncs / max(1, res.parallel_iters)}
+        out[name] = {"syncs": syncs, "rounds": res.parallel_iters,
+                     "per_round": syncs / max(1, res.parallel_iters)}
     return out
 
 
@@ -148,16 +151,17 @@ def summary(results: list[dict], context: dict, syncs: dict) -> str:
     if ddpm and para:
         best = min(para, key=lambda r: r["latency_ms_p50"])
         lines.append(f"- ParaDDPM-100, fastest row `{best['name']}`: {best['latency_ms_p50']:.1f} ms p50, "
-                     f"{ddpm['latency_ms_p50'] / best['latency_ms_p50']:.2f}x the fastest sequential DDPM-100 "
-                     f"(`{ddpm['name']}`, {ddpm['latency_ms_p50']:.1f} ms); target >= 5x. Outside the denoiser: "
-                     f"{best['outside_model_pct']:.1f} % of its time (target <= 10 %).")
+                     f"{ddpm['latency_ms_p50'] / best['latency_ms_p50']:.2f}x the fastest sequential "
+                     f"DDPM-100 (`{ddpm['name']}`, {ddpm['latency_ms_p50']:.1f} ms); target >= 5x. "
+                     f"Outside the denoiser: {best['outside_model_pct']:.1f} % of its time (target <= 10 %).")
         if ddim10:
             d = min(ddim10, key=lambda r: r["latency_ms_p50"])
             lines.append(f"- DDPM-100-quality at DDIM-10's latency: {best['latency_ms_p50']:.1f} ms against "
                          f"`{d['name']}` {d['latency_ms_p50']:.1f} ms: "
                          f"{'reached' if best['latency_ms_p50'] <= d['latency_ms_p50'] else 'not reached'}.")
     for name, s in syncs.items():
-        lines.append(f"- `{name}`: {s['syncs']} host synchronisations in {s['rounds']} rounds ({s['per_round']:.2f} a round)")
+        lines.append(f"- `{name}`: {s['syncs']} host synchronisations in {s['rounds']} rounds "
+                     f"({s['per_round']:.2f} a round)")
     return "\n".join(lines) + "\n"
 
 
@@ -170,10 +174,10 @@ def run(checkpoint: str, data: str, out: Path, plans: int, budget_s: float, warm
     began = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = rows or samplers(torch.device(device))
-    cfg = BenchConfig(checkpoint=checkpoint, samplers=rows, plans=plans, data=data, out=str(out), device=device,
-                      threads=torch.get_num_threads() if device == "cuda" else 2, warmup=warmup,
-                      batch_sizes=batch_sizes or [1, 2, 4, 8, 16, 32, 64, 100, 128], overhead_plans=overhead_plans,
-                      time_limit_s=budget_s, closed_loop=True)
+    cfg = BenchConfig(checkpoint=checkpoint, samplers=rows, plans=plans, data=data, out=str(out),
+                      device=device, threads=torch.get_num_threads() if device == "cuda" else 2,
+                      warmup=warmup, batch_sizes=batch_sizes or [1, 2, 4, 8, 16, 32, 64, 100, 128],
+                      overhead_plans=overhead_plans, time_limit_s=budget_s, closed_loop=True)
     results, context = run_bench(cfg)
     import policy
 

@@ -94,7 +94,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
                     overwrite=True)
         stages.end(0, t, f": {len(episodes)} demonstrations, {len(failed)} expert failures")
 
-    t = stages.begin(1, f"training the diffusion policy for {cfg.steps} steps into {run} (Ctrl-C and rerun resumes)")
+    t = stages.begin(1, f"training the diffusion policy for {cfg.steps} steps into {run} "
+                        "(Ctrl-C and rerun resumes)")
     ckpt = latest(run)
     if ckpt is not None and int(ckpt.name.split("-")[-1]) >= cfg.steps:
         stages.end(1, t, f": reusing {ckpt}")
@@ -103,15 +104,19 @@ def quickstart(cfg: QuickstartConfig) -> Path:
                                  threads=min(2, torch.get_num_threads())))
         stages.end(1, t)
 
-    t = stages.begin(2, f"evaluating {', '.join(cfg.samplers)} on {cfg.episodes} episodes each into {evaluation}")
+    t = stages.begin(2, f"evaluating {', '.join(cfg.samplers)} on {cfg.episodes} episodes "
+                        f"each into {evaluation}")
     spec = EvalConfig(checkpoint=str(ckpt), samplers=list(cfg.samplers), episodes=cfg.episodes,
                       out=str(evaluation), workers=cfg.workers, data=str(data),
-                      options=SamplerOptions(backend="auto"))  # each sampler on this machine's fastest backend
-    # the recommendation for the task's control rate: the time a chunk still covers when the next plan is asked
+                      # each sampler on this machine's fastest backend
+                      options=SamplerOptions(backend="auto"))
+    # the recommendation for the task's control rate: the time a chunk still covers when the next
+    # plan is asked
     spec.deadline_ms = loop_deadline(spec, policy.load(str(ckpt)))
     evaluate(spec)
     stages.end(2, t)
-    print(f"quickstart finished in {(time.monotonic() - total) / 60:.1f} min; plot: {evaluation / 'pareto.png'}")
+    print(f"quickstart finished in {(time.monotonic() - total) / 60:.1f} min; plot: "
+          f"{evaluation / 'pareto.png'}")
     return evaluation
 
 

@@ -47,8 +47,8 @@ def main(cfg: RolloutConfig) -> None:
     latencies = [p.latency_ms for r in results for p in r.plans]
     print(f"{task}: success {rate:.0%} ({sum(r.success for r in results)}/{len(results)}) "
           f"with {cfg.sampler.name} from {pol.meta['checkpoint']} (step {pol.meta['step']}); "
-          f"plan latency p50 {f'{np.median(latencies):.1f} ms' if latencies else '-'} over {len(latencies)} plans, "
-          f"{cfg.threads} torch threads")
+          f"plan latency p50 {f'{np.median(latencies):.1f} ms' if latencies else '-'} over {len(latencies)} "
+          f"plans, {cfg.threads} torch threads")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ ZOO = ROOT / "zoo" / "lift"
 
 def run(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
-    assert r.returncode == 0, f"{' '.join(map(str, cmd))}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (f"{' '.join(map(str, cmd))}: exit {r.returncode}\n{r.stdout[-2000:]}\n"
+                               f"{r.stderr[-3000:]}")
     return r
 
 
@@ -61,8 +62,8 @@ def test_wheel_installs_and_commands_run_from_elsewhere(tmp_path):
     venv = tmp_path / "venv"
     run([uv, "venv", "--quiet", "--python", sys.executable, venv], 120, cwd=tmp_path)
     started = time.monotonic()
-    run([uv, "pip", "install", "--quiet", "--python", venv / "bin" / "python", "-c", tmp_path / "lock.txt", wheel],
-        600, cwd=tmp_path)
+    run([uv, "pip", "install", "--quiet", "--python", venv / "bin" / "python", "-c", tmp_path / "lock.txt",
+         wheel], 600, cwd=tmp_path)
     print(f"install: {time.monotonic() - started:.1f} s")
 
     # Nothing of the checkout leaks in: no PYTHONPATH, no active environment, a directory elsewhere.
@@ -70,7 +71,8 @@ def test_wheel_installs_and_commands_run_from_elsewhere(tmp_path):
     env["MUJOCO_GL"] = env.get("MUJOCO_GL", "egl")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    where = run([venv / "bin" / "python", "-c", "import common.cli; print(common.cli.CONF_DIR)"], 60, cwd=cwd, env=env)
+    where = run([venv / "bin" / "python", "-c", "import common.cli; print(common.cli.CONF_DIR)"], 60,
+                cwd=cwd, env=env)
     conf = Path(where.stdout.strip())
     assert conf.is_relative_to(venv) and (conf / "serve.yaml").is_file(), conf
 

@@ -118,7 +118,8 @@ def test_a_ctrl_c_while_the_workers_start_is_answered_after_not_lost():
 @pytest.mark.parametrize("when", ["imports", "pool+0s", "pool+1s", "pool+3s"])
 def test_ctrl_c_while_dp_collect_starts_is_one_line_and_leaves_nothing(when, tmp_path):
     env = {**os.environ, "MUJOCO_GL": "egl"}
-    p = subprocess.Popen([str(BIN / "dp-collect"), "task=lift", "n_demos=500", "workers=2", f"out={tmp_path / 'x.zarr'}"],
+    p = subprocess.Popen([str(BIN / "dp-collect"), "task=lift", "n_demos=500", "workers=2",
+                          f"out={tmp_path / 'x.zarr'}"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                          start_new_session=True,  # a process group of its own, as a terminal's job is
                          # a shell's background job inherits SIGINT ignored; Ctrl-C is what we test
@@ -155,7 +156,8 @@ def _image_hdf5(path: Path, sizes=(24, 24), cameras=(("agentview", "robot0_eye_i
             n = len(demos[name]["actions"])
             for cam in cameras[i]:
                 f[f"data/{name}"].create_dataset(f"obs/{cam}_image",
-                                                 data=rng.integers(0, 256, (n, sizes[i], sizes[i], 3), dtype=np.uint8))
+                                                 data=rng.integers(0, 256, (n, sizes[i], sizes[i], 3),
+                                                                   dtype=np.uint8))
 
 
 @pytest.mark.parametrize("case, fragments", [

@@ -121,6 +121,6 @@ def resolve(cfg: SamplerConfig) -> tuple[Sampler, dict]:
     return get_sampler(cfg.name), options
 
 
-__all__ = ["ALIGNER_OFF", "ALIGNER_ON", "ALIGNER_STRATEGIES", "FLOATS", "INTS", "POLICY_OPTIONS", "SampleResult",
-           "Sampler", "SamplerConfig", "aligner_choice", "call_rows", "chain_of", "get_sampler", "options_of",
-           "resolve", "solver_of", "takes_pad"]
+__all__ = ["ALIGNER_OFF", "ALIGNER_ON", "ALIGNER_STRATEGIES", "FLOATS", "INTS", "POLICY_OPTIONS",
+           "SampleResult", "Sampler", "SamplerConfig", "aligner_choice", "call_rows", "chain_of",
+           "get_sampler", "options_of", "resolve", "solver_of", "takes_pad"]

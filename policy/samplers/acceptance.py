@@ -56,8 +56,8 @@ def acceptance(plan, rule: str, tol: float, floor: float, dim: int, window: int)
         raise UserError(f"sampler.floor: {floor!r} must be >= 0")
     if rule == "chunk":
         if window < plan.n:
-            raise UserError(f"sampler.window: {window} is shorter than the chain ({plan.n} steps); the chunk rule "
-                            "stops on the chain's end, which needs a whole-chain window")
+            raise UserError(f"sampler.window: {window} is shorter than the chain ({plan.n} steps); the chunk "
+                            "rule stops on the chain's end, which needs a whole-chain window")
         # no per-point scale, so nothing to floor: a preset's floor does not stop a switch to this rule
         return Acceptance(torch.zeros_like(plan.var), tol**2 * dim)
     if rule == "paper":

@@ -40,7 +40,8 @@ class Chain:
 
 def build_chain(scheduler, noise: torch.Tensor, generator: torch.Generator | None = None, *, solver: str,
                 steps: int | None = None, spacing: str = "trailing", taus: tuple[float, ...] | None = None,
-                step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None, inpaint=None) -> Chain:
+                step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
+                inpaint=None) -> Chain:
     """The `solver` chain of `steps` steps (default: every training step) from `noise`, its step
     noise drawn from `generator` unless given, with the DPM-Aligner's `taus` as the denoiser's input
     times, a chain guess `init` and committed actions `inpaint` (`inpaint.Inpaint`)."""

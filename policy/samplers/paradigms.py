@@ -52,7 +52,8 @@ from policy.samplers.solvers import new_history, step_rows
 
 
 def paradigms(denoiser, cond: torch.Tensor, chain: Chain, *, window: int = 16, rule: Rule = Rule(),
-              max_iters: int | None = None, anderson: int = 0, pad: bool = False, callback=None) -> SampleResult:
+              max_iters: int | None = None, anderson: int = 0, pad: bool = False,
+              callback=None) -> SampleResult:
     """Picard-iterate `chain` until `rule` accepts every point (`acceptance.py`), `window` steps per
     sample per iteration, at most `max_iters` iterations; `anderson` > 0 mixes the guesses of the
     window's unaccepted points over that many past rounds; `pad` evaluates every round at the full
@@ -172,7 +173,8 @@ class PicardWindow:
         advance = torch.minimum(first_rejected + 1, rows.n_valid)
         if self.accept.final_bound is not None:  # chunk rule: the whole window's end is the chain's end
             final_change = change[self.samples, (rows.n_valid - 1).clamp(min=0)]
-            advance = torch.where(rows.active & (final_change <= self.accept.final_bound), rows.n_valid, advance)
+            advance = torch.where(rows.active & (final_change <= self.accept.final_bound), rows.n_valid,
+                                  advance)
         return advance
 
     def commit(self, new: torch.Tensor, guess: torch.Tensor, rows: Rows, advance: torch.Tensor) -> None:
@@ -191,7 +193,8 @@ class PicardWindow:
         end, new_begin = self.begin + rows.n_valid, self.begin + advance
         if self.c.init is None:
             new_end = (new_begin + self.p).clamp(max=self.n)
-            entering = (self.point_ids > end[:, None]) & (self.point_ids <= new_end[:, None]) & rows.active[:, None]
+            entering = ((self.point_ids > end[:, None]) & (self.point_ids <= new_end[:, None])
+                        & rows.active[:, None])
             last = self.points[self.samples, end.clamp(max=self.n)][:, None]
             trailing = [1] * (self.c.noise.dim() - 1)
             self.points = torch.where(entering.reshape(*entering.shape, *trailing), last, self.points)

@@ -90,5 +90,6 @@ def _picard_round(denoiser, cond, chain: Chain, points, lagged, s: int, it: int,
     # The linear recursion is a scan over the block's steps, elementwise and cheap; it is written
     # as a loop because a closed form divides by products of L that reach 0.
     for j in range(len(points) - 1):
-        points[j + 1] = pull(plan.linear[s + j] * points[j] + lagged[j] + chain.step_noise[s + j], s + j + 1, samples)
+        points[j + 1] = pull(plan.linear[s + j] * points[j] + lagged[j] + chain.step_noise[s + j], s + j + 1,
+                             samples)
     return len(m)

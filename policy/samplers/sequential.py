@@ -51,8 +51,8 @@ def _check_start(plan, start: int) -> None:
     if not 0 <= start < plan.n:
         raise UserError(f"sampler.start: {start} is not a step of the {plan.n}-step chain (0..{plan.n - 1})")
     if start and plan.multistep:
-        raise UserError("sampler.start: a warm start part-way down the chain needs a one-step solver (ddpm, ddim); "
-                        "DPM-Solver++(2M) would lack the previous step's data estimate")
+        raise UserError("sampler.start: a warm start part-way down the chain needs a one-step solver (ddpm, "
+                        "ddim); DPM-Solver++(2M) would lack the previous step's data estimate")
 
 
 def _warm_point(chain: Chain, points: torch.Tensor, start: int, rows: torch.Tensor) -> None:

@@ -37,7 +37,8 @@ class SamplerConfig:
     steps: int | None = opt(EVERY, low=1)  # denoising steps (None: every training step)
     spacing: str | None = opt(EVERY)  # trailing | leading | linspace | quadratic | logsnr
     solver: str | None = opt(PIADM)  # piadm only: ddim (ODE) | ddpm (SDE) | dpmsolver
-    window: int | str | None = opt(PARALLEL, low=1)  # steps per sample per iteration, or auto (policy/autowindow.py)
+    # steps per sample per iteration, or auto (policy/autowindow.py)
+    window: int | str | None = opt(PARALLEL, low=1)
     tol: float | None = opt(PARALLEL, low=0.0, high=10.0)  # accepted change, relative to each step's noise
     max_iters: int | None = opt(PARALLEL, low=1)  # cap on parallel iterations
     anderson: int | None = opt(PARALLEL, low=0, high=1000)  # Anderson memory (rounds); 0 is plain Picard
@@ -45,13 +46,17 @@ class SamplerConfig:
     floor: float | None = opt(PARALLEL, low=0.0, high=1.0)  # paper/x0 rules: lower bound on a tolerance scale
     blocks: int | None = opt(PIADM, low=1)  # PIADM: blocks the chain is cut into
     picard_iters: int | None = opt(PIADM, low=1)  # PIADM: parallel iterations per block
-    aligner: str | None = opt(EVERY, policy=True)  # DPM-Aligner timesteps: true (the last learned), sequential, parallel
+    # DPM-Aligner timesteps: true (the last learned), sequential, parallel
+    aligner: str | None = opt(EVERY, policy=True)
     warm: bool | None = opt(EVERY, policy=True)  # start from the previous control step's chain (policy.warm)
     start: int | None = opt(SEQUENTIAL, low=0)  # warm sequential: the step a plan begins at (Falcon)
-    capture: str | None = opt(EVERY, policy=True)  # auto | none | pad | graph (policy/denoiser.py; auto: CUDA graphs)
-    precision: str | None = opt(EVERY, policy=True)  # denoiser weights: fp32 | bf16 | fp16 (the chain stays fp32)
+    # auto | none | pad | graph (policy/denoiser.py; auto: CUDA graphs)
+    capture: str | None = opt(EVERY, policy=True)
+    # denoiser weights: fp32 | bf16 | fp16 (the chain stays fp32)
+    precision: str | None = opt(EVERY, policy=True)
     inpaint: str | None = opt(EVERY, policy=True)  # committed actions (Real-Time Chunking): replace | guide
-    backend: str | None = opt(EVERY, policy=True)  # denoiser calls: torch | openvino | auto (policy/backends.py)
+    # denoiser calls: torch | openvino | auto (policy/backends.py)
+    backend: str | None = opt(EVERY, policy=True)
 
     @classmethod
     def parse(cls, spec: str) -> "SamplerConfig":
@@ -78,8 +83,8 @@ class SamplerConfig:
         must reproduce, its calls run the same way (`capture`, on the same `backend`) at full
         precision: a 16-bit row is compared with float32, so its action difference is what the
         precision costs. A float32 sequential sampler is its own."""
-        return SamplerConfig(name=solver_of(self), steps=self.steps, spacing=self.spacing, aligner=self.aligner,
-                             capture=self.capture, backend=self.backend)
+        return SamplerConfig(name=solver_of(self), steps=self.steps, spacing=self.spacing,
+                             aligner=self.aligner, capture=self.capture, backend=self.backend)
 
     def label(self, num_train_timesteps: int) -> str:
         """A preset spec that names this config, for a sequential one: `ddim10+aligner:backend=auto`."""
@@ -177,7 +182,8 @@ def check(cfg: SamplerConfig) -> dict:
         if f.name in POLICY_OPTIONS or value is None:  # applied by the policy, not the sampler function
             continue
         if f.name not in allowed:
-            raise UserError(f"sampler.{f.name}: not an option of {cfg.name} (its options: {', '.join(sorted(allowed))})")
+            raise UserError(f"sampler.{f.name}: not an option of {cfg.name} (its options: "
+                            f"{', '.join(sorted(allowed))})")
         options[f.name] = value
     _check_values(options)
     return options
@@ -238,4 +244,5 @@ def _check_values(options: dict) -> None:
         bad("rule", f"is not an acceptance rule; known: {', '.join(RULES)}")
     window = options.get("window", 16)
     if options.get("rule") == "chunk" and window != "auto" and window < options.get("steps", 10**9):
-        bad("window", "is shorter than the chain: the chunk rule needs a whole-chain window (window >= steps)")
+        bad("window",
+            "is shorter than the chain: the chunk rule needs a whole-chain window (window >= steps)")
