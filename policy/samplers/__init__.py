@@ -10,7 +10,7 @@ into that entry and its options, refusing options the sampler does not take.
 
 | name | what |
 |---|---|
-| ddpm, ddim, dpmsolver | sequential DDPM (ancestral), DDIM (eta 0), DPM-Solver++(2M); `warm` + `start`: Falcon |
+| ddpm, ddim, dpmsolver | sequential DDPM (ancestral), DDIM (eta 0), DPM-Solver++(2M); `start`: Falcon |
 | paraddpm, paraddim, paradpmsolver | ParaDiGMS Picard iteration over the same chains |
 | piadm | PIADM: blocks of fixed parallel Picard iterations (solver=ddim: ODE, ddpm: SDE) |
 

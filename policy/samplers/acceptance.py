@@ -2,11 +2,13 @@
 window may slide past it. Every rule compares a point's new value with its guess of the round
 before, as a squared norm over the chunk (`dim` numbers, normalized action units):
 
-| rule | a point x_i is accepted when | stops |
-|---|---|---|
-| paper | `|dx_i|^2 <= tol^2 dim max(var_i, floor)`: relative to the noise of the step that made it | when the window reaches the end |
-| x0 | `|dx_i|^2 <= tol^2 dim max(abar_i, floor)`: the change of the data estimate it implies, `dx_i / sqrt(abar_i)` with the noise estimate held, is at most `tol` per number | same |
-| chunk | only when it did not change at all | as soon as the chain's end moved by at most `tol` per number in a round |
+- `paper`: a point x_i is accepted when `|dx_i|^2 <= tol^2 dim max(var_i, floor)`, relative to the
+  noise of the step that made it; the run stops when the window reaches the chain's end.
+- `x0`: when `|dx_i|^2 <= tol^2 dim max(abar_i, floor)`: the change of the data estimate it
+  implies, `dx_i / sqrt(abar_i)` with the noise estimate held, is at most `tol` per number; stops
+  the same way.
+- `chunk`: only when it did not change at all; the run stops as soon as the chain's end moved by at
+  most `tol` per number in a round.
 
 `paper` with `floor = 0` is Shih et al.'s rule (ParaDiGMS, eq. 6). Its scale `var_i` vanishes
 towards the end of a DDPM chain, so the last points are asked for a precision far below what an
