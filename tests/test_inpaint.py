@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from policy.samplers import get_sampler
 from policy.samplers.inpaint import Inpaint, rtc_weights
-from test_samplers import inputs, net, sched  # noqa: F401  (the stand-in denoiser and schedule fixtures)
+from test_samplers import inputs
 
 
 def test_rtc_weights_freeze_decay_and_stop():

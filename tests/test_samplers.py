@@ -12,7 +12,6 @@ from common.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.samplers import SamplerConfig, get_sampler, resolve
 from policy.samplers.solvers import get_plan, new_history, step_rows, timesteps
-from policy.schedule import ScheduleConfig, make_scheduler
 
 H, A, C = 16, 7, 10
 
@@ -37,16 +36,6 @@ class Denoiser(torch.nn.Module):
         a = a.reshape(-1, 1, 1)
         target = 0.8 * torch.tanh(self.proj(cond)).reshape(-1, H, A)
         return (x - a.sqrt() * target) / (1 - a).sqrt() + 0.05 * self.unet(x, t, cond)
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return make_scheduler(ScheduleConfig())
-
-
-@pytest.fixture(scope="module")
-def net(sched):
-    return Denoiser(sched)
 
 
 def inputs(batch, seed=0):

@@ -5,7 +5,7 @@ rounds, counted."""
 import numpy as np
 import pytest
 import torch
-from test_samplers import Counting, inputs, net, sched  # noqa: F401 (net, sched: the samplers' fixtures)
+from test_samplers import Counting, inputs
 
 from common.errors import UserError
 from policy.checkpoint import load_policy
