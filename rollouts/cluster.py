@@ -1,7 +1,7 @@
 """dp-eval's episodes on a Ray cluster (`launcher=ray`; the optional extra `cluster`).
 
 Each (sampler, seed) episode is one Ray task. A worker process builds its policy and env once
-(`rollouts.evaluate._init_worker`) and keeps them for every later task it runs, as a pool worker
+(`rollouts.worker.init_worker`) and keeps them for every later task it runs, as a pool worker
 does. The driver alone appends to the episode log, in the order episodes finish; a task whose
 worker dies is run again by Ray (`max_retries`), and its episode is recorded once, when it
 returns. Episodes are deterministic, so the results equal the process pool's on the same seeds.
@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from envs.errors import UserError
+
+if TYPE_CHECKING:
+    from rollouts.worker import WorkerInit
 
 
 def check_installed() -> None:
@@ -71,16 +75,15 @@ def check_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> None
         raise UserError(f"ray_address: cannot join the Ray cluster at {address} ({err.strerror or err})") from None
 
 
-def _episode(init: tuple, job: dict) -> dict:
-    from rollouts import evaluate
+def _episode(init: WorkerInit, job: dict) -> dict:
+    from rollouts import worker
 
-    if evaluate._W.get("init") != init:  # this worker process's first task of this evaluation
-        evaluate._init_worker(*init)
-        evaluate._W["init"] = init
-    return evaluate._run_job(job)
+    if worker.state.init != init:  # this worker process's first task of this evaluation
+        worker.init_worker(init)
+    return worker.run_job(job)
 
 
-def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: tuple, workers: int,
+def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: WorkerInit, workers: int,
                address: str | None = None, max_retries: int = 3) -> None:
     """Run `jobs` as Ray tasks (`workers` at a time on a local Ray; as many as the cluster's
     CPUs allow, `threads` CPUs each, at `address`), calling `keep` with each record as it returns."""
@@ -91,7 +94,7 @@ def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: tuple, work
     check_installed()
     import ray
 
-    threads = init[2]
+    threads = init.threads
     started = not ray.is_initialized()
     if started:
         check_address(address)  # a head that went away since start-up: one line now, not Ray's minutes of retries

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from envs.cli import command, fail, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
+from envs.cli import command, fail, workers_ignore_ctrl_c
 from envs.errors import UserError
 from envs.lock import exclusive
 from policy.samplers import SamplerConfig
@@ -36,6 +36,7 @@ from rollouts.realtime import LoopConfig
 from rollouts.report import (check_deadline, episode_rows, plan_rows, recommendation_line, summarize, table,
                              write_report)
 from rollouts.stats import loop_deadline_ms, recommend
+from rollouts.worker import WorkerInit, close_server, init_worker, run_job
 
 LOG = "episodes.jsonl"
 
@@ -118,115 +119,6 @@ def check_seeds(data: str | None, seeds: range, recorded: list[int] | None = Non
         raise UserError(f"seed: evaluation seeds {overlap[0]}.. overlap the {len(overlap)} seeds {source} used for "
                         f"demonstrations; choose seed >= {max(used) + 1}")
 
-
-# --- worker side --------------------------------------------------------------------------------
-
-_W: dict = {}
-
-
-def _init_worker(checkpoint: str, device: str, threads: int, loop: dict | None = None, pooled: bool = False) -> None:
-    if pooled:
-        ignore_ctrl_c_in_worker()  # the parent answers Ctrl-C and stops the pool
-    import torch
-
-    import policy
-    from rollouts.runner import make_policy_env
-
-    torch.set_num_threads(threads)
-    _W["policy"] = policy.load(checkpoint, device=device)
-    _W["env"] = make_policy_env(_W["policy"])
-    _W["threads"], _W["checkpoint"], _W["device"] = threads, checkpoint, device
-    _W["loop"] = LoopConfig(**loop) if loop is not None else None
-
-
-def _warm_up(label: str, plan) -> None:
-    """A worker's first plans pay for allocations and caches; keep them out of the latencies."""
-    if label not in _W.setdefault("warmed_up", set()):
-        pol = _W["policy"]
-        for _ in range(3):
-            plan(pol.neutral_obs()[0].cpu().numpy())
-        _W["warmed_up"].add(label)
-
-
-def _planner(label: str, sampler: SamplerConfig):
-    """The real-time loop's planner for `sampler`: the worker's policy in a thread, or a dp-serve
-    process of its own (one at a time: a new sampler's server replaces the previous one)."""
-    from rollouts.realtime import LocalPlanner, RemotePlanner
-
-    if _W["loop"].transport == "local":
-        _W["policy"].sampler = sampler
-        planner = LocalPlanner(_W["policy"])
-    else:
-        from rollouts.client import PolicyClient, ServerProcess
-
-        if _W.get("server_label") != label:
-            _close_server()
-            _W["server"] = ServerProcess(_W["checkpoint"], sampler, threads=_W["threads"], device=_W["device"])
-            _W["client"] = PolicyClient(_W["server"].host, _W["server"].port)
-            _W["server_label"] = label
-            _W.setdefault("warmed_up", set()).discard(label)  # a new process pays its first plans again
-        planner = RemotePlanner(_W["client"])
-    _warm_up(label, lambda obs: planner.plan(obs, planner.max_actions))
-    return planner
-
-
-def _close_server() -> None:
-    """Stop this worker's dp-serve process, if it has one (a pool worker's dies with the worker)."""
-    for key in ("client", "server"):
-        if key in _W:
-            _W.pop(key).close()
-    _W.pop("server_label", None)
-
-
-def _run_realtime_job(job: dict, record: dict) -> dict:
-    from rollouts.realtime import loop_summary, run_realtime_episode
-    from rollouts.robot import SimRobot
-
-    planner = _planner(job["label"], SamplerConfig(**job["config"]))
-    loop = _W["loop"]
-    robot = SimRobot(_W["env"], period=1.0 / loop.rate_hz if loop.rate_hz else None)
-    r, stats = run_realtime_episode(robot, planner, job["seed"], loop)
-    record.update(_outcome(r), plans=r.plans, realtime=loop_summary(stats))  # plans: dicts with the loop's fields
-    return record
-
-
-def _outcome(r) -> dict:
-    """The JSON fields of an `EpisodeResult`, plans aside."""
-    return {"success": bool(r.success), "max_reward": float(r.max_reward), "return_": float(r.return_),
-            "length": int(r.length), "error": r.error}
-
-
-def _run_job(job: dict) -> dict:
-    from rollouts.runner import run_episode
-
-    pol = _W["policy"]
-    render = job["video"] is not None
-    record = {"sampler": job["label"], "seed": job["seed"], "episode": job["episode"], "pid": os.getpid(),
-              "threads": _W["threads"]}
-    try:
-        if _W["loop"] is not None:
-            return _run_realtime_job(job, record)
-        pol.sampler = SamplerConfig(**job["config"])
-        pol.prepare()  # window=auto chosen, runtime calls compiled (cached after a label's first episode)
-        _warm_up(job["label"], pol.plan)
-        if render and "render_env" not in _W:
-            from rollouts.runner import make_policy_env
-
-            _W["render_env"] = make_policy_env(pol, render=True)
-        r = run_episode(_W["render_env"] if render else _W["env"], pol, job["seed"], render=render)
-        record.update(_outcome(r), plans=[dataclasses.asdict(p) for p in r.plans])
-        if render:
-            from rollouts.video import write_video
-
-            write_video(Path(job["video"]), r, job["label"])
-            record["video"] = job["video"]
-    except Exception as err:  # recorded, never dropped: the episode counts as a failure with its reason
-        record.update(success=False, max_reward=0.0, return_=0.0, length=0, plans=[],
-                      error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    return record
-
-
-# --- main side ----------------------------------------------------------------------------------
 
 def _run_info(cfg: EvalConfig, pol, specs: dict[str, SamplerConfig]) -> dict:
     return {"checkpoint": pol.meta["checkpoint"], "step": pol.meta["step"], "task": pol.meta["task"],
@@ -384,18 +276,19 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
                 tqdm.write(f"{record['sampler']} seed {record['seed']}: {record['error']}")
 
         loop = dataclasses.asdict(cfg.loop) if cfg.realtime else None
+        init = WorkerInit(checkpoint, cfg.device, cfg.threads, loop)
         try:
             if cfg.launcher == "ray":
                 from rollouts.cluster import run_on_ray
 
-                run_on_ray(jobs, keep, (checkpoint, cfg.device, cfg.threads, loop), workers, cfg.ray_address)
+                run_on_ray(jobs, keep, init, workers, cfg.ray_address)
             elif workers == 1:
-                _init_worker(checkpoint, cfg.device, cfg.threads, loop)
+                init_worker(init)
                 try:
                     for job in jobs:
-                        keep(_run_job(job))
+                        keep(run_job(job))
                 finally:
-                    _close_server()
+                    close_server()
             else:
                 import multiprocessing as mp
 
@@ -403,9 +296,9 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
                 pool = None
                 try:
                     with workers_ignore_ctrl_c():  # a Ctrl-C meanwhile is raised once `pool` is set
-                        pool = ctx.Pool(workers, initializer=_init_worker,
-                                        initargs=(checkpoint, cfg.device, cfg.threads, loop, True))
-                    for record in pool.imap_unordered(_run_job, jobs):
+                        pool = ctx.Pool(workers, initializer=init_worker,
+                                        initargs=(dataclasses.replace(init, pooled=True),))
+                    for record in pool.imap_unordered(run_job, jobs):
                         keep(record)
                 finally:
                     if pool is not None:
