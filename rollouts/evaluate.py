@@ -46,8 +46,8 @@ def _overrides_type() -> type:
     takes it (a Hydra multirun sweeps it: `-m options.tol=0.02,0.05,0.1`)."""
     hints = typing.get_type_hints(SamplerConfig)
     return dataclasses.make_dataclass(
-        "SamplerOptions", [(f.name, hints[f.name], field(default=None)) for f in dataclasses.fields(SamplerConfig)
-                           if f.name != "name"])
+        "SamplerOptions", [(f.name, hints[f.name], field(default=None))
+                           for f in dataclasses.fields(SamplerConfig) if f.name != "name"])
 
 
 SamplerOptions = _overrides_type()
@@ -72,8 +72,10 @@ class EvalConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # the loop's rate, merge rule, transport
     launcher: str = "pool"  # pool: worker processes here; ray: one Ray task an episode (rollouts.cluster)
     ray_address: str | None = None  # launcher=ray: a cluster's head (host:port); default a local Ray
-    reference: str | None = None  # the sampler every row is compared with on shared seeds (default: the first)
-    deadline_ms: float | None = None  # recommend a sampler for this planning deadline (realtime: what the loop allows)
+    # the sampler every row is compared with on shared seeds (default: the first)
+    reference: str | None = None
+    # recommend a sampler for this planning deadline (realtime: what the loop allows)
+    deadline_ms: float | None = None
 
 
 # How the policy runs the network: taken by every sampler (`options.backend=auto` sets them all).
@@ -116,8 +118,8 @@ def check_seeds(data: str | None, seeds: range, recorded: list[int] | None = Non
     overlap = sorted(used & set(seeds))
     if overlap:
         source = data if data and Path(data).exists() else "the policy's training store"
-        raise UserError(f"seed: evaluation seeds {overlap[0]}.. overlap the {len(overlap)} seeds {source} used for "
-                        f"demonstrations; choose seed >= {max(used) + 1}")
+        raise UserError(f"seed: evaluation seeds {overlap[0]}.. overlap the {len(overlap)} seeds {source} "
+                        f"used for demonstrations; choose seed >= {max(used) + 1}")
 
 
 def _run_info(cfg: EvalConfig, pol, specs: dict[str, SamplerConfig]) -> dict:
@@ -151,11 +153,12 @@ def prepare_out(out: Path, info: dict, restart: bool) -> list[dict]:
         before = json.loads(run_file.read_text())
         for key in ("checkpoint", "seed", "threads", "device", "realtime"):
             if before.get(key) != info[key]:
-                raise UserError(f"{out}: holds an evaluation with {key}={before.get(key)!r}, not {info[key]!r}; "
-                                f"pass restart=true to discard it, or another out=")
+                raise UserError(f"{out}: holds an evaluation with {key}={before.get(key)!r}, "
+                                f"not {info[key]!r}; pass restart=true to discard it, or another out=")
         for label, cfg in info["samplers"].items():
             if label in before.get("samplers", {}) and before["samplers"][label] != cfg:
-                raise UserError(f"{out}: sampler {label!r} was evaluated with other options; pass restart=true")
+                raise UserError(f"{out}: sampler {label!r} was evaluated with other options; "
+                                "pass restart=true")
         info = {**info, "samplers": {**before.get("samplers", {}), **info["samplers"]}}
     tmp = out / ".run.json.tmp"
     tmp.write_text(json.dumps(info, indent=2))
@@ -180,7 +183,8 @@ def evaluate(cfg: EvalConfig) -> Path:
     if cfg.launcher == "ray":
         from rollouts.cluster import check_address, check_installed
 
-        check_address(cfg.ray_address)  # syntax, and a head that answers: seconds, not Ray's minutes of retries
+        # syntax, and a head that answers: seconds, not Ray's minutes of retries
+        check_address(cfg.ray_address)
         check_installed()
     cfg.loop.check()
     if cfg.realtime and cfg.videos:
@@ -216,7 +220,8 @@ def _evaluate_into(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConf
                 video = str(out / "videos" / f"{_slug(label)}-{seed}.mp4") if i < cfg.videos else None
                 jobs.append({"label": label, "config": dataclasses.asdict(sc), "seed": seed, "episode": i,
                              "video": video})
-    if cfg.realtime and cfg.loop.transport == "server":  # sampler-major: a worker's server changes once per sampler
+    # sampler-major: a worker's server changes once per sampler
+    if cfg.realtime and cfg.loop.transport == "server":
         jobs.sort(key=lambda j: list(specs).index(j["label"]))
     workers = max(1, min(cfg.workers or (1 if cfg.realtime else os.cpu_count()) or 1, len(jobs) or 1))
     if done:
@@ -225,8 +230,9 @@ def _evaluate_into(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConf
     if jobs:
         _run_jobs(jobs, out / LOG, cfg, workers, pol.meta["checkpoint"])
     records = [r for r in read_log(out / LOG) if r["sampler"] in specs and r["seed"] in seeds]
-    summary = summarize(records, list(specs), reference_label(cfg, specs), workers=workers, threads=cfg.threads,
-                        device=str(pol.device), checkpoint=pol.meta["checkpoint"], step=pol.meta["step"], task=task,
+    summary = summarize(records, list(specs), reference_label(cfg, specs), workers=workers,
+                        threads=cfg.threads, device=str(pol.device), checkpoint=pol.meta["checkpoint"],
+                        step=pol.meta["step"], task=task,
                         **({"loop": dataclasses.asdict(cfg.loop)} if cfg.realtime else {}))
     deadline = cfg.deadline_ms
     if deadline is None and cfg.realtime:
@@ -305,7 +311,8 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
                         pool.terminate()
         except KeyboardInterrupt:
             bar.close()
-            fail("dp-eval", f"interrupted: the finished episodes are in {log}; the same command continues", 130)
+            fail("dp-eval", f"interrupted: the finished episodes are in {log}; the same command continues",
+                 130)
     bar.close()
 
 
