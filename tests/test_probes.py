@@ -115,8 +115,8 @@ def test_the_real_time_loop_holds_on_a_refused_plan():
     from test_realtime import CountingRobot, SleepyPlanner
 
     class Refuses(SleepyPlanner):
-        def plan(self, obs_history, n_actions, advance=None):
-            actions, info = super().plan(obs_history, n_actions, advance)
+        def plan(self, obs_history, n_actions, advance=None, committed=None, frozen=0):
+            actions, info = super().plan(obs_history, n_actions, advance, committed, frozen)
             if self.count == 2:
                 raise NonFiniteActions("actions: non-finite values")
             return actions, info

@@ -166,12 +166,12 @@ def test_dp_eval_refuses_a_device_torch_cannot_reach_before_writing(checkpoint, 
 
 
 def test_dp_eval_records_the_device_its_workers_were_given(checkpoint, tmp_path):
-    from rollouts import evaluate
+    from rollouts import worker
 
     out = tmp_path / "eval"
     r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']", "device=auto", "episodes=1",
            "workers=1", "progress=false", f"out={out}")
     assert r.returncode == 0, r.stderr[-2000:]
-    used = evaluate._W["device"]  # workers=1 runs the episodes in this process
+    used = worker.state.device  # workers=1 runs the episodes in this process
     assert used != "auto" and json.loads((out / "run.json").read_text())["device"] == used
     assert read_rows(out / "results.json")[0]["device"] == used

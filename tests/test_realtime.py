@@ -136,7 +136,7 @@ class SleepyPlanner:
     def __init__(self, latency, dim=2):
         self.latency, self.count, self.seen, self.dim, self.advances = latency, 0, [], dim, []
 
-    def plan(self, obs_history, n_actions, advance=None):
+    def plan(self, obs_history, n_actions, advance=None, committed=None, frozen=0):
         self.seen.append(obs_history.copy())
         self.advances.append(advance)
         i, self.count = self.count, self.count + 1
@@ -188,10 +188,10 @@ def test_a_stalled_loop_counts_overruns_and_steps_without_a_fresh_action():
 
 def test_a_planner_error_ends_the_episode_with_its_reason(checkpoint):
     class Broken(SleepyPlanner):
-        def plan(self, obs_history, n_actions, advance=None):
+        def plan(self, obs_history, n_actions, advance=None, committed=None, frozen=0):
             if self.count:
                 raise ConnectionError("server went away")
-            return super().plan(obs_history, n_actions, advance)
+            return super().plan(obs_history, n_actions, advance, committed, frozen)
 
     robot = SimRobot(make_env("lift"), period=0.01)
     result, stats = run_realtime_episode(robot, Broken(0.0, dim=7), seed=3, cfg=LoopConfig())
@@ -260,7 +260,8 @@ def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
     advances = []
     planner = LocalPlanner(pol)
     plan = planner.plan
-    planner.plan = lambda obs, n, advance=None: advances.append(advance) or plan(obs, n, advance)
+    planner.plan = lambda obs, n, advance=None, committed=None, frozen=0: (
+        advances.append(advance) or plan(obs, n, advance, committed, frozen))
     result, stats = run_realtime_episode(robot, planner, seed=100001, cfg=LoopConfig(replan_every=6))
     # counts only, no timing: how many plans fit in 400 steps depends on the machine's speed
     assert result.error is None and robot.steps == 400 and len(result.plans) >= 3
