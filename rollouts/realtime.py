@@ -67,21 +67,11 @@ class LoopConfig:
         naming the key (`nan` passes every `<` test: it must be refused as such). Called at
         start-up by every command that takes a loop, and by `run_loop`."""
         import math
-        import numbers
+
+        from common.checks import check_number
 
         def number(key: str, low: float, high: float, low_open: bool = False, integer: bool = False) -> None:
-            value = getattr(self, key)
-            kind = numbers.Integral if integer else numbers.Real
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise UserError(f"loop.{key}: {value!r} is not {'an integer' if integer else 'a number'}")
-            if not math.isfinite(value):
-                raise UserError(f"loop.{key}: {value!r} is not a finite number")
-            if value < low or (low_open and value == low):
-                why = ("must be positive" if low_open else "must be at least 1" if integer
-                       else f"must be >= {low:g}")
-                raise UserError(f"loop.{key}: {value!r} {why}")
-            if value > high:
-                raise UserError(f"loop.{key}: {value!r} must be <= {high:g}")
+            check_number(f"loop.{key}", getattr(self, key), low, high, integer=integer, low_open=low_open)
 
         if self.merge not in LOOP_MERGES:
             raise UserError(f"loop.merge: {self.merge!r} is not one of {', '.join(LOOP_MERGES)}")

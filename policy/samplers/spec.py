@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass, field
 
+from common.checks import check_number
 from common.errors import UserError
 
 SEQUENTIAL = frozenset({"ddpm", "ddim", "dpmsolver"})
@@ -22,7 +22,7 @@ PIADM = frozenset({"piadm"})
 EVERY = SEQUENTIAL | PARALLEL | PIADM
 
 
-def opt(takers: frozenset[str], *, policy: bool = False, low=None, high=None):
+def opt(takers: frozenset[str], *, policy: bool = False, low=None, high=math.inf):
     """A `SamplerConfig` option (None: the sampler's own default) taken by the samplers `takers`;
     `policy`: applied by the policy around the sampler function, not passed to it; `low`/`high`:
     its numeric range (an int `low`: an integer option)."""
@@ -208,22 +208,6 @@ def _check_policy_options(cfg: SamplerConfig) -> None:
                         f"sampler.warm=true and sampler.start > 0 (now warm={cfg.warm}, start={cfg.start})")
 
 
-def _check_number(key: str, value, low, high) -> None:
-    # `nan` passes every `<` test and `inf` accepts every round (a 1-round plan of unconverged
-    # actions reported converged), so finiteness is checked first. Upper bounds are far above any
-    # measured setting; past them a value only costs memory (anderson) or means nothing.
-    integer = isinstance(low, int)
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise UserError(f"sampler.{key}: {value!r} is not {'an integer' if integer else 'a number'}")
-    if not math.isfinite(value):
-        raise UserError(f"sampler.{key}: {value!r} is not a finite number")
-    if value < low:
-        raise UserError(f"sampler.{key}: {value!r} must be " + ("at least 1" if low == 1 else f">= {low:g}"))
-    if high is not None and value > high:
-        raise UserError(f"sampler.{key}: {value!r} must be <= {high:g}")
-
-
 def _check_values(options: dict) -> None:
     from policy.samplers.acceptance import RULES
     from policy.samplers.solvers import SOLVERS, SPACINGS
@@ -239,7 +223,10 @@ def _check_values(options: dict) -> None:
         bad("window", "is not a number of steps or auto")
     for key, value in options.items():
         if key in INTS and not (key == "window" and value == "auto") or key in FLOATS:
-            _check_number(key, value, *(INTS.get(key) or FLOATS[key]))
+            # Upper bounds are far above any measured setting; past them a value only costs memory
+            # (anderson) or means nothing. `inf` tol would accept every round: a 1-round plan of
+            # unconverged actions reported converged.
+            check_number(f"sampler.{key}", value, *(INTS.get(key) or FLOATS[key]), integer=key in INTS)
     if options.get("rule", "paper") not in RULES:
         bad("rule", f"is not an acceptance rule; known: {', '.join(RULES)}")
     window = options.get("window", 16)
