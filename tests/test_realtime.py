@@ -181,7 +181,8 @@ def test_a_stalled_loop_counts_overruns_and_steps_without_a_fresh_action():
     period = 0.02
     robot = CountingRobot(period, stall_at=10, stall_s=3.5 * period)  # one read blocks for 3.5 steps
     stats = run_loop(robot, SleepyPlanner(0.0), LoopConfig(replan_every=4), max_steps=40)
-    assert stats.overruns >= 3 and stats.no_fresh >= 2  # the stalled step's command was late, 2 more slept through
+    # the stalled step's command was late, 2 more slept through
+    assert stats.overruns >= 3 and stats.no_fresh >= 2
     assert stats.steps == stats.commanded + stats.no_fresh == 40 and max(stats.jitter_ms) < 1e3 * period
     assert len(robot.sent) == stats.commanded  # the steps slept through got nothing
 
@@ -246,9 +247,10 @@ def test_dp_eval_realtime_writes_its_report(checkpoint, tmp_path):
     r = subprocess.run([str(BIN / "dp-eval"), f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']",
                         "episodes=1", f"out={out}"], capture_output=True, text=True)
     assert r.returncode == 2 and "realtime" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = subprocess.run([str(BIN / "dp-eval"), f"checkpoint={checkpoint}", "realtime=true", "loop.merge=median",
-                        f"out={tmp_path / 'x'}"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == "dp-eval: loop.merge: 'median' is not one of latest, average, act, rtc"
+    r = subprocess.run([str(BIN / "dp-eval"), f"checkpoint={checkpoint}", "realtime=true",
+                        "loop.merge=median", f"out={tmp_path / 'x'}"], capture_output=True, text=True)
+    assert (r.returncode == 2
+            and r.stderr.strip() == "dp-eval: loop.merge: 'median' is not one of latest, average, act, rtc")
 
 
 def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
