@@ -15,8 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from envs.cli import command, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
-from envs.errors import UserError
+from common.cli import command, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
+from common.errors import UserError
 from envs.tasks import ObsConfig, TaskConfig, get_task
 
 
@@ -58,7 +58,8 @@ def _run_seed(seed: int) -> dict:
     from envs.experts import expert_episode
 
     if "error" in _worker:
-        raise WorkerError(f"task {_worker['task']}: a worker could not build its environment: {_worker['error']}")
+        raise WorkerError(f"task {_worker['task']}: a worker could not build its "
+                          f"environment: {_worker['error']}")
     return expert_episode(_worker["env"], _worker["task"], seed)
 
 
@@ -85,7 +86,8 @@ def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attemp
     pool = None
     try:
         with workers_ignore_ctrl_c():  # a Ctrl-C meanwhile is raised at its end, once `pool` is set
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(task, obs.to_dict()))
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                initargs=(task, obs.to_dict()))
         # imap keeps seed order, so "the first n_demos successes" is the same set on any machine.
         for episode in pool.imap(_run_seed, seeds):
             if episode["succeeded"]:
@@ -108,7 +110,8 @@ def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attemp
     return kept, failed
 
 
-def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int, obs: ObsConfig | None = None) -> dict:
+def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int,
+                obs: ObsConfig | None = None) -> dict:
     """What a store records about how its demonstrations were made."""
     spec = get_task(task)
     seeds = [int(e["seed"]) for e in episodes]
@@ -134,13 +137,14 @@ def main(cfg: CollectConfig) -> None:
     from envs.store import check_destination, store_size_mb, write_store
 
     out = check_destination(cfg.out, cfg.overwrite)  # fail now, not after the collection
-    obs = ObsConfig.from_dict(cfg.obs)
+    obs = cfg.obs
     episodes, failed = collect(cfg.task.name, cfg.n_demos, cfg.seed, cfg.workers, cfg.max_attempts, obs=obs)
     keys = ("obs", "action", "state", "reward", "success", *obs.image_keys)
     write_store(out, [{k: e[k] for k in keys} for e in episodes],
                 store_attrs(cfg.task.name, episodes, failed, cfg.seed, obs), overwrite=cfg.overwrite)
     steps = sum(len(e["action"]) for e in episodes)
-    print(f"wrote {out}: {len(episodes)} demos, {steps} steps, {store_size_mb(out) / len(episodes):.2f} MB per demo; "
+    print(f"wrote {out}: {len(episodes)} demos, {steps} steps, "
+          f"{store_size_mb(out) / len(episodes):.2f} MB per demo; "
           f"{len(failed)} expert failures (seeds {failed[:10]}{' ...' if len(failed) > 10 else ''})")
 
 

@@ -1,15 +1,12 @@
-"""Mistakes a user can make, as exceptions whose message is the whole story.
+"""The simulator floor's mistakes a user can make: a demonstration store or source file at fault.
 
-A command catches `UserError`, prints its message on one line and exits with code 2 (see
-`envs.cli`). Messages start with the thing that is wrong (a path, a config key) and say what is
-wrong with it, so no traceback is needed.
+Both are `common.errors.UserError` (the one class every command catches), so a command prints
+their message on one line and exits with code 2.
 """
 
 from __future__ import annotations
 
-
-class UserError(Exception):
-    """Base class for every mistake a user can fix: bad arguments, missing or unusable files."""
+from common.errors import UserError
 
 
 class StoreError(UserError):

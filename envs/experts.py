@@ -435,7 +435,8 @@ class SquareExpert(ScriptedExpert):
             nut_x = np.array(self.sim.data.body_xmat[nut]).reshape(3, 3)[:, 0]
             return self.site_pos(handle) + along * nut_x
 
-        yield Move("approach", lambda: (grasp_point() + [0, 0, hover], yaw), GRIP_OPEN, pos_tol=0.012, rot_tol=0.08)
+        yield Move("approach", lambda: (grasp_point() + [0, 0, hover], yaw), GRIP_OPEN, pos_tol=0.012,
+                   rot_tol=0.08)
         yield Move("descend", lambda: (grasp_point() + [0, 0, dz], yaw), GRIP_OPEN,
                    pos_tol=0.004, rot_tol=0.05, max_steps=60, speed=rng.uniform(0.4, 0.7))
         yield self.grip(GRIP_CLOSE)

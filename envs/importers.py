@@ -22,15 +22,17 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
-from envs.cli import command
-from envs.errors import SourceError, UserError
+from common.cli import command
+from common.errors import UserError
+from envs.errors import SourceError
 from envs.store import check_destination, open_store, store_size_mb, write_store
 from envs.tasks import ACTION_DIM, TASKS, ObsConfig, TaskSpec
 
 _DEMO_NAME = re.compile(r"^demo_(\d+)$")
 
 
-def import_robomimic(hdf5_path: str | os.PathLike, out_path: str | os.PathLike, overwrite: bool = False) -> Path:
+def import_robomimic(hdf5_path: str | os.PathLike, out_path: str | os.PathLike,
+                     overwrite: bool = False) -> Path:
     """Convert the robomimic low-dim HDF5 at `hdf5_path` into a store at `out_path`.
 
     - Task: from `env_args.env_name` through the registry (Lift -> lift, PickPlaceCan -> can,
@@ -73,7 +75,8 @@ class RobomimicSource:
         cameras = {}
         if images:  # robomimic renders with MuJoCo's default quality
             size = int(self.episodes[0][images[0]].shape[1])
-            cameras = {"cameras": ObsConfig("image", [k[: -len("_image")] for k in images], size, "full").to_dict()}
+            cameras = {"cameras": ObsConfig("image", [k[: -len("_image")] for k in images], size,
+                                            "full").to_dict()}
         return {
             **cameras,
             "task": self.spec.name,
@@ -160,16 +163,18 @@ def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: s
             raise SourceError(f"{where}/obs: missing {key!r}")
         value = _numbers(f"{where}/obs/{key}", demo["obs"][key], np.float32)
         if value.ndim != 2 or value.shape[1] != stop - start:
-            raise SourceError(f"{where}/obs/{key}: shape {value.shape}, task {spec.name!r} expects [T, {stop - start}]")
+            raise SourceError(f"{where}/obs/{key}: shape {value.shape}, task {spec.name!r} "
+                              f"expects [T, {stop - start}]")
         parts.append(value)
     images = {}
     for key in sorted(k for k in demo["obs"] if k.endswith("_image")):
         frames = np.asarray(_dataset(f"{where}/obs/{key}", demo["obs"][key])[()])
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-            raise SourceError(f"{where}/obs/{key}: {frames.dtype} {frames.shape}, expected uint8 [T, H, W, 3]")
+            raise SourceError(f"{where}/obs/{key}: {frames.dtype} {frames.shape}, "
+                              "expected uint8 [T, H, W, 3]")
         if frames.shape[1] != frames.shape[2]:
-            raise SourceError(f"{where}/obs/{key}: frames of {frames.shape[1]}x{frames.shape[2]} pixels; an image "
-                              f"store holds square frames (obs.size)")
+            raise SourceError(f"{where}/obs/{key}: frames of {frames.shape[1]}x{frames.shape[2]} pixels; an "
+                              "image store holds square frames (obs.size)")
         images[key] = frames
     episode = {
         **images,
@@ -190,7 +195,8 @@ def _episode(path: Path, spec: TaskSpec, name: str, demo: Any, success_source: s
     if success_source == "rewards":
         episode["success"] = episode["reward"] > 0
     elif success_source == "dones":
-        episode["success"] = np.asarray(_dataset(f"{where}/dones", demo["dones"])[()]).astype(bool).reshape(-1)
+        episode["success"] = np.asarray(_dataset(f"{where}/dones",
+                                                 demo["dones"])[()]).astype(bool).reshape(-1)
     else:
         episode["success"] = np.arange(n) == n - 1
     lengths = {k: len(v) for k, v in episode.items()}
@@ -224,7 +230,8 @@ def render_store(src: str | os.PathLike, out_path: str | os.PathLike, obs: ObsCo
         env = make_env(store.task, obs=obs)
         episodes = []
         try:
-            for i in tqdm(range(store.n_episodes), desc=f"render {Path(src).name}", unit="demo", disable=not progress):
+            for i in tqdm(range(store.n_episodes), desc=f"render {Path(src).name}", unit="demo",
+                          disable=not progress):
                 ep = {k: v for k, v in store.episode(i).items() if not k.endswith("_image")}
                 env.reset(seed=int(seeds[i]))
                 frames: dict[str, list] = {k: [] for k in obs.image_keys}
@@ -236,7 +243,8 @@ def render_store(src: str | os.PathLike, out_path: str | os.PathLike, obs: ObsCo
         finally:
             env.close()
         attrs = {**store.attrs, "cameras": obs.to_dict(), "rendered_from": str(Path(src).resolve())}
-    return write_store(out_path, episodes, {k: v for k, v in attrs.items() if k not in ("format", "format_version")},
+    return write_store(out_path, episodes,
+                       {k: v for k, v in attrs.items() if k not in ("format", "format_version")},
                        overwrite=overwrite)
 
 
@@ -256,8 +264,8 @@ def _check_same_cameras(path: Path, names: list[str], episodes: list[dict[str, n
                               f"(every demo needs the same cameras)")
         for key, shape in sorted(these.items()):
             if shape != first[key]:
-                raise SourceError(f"{where}/{key}: frames of {tuple(shape)}, data/{names[0]}'s are {tuple(first[key])} "
-                                  f"(every demo needs frames of one size)")
+                raise SourceError(f"{where}/{key}: frames of {tuple(shape)}, data/{names[0]}'s are "
+                                  f"{tuple(first[key])} (every demo needs frames of one size)")
 
 
 def _dataset(where: str, node: Any) -> Any:
@@ -265,7 +273,8 @@ def _dataset(where: str, node: Any) -> Any:
     import h5py
 
     if not isinstance(node, h5py.Dataset):
-        raise SourceError(f"{where}: {'a group' if isinstance(node, h5py.Group) else 'not a dataset'}, expected a dataset")
+        raise SourceError(f"{where}: {'a group' if isinstance(node, h5py.Group) else 'not a dataset'}, "
+                          "expected a dataset")
     return node
 
 
@@ -280,7 +289,8 @@ def _numbers(where: str, dataset: Any, dtype: type) -> np.ndarray:
     bad = ~np.isfinite(value)
     if bad.any():
         row = int(np.argwhere(bad)[0][0]) if value.ndim else 0
-        raise SourceError(f"{where}: {int(bad.sum())} values are NaN or inf as {np.dtype(dtype)} (first in row {row})")
+        raise SourceError(f"{where}: {int(bad.sum())} values are NaN or inf as "
+                          f"{np.dtype(dtype)} (first in row {row})")
     return value
 
 
@@ -304,16 +314,25 @@ def _sha256(path: Path) -> str:
 
 # -- command line -------------------------------------------------------------------------------
 
+def _set_fields(self, **values: Any) -> None:
+    """ImportConfig's __init__: the command harness builds the config (`OmegaConf.to_object`)
+    with every field as a keyword, `in` included."""
+    for key, value in values.items():
+        setattr(self, key, value)
+
+
 # The schema of conf/import.yaml. Its first key is the Python keyword `in`, which the dataclass
 # decorator accepts only without a generated __init__/__repr__/__eq__ (they would name it as a
-# variable); Hydra and OmegaConf only read the fields, so nothing is lost.
+# variable): the __init__ is `_set_fields`, the field read with getattr(cfg, "in").
 ImportConfig = dataclasses.dataclass(init=False, repr=False, eq=False)(
     type(
         "ImportConfig",
         (),
         {
             "__module__": __name__,
-            "__doc__": "dp-import: in=<robomimic .hdf5 | store> out=<store path> overwrite=<bool> [obs=image].",
+            "__init__": _set_fields,
+            "__doc__": "dp-import: in=<robomimic .hdf5 | store> out=<store path> "
+                       "overwrite=<bool> [obs=image].",
             "__annotations__": {"in": str, "out": str, "overwrite": bool, "obs": ObsConfig},
             "in": MISSING,
             "out": MISSING,
@@ -327,27 +346,32 @@ _USAGE = ("usage: dp-import in=demo.hdf5 out=data/lift.zarr [overwrite=true]; "
           "dp-import in=data/lift.zarr out=data/lift_image.zarr obs=image (render cameras from saved states)")
 
 
-def _run(cfg: Any) -> None:
+def _require_in_and_out(cfg: Any) -> None:
+    """Before the config is built (which would name a missing key alone): with the usage."""
     from omegaconf import OmegaConf
 
     for key in ("in", "out"):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"{key}: required; {_USAGE}")
-    obs = ObsConfig.from_dict(cfg["obs"])
-    source = Path(cfg["in"])
+
+
+def _run(cfg: ImportConfig) -> None:
+    obs = cfg.obs
+    source = Path(getattr(cfg, "in"))
     is_store = source.is_dir() or (source.suffix == ".zip" and source.is_file())
     try:
         if is_store:
-            out = render_store(source, cfg["out"], obs, overwrite=cfg["overwrite"])
+            out = render_store(source, cfg.out, obs, overwrite=cfg.overwrite)
         elif obs.image:
-            raise UserError(f"obs: {source} is a robomimic file; its image keys are imported as they are, without obs=image")
+            raise UserError(f"obs: {source} is a robomimic file; its image keys are imported as they "
+                            "are, without obs=image")
         else:
-            out = import_robomimic(cfg["in"], cfg["out"], overwrite=cfg["overwrite"])
+            out = import_robomimic(getattr(cfg, "in"), cfg.out, overwrite=cfg.overwrite)
     except OSError as err:  # permissions, a full disk, ...: a file problem, not a bug
-        raise UserError(f"{err.filename or cfg['out']}: {err.strerror or err}") from err
+        raise UserError(f"{err.filename or cfg.out}: {err.strerror or err}") from err
     with open_store(out) as store:
         print(f"wrote {out}: task {store.task}, {store.n_episodes} demos, {store.n_steps} steps, "
               f"{store_size_mb(out) / store.n_episodes:.2f} MB per demo")
 
 
-main = command("import", ImportConfig)(_run)
+main = command("import", ImportConfig, before=_require_in_and_out)(_run)

@@ -3,7 +3,7 @@
 A command's module imports torch, Hydra and often robosuite: seconds in which a Ctrl-C would
 otherwise print a traceback of whatever import it interrupted. Here the import and the run are
 inside one handler, so an interrupt anywhere ends in one line and exit code 130 (a command's own
-handler, `envs.cli`, says more once it runs). Nothing here imports more than the standard library.
+handler, `common.cli`, says more once it runs). Nothing here imports more than the standard library.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ COMMANDS = {
     "dp-collect": "envs.collect", "dp-import": "envs.importers", "dp-train": "policy.train",
     "dp-rollout": "rollouts.rollout", "dp-bench": "rollouts.bench", "dp-align": "rollouts.align",
     "dp-serve": "rollouts.serve", "dp-eval": "rollouts.evaluate", "dp-report": "rollouts.report",
-    "dp-quickstart": "rollouts.quickstart", "dp-export": "policy.zoo", "dp-devicecheck": "rollouts.devicecheck",
+    "dp-quickstart": "rollouts.quickstart", "dp-export": "policy.zoo",
+    "dp-devicecheck": "rollouts.devicecheck",
 }
 
 

@@ -108,7 +108,8 @@ class RobosuiteEnv(gym.Env):
         controller = load_composite_controller_config(controller=t.controller)
         # The BASIC config has a part for every robot robosuite knows (left arm, torso, head,
         # base, legs); a single arm has only its right one, and robosuite warns about each other.
-        controller["body_parts"] = {k: v for k, v in controller["body_parts"].items() if k in SINGLE_ARM_PARTS}
+        controller["body_parts"] = {k: v for k, v in controller["body_parts"].items()
+                                    if k in SINGLE_ARM_PARTS}
         self._env = robosuite.make(
             t.env_name,
             robots=t.robot,
@@ -116,7 +117,8 @@ class RobosuiteEnv(gym.Env):
             has_renderer=False,
             has_offscreen_renderer=render or self.obs.image,
             use_camera_obs=self.obs.image,
-            **(dict(camera_names=list(self.obs.cameras), camera_heights=self.obs.size, camera_widths=self.obs.size)
+            **(dict(camera_names=list(self.obs.cameras), camera_heights=self.obs.size,
+                    camera_widths=self.obs.size)
                if self.obs.image else {}),
             use_object_obs=True,
             control_freq=t.control_freq,
@@ -255,7 +257,8 @@ class RobosuiteEnv(gym.Env):
         # Multisampling is set when the context's buffers are made: rebuild it without.
         self._env.sim.model._model.vis.quality.offsamples = 0
         self._free_render_context()
-        ctx = MjRenderContextOffscreen(self._env.sim, device_id=self._env.render_gpu_device_id)  # registers itself
+        # registers itself
+        ctx = MjRenderContextOffscreen(self._env.sim, device_id=self._env.render_gpu_device_id)
         ctx.vopt.geomgroup[0] = 1 if self._env.render_collision_mesh else 0
         ctx.vopt.geomgroup[1] = 1 if self._env.render_visual_mesh else 0
         ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
@@ -310,7 +313,8 @@ class RobosuiteEnv(gym.Env):
     def low_dim_obs(self) -> np.ndarray:
         """The low-dim (state-mode) observation vector of the last reset/step/set_state."""
         raw = self._last_obs
-        return np.concatenate([raw["object-state"] if key == "object" else raw[key] for key in OBS_KEYS]).astype(np.float32)
+        return np.concatenate([raw["object-state"] if key == "object" else raw[key]
+                               for key in OBS_KEYS]).astype(np.float32)
 
     def images(self) -> dict[str, np.ndarray]:
         """The camera frames of the last observation: `<camera>_image` -> uint8 [H, W, 3], top
@@ -320,7 +324,8 @@ class RobosuiteEnv(gym.Env):
     def _flatten(self, raw: dict[str, np.ndarray]) -> np.ndarray:
         if not self.obs.image:
             return self.low_dim_obs()
-        parts = [raw[key].astype(np.float32) for key in self.observation_layout if key not in self.obs.image_keys]
+        parts = [raw[key].astype(np.float32) for key in self.observation_layout
+                 if key not in self.obs.image_keys]
         parts += [frame.reshape(-1).astype(np.float32) for frame in self.images().values()]
         return np.concatenate(parts)
 

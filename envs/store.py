@@ -29,8 +29,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore, ZipStore
 
-from envs.errors import StoreError, UserError
-from envs.partial import make_partial, remove_stale_partials
+from common.errors import UserError
+from common.files import make_partial, remove_stale_partials
+from envs.errors import StoreError
 from envs.tasks import ObsConfig
 
 FORMAT = "parapolicy-replay-buffer"
@@ -82,15 +83,16 @@ def _check_replaceable(path: Path) -> None:
         if not entries or {"zarr.json", ".zgroup"} & set(entries):
             return
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise StoreError(f"{path}: not a demonstration store (it holds {shown}); overwrite=true replaces only a "
-                         f"store, so remove it yourself or choose another path")
+        raise StoreError(f"{path}: not a demonstration store (it holds {shown}); overwrite=true replaces "
+                         "only a store, so remove it yourself or choose another path")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             root = _zip_root(path)
-            if f"{root}/zarr.json".lstrip("/") in zf.namelist() or f"{root}/.zgroup".lstrip("/") in zf.namelist():
+            if (f"{root}/zarr.json".lstrip("/") in zf.namelist()
+                    or f"{root}/.zgroup".lstrip("/") in zf.namelist()):
                 return
-    raise StoreError(f"{path}: a file that is not a demonstration store; overwrite=true replaces only a store, "
-                     f"so remove it yourself or choose another path")
+    raise StoreError(f"{path}: a file that is not a demonstration store; overwrite=true replaces only a "
+                     "store, so remove it yourself or choose another path")
 
 
 def _check_writable(directory: Path) -> None:
@@ -184,7 +186,8 @@ def _check_episodes(path: Path, episodes: Sequence[Mapping[str, Any]]) -> tuple[
             if len(shape) == 0:
                 raise ValueError(f"{path}: episode {i}: {k!r} is a scalar; arrays need a time axis")
             if shape[1:] != trailing[k]:
-                raise ValueError(f"{path}: episode {i}: {k!r} has shape {shape}, episode 0 has [T, *{trailing[k]}]")
+                raise ValueError(f"{path}: episode {i}: {k!r} has shape {shape}, episode 0 "
+                                 f"has [T, *{trailing[k]}]")
         n = shapes["action"][0]
         bad = {k: s[0] for k, s in shapes.items() if s[0] != n}
         if bad:
@@ -210,8 +213,8 @@ def _check_cameras(path: Path, attrs: Mapping[str, Any], episode: Mapping[str, A
             raise StoreError(f"{path}: attrs['cameras'] lists {camera!r}, but there is no data/{key}")
         frames = np.asarray(episode[key])
         if frames.dtype != np.uint8 or frames.shape[1:] != obs.image_shape:
-            raise StoreError(f"{path}: data/{key}: {frames.dtype} frames of {frames.shape[1:]}, but attrs['cameras'] "
-                             f"says uint8 {obs.image_shape}")
+            raise StoreError(f"{path}: data/{key}: {frames.dtype} frames of {frames.shape[1:]}, but "
+                             f"attrs['cameras'] says uint8 {obs.image_shape}")
 
 
 def _write_group(
@@ -247,7 +250,8 @@ def _column(dest: Path, episodes: Sequence[Mapping[str, Any]], key: str) -> np.n
         parts.append(part.astype(dtype, copy=False))
     dtype = parts[0].dtype
     if any(p.dtype != dtype for p in parts):
-        raise ValueError(f"{dest}: {key!r}: episodes disagree on dtype ({sorted({str(p.dtype) for p in parts})})")
+        raise ValueError(f"{dest}: {key!r}: episodes disagree on dtype "
+                         f"({sorted({str(p.dtype) for p in parts})})")
     return np.concatenate(parts)
 
 
@@ -473,14 +477,16 @@ def _validated(path: Path, group: zarr.Group, attrs: dict) -> tuple[dict[str, za
     """The data arrays by sorted key, and the episode ends; StoreError for what is wrong."""
     version = attrs.get("format_version")
     if attrs.get("format") == FORMAT and isinstance(version, int) and version > FORMAT_VERSION:
-        raise StoreError(f"{path}: format_version {version} is newer than this parapolicy reads ({FORMAT_VERSION})")
+        raise StoreError(f"{path}: format_version {version} is newer than this parapolicy "
+                         f"reads ({FORMAT_VERSION})")
 
     meta = group.get("meta")
     ends_node = meta.get("episode_ends") if isinstance(meta, zarr.Group) else None
     if not isinstance(ends_node, zarr.Array):
         raise StoreError(f"{path}: meta/episode_ends: missing")
     if ends_node.ndim != 1 or ends_node.dtype.kind not in "iu":
-        raise StoreError(f"{path}: meta/episode_ends: expected 1-D integers, got {ends_node.dtype} of shape {ends_node.shape}")
+        raise StoreError(f"{path}: meta/episode_ends: expected 1-D integers, got {ends_node.dtype} of "
+                         f"shape {ends_node.shape}")
 
     data = group.get("data")
     if not isinstance(data, zarr.Group):
@@ -493,7 +499,8 @@ def _validated(path: Path, group: zarr.Group, attrs: dict) -> tuple[dict[str, za
             raise StoreError(f"{path}: data/{key}: a scalar; arrays need a time axis")
     lengths = {key: array.shape[0] for key, array in arrays.items()}
     if len(set(lengths.values())) > 1:
-        raise StoreError(f"{path}: data/: arrays of different lengths ({', '.join(f'{k} {n}' for k, n in lengths.items())})")
+        raise StoreError(f"{path}: data/: arrays of different lengths "
+                         f"({', '.join(f'{k} {n}' for k, n in lengths.items())})")
     n_steps = next(iter(lengths.values()))
 
     try:
@@ -504,14 +511,17 @@ def _validated(path: Path, group: zarr.Group, attrs: dict) -> tuple[dict[str, za
     bad = np.flatnonzero(ends <= starts)
     if len(bad):
         i = int(bad[0])
-        raise StoreError(f"{path}: meta/episode_ends: not increasing (episode {i} ends at {ends[i]}, after {starts[i]})")
+        raise StoreError(f"{path}: meta/episode_ends: not increasing (episode {i} ends at "
+                         f"{ends[i]}, after {starts[i]})")
     last = int(ends[-1]) if len(ends) else 0
     if last != n_steps:
-        raise StoreError(f"{path}: meta/episode_ends: last end is {last} but data/ arrays have {n_steps} steps")
+        raise StoreError(f"{path}: meta/episode_ends: last end is {last} but data/ "
+                         f"arrays have {n_steps} steps")
 
     if attrs.get("format") == FORMAT:
         # Our writer writes every chunk; a missing one would silently read as zeros.
-        for key, array in {**{f"data/{k}": a for k, a in arrays.items()}, "meta/episode_ends": ends_node}.items():
+        for key, array in {**{f"data/{k}": a for k, a in arrays.items()},
+                           "meta/episode_ends": ends_node}.items():
             if array.nchunks_initialized < array.nchunks:
                 raise StoreError(f"{path}: {key}: {array.nchunks - array.nchunks_initialized} of "
                                  f"{array.nchunks} chunks missing (damaged store)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from envs.errors import UserError
+from common.errors import UserError
 
 # robomimic's low-dim observation keys, in the order they are concatenated into the vector.
 OBS_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
@@ -86,7 +86,8 @@ class ObsConfig:
                                 f"known: {', '.join(task.cameras)}")
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "cameras": list(self.cameras), "size": int(self.size), "render": self.render}
+        return {"mode": self.mode, "cameras": list(self.cameras), "size": int(self.size),
+                "render": self.render}
 
     @classmethod
     def from_dict(cls, d) -> ObsConfig:

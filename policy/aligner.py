@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.samplers.solvers import Plan, canonical_spacing, get_plan, new_history, step_rows
 
 STRATEGIES = ("sequential", "parallel")
@@ -381,13 +381,13 @@ def trajectory_gap(policy, obs: np.ndarray, s: AlignSettings, taus: tuple[float,
                    reference: dict[int, torch.Tensor], noise: torch.Tensor) -> list[float]:
     """Mean L2 distance (normalized action chunks) between each point the few-step chain
     reaches and the reference trajectory's point at the same time; the last is the final error."""
-    from policy.samplers.sequential import sequential
+    from policy.samplers import get_sampler
 
     cond = policy.condition(torch.as_tensor(obs, device=policy.device))
     points = []
     gen = torch.Generator(policy.device).manual_seed(s.seed + 1)
-    sequential(policy.net, cond, policy.scheduler, noise, gen, solver=s.solver, steps=s.steps,
-               spacing=s.spacing, taus=taus, callback=lambda info: points.append(info["x"]))
+    get_sampler(s.solver)(policy.net, cond, policy.scheduler, noise, gen, steps=s.steps, spacing=s.spacing,
+                          taus=taus, callback=lambda info: points.append(info["x"]))
     plan = get_plan(policy.scheduler, s.solver, s.steps, s.spacing, policy.device)
     times = [int(t) for t in plan.timesteps[1:]]
     times.append(-1)  # clean
@@ -397,14 +397,14 @@ def trajectory_gap(policy, obs: np.ndarray, s: AlignSettings, taus: tuple[float,
 @torch.no_grad()
 def reference_trajectory(policy, obs: np.ndarray, noise: torch.Tensor) -> dict[int, torch.Tensor]:
     """The full-step DDIM trajectory from `noise`: time -> point (-1: the final chunk)."""
-    from policy.samplers.sequential import sequential
+    from policy.samplers import get_sampler
 
     cond = policy.condition(torch.as_tensor(obs, device=policy.device))
     T = policy.cfg.schedule.num_train_timesteps
     points = {T - 1: noise}
     out = []
-    sequential(policy.net, cond, policy.scheduler, noise, None, solver="ddim", steps=T, spacing="trailing",
-               callback=lambda info: out.append(info["x"]))
+    get_sampler("ddim")(policy.net, cond, policy.scheduler, noise, None, steps=T, spacing="trailing",
+                        callback=lambda info: out.append(info["x"]))
     for j, x in enumerate(out):
         points[T - 2 - j] = x  # after step j (at t = T-1-j) the chain is at T-2-j; -1 is clean
     return points

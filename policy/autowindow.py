@@ -29,13 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import write_json
 from policy.device import machine, sync
 
 CANDIDATES = (4, 8, 16, 32, 64)  # plus the whole chain; capped at the chain's length
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get("PARAPOLICY_CACHE") or Path.home() / ".cache" / "parapolicy" / "window-auto.json")
+    return Path(os.environ.get("PARAPOLICY_CACHE")
+                or Path.home() / ".cache" / "parapolicy" / "window-auto.json")
 
 
 def batch_scaling(policy, batch_sizes, reps: int = 20) -> list[dict]:
@@ -90,7 +92,8 @@ def weights_hash(policy) -> str:
 
 def key(policy, cfg) -> str:
     """Device, threads, weights, the backend the calls run on and every sampler setting but the window."""
-    setting = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("window", "warm") and v is not None}
+    setting = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("window", "warm") and v is not None}
     setting["backend"] = policy.backend  # auto resolved: the curve is the chosen backend's
     return json.dumps({"device": machine(policy.device), "threads": torch.get_num_threads(),
                        "weights": weights_hash(policy), "sampler": setting}, sort_keys=True)
@@ -114,9 +117,7 @@ def store(k: str, entry: dict) -> None:
         except (OSError, ValueError):
             table = {}
         table[k] = entry
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
+        write_json(path, table, indent=1)
     except OSError:
         pass
 

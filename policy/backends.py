@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 BACKENDS = ("auto", "torch", "openvino")
 
@@ -61,7 +61,8 @@ def check(backend: str | None, precision: str | None = None, capture: str | None
         raise UserError(f"sampler.backend: {backend} is not installed here (pip install {backend}); "
                         "backend=torch or auto run without it")
     if precision not in (None, "fp32"):
-        raise UserError(f"sampler.backend: {backend} runs the network in fp32; precision={precision} is torch's")
+        raise UserError(f"sampler.backend: {backend} runs the network in fp32; "
+                        f"precision={precision} is torch's")
     if capture == "graph":
         raise UserError(f"sampler.backend: {backend} runs on the CPU; capture=graph is for torch on CUDA")
 
@@ -77,7 +78,8 @@ class OpenVinoNetwork:
     module of float tensors in (the batch first, compiled per input shape) and one tensor out
     (the denoiser's `eps = net(x, t, cond)`, the image encoder's planning path)."""
 
-    def __init__(self, net: torch.nn.Module, example: tuple[torch.Tensor, ...], threads: int, snippets: bool = True):
+    def __init__(self, net: torch.nn.Module, example: tuple[torch.Tensor, ...], threads: int,
+                 snippets: bool = True):
         import openvino as ov
 
         shapes = [ov.PartialShape([-1, *e.shape[1:]]) for e in example]
@@ -86,7 +88,8 @@ class OpenVinoNetwork:
             warnings.simplefilter("ignore")
             self.model = ov.convert_model(net, example_input=example, input=shapes)
         self.core, self.threads, self.snippets = ov.Core(), threads, snippets
-        self.requests: dict[tuple, tuple] = {}  # input shapes -> (infer request, its input views, output view)
+        # input shapes -> (infer request, its input views, output view)
+        self.requests: dict[tuple, tuple] = {}
 
     def _request(self, shapes: tuple):
         """The infer request of a model of these input shapes, and torch views of its input and
@@ -96,7 +99,8 @@ class OpenVinoNetwork:
             model = self.model.clone()
             model.reshape({port: list(s) for port, s in zip(model.inputs, shapes)})
             config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads,
-                      "INFERENCE_PRECISION_HINT": "f32", **({} if self.snippets else {"SNIPPETS_MODE": "DISABLE"})}
+                      "INFERENCE_PRECISION_HINT": "f32",
+                      **({} if self.snippets else {"SNIPPETS_MODE": "DISABLE"})}
             try:
                 compiled = self.core.compile_model(model, "CPU", config)
             except RuntimeError:
@@ -199,8 +203,9 @@ def choose(policy, cfg) -> dict:
     if policy.device.type != "cpu" or not installed("openvino"):
         return {"backend": "torch", "rows": None, "ms": {}}
     rows = typical_rows(policy, cfg)
-    key = json.dumps({"backend-auto": rows, "device": machine(policy.device), "threads": torch.get_num_threads(),
-                      "weights": autowindow.weights_hash(policy)}, sort_keys=True)
+    key = json.dumps({"backend-auto": rows, "device": machine(policy.device),
+                      "threads": torch.get_num_threads(), "weights": autowindow.weights_hash(policy)},
+                     sort_keys=True)
     entry = autowindow.lookup(key)
     if entry is None:
         ms = {name: call_ms(policy, name, rows) for name in ("torch", "openvino")}

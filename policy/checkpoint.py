@@ -14,7 +14,6 @@ newest complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -24,8 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from envs.errors import UserError
-from envs.partial import building
+from common.errors import UserError
+from common.files import building, replace_symlink
 from policy.device import resolve_device
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.network import UNetConfig
@@ -69,10 +68,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: DiffusionPolicy, ema
         (tmp / "policy.json").write_text(json.dumps(meta, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
         torch.save(trainer_state, tmp / "trainer.pt")
-    link = root / f".{LATEST}.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(final.name)
-    os.replace(link, root / LATEST)  # atomic: `latest` is always a complete checkpoint
+    replace_symlink(root / LATEST, final.name)  # atomic: `latest` is always a complete checkpoint
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -96,7 +92,8 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def build_policy(meta: dict, normalizer: Normalizer) -> DiffusionPolicy:
     cfg = dict(meta["config"])
-    cfg = PolicyConfig(**{**cfg, "unet": UNetConfig(**cfg["unet"]), "schedule": ScheduleConfig(**cfg["schedule"]),
+    cfg = PolicyConfig(**{**cfg, "unet": UNetConfig(**cfg["unet"]),
+                          "schedule": ScheduleConfig(**cfg["schedule"]),
                           "vision": VisionConfig(**cfg.get("vision", {}))})
     return DiffusionPolicy(cfg, meta["obs_dim"], meta["action_dim"], normalizer, meta.get("meta"))
 
@@ -171,7 +168,8 @@ def load_policy(path: str | Path, device: str = "cpu", ema: bool = True) -> Diff
     except UserError as err:
         raise UserError(f"{ckpt / 'policy.json'}: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{ckpt / 'policy.json'}: not a policy description ({type(err).__name__}: {err})") from None
+        raise UserError(f"{ckpt / 'policy.json'}: not a policy description "
+                        f"({type(err).__name__}: {err})") from None
     check_normalizer_fits(policy, ckpt)
     weights = ckpt / ("weights_ema.safetensors" if ema else "weights.safetensors")
     check_description(policy, weights)
@@ -201,4 +199,5 @@ def check_matches(policy: DiffusionPolicy, task: str, obs_layout: dict) -> None:
         raise UserError(f"{ckpt}: policy was trained on task {policy.meta.get('task')!r}, not {task!r}")
     want = {k: list(v) for k, v in obs_layout.items()}
     if policy.meta.get("obs_layout") != want:
-        raise UserError(f"{ckpt}: observation layout {policy.meta.get('obs_layout')} does not match the env's {want}")
+        raise UserError(f"{ckpt}: observation layout {policy.meta.get('obs_layout')} does not "
+                        f"match the env's {want}")

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy import backends
 from policy.device import sync
 from policy.network import SinusoidalStepEmbedding
@@ -75,7 +75,8 @@ class Denoiser:
         #                                  each counted call waits for the device
         self.dtype = PRECISIONS[precision]
         self._copy: torch.nn.Module | None = None
-        self._weights: tuple | None = None  # (where the weights are, their versions) the copy and graphs were made for
+        # (where the weights are, their versions) the copy and graphs were made for
+        self._weights: tuple | None = None
         self._graphs: dict[tuple, tuple] = {}  # input shapes -> (graph, static x, t, cond, eps)
         self._pool = None
         self._runtime = backends.Runtime(net)  # the network on `backend`'s runtime, built on first use
@@ -115,12 +116,14 @@ class Denoiser:
             return self.net
         if self._copy is None:
             self._copy = copy.deepcopy(self.net).to(self.dtype).eval()
-            for m in self._copy.modules():  # step features stay float32: a 16-bit angle of t = 99 is off by ~0.4 rad
+            # step features stay float32: a 16-bit angle of t = 99 is off by ~0.4 rad
+            for m in self._copy.modules():
                 if isinstance(m, SinusoidalStepEmbedding):
                     m.freqs = m.freqs.float()
         return self._copy
 
-    def _eager(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _eager(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+               cond: torch.Tensor) -> torch.Tensor:
         if self.dtype is None:
             return net(x, t, cond)
         return net(x.to(self.dtype), t, cond.to(self.dtype)).float()

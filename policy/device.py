@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -24,7 +24,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise UserError(f"device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"device: {name!r}, but torch sees no CUDA device here (device=auto uses the CPU)")
+            raise UserError(f"device: {name!r}, but torch sees no CUDA device here "
+                            "(device=auto uses the CPU)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"device: {name!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":

@@ -12,19 +12,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from envs.errors import UserError
+from common.errors import UserError
 from envs.tasks import ObsConfig
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.vision import ObsEncoder, PlanningEncoder, VisionConfig
 from policy.normalizer import Normalizer
 from policy.backends import Runtime, check_device
 from policy.denoiser import Denoiser, resolve_capture
-from policy.samplers import (SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of, resolve, takes_inpaint,
+from policy.samplers import (SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of, resolve,
                              takes_pad)
 from policy.safety import MARGIN, UnsafeActions, check_actions, check_observation
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
-from policy.warm import WarmStart
+from policy.warm import PlanSession, WarmStart
 
 
 @dataclass
@@ -39,8 +39,8 @@ class PolicyConfig:
     def __post_init__(self):
         halvings = len(self.unet.down_dims) - 1 if isinstance(self.unet, UNetConfig) else 0
         if self.horizon < 1 or self.horizon % 2**halvings:
-            raise UserError(f"policy.horizon: {self.horizon} is not a positive multiple of {2**halvings} (the UNet "
-                            f"halves it {halvings} times and doubles it back)")
+            raise UserError(f"policy.horizon: {self.horizon} is not a positive multiple of {2**halvings} "
+                            f"(the UNet halves it {halvings} times and doubles it back)")
         if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
             raise UserError(
                 f"policy.n_action_steps: {self.n_action_steps} does not fit a horizon of {self.horizon} "
@@ -70,6 +70,16 @@ class TrainingLoss(nn.Module):
         return self.policy.loss(obs, action, generator, part)
 
 
+@dataclass
+class Sampling:
+    """A sampler made ready for one policy (`DiffusionPolicy.sampling`): set up once, no plan state."""
+
+    spec: SamplerConfig
+    fn: object  # samplers.Sampler
+    options: dict  # its options: the aligner's taus read, the window chosen (window=auto) at the first plan
+    auto_window: bool
+
+
 class DiffusionPolicy(nn.Module):
     def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int, normalizer: Normalizer,
                  meta: dict | None = None):
@@ -86,13 +96,13 @@ class DiffusionPolicy(nn.Module):
         self.cond_dim = cfg.n_obs_steps * (obs_dim if self.encoder is None else self.encoder.out_dim)
         self.net = ConditionalUnet1D(action_dim, self.cond_dim, cfg.unet)
         self.scheduler = make_scheduler(cfg.schedule)
-        self.warm = WarmStart()  # noise and chain carried between one episode's plans (sampler.warm)
+        # the one-caller API's plan state (`seed`, `plan`); callers may bring their own
+        self.session = PlanSession()
         self._windows: dict[str, dict] = {}  # sampler setting -> its measured window (window=auto)
-        self._denoisers: dict[tuple, Denoiser] = {}  # (precision, capture, device, backend) -> the samplers' denoiser
+        # (precision, capture, device, backend) -> the samplers' denoiser
+        self._denoisers: dict[tuple, Denoiser] = {}
         self._backends: dict[str, str] = {}  # sampler setting -> the backend backend=auto chose
         self.sampler = SamplerConfig()
-        self.generator: torch.Generator | None = None
-        self.last_encode_ms = 0.0
         self._encoder_runtime: Runtime | None = None  # the encoder's planning path on the backend's runtime
 
     @property
@@ -102,6 +112,12 @@ class DiffusionPolicy(nn.Module):
 
     @sampler.setter
     def sampler(self, cfg: SamplerConfig) -> None:
+        self.use(self.sampling(cfg))
+        self.session.warm.reset()
+
+    def sampling(self, cfg: SamplerConfig | dict) -> Sampling:
+        """`cfg` checked and made ready for this policy: its function, and its options with the
+        DPM-Aligner's timesteps read from the checkpoint (one-line errors)."""
         if not isinstance(cfg, SamplerConfig):
             cfg = SamplerConfig(**cfg)
         fn, options = resolve(cfg)
@@ -112,15 +128,47 @@ class DiffusionPolicy(nn.Module):
             chain = chain_of(cfg, self.cfg.schedule.num_train_timesteps)
             options["taus"] = load_taus(self.meta.get("checkpoint"), *chain, which,
                                         max_t=self.cfg.schedule.num_train_timesteps - 1)
-        self._auto_window = options.get("window") == "auto"  # chosen on the first plan (policy.autowindow)
-        if self._auto_window:
+        auto_window = options.get("window") == "auto"  # chosen on the first plan (policy.autowindow)
+        if auto_window:
             options["window"] = None
         if cfg.capture == "graph" and not torch.cuda.is_available():
-            resolve_capture("graph", torch.device("cpu"))  # the one-line refusal, now rather than at the first plan
+            # the one-line refusal, now rather than at the first plan
+            resolve_capture("graph", torch.device("cpu"))
         check_device(cfg.backend, self.device)
-        self._sample_fn, self._sample_options = fn, options
-        self._sampler = cfg
-        self.warm.reset()
+        return Sampling(cfg, fn, options, auto_window)
+
+    def use(self, sampling: Sampling) -> None:
+        """Plan with `sampling` (from `sampling()`) from now on; no plan state changes."""
+        self._sampling = sampling
+
+    @property
+    def _sampler(self) -> SamplerConfig:
+        return self._sampling.spec
+
+    @property
+    def _sample_fn(self):
+        return self._sampling.fn
+
+    @property
+    def _sample_options(self) -> dict:
+        return self._sampling.options
+
+    @property
+    def _auto_window(self) -> bool:
+        return self._sampling.auto_window
+
+    @property
+    def warm(self) -> WarmStart:
+        """The default session's warm-start state."""
+        return self.session.warm
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return self.session.generator
+
+    @property
+    def last_encode_ms(self) -> float:
+        return self.session.encode_ms
 
     @property
     def denoiser(self) -> Denoiser:
@@ -131,9 +179,10 @@ class DiffusionPolicy(nn.Module):
 
     def denoiser_for(self, backend: str) -> Denoiser:
         """The sampler's denoiser on `backend` (torch or openvino)."""
-        key = (self.sampler.precision or "fp32", resolve_capture(self.sampler.capture, self.device), str(self.device),
-               backend)
-        if key not in self._denoisers:  # kept across sampler changes: its 16-bit copy, graphs and runtime model
+        key = (self.sampler.precision or "fp32", resolve_capture(self.sampler.capture, self.device),
+               str(self.device), backend)
+        # kept across sampler changes: its 16-bit copy, graphs and runtime model
+        if key not in self._denoisers:
             self._denoisers[key] = Denoiser(self.net, key[0], key[1], self.device, backend)
         return self._denoisers[key]
 
@@ -168,7 +217,8 @@ class DiffusionPolicy(nn.Module):
         """One observation history [1, n_obs, obs_dim] at the centre of what the policy was
         trained on (low-dim at the normalizer's centre, frames mid-grey): for measuring, not acting."""
         low_dim = self.obs_dim if self.encoder is None else self.encoder.low_dim
-        low = self.normalizer.unnormalize("obs", torch.zeros((1, self.cfg.n_obs_steps, low_dim), device=self.device))
+        low = self.normalizer.unnormalize("obs",
+                                          torch.zeros((1, self.cfg.n_obs_steps, low_dim), device=self.device))
         grey = torch.full((1, self.cfg.n_obs_steps, self.obs_dim - low_dim), 127.0, device=self.device)
         return torch.cat([low, grey], dim=-1)
 
@@ -210,9 +260,8 @@ class DiffusionPolicy(nn.Module):
         return next(self.parameters()).device
 
     def seed(self, seed: int) -> None:
-        """Seed the noise of subsequent plans; the next plan starts cold (a new episode)."""
-        self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.warm.reset()
+        """Seed the noise of the default session's plans; its next plan starts cold (a new episode)."""
+        self.session.reseed(seed, self.device)
 
     def condition(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """[B, n_obs_steps, obs_dim] raw observations -> [B, cond_dim] denoiser condition: the
@@ -221,13 +270,15 @@ class DiffusionPolicy(nn.Module):
         proprioception. Planning (eval mode, no gradient) runs the encoder on the sampler's backend."""
         if self.encoder is None:
             return self.normalizer.normalize("obs", obs).flatten(1)
-        if len(obs) > 256 and not torch.is_grad_enabled():  # thousands of windows (dp-align): a slice at a time
+        # thousands of windows (dp-align): a slice at a time
+        if len(obs) > 256 and not torch.is_grad_enabled():
             return torch.cat([self.condition(part, generator) for part in obs.split(256)])
         low = self.normalizer.normalize("obs", obs[..., :self.encoder.low_dim])
         if torch.is_grad_enabled() or self.encoder.training or self.backend == "torch":
             return self.encoder(low, obs, generator)
         if self._encoder_runtime is None or self._encoder_runtime.module.encoder is not self.encoder:
-            self._encoder_runtime = Runtime(PlanningEncoder(self.encoder), snippets=False)  # follows its weights
+            # follows its weights
+            self._encoder_runtime = Runtime(PlanningEncoder(self.encoder), snippets=False)
         return self._encoder_runtime(low, obs)
 
     def loss(self, obs: torch.Tensor, action: torch.Tensor, generator: torch.Generator | None = None,
@@ -248,27 +299,29 @@ class DiffusionPolicy(nn.Module):
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, advance: int | None = None,
-               step_noise: torch.Tensor | None = None, inpaint=None) -> tuple[torch.Tensor, SampleResult]:
+               step_noise: torch.Tensor | None = None, inpaint=None,
+               session: PlanSession | None = None) -> tuple[torch.Tensor, SampleResult]:
         """Raw action chunks [B, horizon, A] for raw observation histories [B, n_obs, D]; the
         initial and step noise come from `generator` (default: the policy's, see `seed`), or are
         given (`noise`, and `step_noise` [n, B, horizon, A] for the sampler's chain).
 
         With `sampler.warm`, a plan `advance` control steps after the previous one (None: cold)
         shifts that plan's noise and starts from its chain (`policy.warm`). `inpaint`
-        (`samplers.inpaint.Inpaint`, normalized actions) pulls the chain toward committed actions."""
-        generator = self.generator if generator is None else generator
+        (`samplers.inpaint.Inpaint`, normalized actions) pulls the chain toward committed actions.
+        `session`: the caller's plan state (default: the policy's own, `self.session`)."""
+        session = self.session if session is None else session
+        generator = session.generator if generator is None else generator
         shape = (obs.shape[0], self.cfg.horizon, self.action_dim)
         extra = {} if step_noise is None else {"step_noise": step_noise}
         if inpaint is not None:
-            if not takes_inpaint(self._sample_fn):
-                raise UserError(f"committed: {self.sampler.name} cannot take committed actions")
             extra["inpaint"] = inpaint
         warmed = bool(self.sampler.warm) and noise is None
         if warmed:
             chain = get_plan(self.scheduler, *chain_of(self.sampler, self.cfg.schedule.num_train_timesteps),
                              self.device, torch.float32, self._sample_options.get("taus"))
-            noise, extra["step_noise"], extra["init"] = self.warm.prepare(chain, shape, generator, self.device,
-                                                                          torch.float32, advance)
+            noise, extra["step_noise"], extra["init"] = session.warm.prepare(chain, shape, generator,
+                                                                             self.device, torch.float32,
+                                                                             advance)
         elif noise is None:
             noise = torch.randn(shape, generator=generator, device=self.device)
         if self._auto_window and self._sample_options["window"] is None:
@@ -278,12 +331,12 @@ class DiffusionPolicy(nn.Module):
         cond = self.condition(obs)  # once per plan: every denoiser call of it (Picard rows too) reuses it
         if self.encoder is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.last_encode_ms = (time.perf_counter() - start) * 1e3
+        session.encode_ms = (time.perf_counter() - start) * 1e3
         with denoiser.planning():
             result = self._sample_fn(denoiser, cond, self.scheduler, noise, generator,
                                      **self.sample_options(denoiser), **extra)
         if warmed:
-            self.warm.keep(result.chain)
+            session.warm.keep(result.chain)
         return self.normalizer.unnormalize("action", result.x), result
 
     def _inpaint(self, committed: np.ndarray, frozen: int):
@@ -292,7 +345,8 @@ class DiffusionPolicy(nn.Module):
         committed = check_observation(committed, "committed")  # float32, finite
         m = len(committed) if committed.ndim else 0
         if committed.ndim != 2 or committed.shape[1] != self.action_dim or not 1 <= m <= self.max_actions:
-            raise ValueError(f"committed: shape {committed.shape}, expected [1..{self.max_actions}, {self.action_dim}]")
+            raise ValueError(f"committed: shape {committed.shape}, expected "
+                             f"[1..{self.max_actions}, {self.action_dim}]")
         try:  # the chunk is pulled toward them: they must be actions the policy could have planned
             check_actions(committed, *self.action_bounds)
         except UnsafeActions as err:
@@ -301,7 +355,8 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"frozen: {frozen} is not in 0..{m} (the committed actions)")
         first = self.cfg.n_obs_steps - 1  # chunk index of the current step
         prefix = torch.zeros((1, self.cfg.horizon, self.action_dim), device=self.device)
-        prefix[0, first:first + m] = self.normalizer.normalize("action", torch.as_tensor(committed, device=self.device))
+        prefix[0, first:first + m] = self.normalizer.normalize("action",
+                                                               torch.as_tensor(committed, device=self.device))
         w = torch.zeros(self.cfg.horizon, device=self.device)
         w[first:] = rtc_weights(self.cfg.horizon - first, int(frozen), m, self.device)
         return Inpaint(prefix, w, self.sampler.inpaint or "replace")
@@ -318,7 +373,8 @@ class DiffusionPolicy(nn.Module):
         return self.cfg.horizon - self.cfg.n_obs_steps + 1
 
     def plan(self, obs_history: np.ndarray, n_actions: int | None = None, advance: int | None = None,
-             committed: np.ndarray | None = None, frozen: int = 0) -> PlanResult:
+             committed: np.ndarray | None = None, frozen: int = 0,
+             session: PlanSession | None = None) -> PlanResult:
         """The actions to execute next for one observation history [n_obs_steps, obs_dim]: the
         first `n_actions` (default `n_action_steps`; at most `max_actions`) from the current step.
         An asynchronous control loop asks for more than it executes, to cover the next plan's latency.
@@ -327,7 +383,8 @@ class DiffusionPolicy(nn.Module):
         `committed` [m, action_dim] (env units): the actions the robot will execute from the current
         step on while this plan runs (Real-Time Chunking): the new chunk is inpainted to agree with
         them, exactly on the first `frozen` (by replacement; `sampler.inpaint=guide`: guided toward
-        them), with weights decaying over the rest (`samplers.inpaint`).
+        them), with weights decaying over the rest (`samplers.inpaint`). `session`: the caller's
+        plan state (default: the policy's own; `policy.warm.PlanSession`).
 
         Raises ValueError for an observation that is not finite as float32, and
         `policy.safety.UnsafeActions` instead of returning a chunk with NaN or inf in it, or with
@@ -341,15 +398,18 @@ class DiffusionPolicy(nn.Module):
         if obs.shape != want:
             raise ValueError(f"obs_history: shape {obs.shape}, expected {want}")
         inpaint = None if committed is None else self._inpaint(committed, frozen)
-        chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None], advance=advance, inpaint=inpaint)
-        first = self.cfg.n_obs_steps - 1  # chunk index 0 is the oldest observation's step; this is the current one
+        session = self.session if session is None else session
+        chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None], advance=advance,
+                                    inpaint=inpaint, session=session)
+        # chunk index 0 is the oldest observation's step; this is the current one
+        first = self.cfg.n_obs_steps - 1
         actions = chunk[0, first : first + n]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         try:
             actions = check_actions(actions.cpu().numpy(), *self.action_bounds)
         except UnsafeActions:
-            self.warm.reset()  # a diverged chain must not seed the next plan
+            session.warm.reset()  # a diverged chain must not seed the next plan
             raise
         return PlanResult(actions, (time.perf_counter() - start) * 1e3, result.model_evals,
-                          result.parallel_iters, result.converged, self.last_encode_ms)
+                          result.parallel_iters, result.converged, session.encode_ms)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -82,18 +82,20 @@ def launch(nproc: int, args: list[str], command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="dp-train-logs-") as logs:
         specs = DefaultLogsSpecs(log_dir=logs, redirects={r: Std.ERR for r in range(1, nproc)})
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-                              logs_specs=specs)
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              monitor_interval=0.1, logs_specs=specs)
         try:
             elastic_launch(config, entrypoint=sys.executable)(*args)
         except ChildFailedError as err:
             def said(rank: int) -> list[str]:  # the one-line errors a process wrote to its stderr file
                 return [line for path in glob.glob(f"{logs}/**/{rank}/stderr.log", recursive=True)
-                        for line in open(path, errors="replace").read().splitlines() if line.startswith(f"{command}: ")]
+                        for line in open(path, errors="replace").read().splitlines()
+                        if line.startswith(f"{command}: ")]
 
             failed = {rank: f.exitcode for rank, f in err.failures.items()}
             if failed.get(0, 0) > 0:
-                return failed[0]  # process 0 said why on the terminal (the others wait for it: `envs.cli.fail`)
+                # process 0 said why on the terminal (the others wait for it: `common.cli.fail`)
+                return failed[0]
             rank, code = min(((r, c) for r, c in failed.items() if c > 0), default=min(failed.items()))
             print((said(rank) or [f"{command}: process {rank} of {nproc} failed (exit code {code})"])[-1],
                   file=sys.stderr)

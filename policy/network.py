@@ -39,7 +39,8 @@ class SinusoidalStepEmbedding(nn.Module):
 
 class ConvBlock(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel: int, groups: int):
-        super().__init__(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(groups, c_out), nn.Mish())
+        super().__init__(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(groups, c_out),
+                         nn.Mish())
 
 
 class FiLMResidualBlock(nn.Module):

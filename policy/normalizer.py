@@ -76,5 +76,5 @@ def _check_field(key: str, s: dict[str, torch.Tensor]) -> None:
     want = Normalizer.fit({key: torch.stack([lo, hi]).numpy()}).stats[key]
     for stat in ("scale", "offset"):
         if not torch.allclose(s[stat].double(), want[stat].double(), rtol=1e-4, atol=1e-6):
-            raise ValueError(f"{key}.{stat}: does not follow from {key}.min and {key}.max (a damaged or edited "
-                             f"normalizer)")
+            raise ValueError(f"{key}.{stat}: does not follow from {key}.min and {key}.max (a damaged or "
+                             "edited normalizer)")

@@ -44,7 +44,8 @@ def refusal(text: str) -> UnsafeActions | None:
     return None
 
 
-def check_actions(actions: np.ndarray, low: np.ndarray | None = None, high: np.ndarray | None = None) -> np.ndarray:
+def check_actions(actions: np.ndarray, low: np.ndarray | None = None,
+                  high: np.ndarray | None = None) -> np.ndarray:
     """`actions` [n, action_dim] unchanged if all finite and, per dimension, within [low, high]
     (the trained range widened by `MARGIN`); otherwise the refusal naming the first bad step."""
     bad = ~np.isfinite(actions).reshape(len(actions), -1).all(axis=1)
@@ -57,8 +58,8 @@ def check_actions(actions: np.ndarray, low: np.ndarray | None = None, high: np.n
         if out.any():
             step, dim = (int(v[0]) for v in np.nonzero(out))
             raise ActionsOutOfRange(
-                f"{RANGE_PREFIX} in {int(out.any(axis=1).sum())} of the plan's {len(actions)} actions (first at "
-                f"chunk step {step}: dimension {dim} is {actions[step, dim]:.4g}, allowed {low[dim]:.4g}.."
+                f"{RANGE_PREFIX} in {int(out.any(axis=1).sum())} of the plan's {len(actions)} actions (first "
+                f"at chunk step {step}: dimension {dim} is {actions[step, dim]:.4g}, allowed {low[dim]:.4g}.."
                 f"{high[dim]:.4g}); the plan was refused and nothing was sent")
     return actions
 

@@ -25,6 +25,7 @@ def make_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:
     )
 
 
-def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def add_noise(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
+              t: torch.Tensor) -> torch.Tensor:
     """x_t ~ q(x_t | x0) for integer steps t (one per sample)."""
     return scheduler.add_noise(x0, noise, t.long())

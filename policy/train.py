@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.cli import command
-from envs.errors import UserError
+from common.cli import command
+from common.errors import UserError
+from common.lock import exclusive
+from common.files import remove_stale_partials
 from envs.store import open_store
 from envs.tasks import ObsConfig, TaskConfig, get_task
-from envs.lock import exclusive
-from envs.partial import remove_stale_partials
 from policy.device import resolve_device
 from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
 from policy.diffusion import DiffusionPolicy, PolicyConfig, TrainingLoss
@@ -353,12 +353,9 @@ def _train(cfg: TrainConfig, world, device: torch.device, config_yaml: str) -> P
 
 
 @command("train", TrainConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    typed: TrainConfig = OmegaConf.to_object(cfg)  # builds the dataclasses: their checks run here
+def main(typed: TrainConfig) -> None:
     if typed.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from envs.cli import HYDRA_QUIET
+        from common.cli import HYDRA_QUIET
         from policy.distributed import launch
 
         args = [a for a in sys.argv[1:] if a not in HYDRA_QUIET and not a.startswith("nproc=")]

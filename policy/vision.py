@@ -73,7 +73,8 @@ class CameraEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         w = cfg.width
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 7, 2, 3, bias=False), _norm(w), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 7, 2, 3, bias=False), _norm(w), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
         stages, c = [], w
         for i, c_out in enumerate((w, 2 * w, 4 * w, 8 * w)):
             stages += [BasicBlock(c, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)]
@@ -87,7 +88,8 @@ class CameraEncoder(nn.Module):
         return self.head(self.pool(self.stages(self.stem(x))))
 
 
-def crop(frames: torch.Tensor, size: int, generator: torch.Generator | None = None, random: bool = False) -> torch.Tensor:
+def crop(frames: torch.Tensor, size: int, generator: torch.Generator | None = None,
+         random: bool = False) -> torch.Tensor:
     """Square crops of `size` from frames [N, H, W, C]: the centre, or with `random` one offset
     per frame (Diffusion Policy's training augmentation)."""
     n, h, w, _ = frames.shape
@@ -108,9 +110,11 @@ class ObsEncoder(nn.Module):
     pixels) -> the condition [B, n_obs * (low_dim + cameras * feature_dim)]. The low-dim part is
     normalized by the caller; this module sees it already in [-1, 1]."""
 
-    def __init__(self, cfg: VisionConfig, low_dim: int, image_keys: list[str], image_shape: tuple[int, int, int]):
+    def __init__(self, cfg: VisionConfig, low_dim: int, image_keys: list[str],
+                 image_shape: tuple[int, int, int]):
         super().__init__()
-        self.cfg, self.low_dim, self.image_keys, self.image_shape = cfg, low_dim, list(image_keys), tuple(image_shape)
+        self.cfg, self.low_dim, self.image_keys, self.image_shape = (cfg, low_dim, list(image_keys),
+                                                                     tuple(image_shape))
         self.cameras = nn.ModuleDict({key: CameraEncoder(cfg) for key in self.image_keys})
 
     @property
@@ -122,7 +126,8 @@ class ObsEncoder(nn.Module):
         pixels = obs[..., self.low_dim:].reshape(-1, len(self.image_keys), *self.image_shape)
         return {key: pixels[:, i] for i, key in enumerate(self.image_keys)}
 
-    def forward(self, low_dim: torch.Tensor, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, low_dim: torch.Tensor, obs: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         return self.encode(low_dim, obs, generator, random=self.training)
 
     def encode(self, low_dim: torch.Tensor, obs: torch.Tensor, generator: torch.Generator | None = None,

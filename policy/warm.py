@@ -22,6 +22,8 @@ plain sampler's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 
@@ -67,3 +69,20 @@ class WarmStart:
     def keep(self, chain: torch.Tensor | None) -> None:
         """The chain the plan converged to (None: a sampler without one; the next plan is cold)."""
         self.chain = chain
+
+
+@dataclass
+class PlanSession:
+    """What one caller's plans carry from one to the next: an episode, a dp-serve connection, a
+    dp-bench stream. The policy holds none of it: a caller makes its own and passes it to
+    `DiffusionPolicy.plan`/`sample`; the policy's default one (`DiffusionPolicy.session`) serves
+    its one-caller API (`seed`, then `plan`)."""
+
+    generator: torch.Generator | None = None  # the plans' noise (None: torch's global generator)
+    warm: WarmStart = field(default_factory=WarmStart)  # sampler.warm: the previous plan's noise and chain
+    encode_ms: float = 0.0  # the last plan's observation encoding (an image policy's cameras)
+
+    def reseed(self, seed: int, device) -> None:
+        """Seed the noise of the plans to come; the next plan starts cold (a new episode)."""
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.warm.reset()

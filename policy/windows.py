@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.errors import UserError
+from common.errors import UserError
 
 
 def episode_split(n_episodes: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +56,8 @@ class Observations:
 
     def __getitem__(self, idx) -> np.ndarray:
         idx = np.asarray(idx)
-        return np.concatenate([p[idx].reshape(*idx.shape, -1).astype(np.float32) for p in self.parts], axis=-1)
+        return np.concatenate([p[idx].reshape(*idx.shape, -1).astype(np.float32) for p in self.parts],
+                              axis=-1)
 
 
 def read_observations(store, obs_cfg, where: str) -> Observations:
@@ -71,10 +72,12 @@ def read_observations(store, obs_cfg, where: str) -> Observations:
     obs = np.asarray(store["obs"], dtype=np.float32)
     if not obs_cfg.image:
         return Observations([obs])
-    layout = store.attrs.get("obs_layout") or {k: list(v) for k, v in get_task(store.task or "lift").obs_layout.items()}
+    layout = store.attrs.get("obs_layout") or {k: list(v)
+                                               for k, v in get_task(store.task or "lift").obs_layout.items()}
     missing = [k for k in PROPRIO_KEYS if k not in layout]
     if missing:
-        raise UserError(f"{where}: obs_layout has no {', '.join(missing)}: cannot take the proprioceptive keys")
+        raise UserError(f"{where}: obs_layout has no {', '.join(missing)}: cannot take "
+                        "the proprioceptive keys")
     cols = np.concatenate([np.arange(*layout[k]) for k in PROPRIO_KEYS])
     parts = [obs[:, cols]]
     for key in obs_cfg.image_keys:
@@ -101,7 +104,8 @@ def _episodes(policy, data: str, split: str) -> tuple[Observations, np.ndarray, 
     if obs.dim != policy.obs_dim:
         raise UserError(f"{data}: data/obs has {obs.dim} dims; the policy takes {policy.obs_dim}")
     if action.shape[1] != policy.action_dim:
-        raise UserError(f"{data}: data/action has {action.shape[1]} dims; the policy takes {policy.action_dim}")
+        raise UserError(f"{data}: data/action has {action.shape[1]} dims; the policy "
+                        f"takes {policy.action_dim}")
     episodes = np.asarray(policy.meta.get(f"{split}_episodes") or [], dtype=np.int64)
     if not len(episodes) or episodes.max() >= len(ends):
         episodes = np.arange(len(ends))

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from envs.cli import command
-from envs.errors import UserError
-from envs.partial import building, remove_stale_partials
+from common.cli import command
+from common.errors import UserError
+from common.files import atomic_path, building, remove_stale_partials, write_json
 from policy.checkpoint import load_meta, load_policy, read_file, resolve, weights_metadata
 
 WEIGHTS = "weights_ema.safetensors"
@@ -41,7 +41,8 @@ MAX_MB = 20.0  # what one task's shipped policy may take in the repository
 N_HISTORIES, N_IMAGE_HISTORIES = 200, 24
 
 
-def export(checkpoint: str | Path, out: str | Path, command: str = "", dtype: torch.dtype = torch.float16) -> Path:
+def export(checkpoint: str | Path, out: str | Path, command: str = "",
+           dtype: torch.dtype = torch.float16) -> Path:
     """Write the planning part of `checkpoint` to `out` (replacing a zoo policy there, nothing
     else) with its EMA weights cast to `dtype`; returns `out`."""
     ckpt, out = resolve(checkpoint), Path(out)
@@ -52,12 +53,13 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "", dtype: to
     weights = read_file(ckpt / WEIGHTS, load_file)
     seeds = _seeds_used(meta.get("meta", {}).get("data"))
     meta["meta"] = {**meta.get("meta", {}), **({"seeds_used": seeds} if seeds is not None else {})}
-    meta["zoo"] = {"source": str(ckpt), "weights_dtype": str(dtype).removeprefix("torch."), "command": command,
-                   "training_s": _training_seconds(ckpt)}
+    meta["zoo"] = {"source": str(ckpt), "weights_dtype": str(dtype).removeprefix("torch."),
+                   "command": command, "training_s": _training_seconds(ckpt)}
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out.parent, out.name)
     with building(out) as tmp:
-        save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, tmp / WEIGHTS, weights_metadata(pol))
+        save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, tmp / WEIGHTS,
+                  weights_metadata(pol))
         if store and Path(store).exists():
             write_histories(pol, store, tmp / HISTORIES)
         shutil.copy2(ckpt / "normalizer.safetensors", tmp / "normalizer.safetensors")
@@ -78,9 +80,8 @@ def write_histories(policy, store: str | Path, dest: Path, split: str = "val") -
 
     n = N_IMAGE_HISTORIES if policy.encoder is not None else N_HISTORIES
     obs, first = episode_sequences(policy, str(store), split, n)
-    tmp = dest.with_name(f".{dest.name}.tmp.npz")
-    np.savez_compressed(tmp, obs=obs, first=first)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        np.savez_compressed(tmp, obs=obs, first=first)
     return dest
 
 
@@ -91,8 +92,8 @@ def check_out(out: Path, ckpt: Path) -> None:
         raise UserError(f"{out}: is a link (to {os.readlink(out)}); give a zoo directory, e.g. zoo/<task>")
     where = out.resolve()
     if where == ckpt or where in ckpt.parents or ckpt in where.parents:
-        raise UserError(f"{out}: is {'the checkpoint' if where == ckpt else 'a folder of the checkpoint'} {ckpt} "
-                        "being exported; give a zoo directory, e.g. zoo/<task>")
+        raise UserError(f"{out}: is {'the checkpoint' if where == ckpt else 'a folder of the checkpoint'} "
+                        f"{ckpt} being exported; give a zoo directory, e.g. zoo/<task>")
     if not out.exists():
         return
     if not (out / "policy.json").is_file():
@@ -111,16 +112,15 @@ def record(zoo: str | Path, evaluation: str | Path) -> dict:
     results = read_results(evaluation)
     mine = {str(zoo.resolve()), str(resolve(zoo))}
     if not results or any(r.get("checkpoint") not in mine for r in results):
-        raise UserError(f"{evaluation}: not an evaluation of {zoo} (its checkpoint is {results[0].get('checkpoint')})"
+        raise UserError(f"{evaluation}: not an evaluation of {zoo} (its checkpoint is "
+                        f"{results[0].get('checkpoint')})"
                         if results else f"{evaluation}: results.json is empty")
     keep = ("sampler", "episodes", "success_rate", "success_ci95", "latency_ms", "model_evals_per_plan",
             "parallel_iters_per_plan", "threads", "workers", "device")
     run = read_file(evaluation / "run.json", lambda p: json.loads(p.read_text()))
     measured = {"seed": run.get("seed"), "results": [{k: r.get(k) for k in keep} for r in results]}
     meta.setdefault("zoo", {})["measured"] = measured
-    tmp = zoo / ".policy.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, zoo / "policy.json")
+    write_json(zoo / "policy.json", meta, indent=1)
     return measured
 
 
@@ -132,7 +132,8 @@ def read_results(evaluation: Path) -> list[dict]:
     if isinstance(results, dict):  # {"samplers": rows, "reference", "recommendation"}; older runs: the rows
         results = results.get("samplers")
     need = ("sampler", "checkpoint", "episodes", "success_rate")
-    if not isinstance(results, list) or not all(isinstance(r, dict) and all(k in r for k in need) for r in results):
+    if not isinstance(results, list) or not all(isinstance(r, dict) and all(k in r for k in need)
+                                                for r in results):
         raise UserError(f"{path}: not dp-eval results (a list of rows with {', '.join(need)})")
     return results
 
@@ -161,9 +162,13 @@ class ExportConfig:
     measured: str | None = None  # a dp-eval directory of `out` to record in its policy.json
 
 
-def _run(cfg) -> None:
+def _require_source(cfg) -> None:
+    """Before the config is built (which would name a missing out= first): something to do."""
     if cfg.checkpoint is None and cfg.measured is None:
         raise UserError("checkpoint: required (or measured=<dp-eval dir> to record an evaluation of out=)")
+
+
+def _run(cfg: ExportConfig) -> None:
     if cfg.measured is not None:
         read_results(Path(cfg.measured))  # a bad evaluation is refused before anything is exported
     if cfg.checkpoint is not None:
@@ -176,7 +181,7 @@ def _run(cfg) -> None:
                                                    for r in m["results"]))
 
 
-main = command("export", ExportConfig)(_run)
+main = command("export", ExportConfig, before=_require_source)(_run)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.cli import command
-from envs.errors import UserError
-from envs.lock import exclusive
+from common.cli import command
+from common.errors import UserError
+from common.lock import exclusive
 from policy.aligner import (STRATEGIES, AlignSettings, aligner_file, learn, reference_trajectory,
                             trajectory_gap)
+from common.files import save_figure, write_text
 from policy.samplers.solvers import SOLVERS, SPACINGS, canonical_spacing
-from rollouts.files import save_figure, write_text
 
 
 @dataclass
@@ -82,9 +82,11 @@ def run_align(cfg: AlignConfig) -> Path:
         raise UserError(f"data: {data!r}: no such store (give data=<the store the policy was trained on>)")
     spacing = canonical_spacing(cfg.spacing)
     s = AlignSettings(solver=cfg.solver, steps=cfg.steps, spacing=spacing, strategy=cfg.strategy,
-                      batch_size=cfg.batch_size, pool=cfg.chunks, max_iters=cfg.max_iters, min_iters=cfg.min_iters,
-                      lr=cfg.lr, tol=cfg.tol, align_last=cfg.align_last, seed=cfg.seed)
-    print(f"dp-align: {cfg.solver}-{cfg.steps}-{spacing}, {cfg.strategy} strategy, {cfg.chunks} chunks of {data}")
+                      batch_size=cfg.batch_size, pool=cfg.chunks, max_iters=cfg.max_iters,
+                      min_iters=cfg.min_iters, lr=cfg.lr, tol=cfg.tol, align_last=cfg.align_last,
+                      seed=cfg.seed)
+    print(f"dp-align: {cfg.solver}-{cfg.steps}-{spacing}, {cfg.strategy} strategy, "
+          f"{cfg.chunks} chunks of {data}")
     obs, action = sample_windows(policy, data, "train", cfg.chunks, cfg.seed)
     result = learn(policy, obs, action, s, cfg.progress)
 
@@ -165,7 +167,8 @@ def summary(directory: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'chain':<22}{'strategy':<12}{'loss before':>12}{'after':>10}{'final err':>11}{'aligned':>9}{'cut':>7}{'time s':>8}"
+    head = (f"{'chain':<22}{'strategy':<12}{'loss before':>12}{'after':>10}{'final err':>11}{'aligned':>9}"
+            f"{'cut':>7}{'time s':>8}")
     out = [head, "-" * len(head)]
     for r in rows:
         chain = f"{r['sampler']}-{r['steps']}-{r['spacing']}"
@@ -216,7 +219,8 @@ def plot_loss(path: Path, entry: dict, chain: str) -> None:
     ax.plot(curve, lw=0.6, alpha=0.5, label="minibatch loss")
     if len(curve) >= 10:
         k = max(5, len(curve) // 50)
-        ax.plot(np.arange(k - 1, len(curve)), np.convolve(curve, np.ones(k) / k, "valid"), label=f"mean of {k}")
+        ax.plot(np.arange(k - 1, len(curve)), np.convolve(curve, np.ones(k) / k, "valid"),
+                label=f"mean of {k}")
     bounds = np.cumsum(entry["iters"])[:-1] if entry["settings"]["strategy"] == "sequential" else []
     for b in bounds:
         ax.axvline(b, color="grey", lw=0.5, ls=":")
@@ -230,7 +234,5 @@ def plot_loss(path: Path, entry: dict, chain: str) -> None:
 
 
 @command("align", AlignConfig, aliases={"sampler": "solver"})
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    run_align(AlignConfig(**OmegaConf.to_container(cfg, resolve=True)))
+def main(cfg: AlignConfig) -> None:
+    run_align(cfg)

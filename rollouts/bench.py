@@ -24,15 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.cli import command
-from envs.errors import UserError
+from common.cli import command
+from common.errors import UserError
+from common.files import save_figure, write_text
 from policy.autowindow import batch_scaling, cost_ratio
 from policy.device import machine, sync
-from policy.samplers import aligner_choice, chain_of
-from rollouts.files import save_figure, write_text
-from rollouts.presets import baseline_of, sampler_preset
+from policy.samplers import SamplerConfig, aligner_choice, chain_of
+from policy.warm import PlanSession
 
-DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15", "piadm15"]
+DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15",
+                    "paradpmsolver15", "piadm15"]
 
 
 @dataclass
@@ -48,8 +49,10 @@ class BenchConfig:
     warmup: int = 3  # untimed plans per sampler first
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     overhead_plans: int = 20  # plans re-run with the denoiser timed, for the outside-model share
-    closed_loop: bool = False  # plans along demonstration episodes, every n_action_steps: warm samplers carry over
-    time_limit_s: float | None = None  # stop timing new plans after this long (at least 2 plans; the device check)
+    # plans along demonstration episodes, every n_action_steps: warm samplers carry over
+    closed_loop: bool = False
+    # stop timing new plans after this long (at least 2 plans; the device check)
+    time_limit_s: float | None = None
 
 
 def saved_histories(policy, path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +66,8 @@ def saved_histories(policy, path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         obs, first = np.asarray(f["obs"], np.float32), np.asarray(f["first"], bool)
     want = (policy.cfg.n_obs_steps, policy.obs_dim)
     if obs.ndim != 3 or obs.shape[1:] != want or len(first) != len(obs):
-        raise UserError(f"data: {path}: obs {obs.shape} and first {first.shape} do not fit [N, *{want}] and [N]")
+        raise UserError(f"data: {path}: obs {obs.shape} and first {first.shape} do not "
+                        f"fit [N, *{want}] and [N]")
     if not len(obs) or not first[0]:
         raise UserError(f"data: {path}: must start with an episode's first history (first[0] true)")
     reps = -(-n // len(obs))  # fewer histories than plans: the episodes again, from the first
@@ -90,169 +94,205 @@ def observation_histories(policy, data: str, n: int, seed: int) -> np.ndarray:
 
 
 def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
+    """Time every sampler of `cfg` (and the sequential twin of each) on the same observation
+    histories, interleaved plan by plan; rows of results and the run's context."""
+    pol = _load(cfg)
+    data, obs_all, first = _histories(pol, cfg)
+    specs, baselines = _rows(pol, cfg.samplers)
+    trials = Trials(pol, specs, baselines, first, cfg.seed)
+    obs = torch.as_tensor(obs_all, device=pol.device)
+    windows = trials.prepare(obs[:1])
+    trials.warm_up(obs, cfg.warmup)
+    rec, timed = _time_plans(trials, obs, cfg)
+    outside = {n: trials.outside_share(n, obs, min(cfg.overhead_plans, timed)) for n in trials.names}
+    results = [_result(name, rec, trials, outside[name], windows, cfg.samplers) for name in trials.names]
+    context = {
+        "checkpoint": pol.meta.get("checkpoint"), "step": pol.meta.get("step"), "task": pol.meta.get("task"),
+        "data": str(data), "plans": timed, "closed_loop": cfg.closed_loop, "device": str(pol.device),
+        "threads": torch.get_num_threads(), "machine": machine(pol.device),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "window_auto": windows,
+    }
+    curves = trials.curves(results, cfg.batch_sizes)
+    # the first row's backend (the table's first curve)
+    context["batch_scaling"] = next(iter(curves.values()))
+    context["batch_scaling_by_backend"] = curves
+    add_speedup_bounds(results, curves)
+    return results, context
+
+
+def _load(cfg: BenchConfig):
     import policy as policy_pkg
 
     torch.set_num_threads(cfg.threads)
     pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
-    dev = pol.device
     for key in ("plans", "overhead_plans"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{key}: {getattr(cfg, key)} must be at least 1")
     if not cfg.samplers:
         raise UserError("samplers: empty list")
+    return pol
+
+
+def _histories(pol, cfg: BenchConfig) -> tuple[str, np.ndarray, np.ndarray]:
+    """(where from, observation histories [plans, n_obs, D], where an episode starts [plans])."""
     data = cfg.data or default_data(pol)
     if str(data).endswith(".npz"):  # histories saved with a shipped policy or by `dp-devicecheck prepare`
-        obs_all, first = saved_histories(pol, data, cfg.plans)
-    elif cfg.closed_loop:
+        return (data, *saved_histories(pol, data, cfg.plans))
+    if cfg.closed_loop:
         from policy.windows import episode_sequences
 
-        obs_all, first = episode_sequences(pol, data, "val", cfg.plans)
-    else:
-        obs_all, first = observation_histories(pol, data, cfg.plans, cfg.seed), np.ones(cfg.plans, bool)
+        return (data, *episode_sequences(pol, data, "val", cfg.plans))
+    return data, observation_histories(pol, data, cfg.plans, cfg.seed), np.ones(cfg.plans, bool)
 
-    # The samplers asked for, plus the sequential baseline of each (timed too, listed after).
-    specs: dict[str, object] = {}
-    for spec in cfg.samplers:
-        specs[spec] = sampler_preset(spec)
-        pol.sampler = specs[spec]  # a missing aligner fails here, before anything is timed
+
+def _rows(pol, samplers: list[str]) -> tuple[dict[str, SamplerConfig], dict[str, str]]:
+    """The samplers asked for, plus the sequential baseline of each (timed too, listed after), and
+    each one's baseline label."""
+    specs = {spec: SamplerConfig.parse(spec) for spec in samplers}
+    for sc in specs.values():
+        pol.sampling(sc)  # a missing aligner fails here, before anything is timed
     baselines: dict[str, str] = {}
     for spec, sc in list(specs.items()):
-        base = baseline_of(sc)
+        base = sc.baseline()
         # a warm sequential sampler (Falcon) walks part of the chain: it is nobody's twin
         match = next((s for s, c in specs.items()
                       if c.name == base.name and not c.warm and _same_chain(c, base, pol)), None)
         if match is None:
-            match = f"{base.name}{base.steps or pol.cfg.schedule.num_train_timesteps}"
-            extra = [f"{k}={getattr(base, k)}" for k in ("capture", "backend") if getattr(base, k)]
-            if aligner_choice(base) == "default":
-                match += "+aligner"
-            elif aligner_choice(base) is not None:
-                extra.insert(0, f"aligner={base.aligner}")
-            match += f":{','.join(extra)}" if extra else ""
+            match = base.label(pol.cfg.schedule.num_train_timesteps)
             specs[match] = base
         baselines[spec] = match
+    return specs, baselines
 
-    names = list(specs)
-    shape = (1, pol.cfg.horizon, pol.action_dim)
 
-    from policy.warm import WarmStart
+class Trials:
+    """Plans of every row: a warm sampler's along the episodes from its own session (its noise
+    shifted from plan to plan, a stream per episode), the others from each plan's own noise."""
 
-    warm = {n: WarmStart() for n in names}  # each warm sampler's own state along the episodes
-    scratch = WarmStart()
-    warm_gen: dict[str, torch.Generator] = {}
+    def __init__(self, pol, specs: dict, baselines: dict[str, str], first: np.ndarray, seed: int):
+        self.pol, self.specs, self.baselines, self.first, self.seed = pol, specs, baselines, first, seed
+        self.names = list(specs)
+        self.samplings = {n: pol.sampling(s) for n, s in specs.items()}  # set up once
+        self.sessions = {n: PlanSession() for n in self.names}  # each warm sampler's own state
+        self.scratch = PlanSession()  # the cold plans'
 
-    encode_ms: dict[str, float] = {}
-
-    def run(name: str, i: int, obs: torch.Tensor, twin: bool = True):
-        """(ms, normalized actions, result, normalized actions of the baseline on the same noise or None)."""
-        pol.warm = scratch  # setting the sampler resets the policy's state: keep each sampler's own out of reach
-        pol.sampler = specs[name]
-        if specs[name].warm and i >= 0:  # a closed loop's noise: shifted from plan to plan, a stream per episode
-            if first[i]:
-                warm[name].reset()
-                warm_gen[name] = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i)
-            pol.warm = warm[name]
-            noise, gen, advance = None, warm_gen[name], None if first[i] else pol.cfg.n_action_steps
+    def run(self, name: str, i: int, obs: torch.Tensor, twin: bool = True):
+        """(ms, normalized actions, result, normalized actions of the baseline on the same noise or
+        None, encode ms)."""
+        pol, dev, key = self.pol, self.pol.device, self.seed * 1_000_003 + i
+        pol.use(self.samplings[name])
+        session, noise, gen, advance = self.scratch, None, None, None
+        if self.specs[name].warm and i >= 0:
+            session = self.sessions[name]
+            if self.first[i]:
+                session.reseed(key, dev)
+            else:
+                advance = pol.cfg.n_action_steps
         else:
-            noise = torch.randn(shape, generator=torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i), device=dev)
-            gen, advance = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + i + 7_777_777), None
+            shape = (1, pol.cfg.horizon, pol.action_dim)
+            noise = torch.randn(shape, generator=torch.Generator(dev).manual_seed(key), device=dev)
+            gen = torch.Generator(dev).manual_seed(key + 7_777_777)
         sync(dev)
         start = time.perf_counter()
-        x, res = pol.sample(obs, noise=noise, generator=gen, advance=advance)
+        x, res = pol.sample(obs, noise=noise, generator=gen, advance=advance, session=session)
         sync(dev)
-        ms = (time.perf_counter() - start) * 1e3
-        encode_ms[name] = pol.last_encode_ms  # of ms: the observation encoder (an image policy's cameras)
+        ms, norm = (time.perf_counter() - start) * 1e3, pol.normalizer.normalize("action", x)
+        ref = None
         if noise is None and twin:  # the baseline's answer from this plan's (shifted) noise, untimed
-            w = pol.warm
-            pol.warm = scratch
-            pol.sampler = specs[baselines[name]]
-            return ms, pol.normalizer.normalize("action", x), res, pol.normalizer.normalize(
-                "action", pol.sample(obs, noise=w.noise, step_noise=w.step_noise)[0])
-        return ms, pol.normalizer.normalize("action", x), res, None
+            pol.use(self.samplings[self.baselines[name]])
+            w = session.warm
+            ref = pol.normalizer.normalize("action", pol.sample(obs, noise=w.noise, step_noise=w.step_noise,
+                                                                session=self.scratch)[0])
+        return ms, norm, res, ref, session.encode_ms
 
-    obs_t = torch.as_tensor(obs_all, device=dev)
-    windows = {}  # window=auto: measured (or read from the cache), runtime calls compiled, before anything is timed
-    for name in names:
-        pol.sampler = specs[name]
-        entry = pol.prepare(obs_t[:1])
-        if entry is not None:
-            windows[name] = entry
-    for name in names:  # warm-up: allocator, caches, plan tables
-        for i in range(cfg.warmup):
-            run(name, -1 - i, obs_t[i % len(obs_t)][None])
-    rec = {n: {"lat": [], "enc": [], "evals": [], "iters": [], "conv": [], "x": [], "twin": []} for n in names}
-    began, timed = time.perf_counter(), cfg.plans
+    def prepare(self, obs: torch.Tensor) -> dict:
+        """window=auto measured (or read from the cache), runtime calls compiled, before anything is
+        timed; the chosen windows."""
+        windows = {}
+        for name in self.names:
+            self.pol.use(self.samplings[name])
+            entry = self.pol.prepare(obs)
+            if entry is not None:
+                windows[name] = entry
+        return windows
+
+    def warm_up(self, obs: torch.Tensor, plans: int) -> None:
+        """Untimed plans of every row first: allocator, caches, plan tables."""
+        for name in self.names:
+            for i in range(plans):
+                self.run(name, -1 - i, obs[i % len(obs)][None])
+
+    def outside_share(self, name: str, obs: torch.Tensor, plans: int) -> float:
+        """Percent of a plan's time outside the denoiser, on `plans` plans re-run with the denoiser
+        timed (waiting for the device at each call, so only here, not in the timed plans)."""
+        total, inside = 0.0, 0.0
+        for i in range(plans):
+            self.pol.use(self.samplings[name])
+            den = self.pol.denoiser
+            den.timed = 0.0
+            # a twin's calls would count as the model's
+            total += self.run(name, i, obs[i][None], twin=False)[0] / 1e3
+            inside, den.timed = inside + den.timed, None
+        return 100.0 * max(0.0, 1 - inside / total)
+
+    def curves(self, results: list[dict], batch_sizes: list[int]) -> dict[str, list[dict]]:
+        """One batch-scaling curve per backend the rows ran on (each row's bound, and window=auto,
+        use its own); each row's `backend` set."""
+        curves = {}
+        for r in results:
+            self.pol.use(self.samplings[r["name"]])
+            r["backend"] = self.pol.backend
+            if r["backend"] not in curves:
+                curves[r["backend"]] = batch_scaling(self.pol, batch_sizes)
+        return curves
+
+
+def _time_plans(trials: Trials, obs: torch.Tensor, cfg: BenchConfig) -> tuple[dict, int]:
+    """Every row's timed plans, interleaved (each plan's rows in a rotating order), until
+    `cfg.plans` or the time limit; the records and how many plans were timed."""
+    names = trials.names
+    rec = {n: {"lat": [], "enc": [], "evals": [], "iters": [], "conv": [], "x": [], "twin": []}
+           for n in names}
+    began = time.perf_counter()
     for i in tqdm(range(cfg.plans), desc="dp-bench", unit="plan"):
         if cfg.time_limit_s is not None and i >= 2 and time.perf_counter() - began > cfg.time_limit_s:
-            timed = i
             tqdm.write(f"dp-bench: time_limit_s={cfg.time_limit_s} reached: {i} of {cfg.plans} plans timed")
-            break
-        obs = obs_t[i][None]
+            return rec, i
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            lat, x, res, twin = run(name, i, obs)
+            lat, x, res, twin, enc = trials.run(name, i, obs[i][None])
             r = rec[name]
-            r["twin"].append(None if twin is None else twin.cpu())
-            r["lat"].append(lat)
-            r["enc"].append(encode_ms[name])
-            r["evals"].append(res.model_evals)
-            r["iters"].append(res.parallel_iters)
-            r["conv"].append(res.converged)
-            r["x"].append(x.cpu())
-    # Share of time outside the denoiser, on a few plans re-run with the denoiser timed.
-    outside = {}
-    for name in names:
-        total, inside = 0.0, 0.0
-        for i in range(min(cfg.overhead_plans, timed)):
-            pol.sampler = specs[name]
-            den = pol.denoiser
-            den.timed = 0.0  # each call timed, waiting for the device (so only here, not in the timed plans)
-            total += run(name, i, obs_t[i][None], twin=False)[0] / 1e3  # the twin's calls would count as the model's
-            inside, den.timed = inside + den.timed, None
-        outside[name] = 100.0 * max(0.0, 1 - inside / total)
+            for key, value in (("twin", None if twin is None else twin.cpu()), ("lat", lat), ("enc", enc),
+                               ("evals", res.model_evals), ("iters", res.parallel_iters),
+                               ("conv", res.converged), ("x", x.cpu())):
+                r[key].append(value)
+    return rec, cfg.plans
 
-    p50 = {n: float(np.percentile(rec[n]["lat"], 50)) for n in names}
-    results = []
-    for name in names:
-        r, base = rec[name], baselines.get(name, name)
-        refs = [t if t is not None else b for t, b in zip(r["twin"], rec[base]["x"])]
-        diff = max(float((a - b).abs().max()) for a, b in zip(r["x"], refs))
-        mean_diff = float(np.mean([float((a - b).abs().mean()) for a, b in zip(r["x"], refs)]))
-        results.append({
-            "name": name,
-            "sampler": {k: v for k, v in dataclasses.asdict(specs[name]).items() if v is not None},
-            "latency_ms_p50": p50[name],
-            "latency_ms_p90": float(np.percentile(r["lat"], 90)),
-            "latency_ms_p95": float(np.percentile(r["lat"], 95)),
-            "encode_ms_p50": float(np.percentile(r["enc"], 50)),
-            "model_evals_mean": float(np.mean(r["evals"])),
-            "parallel_iters_mean": float(np.mean(r["iters"])),
-            "converged_rate": float(np.mean(r["conv"])),
-            "speedup": p50[base] / p50[name],
-            "baseline": base,
-            "action_max_abs_diff": diff,  # vs the baseline, normalized action units ([-1, 1])
-            "action_mean_abs_diff": mean_diff,
-            "outside_model_pct": outside[name],
-            "requested": name in cfg.samplers,
-            **({"window": windows[name]["window"]} if name in windows else {}),
-        })
-    context = {
-        "checkpoint": pol.meta.get("checkpoint"), "step": pol.meta.get("step"), "task": pol.meta.get("task"),
-        "data": str(data), "plans": timed, "closed_loop": cfg.closed_loop, "device": str(dev), "threads": torch.get_num_threads(),
-        "machine": machine(dev), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "window_auto": windows,
+
+def _result(name: str, rec: dict, trials: Trials, outside: float, windows: dict,
+            requested: list[str]) -> dict:
+    """A row of results: latency percentiles, counts, speedup and action difference against its baseline."""
+    r, base = rec[name], trials.baselines.get(name, name)
+    refs = [t if t is not None else b for t, b in zip(r["twin"], rec[base]["x"])]
+    p50 = float(np.percentile(r["lat"], 50))
+    return {
+        "name": name,
+        "sampler": {k: v for k, v in dataclasses.asdict(trials.specs[name]).items() if v is not None},
+        "latency_ms_p50": p50,
+        "latency_ms_p90": float(np.percentile(r["lat"], 90)),
+        "latency_ms_p95": float(np.percentile(r["lat"], 95)),
+        "encode_ms_p50": float(np.percentile(r["enc"], 50)),
+        "model_evals_mean": float(np.mean(r["evals"])),
+        "parallel_iters_mean": float(np.mean(r["iters"])),
+        "converged_rate": float(np.mean(r["conv"])),
+        "speedup": float(np.percentile(rec[base]["lat"], 50)) / p50,
+        "baseline": base,
+        # normalized units
+        "action_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(r["x"], refs)),
+        "action_mean_abs_diff": float(np.mean([float((a - b).abs().mean()) for a, b in zip(r["x"], refs)])),
+        "outside_model_pct": outside,
+        "requested": name in requested,
+        **({"window": windows[name]["window"]} if name in windows else {}),
     }
-    # one batch-scaling curve per backend the rows ran on: each row's bound, and window=auto, use its own
-    curves = {}
-    for r in results:
-        pol.sampler = specs[r["name"]]
-        r["backend"] = pol.backend
-        if r["backend"] not in curves:
-            curves[r["backend"]] = batch_scaling(pol, cfg.batch_sizes)
-    context["batch_scaling"] = next(iter(curves.values()))  # the first row's backend (the table's first curve)
-    context["batch_scaling_by_backend"] = curves
-    add_speedup_bounds(results, curves)
-    return results, context
 
 
 def add_speedup_bounds(results: list[dict], curves: dict[str, list[dict]]) -> None:
@@ -266,7 +306,8 @@ def add_speedup_bounds(results: list[dict], curves: dict[str, list[dict]]) -> No
         base, curve = by[r["baseline"]], curves[r["backend"]]
 
         def cost(e):
-            return e["parallel_iters_mean"] * cost_ratio(curve, e["model_evals_mean"] / e["parallel_iters_mean"])
+            return e["parallel_iters_mean"] * cost_ratio(curve,
+                                                         e["model_evals_mean"] / e["parallel_iters_mean"])
 
         r["speedup_bound"] = cost(base) / cost(r)
 
@@ -276,19 +317,22 @@ def _same_chain(a, b, pol) -> bool:
     called the same way (capture, precision, backend)."""
     T = pol.cfg.schedule.num_train_timesteps
     return (chain_of(a, T) == chain_of(b, T) and aligner_choice(a) == aligner_choice(b)
-            and (a.capture or "auto") == (b.capture or "auto") and (a.precision or "fp32") == (b.precision or "fp32")
+            and (a.capture or "auto") == (b.capture or "auto")
+            and (a.precision or "fp32") == (b.precision or "fp32")
             and (a.backend or "torch") == (b.backend or "torch"))
 
 
 def table(results: list[dict]) -> str:
     w = max([22, *(len(r["name"]) + 2 for r in results)])
     v = max([12, *(len(r["baseline"]) for r in results)])
-    head = f"{'sampler':<{w}}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}{'bound':>8}  {'vs':<{v}}{'max|da|':>9}{'outside':>9}{'encode':>9}"
+    head = (f"{'sampler':<{w}}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}{'bound':>8}  "
+            f"{'vs':<{v}}{'max|da|':>9}{'outside':>9}{'encode':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['name']:<{w}}{r['latency_ms_p50']:>9.1f}{r['latency_ms_p90']:>9.1f}{r['model_evals_mean']:>8.1f}"
-                     f"{r['parallel_iters_mean']:>8.1f}{r['speedup']:>8.2f}x{r['speedup_bound']:>7.2f}x  {r['baseline']:<{v}}"
-                     f"{r['action_max_abs_diff']:>9.1e}{r['outside_model_pct']:>8.1f}%{r['encode_ms_p50']:>7.1f}ms")
+        lines.append(f"{r['name']:<{w}}{r['latency_ms_p50']:>9.1f}{r['latency_ms_p90']:>9.1f}"
+                     f"{r['model_evals_mean']:>8.1f}{r['parallel_iters_mean']:>8.1f}{r['speedup']:>8.2f}x"
+                     f"{r['speedup_bound']:>7.2f}x  {r['baseline']:<{v}}{r['action_max_abs_diff']:>9.1e}"
+                     f"{r['outside_model_pct']:>8.1f}%{r['encode_ms_p50']:>7.1f}ms")
     return "\n".join(lines)
 
 
@@ -297,9 +341,9 @@ def write_outputs(out: Path, results: list[dict], context: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "results.json", json.dumps(results, indent=2))
     write_text(out / "context.json", json.dumps(context, indent=2))
-    cols = ["name", "backend", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95", "encode_ms_p50", "model_evals_mean",
-            "parallel_iters_mean", "speedup", "speedup_bound", "baseline", "action_max_abs_diff", "action_mean_abs_diff",
-            "converged_rate", "outside_model_pct"]
+    cols = ["name", "backend", "latency_ms_p50", "latency_ms_p90", "latency_ms_p95", "encode_ms_p50",
+            "model_evals_mean", "parallel_iters_mean", "speedup", "speedup_bound", "baseline",
+            "action_max_abs_diff", "action_mean_abs_diff", "converged_rate", "outside_model_pct"]
     rows = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in results]
     write_text(out / "results.csv", "\n".join(rows) + "\n")
     plot(out / "bench.png", results, context)
@@ -319,16 +363,19 @@ def plot(path: Path, results: list[dict], context: dict) -> None:
     ax1.barh(y, p90, color="#c6dbef", label="p90")
     ax1.barh(y, p50, color="#2171b5", label="p50")
     for yi, r in zip(y, results):
-        ax1.text(r["latency_ms_p90"], yi, f"  {r['parallel_iters_mean']:.0f} it, {r['speedup']:.2f}x", va="center", fontsize=8)
+        ax1.text(r["latency_ms_p90"], yi, f"  {r['parallel_iters_mean']:.0f} it, {r['speedup']:.2f}x",
+                 va="center", fontsize=8)
     ax1.set_yticks(y, names)
     ax1.invert_yaxis()
     ax1.set_xlim(0, 1.3 * max(p90))
     ax1.set_xlabel("plan latency (ms); labels: parallel iterations, speedup over the sequential twin")
     ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
-    ax1.set_title(f"{context['task']}: {context['plans']} plans, {context['device']}, {context['threads']} threads")
+    ax1.set_title(f"{context['task']}: {context['plans']} plans, {context['device']}, "
+                  f"{context['threads']} threads")
     bs = context["batch_scaling"]
     ax2.plot([b["batch"] for b in bs], [b["ratio"] for b in bs], "o-", label="measured")
-    ax2.plot([b["batch"] for b in bs], [b["batch"] for b in bs], "--", color="grey", label="linear (no parallel gain)")
+    ax2.plot([b["batch"] for b in bs], [b["batch"] for b in bs], "--", color="grey",
+             label="linear (no parallel gain)")
     ax2.axhline(1.0, color="green", ls=":", label="ideal (free parallelism)")
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log", base=2)
@@ -341,10 +388,7 @@ def plot(path: Path, results: list[dict], context: dict) -> None:
 
 
 @command("bench", BenchConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    cfg = BenchConfig(**OmegaConf.to_container(cfg, resolve=True))
+def main(cfg: BenchConfig) -> None:
     results, context = run_bench(cfg)
     out = Path(cfg.out or f"outputs/bench/{context['task']}")
     write_outputs(out, results, context)
@@ -354,10 +398,11 @@ def main(cfg) -> None:
         print(f"batch scaling cost(p)/cost(1) of {backend} on {context['machine']} ({context['device']}, "
               f"{context['threads']} threads): {curve}")
     for name, entry in context["window_auto"].items():
-        tried = ", ".join(f"{r['window']}: {r['rounds']:.1f} rounds x {r['rows_per_round']:.1f} rows = {r['cost']:.0f}"
+        tried = ", ".join(f"{r['window']}: {r['rounds']:.1f} rounds x {r['rows_per_round']:.1f} "
+                          f"rows = {r['cost']:.0f}"
                           for r in entry["rows"])
-        print(f"{name}: window=auto chose {entry['window']} on {entry['machine']}, {entry['threads']} threads "
-              f"(predicted cost in one-row calls; {tried})")
+        print(f"{name}: window=auto chose {entry['window']} on {entry['machine']}, {entry['threads']} "
+              f"threads (predicted cost in one-row calls; {tried})")
     print(f"wrote {out}/results.json, results.csv, context.json, bench.png")
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MERGES = ("latest", "average", "act")  # the loop's rtc merges as latest, its plans inpainted (rollouts.realtime)
+# the loop's rtc merges as latest, its plans inpainted (rollouts.realtime)
+MERGES = ("latest", "average", "act")
 
 
 @dataclass

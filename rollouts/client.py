@@ -62,7 +62,8 @@ class PolicyClient:
             raise TimeoutError(f"{self.url}: no reply within {self.timeout} s; the connection was closed "
                                f"so that the late reply cannot answer a later request") from None
         if isinstance(reply, str):
-            refused = safety.refusal(reply)  # a plan the safety rule refused: its own exception, as in process
+            # a plan the safety rule refused: its own exception, as in process
+            refused = safety.refusal(reply)
             raise refused if refused is not None else PolicyServerError(reply)
         self.last = wire.unpackb(reply)
         return self.last
@@ -135,7 +136,8 @@ class ServerProcess:
 
     def __init__(self, checkpoint: str, sampler, threads: int = 1, device: str = "auto", seed: int = 0,
                  timeout: float = 120.0):
-        overrides = [f"sampler.{k}={'null' if v is None else v}" for k, v in dataclasses.asdict(sampler).items()]
+        overrides = [f"sampler.{k}={'null' if v is None else v}"
+                     for k, v in dataclasses.asdict(sampler).items()]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rollouts.serve", f"checkpoint={checkpoint}", "host=127.0.0.1", "port=0",
              f"threads={threads}", f"device={device}", f"seed={seed}", *overrides],
@@ -151,7 +153,8 @@ class ServerProcess:
             found.set()
 
         threading.Thread(target=watch, daemon=True).start()
-        if not found.wait(timeout) or self.proc.poll() is not None or not any("listening" in x for x in lines):
+        if (not found.wait(timeout) or self.proc.poll() is not None
+                or not any("listening" in x for x in lines)):
             self.close()
             raise RuntimeError(f"dp-serve did not start: {lines[-1] if lines else 'no output'}")
         address = next(x for x in lines if "listening on ws://" in x).split("ws://")[1].split()[0]

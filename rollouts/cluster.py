@@ -1,7 +1,7 @@
 """dp-eval's episodes on a Ray cluster (`launcher=ray`; the optional extra `cluster`).
 
 Each (sampler, seed) episode is one Ray task. A worker process builds its policy and env once
-(`rollouts.evaluate._init_worker`) and keeps them for every later task it runs, as a pool worker
+(`rollouts.worker.init_worker`) and keeps them for every later task it runs, as a pool worker
 does. The driver alone appends to the episode log, in the order episodes finish; a task whose
 worker dies is run again by Ray (`max_retries`), and its episode is recorded once, when it
 returns. Episodes are deterministic, so the results equal the process pool's on the same seeds.
@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from envs.errors import UserError
+from common.errors import UserError
+
+if TYPE_CHECKING:
+    from rollouts.worker import WorkerInit
 
 
 def check_installed() -> None:
@@ -23,8 +27,8 @@ def check_installed() -> None:
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
-        raise UserError("launcher: ray needs the optional extra 'cluster' (uv run --extra cluster dp-eval ..., "
-                        "or pip install 'parapolicy[cluster]')")
+        raise UserError("launcher: ray needs the optional extra 'cluster' "
+                        "(uv run --extra cluster dp-eval ..., or pip install 'parapolicy[cluster]')")
 
 
 PROBE_TIMEOUT_S = 5.0  # the head's GCS port answers a TCP connect at once; a silent host is given this long
@@ -59,28 +63,29 @@ def check_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> None
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except socket.gaierror as err:
-        raise UserError(f"ray_address: cannot join the Ray cluster at {address} (host {host!r} does not resolve: "
-                        f"{err.strerror or err})") from None
+        why = f"host {host!r} does not resolve: {err.strerror or err}"
     except TimeoutError:
-        raise UserError(f"ray_address: cannot join the Ray cluster at {address} (no answer from {host}:{port} "
-                        f"within {timeout:g} s; is the head running, and its port open to this machine?)") from None
+        why = (f"no answer from {host}:{port} within {timeout:g} s; is the head running, and its port open "
+               "to this machine?")
     except ConnectionRefusedError:
-        raise UserError(f"ray_address: cannot join the Ray cluster at {address} (connection refused: nothing "
-                        f"listens at {host}:{port}; start the head with `ray start --head --port={port}`)") from None
+        why = (f"connection refused: nothing listens at {host}:{port}; "
+               f"start the head with `ray start --head --port={port}`")
     except OSError as err:
-        raise UserError(f"ray_address: cannot join the Ray cluster at {address} ({err.strerror or err})") from None
+        why = f"{err.strerror or err}"
+    else:
+        return
+    raise UserError(f"ray_address: cannot join the Ray cluster at {address} ({why})") from None
 
 
-def _episode(init: tuple, job: dict) -> dict:
-    from rollouts import evaluate
+def _episode(init: WorkerInit, job: dict) -> dict:
+    from rollouts import worker
 
-    if evaluate._W.get("init") != init:  # this worker process's first task of this evaluation
-        evaluate._init_worker(*init)
-        evaluate._W["init"] = init
-    return evaluate._run_job(job)
+    if worker.state.init != init:  # this worker process's first task of this evaluation
+        worker.init_worker(init)
+    return worker.run_job(job)
 
 
-def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: tuple, workers: int,
+def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: WorkerInit, workers: int,
                address: str | None = None, max_retries: int = 3) -> None:
     """Run `jobs` as Ray tasks (`workers` at a time on a local Ray; as many as the cluster's
     CPUs allow, `threads` CPUs each, at `address`), calling `keep` with each record as it returns."""
@@ -91,10 +96,11 @@ def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: tuple, work
     check_installed()
     import ray
 
-    threads = init[2]
+    threads = init.threads
     started = not ray.is_initialized()
     if started:
-        check_address(address)  # a head that went away since start-up: one line now, not Ray's minutes of retries
+        # a head that went away since start-up: one line now, not Ray's minutes of retries
+        check_address(address)
         # address="local": a Ray of its own, even where a `ray start` cluster runs on this machine
         # (a bare ray.init() would join that one, and refuse num_cpus).
         options = ({"address": address} if address else
@@ -104,9 +110,11 @@ def run_on_ray(jobs: list[dict], keep: Callable[[dict], None], init: tuple, work
         except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as err:
             why = str(err).splitlines()[0] if str(err) else type(err).__name__
             if address:
-                hint = ("" if os.environ.get("RAY_AUTH_MODE") == "token" else "; a cluster with token authentication "
-                        "needs RAY_AUTH_MODE=token and its token here too, see docs/cluster.md")
-                raise UserError(f"ray_address: cannot join the Ray cluster at {address} ({why}{hint})") from None
+                hint = ("" if os.environ.get("RAY_AUTH_MODE") == "token" else
+                        "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token here "
+                        "too, see docs/cluster.md")
+                message = f"ray_address: cannot join the Ray cluster at {address} ({why}{hint})"
+                raise UserError(message) from None
             raise UserError(f"launcher: ray could not start a local Ray ({why})") from None
     try:
         task = ray.remote(num_cpus=threads, max_retries=max_retries)(_episode)

@@ -48,33 +48,34 @@ PAPER_DDIM15 = "paraddim15:anderson=0,tol=0.1,floor=0,warm=false"  # the paper's
 def samplers(device: torch.device) -> list[str]:
     """The rows of the check: each eager and captured, and the fastest again in bf16. The
     presets are the new rule (`paraddpm100`: window auto); `paraddpm100paper` is the paper's."""
+    from policy.samplers.spec import with_options
+
     captured = "graph" if device.type == "cuda" else "pad"
     base = ["ddpm100", "paraddpm100paper", "paraddpm100paper:window=32", "paraddpm100paper:window=100"]
     base += ["paraddpm100"] + [f"paraddpm100:window={w}" for w in (16, 32, 100)]
     base += ["ddim10", "ddim15", PAPER_DDIM15, "paraddim15"]
     rows = []
     for spec in base:
-        sep = "," if ":" in spec else ":"
-        rows += [f"{spec}{sep}capture=none", f"{spec}{sep}capture={captured}"]
+        rows += [with_options(spec, {"capture": "none"}), with_options(spec, {"capture": captured})]
     for spec in ("ddpm100", "paraddpm100:window=100", "ddim10", "paraddim15"):
-        sep = "," if ":" in spec else ":"
-        rows.append(f"{spec}{sep}capture={captured},precision=bf16")
+        rows.append(with_options(spec, {"capture": captured, "precision": "bf16"}))
     return rows
 
 
 def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> None:
     """`out`/obs.npz (closed-loop histories of the validation episodes) and `out`/wheels."""
     import policy
-    from envs.errors import UserError
+    from common.errors import UserError
+    from common.files import atomic_path
     from policy.windows import episode_sequences
 
     out.mkdir(parents=True, exist_ok=True)
     pol = policy.load(checkpoint, device="cpu")
     obs, first = episode_sequences(pol, data, "val", plans)
-    tmp = out / ".obs.tmp.npz"
-    np.savez(tmp, obs=obs, first=first)
-    tmp.replace(out / "obs.npz")
-    print(f"wrote {out / 'obs.npz'}: {len(obs)} histories of {int(first.sum())} validation episodes of {data}")
+    with atomic_path(out / "obs.npz") as tmp:
+        np.savez(tmp, obs=obs, first=first)
+    print(f"wrote {out / 'obs.npz'}: {len(obs)} histories of {int(first.sum())} "
+          f"validation episodes of {data}")
     if not wheels:
         return
     dest = out / "wheels"
@@ -88,7 +89,8 @@ def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> 
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode:
-            last = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or done.stderr.splitlines()[-1:]
+            last = [line for line in done.stderr.splitlines()
+                    if line.startswith("ERROR")] or done.stderr.splitlines()[-1:]
             raise UserError(f"wheels: {' '.join(step[:4])} failed: {last[0] if last else done.returncode}")
     for wheel in dest.glob("*.whl"):
         if wheel.name.split("-")[0].lower() in ON_THE_MACHINE:
@@ -100,7 +102,7 @@ def prepare(checkpoint: str, data: str, out: Path, plans: int, wheels: bool) -> 
 def _python_with_pip() -> str:
     """uv's environments have no pip; the interpreter they were made from has (a fresh machine has
     Python and pip)."""
-    from envs.errors import UserError
+    from common.errors import UserError
 
     for python in (sys.executable, getattr(sys, "_base_executable", None), shutil.which("python3")):
         if python and subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode == 0:
@@ -127,7 +129,8 @@ def host_syncs(pol, specs: dict, obs: torch.Tensor) -> dict:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
-        out[name] = {"syncs": syncs, "rounds": res.parallel_iters, "per_round": syncs / max(1, res.parallel_iters)}
+        out[name] = {"syncs": syncs, "rounds": res.parallel_iters,
+                     "per_round": syncs / max(1, res.parallel_iters)}
     return out
 
 
@@ -148,38 +151,39 @@ def summary(results: list[dict], context: dict, syncs: dict) -> str:
     if ddpm and para:
         best = min(para, key=lambda r: r["latency_ms_p50"])
         lines.append(f"- ParaDDPM-100, fastest row `{best['name']}`: {best['latency_ms_p50']:.1f} ms p50, "
-                     f"{ddpm['latency_ms_p50'] / best['latency_ms_p50']:.2f}x the fastest sequential DDPM-100 "
-                     f"(`{ddpm['name']}`, {ddpm['latency_ms_p50']:.1f} ms); target >= 5x. Outside the denoiser: "
-                     f"{best['outside_model_pct']:.1f} % of its time (target <= 10 %).")
+                     f"{ddpm['latency_ms_p50'] / best['latency_ms_p50']:.2f}x the fastest sequential "
+                     f"DDPM-100 (`{ddpm['name']}`, {ddpm['latency_ms_p50']:.1f} ms); target >= 5x. "
+                     f"Outside the denoiser: {best['outside_model_pct']:.1f} % of its time (target <= 10 %).")
         if ddim10:
             d = min(ddim10, key=lambda r: r["latency_ms_p50"])
             lines.append(f"- DDPM-100-quality at DDIM-10's latency: {best['latency_ms_p50']:.1f} ms against "
                          f"`{d['name']}` {d['latency_ms_p50']:.1f} ms: "
                          f"{'reached' if best['latency_ms_p50'] <= d['latency_ms_p50'] else 'not reached'}.")
     for name, s in syncs.items():
-        lines.append(f"- `{name}`: {s['syncs']} host synchronisations in {s['rounds']} rounds ({s['per_round']:.2f} a round)")
+        lines.append(f"- `{name}`: {s['syncs']} host synchronisations in {s['rounds']} rounds "
+                     f"({s['per_round']:.2f} a round)")
     return "\n".join(lines) + "\n"
 
 
 def run(checkpoint: str, data: str, out: Path, plans: int, budget_s: float, warmup: int = 2,
         overhead_plans: int = 5, batch_sizes: list[int] | None = None, rows: list[str] | None = None) -> Path:
     from rollouts.bench import BenchConfig, run_bench, write_outputs
-    from rollouts.files import write_text
-    from rollouts.presets import sampler_preset
+    from common.files import write_text
+    from policy.samplers import SamplerConfig
 
     began = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = rows or samplers(torch.device(device))
-    cfg = BenchConfig(checkpoint=checkpoint, samplers=rows, plans=plans, data=data, out=str(out), device=device,
-                      threads=torch.get_num_threads() if device == "cuda" else 2, warmup=warmup,
-                      batch_sizes=batch_sizes or [1, 2, 4, 8, 16, 32, 64, 100, 128], overhead_plans=overhead_plans,
-                      time_limit_s=budget_s, closed_loop=True)
+    cfg = BenchConfig(checkpoint=checkpoint, samplers=rows, plans=plans, data=data, out=str(out),
+                      device=device, threads=torch.get_num_threads() if device == "cuda" else 2,
+                      warmup=warmup, batch_sizes=batch_sizes or [1, 2, 4, 8, 16, 32, 64, 100, 128],
+                      overhead_plans=overhead_plans, time_limit_s=budget_s, closed_loop=True)
     results, context = run_bench(cfg)
     import policy
 
     pol = policy.load(checkpoint, device=device)
     obs = torch.as_tensor(np.load(data)["obs"][:1], device=pol.device) if data.endswith(".npz") else None
-    syncs = host_syncs(pol, {r: sampler_preset(r) for r in rows}, obs) if obs is not None else {}
+    syncs = host_syncs(pol, {r: SamplerConfig.parse(r) for r in rows}, obs) if obs is not None else {}
     context["wall_s"] = time.perf_counter() - began
     write_outputs(out, results, context)
     write_text(out / "host_syncs.json", json.dumps(syncs, indent=2))
@@ -192,7 +196,7 @@ def run(checkpoint: str, data: str, out: Path, plans: int, budget_s: float, warm
 
 
 def main(argv: list[str] | None = None) -> None:
-    from envs.errors import UserError
+    from common.errors import UserError
 
     parser = argparse.ArgumentParser(prog="dp-devicecheck", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)

@@ -27,15 +27,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from envs.cli import command, fail, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
-from envs.errors import UserError
-from envs.lock import exclusive
+from common.cli import command, fail, workers_ignore_ctrl_c
+from common.errors import UserError
+from common.files import write_json, write_text
+from common.lock import exclusive
 from policy.samplers import SamplerConfig
-from rollouts.presets import sampler_preset
 from rollouts.realtime import LoopConfig
 from rollouts.report import (check_deadline, episode_rows, plan_rows, recommendation_line, summarize, table,
                              write_report)
 from rollouts.stats import loop_deadline_ms, recommend
+from rollouts.worker import WorkerInit, close_server, init_worker, run_job
 
 LOG = "episodes.jsonl"
 
@@ -45,8 +46,8 @@ def _overrides_type() -> type:
     takes it (a Hydra multirun sweeps it: `-m options.tol=0.02,0.05,0.1`)."""
     hints = typing.get_type_hints(SamplerConfig)
     return dataclasses.make_dataclass(
-        "SamplerOptions", [(f.name, hints[f.name], field(default=None)) for f in dataclasses.fields(SamplerConfig)
-                           if f.name != "name"])
+        "SamplerOptions", [(f.name, hints[f.name], field(default=None))
+                           for f in dataclasses.fields(SamplerConfig) if f.name != "name"])
 
 
 SamplerOptions = _overrides_type()
@@ -71,8 +72,10 @@ class EvalConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # the loop's rate, merge rule, transport
     launcher: str = "pool"  # pool: worker processes here; ray: one Ray task an episode (rollouts.cluster)
     ray_address: str | None = None  # launcher=ray: a cluster's head (host:port); default a local Ray
-    reference: str | None = None  # the sampler every row is compared with on shared seeds (default: the first)
-    deadline_ms: float | None = None  # recommend a sampler for this planning deadline (realtime: what the loop allows)
+    # the sampler every row is compared with on shared seeds (default: the first)
+    reference: str | None = None
+    # recommend a sampler for this planning deadline (realtime: what the loop allows)
+    deadline_ms: float | None = None
 
 
 # How the policy runs the network: taken by every sampler (`options.backend=auto` sets them all).
@@ -81,20 +84,18 @@ EVERY_SAMPLER = {"backend", "capture", "precision"}
 
 def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig]:
     """Label -> checked config for each requested sampler, with `options` applied where taken."""
-    from policy.samplers import get_sampler, options_of
+    from policy.samplers.spec import options_of, with_options
 
     options = {k: v for k, v in options.items() if v is not None}
     if not samplers:
         raise UserError("samplers: empty list")
     specs, used = {}, set()
     for spec in samplers:
-        base = sampler_preset(spec)
-        allowed = options_of(get_sampler(base.name)) | EVERY_SAMPLER
+        allowed = options_of(SamplerConfig.parse(spec).name) | EVERY_SAMPLER
         extra = {k: v for k, v in options.items() if k in allowed}
         used |= set(extra)
-        label = spec if not extra else spec + (":" if ":" not in spec else ",") + ",".join(
-            f"{k}={v}" for k, v in extra.items())
-        specs[label] = sampler_preset(label)
+        label = with_options(spec, extra)
+        specs[label] = SamplerConfig.parse(label)
     unused = set(options) - used
     if unused:
         raise UserError(f"options.{sorted(unused)[0]}: taken by none of the samplers {samplers}")
@@ -115,118 +116,9 @@ def check_seeds(data: str | None, seeds: range, recorded: list[int] | None = Non
     overlap = sorted(used & set(seeds))
     if overlap:
         source = data if data and Path(data).exists() else "the policy's training store"
-        raise UserError(f"seed: evaluation seeds {overlap[0]}.. overlap the {len(overlap)} seeds {source} used for "
-                        f"demonstrations; choose seed >= {max(used) + 1}")
+        raise UserError(f"seed: evaluation seeds {overlap[0]}.. overlap the {len(overlap)} seeds {source} "
+                        f"used for demonstrations; choose seed >= {max(used) + 1}")
 
-
-# --- worker side --------------------------------------------------------------------------------
-
-_W: dict = {}
-
-
-def _init_worker(checkpoint: str, device: str, threads: int, loop: dict | None = None, pooled: bool = False) -> None:
-    if pooled:
-        ignore_ctrl_c_in_worker()  # the parent answers Ctrl-C and stops the pool
-    import torch
-
-    import policy
-    from rollouts.runner import make_policy_env
-
-    torch.set_num_threads(threads)
-    _W["policy"] = policy.load(checkpoint, device=device)
-    _W["env"] = make_policy_env(_W["policy"])
-    _W["threads"], _W["checkpoint"], _W["device"] = threads, checkpoint, device
-    _W["loop"] = LoopConfig(**loop) if loop is not None else None
-
-
-def _warm_up(label: str, plan) -> None:
-    """A worker's first plans pay for allocations and caches; keep them out of the latencies."""
-    if label not in _W.setdefault("warmed_up", set()):
-        pol = _W["policy"]
-        for _ in range(3):
-            plan(pol.neutral_obs()[0].cpu().numpy())
-        _W["warmed_up"].add(label)
-
-
-def _planner(label: str, sampler: SamplerConfig):
-    """The real-time loop's planner for `sampler`: the worker's policy in a thread, or a dp-serve
-    process of its own (one at a time: a new sampler's server replaces the previous one)."""
-    from rollouts.realtime import LocalPlanner, RemotePlanner
-
-    if _W["loop"].transport == "local":
-        _W["policy"].sampler = sampler
-        planner = LocalPlanner(_W["policy"])
-    else:
-        from rollouts.client import PolicyClient, ServerProcess
-
-        if _W.get("server_label") != label:
-            _close_server()
-            _W["server"] = ServerProcess(_W["checkpoint"], sampler, threads=_W["threads"], device=_W["device"])
-            _W["client"] = PolicyClient(_W["server"].host, _W["server"].port)
-            _W["server_label"] = label
-            _W.setdefault("warmed_up", set()).discard(label)  # a new process pays its first plans again
-        planner = RemotePlanner(_W["client"])
-    _warm_up(label, lambda obs: planner.plan(obs, planner.max_actions))
-    return planner
-
-
-def _close_server() -> None:
-    """Stop this worker's dp-serve process, if it has one (a pool worker's dies with the worker)."""
-    for key in ("client", "server"):
-        if key in _W:
-            _W.pop(key).close()
-    _W.pop("server_label", None)
-
-
-def _run_realtime_job(job: dict, record: dict) -> dict:
-    from rollouts.realtime import loop_summary, run_realtime_episode
-    from rollouts.robot import SimRobot
-
-    planner = _planner(job["label"], SamplerConfig(**job["config"]))
-    loop = _W["loop"]
-    robot = SimRobot(_W["env"], period=1.0 / loop.rate_hz if loop.rate_hz else None)
-    r, stats = run_realtime_episode(robot, planner, job["seed"], loop)
-    record.update(_outcome(r), plans=r.plans, realtime=loop_summary(stats))  # plans: dicts with the loop's fields
-    return record
-
-
-def _outcome(r) -> dict:
-    """The JSON fields of an `EpisodeResult`, plans aside."""
-    return {"success": bool(r.success), "max_reward": float(r.max_reward), "return_": float(r.return_),
-            "length": int(r.length), "error": r.error}
-
-
-def _run_job(job: dict) -> dict:
-    from rollouts.runner import run_episode
-
-    pol = _W["policy"]
-    render = job["video"] is not None
-    record = {"sampler": job["label"], "seed": job["seed"], "episode": job["episode"], "pid": os.getpid(),
-              "threads": _W["threads"]}
-    try:
-        if _W["loop"] is not None:
-            return _run_realtime_job(job, record)
-        pol.sampler = SamplerConfig(**job["config"])
-        pol.prepare()  # window=auto chosen, runtime calls compiled (cached after a label's first episode)
-        _warm_up(job["label"], pol.plan)
-        if render and "render_env" not in _W:
-            from rollouts.runner import make_policy_env
-
-            _W["render_env"] = make_policy_env(pol, render=True)
-        r = run_episode(_W["render_env"] if render else _W["env"], pol, job["seed"], render=render)
-        record.update(_outcome(r), plans=[dataclasses.asdict(p) for p in r.plans])
-        if render:
-            from rollouts.video import write_video
-
-            write_video(Path(job["video"]), r, job["label"])
-            record["video"] = job["video"]
-    except Exception as err:  # recorded, never dropped: the episode counts as a failure with its reason
-        record.update(success=False, max_reward=0.0, return_=0.0, length=0, plans=[],
-                      error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    return record
-
-
-# --- main side ----------------------------------------------------------------------------------
 
 def _run_info(cfg: EvalConfig, pol, specs: dict[str, SamplerConfig]) -> dict:
     return {"checkpoint": pol.meta["checkpoint"], "step": pol.meta["step"], "task": pol.meta["task"],
@@ -259,20 +151,17 @@ def prepare_out(out: Path, info: dict, restart: bool) -> list[dict]:
         before = json.loads(run_file.read_text())
         for key in ("checkpoint", "seed", "threads", "device", "realtime"):
             if before.get(key) != info[key]:
-                raise UserError(f"{out}: holds an evaluation with {key}={before.get(key)!r}, not {info[key]!r}; "
-                                f"pass restart=true to discard it, or another out=")
+                raise UserError(f"{out}: holds an evaluation with {key}={before.get(key)!r}, "
+                                f"not {info[key]!r}; pass restart=true to discard it, or another out=")
         for label, cfg in info["samplers"].items():
             if label in before.get("samplers", {}) and before["samplers"][label] != cfg:
-                raise UserError(f"{out}: sampler {label!r} was evaluated with other options; pass restart=true")
+                raise UserError(f"{out}: sampler {label!r} was evaluated with other options; "
+                                "pass restart=true")
         info = {**info, "samplers": {**before.get("samplers", {}), **info["samplers"]}}
-    tmp = out / ".run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run_file)
+    write_json(run_file, info, indent=2)
     done = read_log(out / LOG)
     if (out / LOG).exists():  # drop a line a kill cut short, so appends start on a fresh line
-        tmp = out / f".{LOG}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in done))
-        os.replace(tmp, out / LOG)
+        write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in done))
     return done
 
 
@@ -288,7 +177,8 @@ def evaluate(cfg: EvalConfig) -> Path:
     if cfg.launcher == "ray":
         from rollouts.cluster import check_address, check_installed
 
-        check_address(cfg.ray_address)  # syntax, and a head that answers: seconds, not Ray's minutes of retries
+        # syntax, and a head that answers: seconds, not Ray's minutes of retries
+        check_address(cfg.ray_address)
         check_installed()
     cfg.loop.check()
     if cfg.realtime and cfg.videos:
@@ -324,7 +214,8 @@ def _evaluate_into(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConf
                 video = str(out / "videos" / f"{_slug(label)}-{seed}.mp4") if i < cfg.videos else None
                 jobs.append({"label": label, "config": dataclasses.asdict(sc), "seed": seed, "episode": i,
                              "video": video})
-    if cfg.realtime and cfg.loop.transport == "server":  # sampler-major: a worker's server changes once per sampler
+    # sampler-major: a worker's server changes once per sampler
+    if cfg.realtime and cfg.loop.transport == "server":
         jobs.sort(key=lambda j: list(specs).index(j["label"]))
     workers = max(1, min(cfg.workers or (1 if cfg.realtime else os.cpu_count()) or 1, len(jobs) or 1))
     if done:
@@ -333,8 +224,9 @@ def _evaluate_into(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConf
     if jobs:
         _run_jobs(jobs, out / LOG, cfg, workers, pol.meta["checkpoint"])
     records = [r for r in read_log(out / LOG) if r["sampler"] in specs and r["seed"] in seeds]
-    summary = summarize(records, list(specs), reference_label(cfg, specs), workers=workers, threads=cfg.threads,
-                        device=str(pol.device), checkpoint=pol.meta["checkpoint"], step=pol.meta["step"], task=task,
+    summary = summarize(records, list(specs), reference_label(cfg, specs), workers=workers,
+                        threads=cfg.threads, device=str(pol.device), checkpoint=pol.meta["checkpoint"],
+                        step=pol.meta["step"], task=task,
                         **({"loop": dataclasses.asdict(cfg.loop)} if cfg.realtime else {}))
     deadline = cfg.deadline_ms
     if deadline is None and cfg.realtime:
@@ -384,18 +276,19 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
                 tqdm.write(f"{record['sampler']} seed {record['seed']}: {record['error']}")
 
         loop = dataclasses.asdict(cfg.loop) if cfg.realtime else None
+        init = WorkerInit(checkpoint, cfg.device, cfg.threads, loop)
         try:
             if cfg.launcher == "ray":
                 from rollouts.cluster import run_on_ray
 
-                run_on_ray(jobs, keep, (checkpoint, cfg.device, cfg.threads, loop), workers, cfg.ray_address)
+                run_on_ray(jobs, keep, init, workers, cfg.ray_address)
             elif workers == 1:
-                _init_worker(checkpoint, cfg.device, cfg.threads, loop)
+                init_worker(init)
                 try:
                     for job in jobs:
-                        keep(_run_job(job))
+                        keep(run_job(job))
                 finally:
-                    _close_server()
+                    close_server()
             else:
                 import multiprocessing as mp
 
@@ -403,16 +296,17 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
                 pool = None
                 try:
                     with workers_ignore_ctrl_c():  # a Ctrl-C meanwhile is raised once `pool` is set
-                        pool = ctx.Pool(workers, initializer=_init_worker,
-                                        initargs=(checkpoint, cfg.device, cfg.threads, loop, True))
-                    for record in pool.imap_unordered(_run_job, jobs):
+                        pool = ctx.Pool(workers, initializer=init_worker,
+                                        initargs=(dataclasses.replace(init, pooled=True),))
+                    for record in pool.imap_unordered(run_job, jobs):
                         keep(record)
                 finally:
                     if pool is not None:
                         pool.terminate()
         except KeyboardInterrupt:
             bar.close()
-            fail("dp-eval", f"interrupted: the finished episodes are in {log}; the same command continues", 130)
+            fail("dp-eval", f"interrupted: the finished episodes are in {log}; the same command continues",
+                 130)
     bar.close()
 
 
@@ -421,13 +315,8 @@ def _slug(label: str) -> str:
 
 
 @command("eval", EvalConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw["options"] = SamplerOptions(**raw["options"])
-    raw["loop"] = LoopConfig(**raw["loop"])
-    evaluate(EvalConfig(**raw))
+def main(cfg: EvalConfig) -> None:
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envs.cli import command
+from common.cli import command
 from envs.tasks import TaskConfig
 
 # Minutes per unit of each stage on the slower of the 2-core CPUs measured (2026-12-02): per
@@ -54,7 +54,7 @@ class Stages:
 
 
 def _store_ok(path: Path, n_demos: int, task: str) -> bool:
-    from envs.errors import UserError
+    from common.errors import UserError
     from envs.store import open_store
 
     try:
@@ -94,7 +94,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
                     overwrite=True)
         stages.end(0, t, f": {len(episodes)} demonstrations, {len(failed)} expert failures")
 
-    t = stages.begin(1, f"training the diffusion policy for {cfg.steps} steps into {run} (Ctrl-C and rerun resumes)")
+    t = stages.begin(1, f"training the diffusion policy for {cfg.steps} steps into {run} "
+                        "(Ctrl-C and rerun resumes)")
     ckpt = latest(run)
     if ckpt is not None and int(ckpt.name.split("-")[-1]) >= cfg.steps:
         stages.end(1, t, f": reusing {ckpt}")
@@ -103,25 +104,25 @@ def quickstart(cfg: QuickstartConfig) -> Path:
                                  threads=min(2, torch.get_num_threads())))
         stages.end(1, t)
 
-    t = stages.begin(2, f"evaluating {', '.join(cfg.samplers)} on {cfg.episodes} episodes each into {evaluation}")
+    t = stages.begin(2, f"evaluating {', '.join(cfg.samplers)} on {cfg.episodes} episodes "
+                        f"each into {evaluation}")
     spec = EvalConfig(checkpoint=str(ckpt), samplers=list(cfg.samplers), episodes=cfg.episodes,
                       out=str(evaluation), workers=cfg.workers, data=str(data),
-                      options=SamplerOptions(backend="auto"))  # each sampler on this machine's fastest backend
-    # the recommendation for the task's control rate: the time a chunk still covers when the next plan is asked
+                      # each sampler on this machine's fastest backend
+                      options=SamplerOptions(backend="auto"))
+    # the recommendation for the task's control rate: the time a chunk still covers when the next
+    # plan is asked
     spec.deadline_ms = loop_deadline(spec, policy.load(str(ckpt)))
     evaluate(spec)
     stages.end(2, t)
-    print(f"quickstart finished in {(time.monotonic() - total) / 60:.1f} min; plot: {evaluation / 'pareto.png'}")
+    print(f"quickstart finished in {(time.monotonic() - total) / 60:.1f} min; plot: "
+          f"{evaluation / 'pareto.png'}")
     return evaluation
 
 
 @command("quickstart", QuickstartConfig)
-def main(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw["task"] = TaskConfig(**raw["task"])
-    quickstart(QuickstartConfig(**raw))
+def main(cfg: QuickstartConfig) -> None:
+    quickstart(cfg)
 
 
 if __name__ == "__main__":

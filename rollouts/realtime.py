@@ -32,7 +32,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.safety import UnsafeActions
 from rollouts.chunks import MERGES, ActionSchedule
 
@@ -45,7 +45,8 @@ TRANSPORTS = ("server", "local")
 class LoopConfig:
     rate_hz: float | None = None  # wall-clock control rate (default: the task's 20 Hz)
     merge: str = "latest"  # latest | average | act: how overlapping chunks are merged; rtc: the next plan
-    #                        is inpainted to agree with the actions executing while it runs (samplers/inpaint.py)
+    #                        is inpainted to agree with the actions executing while it runs
+    #                        (samplers/inpaint.py)
     merge_alpha: float = 0.5  # average: the newer chunk's weight
     act_m: float = 0.01  # act: ACT's exponential weight decay per chunk of age
     replan_every: int | None = None  # steps between plan requests (default: the policy's n_action_steps)
@@ -66,20 +67,11 @@ class LoopConfig:
         naming the key (`nan` passes every `<` test: it must be refused as such). Called at
         start-up by every command that takes a loop, and by `run_loop`."""
         import math
-        import numbers
+
+        from common.checks import check_number
 
         def number(key: str, low: float, high: float, low_open: bool = False, integer: bool = False) -> None:
-            value = getattr(self, key)
-            kind = numbers.Integral if integer else numbers.Real
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise UserError(f"loop.{key}: {value!r} is not {'an integer' if integer else 'a number'}")
-            if not math.isfinite(value):
-                raise UserError(f"loop.{key}: {value!r} is not a finite number")
-            if value < low or (low_open and value == low):
-                why = "must be positive" if low_open else "must be at least 1" if integer else f"must be >= {low:g}"
-                raise UserError(f"loop.{key}: {value!r} {why}")
-            if value > high:
-                raise UserError(f"loop.{key}: {value!r} must be <= {high:g}")
+            check_number(f"loop.{key}", getattr(self, key), low, high, integer=integer, low_open=low_open)
 
         if self.merge not in LOOP_MERGES:
             raise UserError(f"loop.merge: {self.merge!r} is not one of {', '.join(LOOP_MERGES)}")
@@ -114,17 +106,20 @@ class LocalPlanner:
     """The policy in this process (plans run in the loop's background thread)."""
 
     def __init__(self, policy):
-        self.policy = policy
-        policy.prepare()  # window=auto chosen, runtime calls compiled: before the loop's first plan, not during it
+        from policy.warm import PlanSession
+
+        self.policy, self.session = policy, PlanSession()  # the episode's plan state is the planner's
+        # window=auto chosen, runtime calls compiled: before the loop's first plan, not during it
+        policy.prepare()
         self.n_obs_steps, self.n_action_steps = policy.cfg.n_obs_steps, policy.cfg.n_action_steps
         self.max_actions = policy.max_actions
 
     def seed(self, seed: int) -> None:
-        self.policy.seed(seed)
+        self.session.reseed(seed, self.policy.device)
 
     def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None,
              committed: np.ndarray | None = None, frozen: int = 0) -> tuple[np.ndarray, dict]:
-        r = self.policy.plan(obs_history, n_actions, advance, committed, frozen)
+        r = self.policy.plan(obs_history, n_actions, advance, committed, frozen, session=self.session)
         return r.actions, {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
                            "parallel_iters": r.parallel_iters, "converged": r.converged}
 
@@ -140,7 +135,8 @@ class RemotePlanner:
 
     def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None,
              committed: np.ndarray | None = None, frozen: int = 0) -> tuple[np.ndarray, dict]:
-        request = {self.client.metadata["obs_key"]: np.asarray(obs_history, np.float32), "n_actions": n_actions}
+        request = {self.client.metadata["obs_key"]: np.asarray(obs_history, np.float32),
+                   "n_actions": n_actions}
         if advance is not None:
             request["advance"] = advance
         if committed is not None:
@@ -164,6 +160,129 @@ class LoopStats:
     plans: list[dict] = field(default_factory=list)
 
 
+class LoopState:
+    """One run of the loop: its schedule and stats, the observation history, the plan in flight
+    and the control step `k`. Creating it plans the first chunk (the robot waits for it, standing
+    still) and starts the clock when it arrives; `run_loop` then runs each step through
+    `catch_up`, the robot's read, `collect`, `request_plan` and `send`, and `finish`es."""
+
+    def __init__(self, robot, planner: Planner, cfg: LoopConfig, clock: Callable[[], float],
+                 sleep: Callable[[float], None]):
+        self.robot, self.planner, self.cfg, self.clock, self.sleep = robot, planner, cfg, clock, sleep
+        self.period = robot.period
+        self.n_actions, self.replan = cfg.plan_sizes(planner.max_actions, planner.n_action_steps)
+        merge = "latest" if cfg.merge == "rtc" else cfg.merge
+        self.schedule = ActionSchedule(merge, cfg.merge_alpha, cfg.act_m)
+        self.stats = LoopStats(period_s=self.period)
+        _, obs = robot.read()
+        self.history = deque([obs] * planner.n_obs_steps, maxlen=planner.n_obs_steps)
+        first = self.timed(np.stack(self.history), None)
+        self.t0 = clock()
+        self.schedule.add(first[0], 0, 0, self.t0)  # nothing moved while it was planned: current at t0
+        self.record(0, 0, 0, first)
+        self.pending: Future | None = None
+        self.request = (0, self.t0)  # step and observation time of the plan in flight (or of the last one)
+        self.retry = False  # the last plan was refused: ask again at once
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="planner")
+        self.k = 0
+
+    def timed(self, obs_history: np.ndarray, advance: int | None, committed: np.ndarray | None = None,
+              frozen: int = 0) -> tuple[np.ndarray, dict, float]:
+        """A plan, its stats and its round trip in ms (run in the background thread after the first)."""
+        start = self.clock()
+        actions, info = self.planner.plan(obs_history, self.n_actions, advance, committed, frozen)
+        if self.cfg.extra_delay_ms:  # the chunk arrives this much later, as from a slower computer
+            self.sleep(self.cfg.extra_delay_ms / 1e3)
+        return actions, info, (self.clock() - start) * 1e3
+
+    def record(self, step: int, arrived: int, skipped: int, result: tuple[np.ndarray, dict, float]) -> None:
+        _, info, round_trip = result
+        self.stats.plans.append({"step": step, "arrived": arrived, "skipped": skipped,
+                                 "latency_ms": round_trip, "plan_ms": float(info.get("plan_ms", round_trip)),
+                                 "model_evals": int(info.get("model_evals", 0)),
+                                 "parallel_iters": int(info.get("parallel_iters", 0)),
+                                 "converged": bool(info.get("converged", True))})
+
+    def catch_up(self) -> float:
+        """Sleep until step k starts. Whole steps the loop woke up too late for are passed over
+        (the robot held through them: overruns without a fresh action); returns the start of the
+        step the loop is now at."""
+        stats = self.stats
+        t_k = self.t0 + self.k * self.period
+        now = self.clock()
+        while now < t_k:
+            self.sleep(t_k - now)
+            now = self.clock()
+        late = int((now - self.t0) // self.period) - self.k
+        for j in range(self.k, self.k + max(late, 0)):
+            self.schedule.pop(j)  # their actions are gone
+        if late > 0:
+            stats.overruns += late
+            stats.no_fresh += late
+            stats.steps += late
+            self.k += late
+            t_k = self.t0 + self.k * self.period
+        stats.jitter_ms.append((now - t_k) * 1e3)
+        return t_k
+
+    def collect(self) -> None:
+        """Schedule the plan in flight if it has arrived (or count its refusal)."""
+        if self.pending is None or not self.pending.done():
+            return
+        try:
+            result = self.pending.result()
+        except UnsafeActions as err:  # nothing of it is sent; the next request goes out now
+            self.stats.refused += 1
+            self.stats.refusal = self.stats.refusal or str(err)
+            self.retry = True
+        else:
+            step, t_obs = self.request
+            skipped = self.schedule.add(result[0], step, self.k, t_obs)
+            self.stats.skipped += skipped
+            self.record(step, self.k, skipped, result)
+        self.pending = None
+
+    def request_plan(self, t_obs: float) -> None:
+        """Ask for the next plan, from the observation read at `t_obs`, when it is due and none is
+        in flight."""
+        k = self.k
+        if self.pending is not None or not (self.retry or k - self.request[0] >= self.replan):
+            return
+        committed, frozen = None, 0
+        if self.cfg.merge == "rtc":  # what runs while this plan does: keep it, frozen for the expected delay
+            committed = self.schedule.upcoming(k, self.planner.max_actions)
+            last_ms = self.stats.plans[-1]["latency_ms"] if self.stats.plans else 0.0
+            frozen = min(len(committed), int(np.ceil(last_ms / 1e3 / self.period)))
+            committed = committed if len(committed) else None
+        advance = k - self.request[0]
+        self.pending = self.pool.submit(self.timed, np.stack(self.history), advance, committed, frozen)
+        self.request, self.retry = (k, t_obs), False
+
+    def send(self, t_k: float) -> None:
+        """Send step k's action (or hold, with none) and move on to the next step."""
+        stats = self.stats
+        item = self.schedule.pop(self.k)
+        if item is None:
+            stats.no_fresh += 1
+        else:
+            self.robot.send(item.action, t_k)
+            stats.commanded += 1
+            sent = self.clock()
+            stats.staleness_ms.append((sent - item.t_obs) * 1e3)
+            stats.overruns += sent > t_k + self.period
+        stats.steps += 1
+        self.k += 1
+
+    def finish(self) -> None:
+        """Finish the plan in flight before the next episode needs the cores (its error is dropped)."""
+        if self.pending is not None:
+            try:
+                self.pending.result()
+            except Exception:
+                pass
+        self.pool.shutdown(wait=True)
+
+
 def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool] | None = None,
              max_steps: int | None = None, clock: Callable[[], float] = time.perf_counter,
              sleep: Callable[[float], None] = time.sleep) -> LoopStats:
@@ -174,101 +293,20 @@ def run_loop(robot, planner: Planner, cfg: LoopConfig, until: Callable[[], bool]
     except a plan refused for non-finite actions after the first: the loop then holds and asks again.
     """
     cfg.check()
-    period = robot.period
-    n_actions, replan = cfg.plan_sizes(planner.max_actions, planner.n_action_steps)
-    schedule = ActionSchedule("latest" if cfg.merge == "rtc" else cfg.merge, cfg.merge_alpha, cfg.act_m)
-    stats = LoopStats(period_s=period)
-    _, obs = robot.read()
-    history = deque([obs] * planner.n_obs_steps, maxlen=planner.n_obs_steps)
-
-    def timed(obs_history: np.ndarray, advance: int | None, committed=None, frozen: int = 0):
-        start = clock()
-        if committed is None:  # a planner written before Real-Time Chunking takes three arguments
-            actions, info = planner.plan(obs_history, n_actions, advance)
-        else:
-            actions, info = planner.plan(obs_history, n_actions, advance, committed, frozen)
-        if cfg.extra_delay_ms:  # the chunk arrives this much later, as from a slower computer
-            sleep(cfg.extra_delay_ms / 1e3)
-        return actions, info, (clock() - start) * 1e3
-
-    def record(step: int, arrived: int, skipped: int, result: tuple[np.ndarray, dict, float]) -> None:
-        _, info, round_trip = result
-        stats.plans.append({"step": step, "arrived": arrived, "skipped": skipped, "latency_ms": round_trip,
-                            "plan_ms": float(info.get("plan_ms", round_trip)),
-                            "model_evals": int(info.get("model_evals", 0)),
-                            "parallel_iters": int(info.get("parallel_iters", 0)),
-                            "converged": bool(info.get("converged", True))})
-
-    first = timed(np.stack(history), None)
-    t0 = clock()
-    schedule.add(first[0], 0, 0, t0)  # nothing moved while it was planned: its observation is current at t0
-    record(0, 0, 0, first)
-    pending: Future | None = None
-    request = (0, t0)  # step and observation time of the plan in flight (or of the last one)
-    retry = False  # the last plan was refused: ask again at once
-    pool = ThreadPoolExecutor(1, thread_name_prefix="planner")
-    k = 0
+    loop = LoopState(robot, planner, cfg, clock, sleep)
     try:
-        while max_steps is None or k < max_steps:
-            t_k = t0 + k * period
-            now = clock()
-            while now < t_k:
-                sleep(t_k - now)
-                now = clock()
-            late = int((now - t0) // period) - k  # whole steps the loop woke up too late for
-            for j in range(k, k + max(late, 0)):
-                schedule.pop(j)  # their actions are gone: the robot held through them
-            if late > 0:
-                stats.overruns += late
-                stats.no_fresh += late
-                stats.steps += late
-                k += late
-                t_k = t0 + k * period
-            stats.jitter_ms.append((now - t_k) * 1e3)
+        while max_steps is None or loop.k < max_steps:
+            t_k = loop.catch_up()
             t_obs, obs = robot.read()
             if until is not None and until():
                 break
-            history.append(obs)
-            if pending is not None and pending.done():
-                try:
-                    result = pending.result()
-                except UnsafeActions as err:  # nothing of it is sent; the next request goes out now
-                    stats.refused += 1
-                    stats.refusal = stats.refusal or str(err)
-                    retry = True
-                else:
-                    skipped = schedule.add(result[0], request[0], k, request[1])
-                    stats.skipped += skipped
-                    record(request[0], k, skipped, result)
-                pending = None
-            if pending is None and (retry or k - request[0] >= replan):
-                committed, frozen = None, 0
-                if cfg.merge == "rtc":  # what runs while this plan does: keep it, frozen for the expected delay
-                    committed = schedule.upcoming(k, planner.max_actions)
-                    last_ms = stats.plans[-1]["latency_ms"] if stats.plans else 0.0
-                    frozen = min(len(committed), int(np.ceil(last_ms / 1e3 / period)))
-                    committed = committed if len(committed) else None
-                pending = pool.submit(timed, np.stack(history), k - request[0], committed, frozen)
-                request, retry = (k, t_obs), False
-            item = schedule.pop(k)
-            if item is None:
-                stats.no_fresh += 1
-            else:
-                robot.send(item.action, t_k)
-                stats.commanded += 1
-                sent = clock()
-                stats.staleness_ms.append((sent - item.t_obs) * 1e3)
-                stats.overruns += sent > t_k + period
-            stats.steps += 1
-            k += 1
+            loop.history.append(obs)
+            loop.collect()
+            loop.request_plan(t_obs)
+            loop.send(t_k)
     finally:
-        if pending is not None:
-            try:
-                pending.result()  # finish the plan in flight before the next episode needs the cores
-            except Exception:
-                pass
-        pool.shutdown(wait=True)
-    return stats
+        loop.finish()
+    return loop.stats
 
 
 def loop_summary(stats: LoopStats) -> dict:
@@ -295,6 +333,6 @@ def run_realtime_episode(robot, planner: Planner, seed: int, cfg: LoopConfig):
                                 if stats.refused else None)
     except Exception as err:  # a planner or server failure ends the episode; recorded with its reason
         stats, error = LoopStats(period_s=robot.period), f"planner: {type(err).__name__}: {err}"
-    result = EpisodeResult(seed=seed, success=robot.success, max_reward=robot.max_reward, return_=robot.return_,
-                           length=robot.steps, plans=stats.plans, error=error)
+    result = EpisodeResult(seed=seed, success=robot.success, max_reward=robot.max_reward,
+                           return_=robot.return_, length=robot.steps, plans=stats.plans, error=error)
     return result, stats

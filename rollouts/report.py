@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.cli import command
-from envs.errors import UserError
-from rollouts.files import save_figure, write_text
+from common.cli import command
+from common.errors import UserError
+from common.files import save_figure, write_text
 from rollouts.stats import paired, recommend, row_outcomes, wilson
 
 
@@ -34,20 +34,23 @@ def summarize(records: list[dict], labels: list[str], reference: str | None = No
             "episodes": len(eps),
             "success_rate": wins / len(eps) if eps else 0.0,
             "success_ci95": list(wilson(wins, len(eps))),
-            "reward_mean": float(np.mean([r["max_reward"] for r in eps])) if eps else 0.0,  # per-episode max reward
+            # per-episode max reward
+            "reward_mean": float(np.mean([r["max_reward"] for r in eps])) if eps else 0.0,
             "return_mean": float(np.mean([r["return_"] for r in eps])) if eps else 0.0,
             "length_mean": float(np.mean([r["length"] for r in eps])) if eps else 0.0,
             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                            "mean": float(np.mean(lat))},
             "model_evals_per_plan": float(np.mean([p["model_evals"] for p in plans])) if plans else 0.0,
             # of latency_ms: an image policy's observation encoder (0 for state policies)
-            "encode_ms_p50": float(np.percentile([p.get("encode_ms", 0.0) for p in plans], 50)) if plans else 0.0,
+            "encode_ms_p50": float(np.percentile([p.get("encode_ms", 0.0)
+                                                  for p in plans], 50)) if plans else 0.0,
             "parallel_iters_per_plan": float(np.mean([p["parallel_iters"] for p in plans])) if plans else 0.0,
             "converged_rate": float(np.mean([p["converged"] for p in plans])) if plans else 0.0,
             "plans": len(plans),
             "errors": [{"seed": r["seed"], "error": r["error"]} for r in eps if r.get("error")],
             **({"realtime": realtime_summary(eps)} if any("realtime" in r for r in eps) else {}),
-            "outcomes": {"seeds": [int(r["seed"]) for r in eps], "success": [int(bool(r["success"])) for r in eps]},
+            "outcomes": {"seeds": [int(r["seed"]) for r in eps],
+                         "success": [int(bool(r["success"])) for r in eps]},
             **context,
         })
     return compare(out, reference)
@@ -71,7 +74,8 @@ def compare(rows: list[dict], reference: str | None = None) -> list[dict]:
 def realtime_summary(episodes: list[dict]) -> dict:
     """What the real-time loop cost a sampler's episodes: staleness of executed actions, steps
     with no fresh action, skipped actions, wake-up jitter and deadline overruns."""
-    loops = [r["realtime"] for r in episodes if "realtime" in r]  # an episode that crashed before its loop has none
+    # an episode that crashed before its loop has none
+    loops = [r["realtime"] for r in episodes if "realtime" in r]
     plans = [p for r in episodes for p in r["plans"]]
 
     def pct(values: list[float], *qs: int) -> dict:
@@ -119,8 +123,9 @@ def table(summary: list[dict]) -> str:
                 f"{s['model_evals_per_plan']:>8.1f}{s['parallel_iters_per_plan']:>8.1f}{len(s['errors']):>7}")
         if rt:
             r = s["realtime"]
-            line += (f"{r['staleness_ms']['p50']:>10.0f}{r['staleness_ms']['p95']:>10.0f}{r['no_fresh_rate']:>8.1%}"
-                     f"{r['skipped_per_plan']:>10.1f}{r['jitter_ms']['p99']:>11.1f}")
+            line += (f"{r['staleness_ms']['p50']:>10.0f}{r['staleness_ms']['p95']:>10.0f}"
+                     f"{r['no_fresh_rate']:>8.1%}{r['skipped_per_plan']:>10.1f}"
+                     f"{r['jitter_ms']['p99']:>11.1f}")
         lines.append(line)
     return "\n".join(lines)
 
@@ -146,10 +151,11 @@ def plot_pareto(path: Path, summary: list[dict], title: str, recommendation: dic
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    summary = [s for s in summary if math.isfinite(s["latency_ms"]["p50"])]  # a sampler whose episodes all crashed has no plans
+    # a sampler whose episodes all crashed has no plans
+    summary = [s for s in summary if math.isfinite(s["latency_ms"]["p50"])]
     front = pareto_front(summary)
-    ax.plot([s["latency_ms"]["p50"] for s in front], [100 * s["success_rate"] for s in front], "-", color="#9ecae1",
-            lw=2, zorder=1, label="non-dominated")
+    ax.plot([s["latency_ms"]["p50"] for s in front], [100 * s["success_rate"] for s in front], "-",
+            color="#9ecae1", lw=2, zorder=1, label="non-dominated")
     placed: list[tuple[float, float, int]] = []
     xs = [s["latency_ms"]["p50"] for s in summary] or [1.0]
     mid = (math.log10(min(xs)) + math.log10(max(xs))) / 2 if len(xs) > 1 else math.inf
@@ -165,8 +171,9 @@ def plot_pareto(path: Path, summary: list[dict], title: str, recommendation: dic
         placed.append((x, y, k))
         dy = -(16 + 11 * k) if y > 60 else 10 + 11 * k
         right = math.log10(x) > mid  # labels of the slower half go left of their point, inside the axes
-        ax.annotate(f"{s['sampler']} ({s['parallel_iters_per_plan']:.0f} it)", (x, y), textcoords="offset points",
-                    xytext=(-8 if right else 8, dy), ha="right" if right else "left", fontsize=7.5,
+        ax.annotate(f"{s['sampler']} ({s['parallel_iters_per_plan']:.0f} it)", (x, y),
+                    textcoords="offset points", xytext=(-8 if right else 8, dy),
+                    ha="right" if right else "left", fontsize=7.5,
                     arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6})
     ax.set_xscale("log")
     ax.set_xlim(min(xs) / 1.6, max(xs) * 1.8)  # room for the labels right of each point
@@ -193,8 +200,8 @@ def _draw_deadline(ax, summary: list[dict], rec: dict) -> None:
     ax.axvline(d, color="#d62728", ls="--", lw=1.2, zorder=0, label=f"deadline {d:g} ms (held against p95)")
     pick = next((s for s in summary if s["sampler"] == rec["sampler"]), None)
     if pick is not None:
-        ax.plot([pick["latency_ms"]["p50"]], [100 * pick["success_rate"]], "o", ms=14, mfc="none", mec="#d62728",
-                mew=1.5, zorder=3, label=f"recommended: {pick['sampler']}")
+        ax.plot([pick["latency_ms"]["p50"]], [100 * pick["success_rate"]], "o", ms=14, mfc="none",
+                mec="#d62728", mew=1.5, zorder=3, label=f"recommended: {pick['sampler']}")
 
 
 def plot_realtime(path: Path, summary: list[dict], title: str) -> None:
@@ -244,7 +251,8 @@ def _csv(rows: list[dict]) -> str:
 def _title(summary: list[dict]) -> str:
     s = summary[0]
     loop, r = s.get("loop") or {}, s.get("realtime") or {}
-    rt = (f"\nreal time at {r['rate_hz']:g} Hz, {loop.get('transport', '?')} planner, merge {loop.get('merge', '?')}"
+    rt = (f"\nreal time at {r['rate_hz']:g} Hz, {loop.get('transport', '?')} planner, merge "
+          f"{loop.get('merge', '?')}"
           if r.get("rate_hz") else "")
     return (f"{s.get('task', '?')}: {s['episodes']} episodes per sampler; {s.get('workers', '?')} workers x "
             f"{s.get('threads', '?')} torch threads, {s.get('device', '?')}{rt}")
@@ -303,14 +311,16 @@ class ReportConfig:
     inputs: list[str] = field(default_factory=list)  # evaluation directories (or their results.json)
     out: str = "outputs/report"
     reference: str | None = None  # the sampler every row is compared with (default: the first)
-    deadline_ms: float | None = None  # recommend the fastest sampler whose p95 fits, as good as the best that fits
+    # recommend the fastest sampler whose p95 fits, as good as the best that fits
+    deadline_ms: float | None = None
 
 
 def merge(inputs: list[str]) -> list[dict]:
     """The rows of several results.json files; a sampler label that repeats gets its run's
     directory name appended."""
     if not inputs:
-        raise UserError("inputs: empty list; give evaluation directories, e.g. inputs=[outputs/eval-a,outputs/eval-b]")
+        raise UserError("inputs: empty list; give evaluation directories, e.g. "
+                        "inputs=[outputs/eval-a,outputs/eval-b]")
     merged, seen = [], set()
     for item in inputs:
         path = Path(item)
@@ -332,7 +342,7 @@ def check_deadline(deadline_ms) -> None:
 
 
 @command("report", ReportConfig)
-def main(cfg) -> None:
+def main(cfg: ReportConfig) -> None:
     check_deadline(cfg.deadline_ms)
     summary = compare(merge(list(cfg.inputs)), cfg.reference)
     note = seed_note(summary)

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from envs.cli import command
-from envs.errors import UserError
+from common.cli import command
+from common.errors import UserError
 from policy.diffusion import SamplerConfig
 
 
@@ -24,16 +24,16 @@ class RolloutConfig:
 
 
 @command("rollout", RolloutConfig)
-def main(cfg) -> None:
+def main(cfg: RolloutConfig) -> None:
     import policy
     from rollouts.runner import make_policy_env, run_episode
 
     for name in ("episodes", "threads"):
-        if cfg[name] < 1:
-            raise UserError(f"{name}: {cfg[name]} must be at least 1")
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name}: {getattr(cfg, name)} must be at least 1")
     torch.set_num_threads(cfg.threads)
     pol = policy.load(cfg.checkpoint, device=cfg.device)
-    pol.sampler = SamplerConfig(**cfg.sampler)
+    pol.sampler = cfg.sampler
     task = pol.meta["task"]
     env = make_policy_env(pol)
     results = []
@@ -47,8 +47,8 @@ def main(cfg) -> None:
     latencies = [p.latency_ms for r in results for p in r.plans]
     print(f"{task}: success {rate:.0%} ({sum(r.success for r in results)}/{len(results)}) "
           f"with {cfg.sampler.name} from {pol.meta['checkpoint']} (step {pol.meta['step']}); "
-          f"plan latency p50 {f'{np.median(latencies):.1f} ms' if latencies else '-'} over {len(latencies)} plans, "
-          f"{cfg.threads} torch threads")
+          f"plan latency p50 {f'{np.median(latencies):.1f} ms' if latencies else '-'} over {len(latencies)} "
+          f"plans, {cfg.threads} torch threads")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def run_episode(env, policy, seed: int, render: bool = False) -> EpisodeResult:
         try:
             plan = policy.plan(np.stack(history), advance=since)
         except UnsafeActions as err:  # refused by the policy: nothing of it is executed, and it is no success
-            kind = "non-finite action" if isinstance(err, NonFiniteActions) else "action outside the trained range"
+            kind = ("non-finite action" if isinstance(err, NonFiniteActions)
+                    else "action outside the trained range")
             result.error = f"{kind} at step {result.length}"
             result.success = False
             return result

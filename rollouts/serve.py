@@ -54,10 +54,10 @@ from http import HTTPStatus
 
 import numpy as np
 
-from envs.cli import command
+from common.cli import command
 from policy.safety import check_observation
 from policy.samplers import SamplerConfig
-from policy.warm import WarmStart
+from policy.warm import PlanSession, WarmStart
 from rollouts import wire
 
 OBS_KEY = "obs_history"
@@ -66,7 +66,8 @@ ADVANCE_KEY = "advance"
 # openpi's image request keys (its LIBERO/DROID examples) -> the policy's cameras, in order.
 OPENPI_IMAGE_KEYS = ("observation/image", "observation/wrist_image")
 OPENPI_STATE_KEY = "observation/state"
-COMMITTED_KEY = "committed"  # Real-Time Chunking: the actions executing while this plan runs, float [m, action_dim]
+# Real-Time Chunking: the actions executing while this plan runs, float [m, action_dim]
+COMMITTED_KEY = "committed"
 FROZEN_KEY = "frozen"  # how many of them the new chunk must keep exactly
 
 # What one image in a request may be, checked from its shape before a pixel is read: at most
@@ -96,7 +97,7 @@ class ServeConfig:
 
 def check_options(cfg) -> None:
     """dp-serve's numeric options, checked once before anything loads: a UserError naming the key."""
-    from envs.errors import UserError
+    from common.errors import UserError
 
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"port: {cfg.port} is not in 0..65535")
@@ -111,7 +112,7 @@ def check_options(cfg) -> None:
 
 def check_message_size(max_message_mb: float, service: PolicyService) -> None:
     """A message limit too small for the policy's own smallest request would refuse every request."""
-    from envs.errors import UserError
+    from common.errors import UserError
 
     p = service.policy
     need = len(wire.packb({OBS_KEY: np.zeros((p.cfg.n_obs_steps, p.obs_dim), np.float32)}))
@@ -166,7 +167,8 @@ class PolicyService:
                       "image_keys": dict(zip(OPENPI_IMAGE_KEYS, p.obs_config.image_keys)),
                       "state_key": OPENPI_STATE_KEY, "state_dim": p.encoder.low_dim}
         return {"name": "parapolicy", "task": p.meta.get("task"), "checkpoint": p.meta.get("checkpoint"),
-                "step": p.meta.get("step"), "obs_key": OBS_KEY, "obs_shape": [p.cfg.n_obs_steps, p.obs_dim], **images,
+                "step": p.meta.get("step"), "obs_key": OBS_KEY, "obs_shape": [p.cfg.n_obs_steps, p.obs_dim],
+                **images,
                 "action_dim": p.action_dim, "horizon": p.cfg.horizon, "n_action_steps": p.cfg.n_action_steps,
                 "max_actions": p.max_actions,
                 "sampler": {k: v for k, v in vars(p.sampler).items() if v is not None}}
@@ -188,7 +190,8 @@ class PolicyService:
         return {**obs, OBS_KEY: self.image_history(obs)} if self.needs_decoding(obs) else obs
 
     def check(self, obs) -> tuple[np.ndarray, int | None, int | None]:
-        """The observation history, action count and advance of a request, or a ValueError naming the field."""
+        """The observation history, action count and advance of a request, or a ValueError naming
+        the field."""
         if not isinstance(obs, dict):
             raise ValueError(f"request: expected a dict with key {OBS_KEY!r}, got {type(obs).__name__}")
         obs = self.decode(obs)
@@ -232,7 +235,8 @@ class PolicyService:
             raise ValueError(f"{key}: expected a float array, got {getattr(x, 'dtype', type(x).__name__)}")
         x = np.repeat(x[None], n, axis=0) if x.ndim == len(shape) else x
         if x.ndim != len(shape) + 1 or len(x) != n or x.shape[1:] != shape:
-            raise ValueError(f"{key}: shape {obs[key].shape}, expected {list(shape)} or [{n}, *{list(shape)}]")
+            raise ValueError(f"{key}: shape {obs[key].shape}, expected {list(shape)} "
+                             f"or [{n}, *{list(shape)}]")
         return x
 
     @staticmethod
@@ -269,18 +273,15 @@ class PolicyService:
         return committed, int(frozen)
 
     def infer(self, obs, warm: WarmStart | None = None) -> dict:
-        """Plan for one request; `warm` is the connection's own warm-start state."""
+        """Plan for one request; `warm` is the connection's own warm-start state (its noise comes
+        from the server's one generator, seeded at the start)."""
         x, n, advance = self.check(obs)
         committed, frozen = self.check_committed(obs)
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - start
-            own = self.policy.warm  # this connection's state in, the policy's own back after
-            self.policy.warm = warm if warm is not None else WarmStart()
-            try:
-                r = self.policy.plan(x, n, advance, committed, frozen)
-            finally:
-                self.policy.warm = own
+            session = PlanSession(self.policy.generator, warm if warm is not None else WarmStart())
+            r = self.policy.plan(x, n, advance, committed, frozen, session=session)
             self.served += 1
         return {"actions": r.actions.astype(np.float32),
                 "policy_timing": {"plan_ms": r.latency_ms, "model_evals": r.model_evals,
@@ -294,8 +295,121 @@ def resize(frames: np.ndarray, size: int) -> np.ndarray:
     import torch
 
     x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float()  # a copy: wire arrays are read-only
-    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                        align_corners=False)
     return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _health(connection, request):
+    """`GET /healthz` answers 200; any other path goes on to the websocket handshake."""
+    if request.path == "/healthz":
+        return connection.respond(HTTPStatus.OK, "OK\n")
+    return None
+
+
+def _parse(message) -> dict:
+    """A binary msgpack frame as the request it holds, or a ValueError saying why it is not one."""
+    if isinstance(message, str):
+        raise ValueError("request: a text frame; send the observation as binary msgpack")
+    try:
+        return wire.unpackb(message)
+    except wire.WireError as err:
+        raise ValueError(f"request: {err}") from None
+    except Exception as err:
+        raise ValueError(f"request: not msgpack ({type(err).__name__})") from None
+
+
+async def _send(ws, reply: dict | str, t0: float, decode_ms: float | None) -> bool:
+    """Send a plan (binary msgpack, with the server's timing since `t0`) or an error (a text frame:
+    openpi-client raises it as RuntimeError); False when the client left mid-request."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        if isinstance(reply, dict):
+            reply["server_timing"]["infer_ms"] = (time.perf_counter() - t0) * 1e3
+            if decode_ms is not None:
+                reply["server_timing"]["decode_ms"] = decode_ms
+            await ws.send(wire.packb(reply))
+        else:
+            await ws.send(reply)
+    except ConnectionClosed:
+        return False
+    return True
+
+
+_CLOSED = object()  # a request that ends its connection: the client left, or the server stops
+
+
+class _Connections:
+    """The server's side of every connection: requests read in turn, images decoded in the shared
+    queue (`decoder`, one request at a time), plans run in a worker thread, replies sent."""
+
+    def __init__(self, service: PolicyService):
+        self.service = service
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="dp-serve-decode")
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Drop the queued requests: called before the handlers are awaited."""
+        self.stopping.set()
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+
+    def _decode(self, ws, obs: dict) -> dict | None:
+        from websockets.protocol import State
+
+        if ws.protocol.state is not State.OPEN:  # the client left while its request waited
+            return None
+        return self.service.decode(obs)
+
+    async def _request(self, ws, message, t0: float) -> tuple[dict | object, float | None]:
+        """A message as a request (its images decoded in the queue) and the ms to decode them
+        (None without images); `_CLOSED` when the connection is over meanwhile."""
+        obs = _parse(message)
+        if not self.service.needs_decoding(obs):
+            return obs, None
+        self.service.check_images(obs)  # from the shapes, before the queue and any pixel
+        try:
+            obs = await asyncio.wrap_future(self.decoder.submit(self._decode, ws, obs))
+        except asyncio.CancelledError:
+            if self.stopping.is_set():  # the server stops: queued requests are dropped
+                return _CLOSED, None
+            raise
+        if obs is None:
+            return _CLOSED, None
+        return obs, (time.perf_counter() - t0) * 1e3
+
+    async def handler(self, ws) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        warm = WarmStart()  # this connection's plans only
+        await ws.send(wire.packb(self.service.metadata()))
+        while True:
+            try:
+                message = await ws.recv()
+            except ConnectionClosed:
+                return
+            t0 = time.perf_counter()
+            decode_ms = None
+            try:
+                obs, decode_ms = await self._request(ws, message, t0)
+                if obs is _CLOSED:
+                    return
+                reply = await asyncio.to_thread(self.service.infer, obs, warm)
+            except ValueError as err:
+                reply = one_line(str(err))
+            except Exception as err:  # a failure of the policy itself: reported, the server lives on
+                reply = one_line(f"server: {type(err).__name__}: {err}")
+            if not await _send(ws, reply, t0, decode_ms):
+                return
+
+
+def _listening(server, bound: list | None, announce: bool) -> None:
+    address = server.sockets[0].getsockname()[:2]
+    if bound is not None:
+        bound.append(address)
+    if announce:
+        print(f"dp-serve: listening on ws://{address[0]}:{address[1]} "
+              f"(health: http://{address[0]}:{address[1]}/healthz)", flush=True)
 
 
 async def serve(service: PolicyService, host: str, port: int, max_message_mb: float = 8.0,
@@ -310,90 +424,24 @@ async def serve(service: PolicyService, host: str, port: int, max_message_mb: fl
     requests (bounded by the size caps, `check_image_size`). Requests without images do not enter
     it. Plans run in worker threads, one at a time (`PolicyService.lock`)."""
     from websockets.asyncio.server import serve as ws_serve
-    from websockets.exceptions import ConnectionClosed
-    from websockets.protocol import State
 
-    decoder = ThreadPoolExecutor(1, thread_name_prefix="dp-serve-decode")
-    stopping = threading.Event()
-
-    def health(connection, request):
-        if request.path == "/healthz":
-            return connection.respond(HTTPStatus.OK, "OK\n")
-        return None
-
-    def decode(ws, obs: dict) -> dict | None:
-        if ws.protocol.state is not State.OPEN:  # the client left while its request waited
-            return None
-        return service.decode(obs)
-
-    async def handler(ws):
-        warm = WarmStart()  # this connection's plans only
-        await ws.send(wire.packb(service.metadata()))
-        while True:
-            try:
-                message = await ws.recv()
-            except ConnectionClosed:
-                return
-            t0 = time.perf_counter()
-            decode_ms = None
-            try:
-                if isinstance(message, str):
-                    raise ValueError("request: a text frame; send the observation as binary msgpack")
-                try:
-                    obs = wire.unpackb(message)
-                except wire.WireError as err:
-                    raise ValueError(f"request: {err}") from None
-                except Exception as err:
-                    raise ValueError(f"request: not msgpack ({type(err).__name__})") from None
-                if service.needs_decoding(obs):
-                    service.check_images(obs)  # from the shapes, before the queue and any pixel
-                    try:
-                        obs = await asyncio.wrap_future(decoder.submit(decode, ws, obs))
-                    except asyncio.CancelledError:
-                        if stopping.is_set():  # the server stops: queued requests are dropped
-                            return
-                        raise
-                    if obs is None:
-                        return
-                    decode_ms = (time.perf_counter() - t0) * 1e3
-                reply = await asyncio.to_thread(service.infer, obs, warm)
-            except ValueError as err:
-                reply = one_line(str(err))
-            except Exception as err:  # a failure of the policy itself: reported, the server lives on
-                reply = one_line(f"server: {type(err).__name__}: {err}")
-            try:
-                if isinstance(reply, dict):
-                    reply["server_timing"]["infer_ms"] = (time.perf_counter() - t0) * 1e3
-                    if decode_ms is not None:
-                        reply["server_timing"]["decode_ms"] = decode_ms
-                    await ws.send(wire.packb(reply))
-                else:
-                    await ws.send(reply)  # a text frame: openpi-client raises it as RuntimeError
-            except ConnectionClosed:  # the client left mid-request
-                return
-
+    connections = _Connections(service)
     try:
-        async with ws_serve(handler, host, port, compression=None, max_size=int(max_message_mb * 2**20),
-                            process_request=health) as server:
-            address = server.sockets[0].getsockname()[:2]
-            if bound is not None:
-                bound.append(address)
-            if announce:
-                print(f"dp-serve: listening on ws://{address[0]}:{address[1]} "
-                      f"(health: http://{address[0]}:{address[1]}/healthz)", flush=True)
+        async with ws_serve(connections.handler, host, port, compression=None,
+                            max_size=int(max_message_mb * 2**20), process_request=_health) as server:
+            _listening(server, bound, announce)
             if ready is not None:
                 ready.set()
             try:
                 await (stop.wait() if stop is not None else asyncio.Future())
             finally:
-                stopping.set()
-                decoder.shutdown(wait=False, cancel_futures=True)  # before the handlers are awaited
+                connections.stop()
     finally:
-        decoder.shutdown(wait=False, cancel_futures=True)
+        connections.decoder.shutdown(wait=False, cancel_futures=True)
 
 
 @command("serve", ServeConfig)
-def main(cfg) -> None:
+def main(cfg: ServeConfig) -> None:
     check_options(cfg)  # before the imports and the checkpoint: a mistyped number fails at once
     import torch
 
@@ -401,11 +449,12 @@ def main(cfg) -> None:
 
     torch.set_num_threads(cfg.threads)
     pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
-    pol.sampler = SamplerConfig(**cfg.sampler)
+    pol.sampler = cfg.sampler
     pol.seed(cfg.seed)
     service = PolicyService(pol)
     check_message_size(cfg.max_message_mb, service)
-    entry = pol.prepare()  # window=auto chosen (or read from the cache), runtime calls compiled: before the first request
+    # window=auto chosen (or read from the cache), runtime calls compiled: before the first request
+    entry = pol.prepare()
     if entry is not None:
         print(f"dp-serve: window=auto chose {entry['window']} on {entry['machine']}", flush=True)
     print(f"dp-serve: {pol.meta['checkpoint']} with {cfg.sampler.name}", flush=True)
@@ -415,7 +464,7 @@ def main(cfg) -> None:
         import errno
         import socket
 
-        from envs.errors import UserError
+        from common.errors import UserError
 
         # A name that does not resolve, or an address that is not this machine's, is the host's
         # fault; a port in use or reserved is the port's.

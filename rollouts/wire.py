@@ -42,17 +42,20 @@ def _field(obj: dict, name: str):
 def _unpack(obj):
     if b"__ndarray__" in obj or "__ndarray__" in obj:
         try:
-            data, dtype, shape = _field(obj, "data"), np.dtype(_field(obj, "dtype")), tuple(_field(obj, "shape"))
+            data, dtype, shape = (_field(obj, "data"), np.dtype(_field(obj, "dtype")),
+                                  tuple(_field(obj, "shape")))
             if dtype.hasobject or dtype.kind == "V":
                 raise ValueError(f"dtype {dtype} is not a number type")
             return np.ndarray(buffer=data, dtype=dtype, shape=shape)
         except (KeyError, TypeError, ValueError) as err:
-            raise WireError(f"an __ndarray__ map that is not an array ({type(err).__name__}: {err})") from None
+            raise WireError("an __ndarray__ map that is not an array "
+                            f"({type(err).__name__}: {err})") from None
     if b"__npgeneric__" in obj or "__npgeneric__" in obj:
         try:
             return np.dtype(_field(obj, "dtype")).type(_field(obj, "data"))
         except (KeyError, TypeError, ValueError) as err:
-            raise WireError(f"an __npgeneric__ map that is not a scalar ({type(err).__name__}: {err})") from None
+            raise WireError("an __npgeneric__ map that is not a scalar "
+                            f"({type(err).__name__}: {err})") from None
     return obj
 
 

@@ -126,3 +126,20 @@ def start_server(checkpoint):
     for loop, box, thread in stops:
         loop.call_soon_threadsafe(box["stop"].set)
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def sched():
+    """The training schedule the sampler tests run on."""
+    from policy.schedule import ScheduleConfig, make_scheduler
+
+    return make_scheduler(ScheduleConfig())
+
+
+@pytest.fixture(scope="module")
+def net(sched):
+    """The samplers' stand-in denoiser (`test_samplers.Denoiser`)."""
+    from test_samplers import Denoiser
+
+    return Denoiser(sched)
+

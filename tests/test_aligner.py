@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.aligner import AlignSettings, aligner_file, learn, load_taus
 from policy.checkpoint import load_policy
 
@@ -92,8 +92,8 @@ def test_aligned_taus_lower_the_loss_they_were_trained_on(ckpt, strategy, solver
 def test_the_tiny_networks_taus_are_learned_in_range(ckpt):
     policy = load_policy(ckpt)
     obs, action = sample_windows(policy, _data(policy), "train", 32, 0)
-    out = learn(policy, obs, action, AlignSettings(steps=3, batch_size=8, max_iters=10, min_iters=5, window=3),
-                progress=False)
+    out = learn(policy, obs, action,
+                AlignSettings(steps=3, batch_size=8, max_iters=10, min_iters=5, window=3), progress=False)
     assert np.isfinite(out["loss_after"]).all() and all(0 <= t <= 99 for t in out["taus"])
     assert out["taus"][:2] != out["timesteps"][:2] and out["iters"][2] == 0
 
@@ -113,7 +113,8 @@ def test_the_toggle_feeds_the_network_the_aligned_timesteps(ckpt, name):
     policy = load_policy(ckpt)
     rec = Recorder(policy.net)
     policy.net = rec
-    extra = {"window": 3} if name == "paraddim" else {"blocks": 2, "picard_iters": 2} if name == "piadm" else {}
+    extra = ({"window": 3} if name == "paraddim" else {"blocks": 2, "picard_iters": 2} if name == "piadm"
+             else {})
     policy.sampler = SamplerConfig(name=name, steps=5, aligner="true", **extra)
     policy.sample(torch.zeros(2, 2, policy.obs_dim), generator=torch.Generator().manual_seed(0))
     seen = torch.cat(rec.calls)
@@ -185,7 +186,8 @@ def test_dp_align_writes_taus_evidence_and_summary(ckpt):
     assert seq["data"]["chunks"] == 48 and seq["settings"]["strategy"] == "sequential"
     rows = json.loads((d / "summary.json").read_text())
     assert [r["strategy"] for r in rows] == ["sequential", "parallel"]
-    for png in ("aligner_gap.png", "ddim-3-trailing-sequential-loss.png", "ddim-3-trailing-parallel-loss.png"):
+    for png in ("aligner_gap.png", "ddim-3-trailing-sequential-loss.png",
+                "ddim-3-trailing-parallel-loss.png"):
         assert (d / png).read_bytes()[:4] == b"\x89PNG"
     assert "ddim-3-trailing" in r.stdout and "parallel" in r.stdout
     # what dp-align made, the toggle uses: aligner=true takes the strategy learned last
@@ -195,7 +197,8 @@ def test_dp_align_writes_taus_evidence_and_summary(ckpt):
 
     # dp-bench: the aligned variants are rows of their own, each with its aligned twin as baseline
     out = ckpt.parent / "bench"
-    r = subprocess.run([str(EXE.with_name("dp-bench")), f"checkpoint={ckpt}", "plans=3", "threads=1", f"out={out}",
+    r = subprocess.run([str(EXE.with_name("dp-bench")), f"checkpoint={ckpt}", "plans=3", "threads=1",
+                        f"out={out}",
                         "warmup=1", "overhead_plans=1", "batch_sizes=[1]",
                         "samplers=[ddim3,ddim3+aligner,'paraddim15+aligner:steps=3,window=3,tol=0']"],
                        capture_output=True, text=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.autowindow import candidates, cost_ratio, measure
 from policy.checkpoint import load_policy
 from rollouts.presets import sampler_preset
@@ -36,7 +36,8 @@ def test_the_choice_follows_the_device_curve(checkpoint):
     on_gpu = measure(pol, pol.sampler, cond, plans=2, curve=flat)
     on_cpu = measure(pol, pol.sampler, cond, plans=2, curve=linear)
     assert [r["window"] for r in on_gpu["rows"]] == candidates(40, "paper") == [4, 8, 16, 32, 40]
-    assert [r["rounds"] for r in on_gpu["rows"]] == [r["rounds"] for r in on_cpu["rows"]]  # same noise, same rounds
+    # same noise, same rounds
+    assert [r["rounds"] for r in on_gpu["rows"]] == [r["rounds"] for r in on_cpu["rows"]]
     for r in on_gpu["rows"]:
         assert r["cost"] == pytest.approx(r["rounds"])
     for r in on_cpu["rows"]:
@@ -87,8 +88,8 @@ def test_auto_window_errors_and_the_chunk_rule(checkpoint, cache):
 def test_dp_bench_measures_auto_windows_before_timing_and_shows_them(checkpoint, cache, tmp_path):
     from rollouts.bench import BenchConfig, run_bench
 
-    cfg = BenchConfig(checkpoint=str(checkpoint), plans=4, threads=1, warmup=0, overhead_plans=1, batch_sizes=[1, 4],
-                      samplers=["paraddpm100:steps=20,window=auto"])
+    cfg = BenchConfig(checkpoint=str(checkpoint), plans=4, threads=1, warmup=0, overhead_plans=1,
+                      batch_sizes=[1, 4], samplers=["paraddpm100:steps=20,window=auto"])
     results, context = run_bench(cfg)
     row = next(r for r in results if r["name"] == "paraddpm100:steps=20,window=auto")
     entry = context["window_auto"]["paraddpm100:steps=20,window=auto"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 import policy
-from envs.errors import UserError
 from policy.backends import check_device
 from policy.samplers import SamplerConfig
 from rollouts.presets import sampler_preset
@@ -119,7 +119,8 @@ def test_a_missing_runtime_is_one_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_openvino)
     from policy import backends
 
-    with pytest.raises(UserError, match=r"sampler.backend: openvino is not installed here \(pip install openvino\)"):
+    with pytest.raises(UserError, match=r"sampler.backend: openvino is not installed here \(pip install "
+                                        r"openvino\)"):
         backends.check("openvino")
 
 
@@ -209,7 +210,8 @@ def test_prepare_compiles_every_call_shape_a_plan_uses(checkpoint, spec, monkeyp
         for step in range(3):
             pol.plan(obs + 0.05 * step, advance=None if step == 0 else pol.cfg.n_action_steps)
     assert set(net.requests) == compiled
-    assert seen and seen <= set(call_rows(pol.sampler, pol.sample_options(), pol.cfg.schedule.num_train_timesteps))
+    assert seen and seen <= set(call_rows(pol.sampler, pol.sample_options(),
+                                          pol.cfg.schedule.num_train_timesteps))
 
 
 def test_a_plan_on_a_runtime_holds_torch_to_one_thread_and_gives_the_threads_back(checkpoint, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.samplers import SamplerConfig
 from rollouts.presets import baseline_of, known_presets, sampler_preset
 
@@ -17,7 +17,8 @@ EXE = Path(sys.executable).with_name("dp-bench")
 
 
 def test_presets_load_with_overrides_and_name_their_baseline():
-    assert {"ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15", "piadm15"} <= set(known_presets())
+    assert {"ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15", "paradpmsolver15",
+            "piadm15"} <= set(known_presets())
     cfg = sampler_preset("paraddpm100:window=8,tol=0.05")
     assert (cfg.name, cfg.steps, cfg.window, cfg.tol) == ("paraddpm", 100, 8, 0.05)
     assert baseline_of(cfg) == SamplerConfig(name="ddpm", steps=100)
@@ -32,8 +33,8 @@ def test_presets_load_with_overrides_and_name_their_baseline():
 
 def test_dp_bench_writes_results_table_and_plot(checkpoint, tmp_path):
     out = tmp_path / "bench"
-    r = subprocess.run([str(EXE), f"checkpoint={checkpoint}", "plans=4", "threads=1", f"out={out}", "warmup=1",
-                        "overhead_plans=2", "batch_sizes=[1,4]",
+    r = subprocess.run([str(EXE), f"checkpoint={checkpoint}", "plans=4", "threads=1",
+                        f"out={out}", "warmup=1", "overhead_plans=2", "batch_sizes=[1,4]",
                         "samplers=[ddim5,'paraddim15:steps=5,window=5,tol=0',piadm15]"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -42,16 +43,18 @@ def test_dp_bench_writes_results_table_and_plot(checkpoint, tmp_path):
     # the asked-for samplers, then the baseline piadm15 needed (ddim15), added by the bench
     assert list(by) == ["ddim5", "paraddim15:steps=5,window=5,tol=0", "piadm15", "ddim15"]
     for e in results:
-        assert {"name", "latency_ms_p50", "latency_ms_p90", "model_evals_mean", "parallel_iters_mean", "speedup",
-                "baseline"} <= set(e)
+        assert {"name", "latency_ms_p50", "latency_ms_p90", "model_evals_mean",
+                "parallel_iters_mean", "speedup", "baseline"} <= set(e)
         assert e["latency_ms_p90"] >= e["latency_ms_p50"] > 0
     par = by["paraddim15:steps=5,window=5,tol=0"]
     assert par["baseline"] == "ddim5" and par["action_max_abs_diff"] <= 1e-5  # tol 0: the sequential result
-    assert by["ddim5"]["speedup"] == by["ddim5"]["speedup_bound"] == 1.0 and by["ddim5"]["model_evals_mean"] == 5
+    assert (by["ddim5"]["speedup"] == by["ddim5"]["speedup_bound"] == 1.0
+            and by["ddim5"]["model_evals_mean"] == 5)
     assert by["piadm15"]["baseline"] == "ddim15" and by["piadm15"]["parallel_iters_mean"] == 9
     assert not by["ddim15"]["requested"]
     context = json.loads((out / "context.json").read_text())
-    assert [b["batch"] for b in context["batch_scaling"]] == [1, 4] and context["batch_scaling"][0]["ratio"] == 1.0
+    assert ([b["batch"] for b in context["batch_scaling"]] == [1, 4]
+            and context["batch_scaling"][0]["ratio"] == 1.0)
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "results.csv").read_text().count("\n") == 5
     assert "paraddim15:steps=5,window=5,tol=0" in r.stdout and "batch scaling" in r.stdout

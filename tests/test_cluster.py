@@ -36,7 +36,8 @@ def _episode_workers() -> list[int]:
 
 
 def test_ray_run_with_a_worker_killed_records_every_episode_once_as_the_pool_does(checkpoint, tmp_path):
-    common = [f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']", "episodes=4", "threads=1", "progress=false"]
+    common = [f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']", "episodes=4", "threads=1",
+              "progress=false"]
     pool = dp("dp-eval", *common, "workers=1", f"out={tmp_path / 'pool'}")
     assert pool.returncode == 0, pool.stderr
     exe = Path(sys.executable).with_name("dp-eval")
@@ -59,10 +60,12 @@ def test_ray_run_with_a_worker_killed_records_every_episode_once_as_the_pool_doe
     records = [json.loads(line) for line in (tmp_path / "ray" / "episodes.jsonl").read_text().splitlines()]
     keys = [(r["sampler"], r["seed"]) for r in records]
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 4  # every episode exactly once
-    want = {r["seed"]: r for r in map(json.loads, (tmp_path / "pool" / "episodes.jsonl").read_text().splitlines())}
+    want = {r["seed"]: r
+            for r in map(json.loads, (tmp_path / "pool" / "episodes.jsonl").read_text().splitlines())}
     for r in records:  # deterministic episodes: the pool's outcome, seed by seed
         p = want[r["seed"]]
-        assert (r["success"], r["length"], r["return_"], r["error"]) == (p["success"], p["length"], p["return_"], p["error"])
+        assert ((r["success"], r["length"], r["return_"], r["error"])
+                == (p["success"], p["length"], p["return_"], p["error"]))
         assert [q["step"] for q in r["plans"]] == [q["step"] for q in p["plans"]]
 
 
@@ -98,7 +101,8 @@ def ray_cluster(tmp_path):
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token)}
-    nodes = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+    nodes = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                               *common],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
     try:
         deadline = time.monotonic() + 300  # a loaded 2-core machine takes a while
@@ -110,7 +114,8 @@ def ray_cluster(tmp_path):
         nodes.append(subprocess.Popen([ray, "start", f"--address={address}", *common],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         while time.monotonic() < deadline:  # both nodes registered
-            status = subprocess.run([ray, "status", f"--address={address}"], capture_output=True, text=True, env=env)
+            status = subprocess.run([ray, "status", f"--address={address}"], capture_output=True, text=True,
+                                    env=env)
             if status.stdout.count(" node_") >= 2:
                 break
             time.sleep(1)
@@ -127,8 +132,10 @@ def ray_cluster(tmp_path):
                 node.kill()
 
 
-@pytest.mark.slow  # ~2 min on 2 cores (two nodes, two runs that start their workers anew); CI runs the local-Ray test
-def test_a_multirun_sweep_fans_out_over_a_two_node_cluster_each_episode_once(checkpoint, tmp_path, ray_cluster):
+# ~2 min on 2 cores (two nodes, two runs that start their workers anew); CI runs the local-Ray test
+@pytest.mark.slow
+def test_a_multirun_sweep_fans_out_over_a_two_node_cluster_each_episode_once(checkpoint, tmp_path,
+                                                                              ray_cluster):
     """`dp-eval -m ... launcher=ray ray_address=HEAD`: every run of the Hydra sweep sends its
     episodes to the cluster that `ray start` made, and its episodes run on both nodes."""
     address, env = ray_cluster
@@ -138,7 +145,8 @@ def test_a_multirun_sweep_fans_out_over_a_two_node_cluster_each_episode_once(che
                             "launcher=ray", f"ray_address={address}", f"out={tmp_path}/tol${{options.tol}}"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     raylets, deadline = set(), time.monotonic() + 300
-    while run.poll() is None and time.monotonic() < deadline:  # which node's raylet started each episode worker
+    # which node's raylet started each episode worker
+    while run.poll() is None and time.monotonic() < deadline:
         for pid in _episode_workers():
             try:
                 raylets.add(_raylet_of(pid))
@@ -148,7 +156,8 @@ def test_a_multirun_sweep_fans_out_over_a_two_node_cluster_each_episode_once(che
     out, err = run.communicate(timeout=60)
     assert run.returncode == 0, err[-2000:]
     for tol in ("0.05", "0.1"):
-        records = [json.loads(line) for line in (tmp_path / f"tol{tol}" / "episodes.jsonl").read_text().splitlines()]
+        records = [json.loads(line)
+                   for line in (tmp_path / f"tol{tol}" / "episodes.jsonl").read_text().splitlines()]
         assert sorted(r["seed"] for r in records) == [100000, 100001]  # every episode of this run, once
         assert {r["sampler"] for r in records} == {f"paraddim15:steps=4,tol={tol}"}, records[0]["sampler"]
         assert not any(r["error"] for r in records)

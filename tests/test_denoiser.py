@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from commands import dp
-from envs.errors import UserError
+from common.errors import UserError
 from policy.denoiser import Denoiser
 from policy.device import resolve_device
 from policy.network import ConditionalUnet1D, UNetConfig
@@ -84,8 +84,8 @@ def test_a_padded_policy_plans_what_the_eager_one_plans(checkpoint):
     history = [rng.normal(size=(2, pol.obs_dim)).astype(np.float32) for _ in range(4)]
     plans = {}
     for capture in ("none", "pad"):
-        pol.sampler = SamplerConfig(name="paraddpm", steps=30, window=30, tol=0.5, floor=1e-2, anderson=4, warm=True,
-                                    capture=capture)
+        pol.sampler = SamplerConfig(name="paraddpm", steps=30, window=30, tol=0.5, floor=1e-2, anderson=4,
+                                    warm=True, capture=capture)
         pol.seed(0)
         plans[capture] = [pol.plan(h, advance=None if i == 0 else 8) for i, h in enumerate(history)]
     for a, b in zip(plans["none"], plans["pad"]):

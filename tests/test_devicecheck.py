@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 from rollouts.devicecheck import main, samplers
 from rollouts.presets import sampler_preset
 
-ROWS = ["ddpm10:capture=none", "paraddpm100:steps=10,window=10,tol=0.1,capture=none", "paraddpm100:steps=10,window=10,tol=0.1,capture=pad",
-        "paraddpm100:steps=10,window=10,anderson=4,tol=1.0,floor=0.03,warm=true,capture=pad", "ddim10:capture=pad,precision=bf16"]
+ROWS = ["ddpm10:capture=none", "paraddpm100:steps=10,window=10,tol=0.1,capture=none",
+        "paraddpm100:steps=10,window=10,tol=0.1,capture=pad",
+        "paraddpm100:steps=10,window=10,anderson=4,tol=1.0,floor=0.03,warm=true,capture=pad",
+        "ddim10:capture=pad,precision=bf16"]
 
 
 def test_the_check_rows_are_valid_presets_eager_and_captured():
@@ -25,7 +27,8 @@ def test_the_check_rows_are_valid_presets_eager_and_captured():
                                                                 for c in configs) == 12
         assert {c.precision for c in configs} == {None, "bf16"}
         assert any(c.name == "paraddpm" and c.window == 100 and c.floor for c in configs)  # the new rule
-        assert any(c.name == "paraddpm" and c.window == 16 and c.tol == 0.1 and not c.anderson for c in configs)
+        assert any(c.name == "paraddpm" and c.window == 16 and c.tol == 0.1 and not c.anderson
+                   for c in configs)
         assert any(c.name == "paraddpm" and c.window == "auto" for c in configs)
 
 
@@ -37,9 +40,11 @@ def test_cpu_dry_run_needs_no_store_zarr_or_simulator_and_writes_its_tables(chec
     with np.load(tmp_path / "prep" / "obs.npz") as f:
         assert f["obs"].shape[0] == 6 and f["first"][0]
     out = tmp_path / "check"
-    blocked = "import sys\nfor m in ('zarr', 'numcodecs', 'gymnasium', 'mujoco', 'robosuite'): sys.modules[m] = None\n"
-    args = ["run", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "prep" / "obs.npz"), "--out", str(out),
-            "--plans", "3", "--warmup", "0", "--overhead-plans", "1", "--batch-sizes", "1,2", "--rows", ";".join(ROWS)]
+    blocked = ("import sys\nfor m in ('zarr', 'numcodecs', 'gymnasium', 'mujoco', 'robosuite'): "
+               "sys.modules[m] = None\n")
+    args = ["run", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "prep" / "obs.npz"),
+            "--out", str(out), "--plans", "3", "--warmup", "0", "--overhead-plans", "1",
+            "--batch-sizes", "1,2", "--rows", ";".join(ROWS)]
     code = blocked + f"from rollouts.devicecheck import main\nmain({args!r})\n"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

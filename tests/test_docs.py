@@ -95,7 +95,8 @@ def test_readme_is_short():
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_page_opens_with_title_and_paragraph(path: Path):
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert lines and lines[0].startswith("# ") and lines[0][2:].strip(), f"{path}: first line is not a '# ' title"
+    assert (lines and lines[0].startswith("# ")
+            and lines[0][2:].strip()), f"{path}: first line is not a '# ' title"
     rest = iter(lines[1:])
     first = next((line for line in rest if line.strip()), "")
     assert first and not first.lstrip().startswith(("#", "```", "|", "!", "-", "*", ">")), (

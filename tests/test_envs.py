@@ -143,5 +143,6 @@ def test_building_an_env_is_quiet_but_robosuite_problems_still_show():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "a real problem" in r.stderr
-    for noise in ("macro file", "robosuite_models", "mink", "does not have this component", "Loading controller"):
+    for noise in ("macro file", "robosuite_models", "mink",
+                  "does not have this component", "Loading controller"):
         assert noise not in r.stderr + r.stdout, noise

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.errors import UserError
+from common.errors import UserError
 from rollouts.evaluate import EvalConfig, SamplerOptions, evaluate, read_log, sampler_specs
 from rollouts.report import pareto_front, read_rows
 from rollouts.stats import wilson
@@ -61,7 +61,8 @@ def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
 def test_interrupted_run_keeps_finished_episodes_and_continues(checkpoint, tmp_path):
     out = tmp_path / "eval"
     args = ["dp-eval", f"checkpoint={checkpoint}", samplers(FAST[0]), "episodes=3", "workers=1", f"out={out}"]
-    proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True,
                             # a shell's background job inherits SIGINT ignored; Ctrl-C is what we test
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "episodes.jsonl"
@@ -139,7 +140,8 @@ def test_options_apply_where_taken_and_are_refused_where_not():
 def test_multirun_sweep_and_report_merge(checkpoint, tmp_path):
     out = tmp_path / "sweep"
     r = run(["dp-eval", "-m", f"checkpoint={checkpoint}", "samplers=[paraddim15]", "options.steps=2",
-             "options.window=1,2", "episodes=1", "workers=1", f"out={out}/w" + "${options.window}"], cwd=tmp_path)
+             "options.window=1,2", "episodes=1", "workers=1", f"out={out}/w" + "${options.window}"],
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for w in (1, 2):
         (entry,) = read_rows(out / f"w{w}" / "results.json")
@@ -174,12 +176,14 @@ def test_quickstart_runs_the_whole_path_and_reuses_it(tmp_path):
     assert "[1/3] collecting 2 scripted lift demonstrations" in r.stdout
     assert "[3/3] evaluating ddim5:steps=2 on 1 episodes each" in r.stdout and "min left in all" in r.stdout
     (entry,) = read_rows(out / "eval" / "results.json")
-    assert entry["sampler"] == "ddim5:steps=2,backend=auto" and entry["episodes"] == 1  # the fastest backend here
+    # the fastest backend here
+    assert entry["sampler"] == "ddim5:steps=2,backend=auto" and entry["episodes"] == 1
     assert (out / "eval" / "pareto.png").exists() and (out / "train" / "checkpoints" / "latest").exists()
     assert "deadline 350 ms: use ddim5:steps=2,backend=auto" in r.stdout  # 20 Hz, 15 actions, a plan every 8
     again = run(args)
     assert again.returncode == 0, again.stderr
-    assert "reusing the store already there" in again.stdout and "reusing" in again.stdout.split("[2/3] done")[0]
+    assert ("reusing the store already there" in again.stdout
+            and "reusing" in again.stdout.split("[2/3] done")[0])
     assert "continuing" in again.stderr and "0 to run" in again.stderr
 
 

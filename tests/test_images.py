@@ -17,7 +17,8 @@ from envs.tasks import PROPRIO_KEYS, ObsConfig, get_task
 
 from commands import dp
 
-pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context "
+                                        "manager:DeprecationWarning")
 
 
 def test_cameras_render_real_frames_top_row_first():
@@ -36,16 +37,19 @@ def test_cameras_render_real_frames_top_row_first():
         for key in PROPRIO_KEYS:  # proprioception as the state vector has it
             np.testing.assert_array_equal(obs[slice(*layout[key])], low[slice(*state_layout[key])])
         for key, frame in frames.items():
-            assert frame.dtype == np.uint8 and frame.shape == (32, 32, 3) and frame.std() > 10  # a real picture
+            # a real picture
+            assert frame.dtype == np.uint8 and frame.shape == (32, 32, 3) and frame.std() > 10
             np.testing.assert_array_equal(obs[slice(*layout[key])].reshape(32, 32, 3), frame)
         fifth = 32 // 5
         # top row first: the scene camera has the far wall above the table, the wrist camera its
         # gripper's fingers at the bottom of the frame
         assert frames["agentview_image"][:fifth].mean() < frames["agentview_image"][-fifth:].mean()
-        assert frames["robot0_eye_in_hand_image"][-fifth:].mean() < frames["robot0_eye_in_hand_image"][:fifth].mean()
+        assert (frames["robot0_eye_in_hand_image"][-fifth:].mean()
+                < frames["robot0_eye_in_hand_image"][:fifth].mean())
         before = frames["robot0_eye_in_hand_image"]
         for _ in range(5):
-            obs, *_ = env.step(np.array([0, 0, 0.8, 0, 0, 0, -1.0]))  # up: the wrist camera sees the table shrink
+            # up: the wrist camera sees the table shrink
+            obs, *_ = env.step(np.array([0, 0, 0.8, 0, 0, 0, -1.0]))
         assert not np.array_equal(env.images()["robot0_eye_in_hand_image"], before)
     finally:
         env.close()
@@ -76,7 +80,8 @@ def test_a_low_dim_store_renders_into_an_image_store(image_store, tmp_path):
     with open_store(image_store) as store:
         live = [store.episode(i) for i in range(store.n_episodes)]
         attrs = {k: v for k, v in store.attrs.items() if k not in ("format", "format_version", "cameras")}
-    low = write_store(tmp_path / "low.zarr", [{k: v for k, v in e.items() if not k.endswith("_image")} for e in live], attrs)
+    low = write_store(tmp_path / "low.zarr",
+                      [{k: v for k, v in e.items() if not k.endswith("_image")} for e in live], attrs)
     out = render_store(low, tmp_path / "rendered.zarr", ObsConfig(**SMALL_IMAGES), progress=False)
     with open_store(out) as rendered:
         assert rendered.attrs["cameras"] == SMALL_IMAGES and set(rendered.keys) == set(live[0])
@@ -85,7 +90,8 @@ def test_a_low_dim_store_renders_into_an_image_store(image_store, tmp_path):
             for key in ("obs", "action", "state"):
                 np.testing.assert_array_equal(again[key], ep[key])
             for key in ("agentview_image", "robot0_eye_in_hand_image"):
-                np.testing.assert_array_equal(again[key][0], ep[key][0])  # at a reset both render the same state
+                # at a reset both render the same state
+                np.testing.assert_array_equal(again[key][0], ep[key][0])
                 # later frames: robosuite observes after mj_step, whose body poses are one physics
                 # substep old; set_state recomputes them, so edges move by a pixel here and there
                 assert (again[key] == ep[key]).all(-1).mean() > 0.9
@@ -126,15 +132,18 @@ def test_robomimic_image_hdf5_imports_its_frames(tmp_path):
 
 def test_training_an_image_policy_needs_an_image_store(tmp_path, image_store):
     with open_store(image_store) as store:
-        eps = [{k: v for k, v in store.episode(i).items() if not k.endswith("_image")} for i in range(store.n_episodes)]
+        eps = [{k: v for k, v in store.episode(i).items() if not k.endswith("_image")}
+               for i in range(store.n_episodes)]
         attrs = {k: v for k, v in store.attrs.items() if k not in ("format", "format_version", "cameras")}
     low = write_store(tmp_path / "low.zarr", eps, attrs)
-    result = dp("dp-train", f"data={low}", f"out={tmp_path / 'run'}", "obs=image", "steps=1", "progress=false")
+    result = dp("dp-train", f"data={low}", f"out={tmp_path / 'run'}", "obs=image",
+                "steps=1", "progress=false")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "data/agentview_image: missing" in result.stderr and "obs=image" in result.stderr
 
 
-@pytest.mark.parametrize("sampler", [dict(name="ddpm", steps=10), dict(name="paraddim", steps=10, window=4, tol=0.0)])
+@pytest.mark.parametrize("sampler",
+                         [dict(name="ddpm", steps=10), dict(name="paraddim", steps=10, window=4, tol=0.0)])
 def test_image_policy_plans_with_its_encoder_once_per_plan(image_checkpoint, sampler):
     """Every denoiser call of a plan, ParaDiGMS's window rows included, reuses one encoding."""
     from policy.checkpoint import load_policy
@@ -171,9 +180,11 @@ def test_dp_serve_answers_openpi_image_requests(start_server, image_checkpoint):
     meta = client.get_server_metadata()
     assert meta["image_keys"] == {"observation/image": "agentview_image",
                                   "observation/wrist_image": "robot0_eye_in_hand_image"}
-    assert meta["image_shape"] == [32, 32, 3] and meta["state_dim"] == 9 and meta["state_key"] == "observation/state"
+    assert (meta["image_shape"] == [32, 32, 3] and meta["state_dim"] == 9
+            and meta["state_key"] == "observation/state")
     rng = np.random.default_rng(0)
-    big = {k: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for k in ("observation/image", "observation/wrist_image")}
+    big = {k: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+           for k in ("observation/image", "observation/wrist_image")}
     state = rng.normal(size=9).astype(np.float32)
     p = service.policy
     p.seed(11)
@@ -187,14 +198,17 @@ def test_dp_serve_answers_openpi_image_requests(start_server, image_checkpoint):
     np.testing.assert_allclose(out["actions"], again.actions, rtol=0, atol=1e-6)
     # a history of frames is taken as it is
     hist = {k: np.stack([v, v]) for k, v in big.items()}
-    assert client.infer({**hist, "observation/state": np.stack([state, state])})["actions"].shape[0] == p.cfg.n_action_steps
+    assert (client.infer({**hist, "observation/state": np.stack([state, state])})["actions"].shape[0]
+            == p.cfg.n_action_steps)
     with pytest.raises(RuntimeError, match="request: missing key 'observation/state'"):
         client.infer(big)
     with pytest.raises(RuntimeError, match="observation/wrist_image: expected a uint8 array, got float32"):
-        client.infer({**big, "observation/wrist_image": np.zeros((32, 32, 3), np.float32), "observation/state": state})
+        client.infer({**big, "observation/wrist_image": np.zeros((32, 32, 3), np.float32),
+                      "observation/state": state})
     with pytest.raises(RuntimeError, match=r"observation/state: shape \(7,\), expected \[9\]"):
         client.infer({**big, "observation/state": np.zeros(7, np.float32)})
-    assert client.infer({**big, "observation/state": state})["actions"].shape[0] == p.cfg.n_action_steps  # still serving
+    # still serving
+    assert client.infer({**big, "observation/state": state})["actions"].shape[0] == p.cfg.n_action_steps
 
 
 def test_random_crops_in_training_centre_crops_in_planning():
@@ -209,7 +223,8 @@ def test_random_crops_in_training_centre_crops_in_planning():
         out = crop(frames, 6, g, random=True)
         assert out.shape == (2, 6, 6, 3)
         for i in range(2):  # each crop is a window of its own frame
-            top, left = int(out[i, 0, 0, 0] - frames[i, 0, 0, 0]) // 24, int(out[i, 0, 0, 0] - frames[i, 0, 0, 0]) % 24 // 3
+            top, left = (int(out[i, 0, 0, 0] - frames[i, 0, 0, 0]) // 24,
+                         int(out[i, 0, 0, 0] - frames[i, 0, 0, 0]) % 24 // 3)
             torch.testing.assert_close(out[i], frames[i, top:top + 6, left:left + 6])
             seen.add((top, left))
     assert len(seen) > 3
@@ -219,7 +234,8 @@ def test_dp_align_and_dp_bench_take_an_image_policy(image_checkpoint, tmp_path):
     """The aligner learns on the store's image windows; the benchmark reports the encoder's share."""
     import json
 
-    r = dp("dp-align", f"checkpoint={image_checkpoint}", "sampler=ddim", "steps=3", "spacing=uniform", "chunks=8",
+    r = dp("dp-align", f"checkpoint={image_checkpoint}", "sampler=ddim", "steps=3",
+           "spacing=uniform", "chunks=8",
            "batch_size=4", "max_iters=4", "min_iters=2", "eval_samples=4", "threads=1", "progress=false")
     assert r.returncode == 0, r.stderr
     doc = json.loads((image_checkpoint / "aligner" / "ddim-3-trailing.json").read_text())
@@ -257,7 +273,8 @@ def test_the_real_time_loop_plans_from_the_cameras(image_checkpoint):
             return t, obs
 
         robot.read = reading
-        planner.plan = lambda obs, n, advance=None, *rest: seen.append(obs.copy()) or plan(obs, n, advance, *rest)
+        planner.plan = lambda obs, n, advance=None, *rest: (seen.append(obs.copy())
+                                                            or plan(obs, n, advance, *rest))
         stats = run_loop(robot, planner, LoopConfig(replan_every=4), max_steps=24)
     finally:
         env.close()

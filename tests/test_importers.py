@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from envs.errors import SourceError, StoreError, UserError
+from common.errors import UserError
+from envs.errors import SourceError, StoreError
 from envs.importers import import_robomimic
 from envs.store import open_store
 from envs.tasks import OBS_KEYS, TASKS, get_task
@@ -37,8 +38,8 @@ def write_robomimic(path: Path, demos=(0, 1, 2, 10, 11), env_name="Lift", reward
     with h5py.File(path, "w") as f:
         data = f.create_group("data")
         env_args = {"env_name": env_name, "type": 1,
-                    "env_kwargs": {"has_renderer": False, "reward_shaping": reward_shaping, "control_freq": 20,
-                                   "controller_configs": {"type": "OSC_POSE"}}}
+                    "env_kwargs": {"has_renderer": False, "reward_shaping": reward_shaping,
+                                   "control_freq": 20, "controller_configs": {"type": "OSC_POSE"}}}
         data.attrs["env_args"] = json.dumps(env_args)
         data.attrs["total"] = 0
         for i in sorted(demos, key=lambda i: (i * 7919) % 13):
@@ -94,7 +95,8 @@ def test_import_roundtrip_in_numeric_demo_order(tmp_path):
         assert attrs["obs_keys"] == list(OBS_KEYS)
         assert attrs["obs_layout"] == {k: list(v) for k, v in get_task("lift").obs_layout.items()}
         assert attrs["success_source"] == "rewards"
-        assert attrs["source_masks"] == {"train": ["demo_1", "demo_2", "demo_10", "demo_11"], "valid": ["demo_0"]}
+        assert attrs["source_masks"] == {"train": ["demo_1", "demo_2", "demo_10", "demo_11"],
+                                         "valid": ["demo_0"]}
         assert attrs["env"] == get_task("lift").env_settings()
 
 
@@ -102,11 +104,13 @@ def test_import_twice_gives_the_same_bytes(tmp_path):
     src = tmp_path / "low_dim.hdf5"
     write_robomimic(src, demos=(0, 3))
     a, b = import_robomimic(src, tmp_path / "a.zarr"), import_robomimic(src, tmp_path / "b.zarr")
-    files = lambda p: {q.relative_to(p): q.read_bytes() for q in sorted(p.rglob("*")) if q.is_file()}  # noqa: E731
+    files = lambda p: {q.relative_to(p): q.read_bytes()  # noqa: E731
+                       for q in sorted(p.rglob("*")) if q.is_file()}
     assert files(a) == files(b)
 
 
-@pytest.mark.parametrize("env_name, task", [("Lift", "lift"), ("PickPlaceCan", "can"), ("NutAssemblySquare", "square")])
+@pytest.mark.parametrize("env_name, task",
+                         [("Lift", "lift"), ("PickPlaceCan", "can"), ("NutAssemblySquare", "square")])
 def test_task_from_env_name(tmp_path, env_name, task):
     src = tmp_path / "d.hdf5"
     write_robomimic(src, demos=(0, 1), env_name=env_name)
@@ -173,7 +177,8 @@ def test_obs_width_must_match_the_task(tmp_path):
     with h5py.File(src, "a") as f:
         del f["data/demo_1/obs/object"]
         f["data/demo_1/obs/object"] = np.zeros((5, 14))  # a can-sized object vector in a Lift file
-    with pytest.raises(SourceError, match=r"data/demo_1/obs/object: shape \(5, 14\), task 'lift' expects \[T, 10\]"):
+    with pytest.raises(SourceError, match=r"data/demo_1/obs/object: shape \(5, 14\), "
+                                          r"task 'lift' expects \[T, 10\]"):
         import_robomimic(src, tmp_path / "out.zarr")
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from policy.samplers import get_sampler
 from policy.samplers.inpaint import Inpaint, rtc_weights
-from test_samplers import inputs, net, sched  # noqa: F401  (the stand-in denoiser and schedule fixtures)
+from test_samplers import inputs
 
 
 def test_rtc_weights_freeze_decay_and_stop():
@@ -31,8 +31,10 @@ def test_the_chunk_ends_on_the_frozen_actions_and_is_free_after_the_overlap(net,
     w = rtc_weights(16, frozen=4, overlap=10)
 
     plain = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=20)
-    pulled = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=20, inpaint=Inpaint(prefix, w))
-    assert torch.allclose(pulled.x[:, :4], prefix[:, :4], atol=1e-6)  # clean data at the end: exactly the prefix
+    pulled = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=20,
+                                 inpaint=Inpaint(prefix, w))
+    # clean data at the end: exactly the prefix
+    assert torch.allclose(pulled.x[:, :4], prefix[:, :4], atol=1e-6)
     moved = (pulled.x - plain.x).abs().amax((0, 2))
     assert bool((moved[:4] > 1e-3).all())
     assert pulled.model_evals == 20
@@ -86,7 +88,8 @@ def constrained(net, mode: str, seed: int, prefix_seed: int, frozen: int, overla
     sqrt(abar) twice, so float32 rounding of differently batched rows reaches 5e-5 near the noise)."""
     dtype = torch.float64 if mode == "guide" else torch.float32
     noise, cond = (v.to(dtype) for v in inputs(2, seed=seed))
-    prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(prefix_seed), dtype=dtype))
+    prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(prefix_seed),
+                                          dtype=dtype))
     den = Differentiable(net, double=True) if mode == "guide" else net
     job = Inpaint(prefix, rtc_weights(16, frozen=frozen, overlap=overlap), mode=mode)
     return den, noise, cond, job, (1e-9 if mode == "guide" else 1e-5)
@@ -94,16 +97,18 @@ def constrained(net, mode: str, seed: int, prefix_seed: int, frozen: int, overla
 
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(mode=st.sampled_from(["replace", "guide"]), solver=st.sampled_from(["ddpm", "ddim", "dpmsolver"]),
-       steps=st.integers(2, 30), window=st.integers(1, 30), frozen=st.integers(0, 8), anderson=st.sampled_from([0, 4]),
-       pad=st.booleans())
-def test_paradigms_at_zero_tolerance_is_the_inpainted_sequential_sampler(net, sched, mode, solver, steps, window,
-                                                                         frozen, anderson, pad):
+       steps=st.integers(2, 30), window=st.integers(1, 30), frozen=st.integers(0, 8),
+       anderson=st.sampled_from([0, 4]), pad=st.booleans())
+def test_paradigms_at_zero_tolerance_is_the_inpainted_sequential_sampler(net, sched, mode, solver, steps,
+                                                                         window, frozen, anderson, pad):
     den, noise, cond, job, bound = constrained(net, mode, steps, steps, frozen, max(frozen, 12))
-    seq = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps, inpaint=job)
+    seq = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
+                              inpaint=job)
     par = get_sampler(f"para{solver}")(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
                                        window=window, tol=0.0, anderson=anderson, pad=pad, inpaint=job)
     assert par.converged and (par.x - seq.x).abs().max().item() <= bound
-    assert (par.chain - seq.chain).abs().max().item() <= 10 * bound  # cumulative sums of noise-scale points round
+    # cumulative sums of noise-scale points round
+    assert (par.chain - seq.chain).abs().max().item() <= 10 * bound
 
 
 @pytest.mark.parametrize("mode", ["replace", "guide"])
@@ -111,12 +116,13 @@ def test_paradigms_at_zero_tolerance_is_the_inpainted_sequential_sampler(net, sc
 def test_piadm_with_enough_iterations_is_the_inpainted_sequential_sampler(net, sched, solver, mode):
     den, noise, cond, job, bound = constrained(net, mode, 11, 4, frozen=3, overlap=12)
     prefix = job.prefix
-    seq = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=12, inpaint=job)
-    exact = get_sampler("piadm")(den, cond, sched, noise, torch.Generator().manual_seed(1), solver=solver, steps=12,
-                                 blocks=3, picard_iters=4, inpaint=job)
+    seq = get_sampler(solver)(den, cond, sched, noise, torch.Generator().manual_seed(1), steps=12,
+                              inpaint=job)
+    exact = get_sampler("piadm")(den, cond, sched, noise, torch.Generator().manual_seed(1), solver=solver,
+                                 steps=12, blocks=3, picard_iters=4, inpaint=job)
     assert (exact.x - seq.x).abs().max().item() <= bound and exact.parallel_iters == 12
-    few = get_sampler("piadm")(den, cond, sched, noise, torch.Generator().manual_seed(1), solver=solver, steps=12,
-                               blocks=3, picard_iters=2, inpaint=job)
+    few = get_sampler("piadm")(den, cond, sched, noise, torch.Generator().manual_seed(1), solver=solver,
+                               steps=12, blocks=3, picard_iters=2, inpaint=job)
     assert few.parallel_iters == 6
     if mode == "replace":  # whatever the iterations, the rebuilt chain's end is pinned to the frozen actions
         assert torch.allclose(few.x[:, :3], prefix[:, :3], atol=1e-6)
@@ -136,7 +142,7 @@ def test_a_plan_with_committed_actions_starts_with_them(checkpoint):
     overlap after them is pulled but not pinned; a bad prefix is named."""
     import numpy as np
 
-    from envs.errors import UserError
+    from common.errors import UserError
     from policy import load
     from policy.samplers import SamplerConfig
 
@@ -144,7 +150,8 @@ def test_a_plan_with_committed_actions_starts_with_them(checkpoint):
     obs = np.random.default_rng(0).normal(size=(2, pol.obs_dim)).astype(np.float32)
     spread = torch.as_tensor(np.random.default_rng(1).uniform(-0.9, 0.9, size=(6, pol.action_dim)))
     committed = pol.normalizer.unnormalize("action", spread.float()).numpy()  # in the trained range
-    for cfg in (SamplerConfig(name="ddim", steps=8), SamplerConfig(name="paraddim", steps=8, window=8, tol=0.0)):
+    for cfg in (SamplerConfig(name="ddim", steps=8),
+                SamplerConfig(name="paraddim", steps=8, window=8, tol=0.0)):
         pol.sampler = cfg
         pol.seed(0)
         plan = pol.plan(obs, n_actions=10, committed=committed, frozen=3)

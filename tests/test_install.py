@@ -28,7 +28,8 @@ ZOO = ROOT / "zoo" / "lift"
 
 def run(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
-    assert r.returncode == 0, f"{' '.join(map(str, cmd))}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (f"{' '.join(map(str, cmd))}: exit {r.returncode}\n{r.stdout[-2000:]}\n"
+                               f"{r.stderr[-3000:]}")
     return r
 
 
@@ -53,16 +54,16 @@ def test_wheel_installs_and_commands_run_from_elsewhere(tmp_path):
     run([uv, "build", "--wheel", "--out-dir", tmp_path / "dist"], 300, cwd=ROOT)
     (wheel,) = (tmp_path / "dist").glob("parapolicy-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "envs/conf/bench.yaml" in names and "envs/conf/sampler/ddim10.yaml" in names
-    assert not [n for n in names if n.startswith(("zoo/", "conf/", "rollouts/results/"))]
+    assert "common/conf/bench.yaml" in names and "common/conf/sampler/ddim10.yaml" in names
+    assert not [n for n in names if n.startswith(("zoo/", "conf/", "experiments/"))]
 
     run([uv, "export", "--frozen", "--no-hashes", "--no-emit-project", "--all-extras", "--quiet",
          "--output-file", tmp_path / "lock.txt"], 60, cwd=ROOT)
     venv = tmp_path / "venv"
     run([uv, "venv", "--quiet", "--python", sys.executable, venv], 120, cwd=tmp_path)
     started = time.monotonic()
-    run([uv, "pip", "install", "--quiet", "--python", venv / "bin" / "python", "-c", tmp_path / "lock.txt", wheel],
-        600, cwd=tmp_path)
+    run([uv, "pip", "install", "--quiet", "--python", venv / "bin" / "python", "-c", tmp_path / "lock.txt",
+         wheel], 600, cwd=tmp_path)
     print(f"install: {time.monotonic() - started:.1f} s")
 
     # Nothing of the checkout leaks in: no PYTHONPATH, no active environment, a directory elsewhere.
@@ -70,7 +71,8 @@ def test_wheel_installs_and_commands_run_from_elsewhere(tmp_path):
     env["MUJOCO_GL"] = env.get("MUJOCO_GL", "egl")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    where = run([venv / "bin" / "python", "-c", "import envs.cli; print(envs.cli.CONF_DIR)"], 60, cwd=cwd, env=env)
+    where = run([venv / "bin" / "python", "-c", "import common.cli; print(common.cli.CONF_DIR)"], 60,
+                cwd=cwd, env=env)
     conf = Path(where.stdout.strip())
     assert conf.is_relative_to(venv) and (conf / "serve.yaml").is_file(), conf
 
@@ -107,7 +109,7 @@ def test_wheel_installs_and_commands_run_from_elsewhere(tmp_path):
 
 
 def test_missing_configs_fail_in_one_line(monkeypatch, tmp_path):
-    import envs.cli
+    import common.cli
 
-    monkeypatch.setattr(envs.cli, "CONF_DIR", tmp_path / "conf")
+    monkeypatch.setattr(common.cli, "CONF_DIR", tmp_path / "conf")
     one_line_error(dp("dp-export", "out=x"), "dp-export", "export.yaml: no such file", "reinstall parapolicy")

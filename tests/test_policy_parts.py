@@ -30,7 +30,8 @@ def test_normalizer_round_trip_and_range():
     x = torch.as_tensor(data, dtype=torch.float32)
     y = norm.normalize("action", x)
     assert y[:, :4].min() >= -1 - 1e-5 and y[:, :4].max() <= 1 + 1e-5
-    assert torch.allclose(y[:, :4].amin(0), torch.tensor(-1.0)) and torch.allclose(y[:, :4].amax(0), torch.tensor(1.0))
+    assert (torch.allclose(y[:, :4].amin(0), torch.tensor(-1.0))
+            and torch.allclose(y[:, :4].amax(0), torch.tensor(1.0)))
     assert torch.all(y[:, 4] == 0)  # a constant dimension is centred, not blown up
     restored = Normalizer.from_state_dict(norm.state_dict()).unnormalize("action", y)
     torch.testing.assert_close(restored, x, atol=1e-4, rtol=1e-5)

@@ -19,9 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
 
+from common.errors import UserError
+from common.files import make_partial, remove_stale_partials
 import policy
-from envs.errors import StoreError, UserError
-from envs.partial import make_partial, remove_stale_partials
+from envs.errors import StoreError
 from envs.store import write_store
 from policy.safety import NonFiniteActions
 from rollouts import wire
@@ -71,8 +72,8 @@ def test_report_of_an_all_or_nothing_sampler_is_written(tmp_path, n, wins):
     from rollouts.report import summarize, table, write_report
 
     plan = {"latency_ms": 20.0, "model_evals": 5, "parallel_iters": 5, "converged": True}
-    records = [{"sampler": "ddim5", "seed": s, "success": s < wins, "max_reward": float(s < wins), "return_": 1.0,
-                "length": 40, "plans": [plan], "error": None} for s in range(n)]
+    records = [{"sampler": "ddim5", "seed": s, "success": s < wins, "max_reward": float(s < wins),
+                "return_": 1.0, "length": 40, "plans": [plan], "error": None} for s in range(n)]
     summary = summarize(records, ["ddim5"])
     write_report(tmp_path, summary)
     assert summary[0]["success_rate"] == wins / n and "ddim5" in table(summary)
@@ -114,8 +115,8 @@ def test_the_real_time_loop_holds_on_a_refused_plan():
     from test_realtime import CountingRobot, SleepyPlanner
 
     class Refuses(SleepyPlanner):
-        def plan(self, obs_history, n_actions, advance=None):
-            actions, info = super().plan(obs_history, n_actions, advance)
+        def plan(self, obs_history, n_actions, advance=None, committed=None, frozen=0):
+            actions, info = super().plan(obs_history, n_actions, advance, committed, frozen)
             if self.count == 2:
                 raise NonFiniteActions("actions: non-finite values")
             return actions, info
@@ -180,8 +181,8 @@ def _truncate(path: Path) -> None:
 ])
 def test_a_truncated_weights_file_is_one_line(ckpt_copy, tmp_path, command, args):
     _truncate(ckpt_copy / "weights_ema.safetensors")
-    r = cli(command, f"checkpoint={ckpt_copy}", *args, f"out={tmp_path / 'out'}" if command in ("dp-eval", "dp-bench")
-            else "seed=1")
+    r = cli(command, f"checkpoint={ckpt_copy}", *args,
+            f"out={tmp_path / 'out'}" if command in ("dp-eval", "dp-bench") else "seed=1")
     one_line_error(r, command, "weights_ema.safetensors", "unreadable")
 
 
@@ -199,11 +200,12 @@ def lift_store(tmp_path_factory):
     from test_training import SPEC, _episodes
 
     path = tmp_path_factory.mktemp("data") / "lift.zarr"
-    return write_store(path, _episodes(6), {"task": "lift", "obs_layout": {k: list(v) for k, v in SPEC.obs_layout.items()}})
+    return write_store(path, _episodes(6),
+                       {"task": "lift", "obs_layout": {k: list(v) for k, v in SPEC.obs_layout.items()}})
 
 
-TINY = ["policy.unet.down_dims=[16,32]", "policy.unet.step_embed_dim=16", "policy.unet.n_groups=4", "batch_size=8",
-        "warmup_steps=1", "val_fraction=0.2", "progress=false", "threads=1"]
+TINY = ["policy.unet.down_dims=[16,32]", "policy.unet.step_embed_dim=16", "policy.unet.n_groups=4",
+        "batch_size=8", "warmup_steps=1", "val_fraction=0.2", "progress=false", "threads=1"]
 
 
 def test_resume_from_a_truncated_trainer_state_is_one_line(lift_store, tmp_path):
@@ -280,7 +282,8 @@ def _damaged_hdf5(path: Path, field: str, value) -> None:
 
 @pytest.mark.parametrize("field, make, message", [
     ("obs/object", lambda: np.full((6, 10), np.nan), "data/demo_2/obs/object: 60 values are NaN or inf"),
-    ("actions", lambda: np.where(np.eye(6, 7) > 0, np.inf, 0.0), "data/demo_2/actions: 6 values are NaN or inf"),
+    ("actions", lambda: np.where(np.eye(6, 7) > 0, np.inf, 0.0),
+     "data/demo_2/actions: 6 values are NaN or inf"),
     ("states", lambda: np.full((6, 32), 1e300), "data/demo_2/states"),  # float64 holds it: no error
     ("obs/robot0_eef_pos", lambda: np.array([["a", "b", "c"]] * 6, dtype="S"),
      "data/demo_2/obs/robot0_eef_pos: dtype |S1 is not numeric"),
@@ -360,7 +363,8 @@ def _wait_for(predicate, timeout: float, proc) -> None:
 
 def test_dp_train_killed_with_sigkill_resumes_and_cleans_its_partials(lift_store, tmp_path):
     out = tmp_path / "run"
-    args = [str(BIN / "dp-train"), f"data={lift_store}", f"out={out}", "steps=3000", "checkpoint_every=5", *TINY]
+    args = [str(BIN / "dp-train"), f"data={lift_store}", f"out={out}", "steps=3000", "checkpoint_every=5",
+            *TINY]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (out / "checkpoints" / "latest").exists(), 120, proc)
     proc.kill()
@@ -378,7 +382,8 @@ def test_dp_train_killed_with_sigkill_resumes_and_cleans_its_partials(lift_store
 def test_dp_collect_killed_with_sigkill_then_rerun_writes_a_complete_store(tmp_path):
     out = tmp_path / "lift.zarr"
     proc = subprocess.Popen([str(BIN / "dp-collect"), "task=lift", "n_demos=400", "workers=1", f"out={out}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     time.sleep(6)  # its worker is collecting by now
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)
@@ -425,7 +430,8 @@ def test_overwrite_refuses_a_folder_that_is_not_a_store(tmp_path):
     with pytest.raises(StoreError, match="a file that is not a demonstration store"):
         write_store(paper, make_episodes(), {"task": "lift"}, overwrite=True)
     store = write_store(tmp_path / "s.zarr", make_episodes(), {"task": "lift"})
-    assert write_store(store, make_episodes(), {"task": "lift"}, overwrite=True) == store  # a store is replaced
+    # a store is replaced
+    assert write_store(store, make_episodes(), {"task": "lift"}, overwrite=True) == store
 
 
 def test_dp_collect_overwrite_refuses_a_users_folder(tmp_path):
@@ -455,7 +461,8 @@ def test_an_array_map_with_str_keys_is_an_array(start_server):
         reply = ws.recv()
         assert isinstance(reply, bytes), reply
         assert wire.unpackb(reply)["actions"].shape == (8, 7)
-        ws.send(msgpack.packb({"obs_history": {"__ndarray__": True, "data": b"12", "dtype": "<f4", "shape": [2, 19]}}))
+        ws.send(msgpack.packb({"obs_history": {"__ndarray__": True, "data": b"12", "dtype": "<f4",
+                                               "shape": [2, 19]}}))
         assert ws.recv().startswith("request: an __ndarray__ map that is not an array")
 
 
@@ -466,20 +473,21 @@ def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
         return values.astype(dtype)
 
 
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(), st.text(max_size=8),
-                     st.binary(max_size=16))
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(),
+                     st.text(max_size=8), st.binary(max_size=16))
 _arrays = st.builds(
     lambda dtype, shape, fill: _cast(np.full(shape, fill), dtype),
     st.sampled_from(["<f4", "<f8", "<f2", "<i4", "|u1", "|b1"]),
     st.sampled_from([(2, 19), (19,), (2, 18), (1, 2, 19), (0,), ()]),
     st.sampled_from([0.0, 1.0, -3.5, 1e20, 1e300, float("nan"), float("inf")]))
 _values = st.recursive(st.one_of(_scalars, _arrays), lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["obs_history", "n_actions", "advance", "x"]),
-                                                 inner, max_size=3)), max_leaves=6)
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["obs_history", "n_actions", "advance", "x"]), inner, max_size=3)),
+    max_leaves=6)
 _frames = st.one_of(
     st.binary(max_size=64),
-    st.builds(wire.packb, st.dictionaries(st.sampled_from(["obs_history", "n_actions", "advance", "x"]), _values,
-                                          max_size=3)),
+    st.builds(wire.packb, st.dictionaries(st.sampled_from(["obs_history", "n_actions", "advance", "x"]),
+                                          _values, max_size=3)),
     st.builds(wire.packb, _values))
 
 

@@ -16,9 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
+from common.files import building
 from envs.collect import collect
 from envs.errors import StoreError
-from envs.partial import building
 from envs.store import write_store
 from envs.tasks import TASKS, ObsConfig
 
@@ -71,14 +71,14 @@ def test_the_cameras_of_each_task_are_those_of_its_simulator():
 
 
 def test_a_camera_listed_twice_is_refused():
-    from envs.errors import UserError
+    from common.errors import UserError
 
     with pytest.raises(UserError, match="obs.cameras: 'agentview' is listed twice"):
         ObsConfig("image", ["agentview", "agentview"])
 
 
 def test_a_worker_that_cannot_build_its_env_fails_the_run_instead_of_restarting_forever(monkeypatch):
-    from envs.errors import UserError
+    from common.errors import UserError
 
     # every worker's simulator fails to start the same way (spawned workers inherit the environment)
     monkeypatch.setenv("MUJOCO_GL", "no-such-backend")
@@ -105,7 +105,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_ctrl_c_while_the_workers_start_is_answered_after_not_lost():
-    from envs.cli import workers_ignore_ctrl_c
+    from common.cli import workers_ignore_ctrl_c
 
     done = False
     with pytest.raises(KeyboardInterrupt), workers_ignore_ctrl_c():
@@ -118,7 +118,8 @@ def test_a_ctrl_c_while_the_workers_start_is_answered_after_not_lost():
 @pytest.mark.parametrize("when", ["imports", "pool+0s", "pool+1s", "pool+3s"])
 def test_ctrl_c_while_dp_collect_starts_is_one_line_and_leaves_nothing(when, tmp_path):
     env = {**os.environ, "MUJOCO_GL": "egl"}
-    p = subprocess.Popen([str(BIN / "dp-collect"), "task=lift", "n_demos=500", "workers=2", f"out={tmp_path / 'x.zarr'}"],
+    p = subprocess.Popen([str(BIN / "dp-collect"), "task=lift", "n_demos=500", "workers=2",
+                          f"out={tmp_path / 'x.zarr'}"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                          start_new_session=True,  # a process group of its own, as a terminal's job is
                          # a shell's background job inherits SIGINT ignored; Ctrl-C is what we test
@@ -155,7 +156,8 @@ def _image_hdf5(path: Path, sizes=(24, 24), cameras=(("agentview", "robot0_eye_i
             n = len(demos[name]["actions"])
             for cam in cameras[i]:
                 f[f"data/{name}"].create_dataset(f"obs/{cam}_image",
-                                                 data=rng.integers(0, 256, (n, sizes[i], sizes[i], 3), dtype=np.uint8))
+                                                 data=rng.integers(0, 256, (n, sizes[i], sizes[i], 3),
+                                                                   dtype=np.uint8))
 
 
 @pytest.mark.parametrize("case, fragments", [

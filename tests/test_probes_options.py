@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.samplers import SamplerConfig, resolve
 from rollouts.realtime import LoopConfig, run_loop
 
@@ -30,9 +30,11 @@ def one_line_error(r, command: str, *fragments: str) -> None:
 @pytest.mark.parametrize("option, value, says", [
     ("tol", NAN, "not a finite number"), ("tol", INF, "not a finite number"), ("tol", -INF, "not a finite"),
     ("tol", 1e300, "must be <= 10"), ("tol", -0.1, "must be >= 0"), ("tol", "0.1", "is not a number"),
-    ("floor", NAN, "not a finite number"), ("floor", INF, "not a finite number"), ("floor", 2.0, "must be <= 1"),
+    ("floor", NAN, "not a finite number"), ("floor", INF, "not a finite number"),
+    ("floor", 2.0, "must be <= 1"),
     ("anderson", 10**9, "must be <= 1000"), ("anderson", 2.5, "is not an integer"),
-    ("window", 2.5, "is not an integer"), ("max_iters", True, "is not an integer"), ("max_iters", 0, "at least 1"),
+    ("window", 2.5, "is not an integer"), ("max_iters", True, "is not an integer"),
+    ("max_iters", 0, "at least 1"),
 ])
 def test_a_sampler_option_not_finite_or_out_of_range_is_refused_naming_it(option, value, says):
     with pytest.raises(UserError, match=rf"^sampler\.{option}: .*{says}"):
@@ -40,9 +42,11 @@ def test_a_sampler_option_not_finite_or_out_of_range_is_refused_naming_it(option
 
 
 def test_sampler_options_in_range_still_resolve():
-    _, options = resolve(SamplerConfig(name="paraddpm", steps=100, window="auto", tol=10.0, floor=1.0, anderson=4))
+    _, options = resolve(SamplerConfig(name="paraddpm", steps=100, window="auto", tol=10.0, floor=1.0,
+                                       anderson=4))
     assert options["tol"] == 10.0 and options["window"] == "auto"
-    _, options = resolve(SamplerConfig(name="paraddpm", steps=100, tol=0, floor=0))  # tol 0: the sequential chain
+    # tol 0: the sequential chain
+    _, options = resolve(SamplerConfig(name="paraddpm", steps=100, tol=0, floor=0))
     assert options["tol"] == 0
 
 
@@ -51,7 +55,8 @@ def test_sampler_options_in_range_still_resolve():
                                   ["samplers=[paraddpm100]", "options.floor=inf"]])
 def test_dp_eval_refuses_a_non_finite_sampler_option_before_writing(checkpoint, tmp_path, args):
     out = tmp_path / "eval"
-    r = dp("dp-eval", f"checkpoint={checkpoint}", *args, "episodes=1", "workers=1", "progress=false", f"out={out}")
+    r = dp("dp-eval", f"checkpoint={checkpoint}", *args, "episodes=1", "workers=1", "progress=false",
+           f"out={out}")
     option = "floor" if "floor" in args[-1] else "tol"
     one_line_error(r, "dp-eval", f"sampler.{option}:", "not a finite number")
     assert not out.exists()
@@ -110,7 +115,8 @@ def test_a_silent_ray_head_is_refused_within_the_probe_timeout(monkeypatch):
         raise TimeoutError("timed out")
 
     monkeypatch.setattr(socket, "create_connection", silent)
-    with pytest.raises(UserError, match=r"^ray_address: cannot join .*no answer from 10.9.9.9:6379 within 5 s"):
+    with pytest.raises(UserError,
+                       match=r"^ray_address: cannot join .*no answer from 10.9.9.9:6379 within 5 s"):
         cluster.check_address("10.9.9.9:6379")
     assert waited == [cluster.PROBE_TIMEOUT_S] and cluster.PROBE_TIMEOUT_S <= 10
 
@@ -131,7 +137,8 @@ def test_a_loop_setting_not_finite_or_out_of_range_is_refused_naming_it(key, val
 
 
 def test_loop_settings_in_range_pass():
-    LoopConfig(rate_hz=1000.0, extra_delay_ms=300.0, merge="act", act_m=0.0, replan_every=1, n_actions=15).check()
+    LoopConfig(rate_hz=1000.0, extra_delay_ms=300.0, merge="act", act_m=0.0, replan_every=1,
+               n_actions=15).check()
 
 
 def test_run_loop_refuses_a_bad_setting_before_it_plans():
@@ -143,7 +150,8 @@ def test_run_loop_refuses_a_bad_setting_before_it_plans():
     assert planner.count == 0
 
 
-@pytest.mark.parametrize("setting, key", [("loop.rate_hz=nan", "loop.rate_hz"), ("loop.rate_hz=1e9", "loop.rate_hz"),
+@pytest.mark.parametrize("setting, key", [("loop.rate_hz=nan", "loop.rate_hz"),
+                                          ("loop.rate_hz=1e9", "loop.rate_hz"),
                                           ("loop.extra_delay_ms=nan", "loop.extra_delay_ms")])
 def test_dp_eval_realtime_refuses_a_bad_loop_setting_before_writing(checkpoint, tmp_path, setting, key):
     out = tmp_path / "eval"
@@ -159,19 +167,20 @@ def test_dp_eval_refuses_a_device_torch_cannot_reach_before_writing(checkpoint, 
     import torch
 
     out = tmp_path / "eval"
-    r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=[ddim10]", f"device=cuda:{torch.cuda.device_count() + 7}",
-           "episodes=1", "workers=1", "progress=false", f"out={out}")
+    r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=[ddim10]",
+           f"device=cuda:{torch.cuda.device_count() + 7}", "episodes=1", "workers=1", "progress=false",
+           f"out={out}")
     one_line_error(r, "dp-eval", "device:")
     assert not out.exists()
 
 
 def test_dp_eval_records_the_device_its_workers_were_given(checkpoint, tmp_path):
-    from rollouts import evaluate
+    from rollouts import worker
 
     out = tmp_path / "eval"
     r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']", "device=auto", "episodes=1",
            "workers=1", "progress=false", f"out={out}")
     assert r.returncode == 0, r.stderr[-2000:]
-    used = evaluate._W["device"]  # workers=1 runs the episodes in this process
+    used = worker.state.device  # workers=1 runs the episodes in this process
     assert used != "auto" and json.loads((out / "run.json").read_text())["device"] == used
     assert read_rows(out / "results.json")[0]["device"] == used

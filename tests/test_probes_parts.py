@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.errors import UserError
+from common.lock import exclusive
 import policy
-from envs.errors import UserError
-from envs.lock import exclusive
 from policy.safety import ActionsOutOfRange, NonFiniteActions, check_actions, refusal
 
 from commands import dp, one_line_error
@@ -32,8 +32,9 @@ BIN = Path(sys.executable).parent
 
 def hold_lock(out: Path, command: str) -> subprocess.Popen:
     """Another process holding `out`'s lock as `command` would (until killed)."""
-    code = ("import sys, time\nfrom envs.lock import exclusive\n"
-            f"with exclusive({str(out)!r}, {command!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    code = ("import sys, time\nfrom common.lock import exclusive\n"
+            f"with exclusive({str(out)!r}, {command!r}):\n"
+            "    print('held', flush=True)\n    time.sleep(120)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert p.stdout.readline().strip() == "held"
     return p
@@ -48,7 +49,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_a_second_dp_eval_on_a_live_output_is_refused_and_a_dead_holders_lock_is_taken(checkpoint, tmp_path):
     out = tmp_path / "eval"
-    args = [f"checkpoint={checkpoint}", "samplers=[ddim5]", "episodes=1", "workers=1", "progress=false", f"out={out}"]
+    args = [f"checkpoint={checkpoint}", "samplers=[ddim5]", "episodes=1", "workers=1",
+            "progress=false", f"out={out}"]
     assert dp("dp-eval", *args).returncode == 0
     before = snapshot(out)
     holder = hold_lock(out, "dp-eval")
@@ -112,7 +114,8 @@ def test_dp_export_never_writes_over_a_training_checkpoint(ckpt_copy, tmp_path, 
     step = run / "checkpoints" / "step-0000020"
     other = run / "checkpoints" / "step-0000010"
     shutil.copytree(step, other)
-    out = {"checkpoint": step, "latest link": run / "checkpoints" / "latest", "run": run, "other checkpoint": other}[where]
+    out = {"checkpoint": step, "latest link": run / "checkpoints" / "latest", "run": run,
+           "other checkpoint": other}[where]
     before = snapshot(run)
     r = dp("dp-export", f"checkpoint={run}", f"out={out}")
     one_line_error(r, "dp-export", str(out))
@@ -156,7 +159,8 @@ def test_a_normalizer_of_other_dimensions_does_not_load(ckpt_copy):  # noqa: F81
     stats = load_file(ckpt_copy / "normalizer.safetensors")
     save_file({k: (v[:-1] if k.startswith("action.") else v).contiguous() for k, v in stats.items()},
               ckpt_copy / "normalizer.safetensors")
-    with pytest.raises(UserError, match="normalizer.safetensors: action has 6 dimensions, policy.json's network 7"):
+    with pytest.raises(UserError, match="normalizer.safetensors: action has 6 dimensions, "
+                                        "policy.json's network 7"):
         policy.load(ckpt_copy)
 
 
@@ -164,8 +168,8 @@ def test_the_range_rule_refuses_past_the_margin_and_names_the_step():
     low, high = np.array([-1.5, 0.0]), np.array([1.5, 2.0])
     ok = np.array([[1.4, 0.0], [-1.5, 2.0]])
     assert check_actions(ok, low, high) is ok
-    with pytest.raises(ActionsOutOfRange, match=r"in 1 of the plan's 2 actions \(first at chunk step 1: dimension 0 "
-                                                 r"is 7.1e\+05, allowed -1.5..1.5\)") as err:
+    with pytest.raises(ActionsOutOfRange, match=r"in 1 of the plan's 2 actions \(first at chunk step 1: "
+                                                r"dimension 0 is 7.1e\+05, allowed -1.5..1.5\)") as err:
         check_actions(np.array([[0.0, 1.0], [7.1e5, 1.0]]), low, high)
     assert isinstance(refusal(str(err.value)), ActionsOutOfRange)
     with pytest.raises(NonFiniteActions):
@@ -197,7 +201,8 @@ def test_committed_actions_outside_the_trained_range_are_refused(checkpoint):
     committed = np.zeros((3, pol.action_dim), np.float32)
     pol.plan(obs, committed=committed, frozen=1)
     committed[1, 0] = 1e6
-    with pytest.raises(ValueError, match=r"^committed: outside the trained range .*chunk step 1: dimension 0 is 1e\+06"):
+    with pytest.raises(ValueError, match=r"^committed: outside the trained range "
+                                         r".*chunk step 1: dimension 0 is 1e\+06"):
         pol.plan(obs, committed=committed, frozen=1)
 
 
@@ -240,11 +245,13 @@ def test_good_aligner_timesteps_load(ckpt_copy):  # noqa: F811
     (17, "policy.horizon: 17 is not a positive multiple of 2"),
     (3, "policy.horizon: 3 is not a positive multiple of 2"),
 ])
-def test_a_policy_json_that_does_not_describe_the_weights_is_refused(ckpt_copy, horizon, message):  # noqa: F811
+def test_a_policy_json_that_does_not_describe_the_weights_is_refused(ckpt_copy,  # noqa: F811
+                                                                     horizon, message):
     meta = json.loads((ckpt_copy / "policy.json").read_text())
     meta["config"]["horizon"] = horizon
     (ckpt_copy / "policy.json").write_text(json.dumps(meta))
-    r = dp("dp-bench", f"checkpoint={ckpt_copy}", "samplers=[ddim5]", "plans=1", f"out={ckpt_copy.parent / 'b'}")
+    r = dp("dp-bench", f"checkpoint={ckpt_copy}", "samplers=[ddim5]", "plans=1",
+           f"out={ckpt_copy.parent / 'b'}")
     one_line_error(r, "dp-bench", "policy.json", message)
 
 
@@ -264,7 +271,8 @@ def test_nan_weights_do_not_load(ckpt_copy):  # noqa: F811
     name = sorted(weights)[3]
     weights[name][0] = math.nan
     save_file(weights, ckpt_copy / "weights_ema.safetensors")
-    r = dp("dp-bench", f"checkpoint={ckpt_copy}", "samplers=[ddim5]", "plans=1", f"out={ckpt_copy.parent / 'b'}")
+    r = dp("dp-bench", f"checkpoint={ckpt_copy}", "samplers=[ddim5]", "plans=1",
+           f"out={ckpt_copy.parent / 'b'}")
     one_line_error(r, "dp-bench", "weights_ema.safetensors", f"tensor {name} holds NaN or inf")
 
 
@@ -286,7 +294,8 @@ def _interrupt(args: list[str], after: float, cwd=None) -> subprocess.CompletedP
 def test_ctrl_c_during_imports_is_one_line(command, tmp_path):
     r = _interrupt([str(BIN / command), "checkpoint=zoo/lift", f"out={tmp_path / 'x'}"], after=0.4, cwd=ROOT)
     assert r.returncode == 130, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and r.stderr.strip().startswith(f"{command}: interrupted"), r.stderr[-2000:]
+    assert ("Traceback" not in r.stderr
+            and r.stderr.strip().startswith(f"{command}: interrupted")), r.stderr[-2000:]
 
 
 def test_ctrl_c_in_dp_eval_pool_is_one_line_and_the_log_continues(checkpoint, tmp_path):
@@ -318,8 +327,8 @@ def test_dp_train_nproc_failures_are_one_line(lift_store, tmp_path):  # noqa: F8
     one_line_error(r, "dp-train", "batch_size: 7 does not split over 2 processes")
     # a failure inside every process (which write to the terminal, so a real process here): process 0
     # says it once; torchrun's traceback and failure table are left out
-    r = subprocess.run([str(BIN / "dp-train"), f"data={tmp_path / 'none.zarr'}", f"out={tmp_path / 'b'}", *TINY,
-                        "nproc=2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run([str(BIN / "dp-train"), f"data={tmp_path / 'none.zarr'}", f"out={tmp_path / 'b'}",
+                        *TINY, "nproc=2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     one_line_error(r, "dp-train", "none.zarr: no such demonstration store")
     assert "ChildFailedError" not in r.stderr and "Root Cause" not in r.stderr
     assert not (tmp_path / "b").exists()

@@ -76,7 +76,8 @@ def test_hostile_images_are_refused_at_once_and_a_normal_client_is_served(start_
     ((2, 1, 720, 3), "1x720 pixels"),
     ((0, 5, 3), "0x5 pixels"),
 ])
-def test_an_image_too_large_or_too_narrow_is_refused_in_one_line(start_server, image_checkpoint, shape, fragment):
+def test_an_image_too_large_or_too_narrow_is_refused_in_one_line(start_server, image_checkpoint, shape,
+                                                                   fragment):
     _, port = start_server(path=image_checkpoint, max_message_mb=128)
     reply = _ask(port, wire.packb(_image_request(shape)), timeout=30)
     assert isinstance(reply, str) and "\n" not in reply and fragment in reply, reply
@@ -134,7 +135,8 @@ def test_a_request_without_images_does_not_queue_behind_other_clients_resizing(s
             ws.send(frame)
         time.sleep(0.5)
         t0 = time.perf_counter()
-        out = _ask(port, wire.packb({"obs_history": np.zeros((p.cfg.n_obs_steps, p.obs_dim), np.float32)}), 10)
+        out = _ask(port, wire.packb({"obs_history": np.zeros((p.cfg.n_obs_steps, p.obs_dim), np.float32)}),
+                   10)
         waited = time.perf_counter() - t0
         assert isinstance(out, dict) and out["actions"].shape[0] == p.cfg.n_action_steps, out
         assert waited < 2, waited
@@ -188,8 +190,10 @@ def test_error_texts_are_short_and_the_connection_serves_on(start_server):
             wire.packb({"x" * 1_000_000: 1}),  # one huge key
             wire.packb({"obs_history": obs, "n_actions": list(range(100_000))}),
             wire.packb({"obs_history": obs, "advance": "y" * 1_000_000}),
-            wire.packb({"obs_history": obs, "committed": np.zeros((3, 7), np.float32), "frozen": "z" * 1_000_000}),
-            msgpack.packb({"obs_history": {"__ndarray__": True, "data": b"", "dtype": "q" * 1_000_000, "shape": [2]}}),
+            wire.packb({"obs_history": obs, "committed": np.zeros((3, 7), np.float32),
+                        "frozen": "z" * 1_000_000}),
+            msgpack.packb({"obs_history": {"__ndarray__": True, "data": b"", "dtype": "q" * 1_000_000,
+                                           "shape": [2]}}),
             b"\xc1" * 1_000_000,
         ]:
             texts.append(_text_reply(ws, frame))

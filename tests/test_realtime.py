@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.errors import UserError
 from envs import make_env
-from envs.errors import UserError
 from policy.checkpoint import load_policy
 from policy.samplers import SamplerConfig
 from rollouts.chunks import ActionSchedule
@@ -136,7 +136,7 @@ class SleepyPlanner:
     def __init__(self, latency, dim=2):
         self.latency, self.count, self.seen, self.dim, self.advances = latency, 0, [], dim, []
 
-    def plan(self, obs_history, n_actions, advance=None):
+    def plan(self, obs_history, n_actions, advance=None, committed=None, frozen=0):
         self.seen.append(obs_history.copy())
         self.advances.append(advance)
         i, self.count = self.count, self.count + 1
@@ -181,17 +181,18 @@ def test_a_stalled_loop_counts_overruns_and_steps_without_a_fresh_action():
     period = 0.02
     robot = CountingRobot(period, stall_at=10, stall_s=3.5 * period)  # one read blocks for 3.5 steps
     stats = run_loop(robot, SleepyPlanner(0.0), LoopConfig(replan_every=4), max_steps=40)
-    assert stats.overruns >= 3 and stats.no_fresh >= 2  # the stalled step's command was late, 2 more slept through
+    # the stalled step's command was late, 2 more slept through
+    assert stats.overruns >= 3 and stats.no_fresh >= 2
     assert stats.steps == stats.commanded + stats.no_fresh == 40 and max(stats.jitter_ms) < 1e3 * period
     assert len(robot.sent) == stats.commanded  # the steps slept through got nothing
 
 
 def test_a_planner_error_ends_the_episode_with_its_reason(checkpoint):
     class Broken(SleepyPlanner):
-        def plan(self, obs_history, n_actions, advance=None):
+        def plan(self, obs_history, n_actions, advance=None, committed=None, frozen=0):
             if self.count:
                 raise ConnectionError("server went away")
-            return super().plan(obs_history, n_actions, advance)
+            return super().plan(obs_history, n_actions, advance, committed, frozen)
 
     robot = SimRobot(make_env("lift"), period=0.01)
     result, stats = run_realtime_episode(robot, Broken(0.0, dim=7), seed=3, cfg=LoopConfig())
@@ -246,9 +247,10 @@ def test_dp_eval_realtime_writes_its_report(checkpoint, tmp_path):
     r = subprocess.run([str(BIN / "dp-eval"), f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']",
                         "episodes=1", f"out={out}"], capture_output=True, text=True)
     assert r.returncode == 2 and "realtime" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = subprocess.run([str(BIN / "dp-eval"), f"checkpoint={checkpoint}", "realtime=true", "loop.merge=median",
-                        f"out={tmp_path / 'x'}"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == "dp-eval: loop.merge: 'median' is not one of latest, average, act, rtc"
+    r = subprocess.run([str(BIN / "dp-eval"), f"checkpoint={checkpoint}", "realtime=true",
+                        "loop.merge=median", f"out={tmp_path / 'x'}"], capture_output=True, text=True)
+    assert (r.returncode == 2
+            and r.stderr.strip() == "dp-eval: loop.merge: 'median' is not one of latest, average, act, rtc")
 
 
 def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
@@ -260,7 +262,8 @@ def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
     advances = []
     planner = LocalPlanner(pol)
     plan = planner.plan
-    planner.plan = lambda obs, n, advance=None: advances.append(advance) or plan(obs, n, advance)
+    planner.plan = lambda obs, n, advance=None, committed=None, frozen=0: (
+        advances.append(advance) or plan(obs, n, advance, committed, frozen))
     result, stats = run_realtime_episode(robot, planner, seed=100001, cfg=LoopConfig(replan_every=6))
     # counts only, no timing: how many plans fit in 400 steps depends on the machine's speed
     assert result.error is None and robot.steps == 400 and len(result.plans) >= 3
@@ -269,7 +272,7 @@ def test_sim_episode_with_the_policy_in_process_and_a_warm_sampler(checkpoint):
     assert advances[0] is None and advances[1:len(steps)] == [b - a for a, b in zip(steps, steps[1:])]
     for prev, nxt in zip(result.plans, result.plans[1:]):  # the next request waits for the chunk and 6 steps
         assert nxt["step"] >= max(prev["step"] + 6, prev["arrived"])
-    assert pol.warm.chain is not None and all(p["model_evals"] > 0 for p in result.plans)
+    assert planner.session.warm.chain is not None and all(p["model_evals"] > 0 for p in result.plans)
 
 
 class CommittingPlanner(SleepyPlanner):

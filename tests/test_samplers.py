@@ -8,11 +8,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.network import ConditionalUnet1D, UNetConfig
 from policy.samplers import SamplerConfig, get_sampler, resolve
 from policy.samplers.solvers import get_plan, new_history, step_rows, timesteps
-from policy.schedule import ScheduleConfig, make_scheduler
 
 H, A, C = 16, 7, 10
 
@@ -37,16 +36,6 @@ class Denoiser(torch.nn.Module):
         a = a.reshape(-1, 1, 1)
         target = 0.8 * torch.tanh(self.proj(cond)).reshape(-1, H, A)
         return (x - a.sqrt() * target) / (1 - a).sqrt() + 0.05 * self.unet(x, t, cond)
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return make_scheduler(ScheduleConfig())
-
-
-@pytest.fixture(scope="module")
-def net(sched):
-    return Denoiser(sched)
 
 
 def inputs(batch, seed=0):
@@ -80,8 +69,9 @@ def diffusers_loop(net, cond, sched, noise, seed, solver, steps, spacing, record
         kwargs = {"eta": 0.0}
     else:
         # clipping x0 to [-1, 1] is diffusers' dynamic thresholding with its threshold clamped to 1
-        s = DPMSolverMultistepScheduler.from_config(sched.config, algorithm_type="dpmsolver++", solver_order=2,
-                                                    thresholding=sched.config.clip_sample, sample_max_value=1.0)
+        s = DPMSolverMultistepScheduler.from_config(sched.config, algorithm_type="dpmsolver++",
+                                                    solver_order=2, thresholding=sched.config.clip_sample,
+                                                    sample_max_value=1.0)
         s.set_timesteps(timesteps=ts.tolist())
         kwargs = {}
     x = noise
@@ -105,7 +95,8 @@ CASES = [
 @pytest.mark.parametrize("solver,steps,spacing", CASES)
 def test_sequential_matches_diffusers_step_loop(net, sched, solver, steps, spacing):
     noise, cond = inputs(3)
-    ours = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(7), steps=steps, spacing=spacing)
+    ours = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(7), steps=steps,
+                               spacing=spacing)
     ref = diffusers_loop(net, cond, sched, noise, 7, solver, steps, spacing)
     assert ours.model_evals == ours.parallel_iters == steps and ours.converged
     assert (ours.x - ref).abs().max().item() <= 1e-5
@@ -132,12 +123,13 @@ def test_each_step_matches_diffusers_step(net, sched, solver, steps, spacing):
        window=st.integers(1, 20), spacing=st.sampled_from(["trailing", "linspace", "quadratic", "logsnr"]),
        batch=st.integers(1, 3), anderson=st.sampled_from([0, 1, 4]),
        rule=st.sampled_from(["paper", "x0", "chunk"]), floor=st.sampled_from([0.0, 1e-2]), pad=st.booleans())
-def test_paradigms_at_zero_tolerance_is_the_sequential_sampler(net, sched, solver, steps, window, spacing, batch,
-                                                               anderson, rule, floor, pad):
+def test_paradigms_at_zero_tolerance_is_the_sequential_sampler(net, sched, solver, steps, window, spacing,
+                                                               batch, anderson, rule, floor, pad):
     noise, cond = inputs(batch, seed=steps)
     if rule == "chunk":  # a whole-chain window, no per-point scale
         window, floor = steps + window - 1, 0.0
-    seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps, spacing=spacing)
+    seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
+                              spacing=spacing)
     par = get_sampler(f"para{solver}")(net, cond, sched, noise, torch.Generator().manual_seed(1), steps=steps,
                                        spacing=spacing, window=window, tol=0.0, anderson=anderson, rule=rule,
                                        floor=floor, pad=pad)
@@ -150,8 +142,8 @@ def test_paradigms_window_one_is_sequential_in_counts_and_result(net, sched, sol
     noise, cond = inputs(2)
     seq = get_sampler(solver)(net, cond, sched, noise, torch.Generator().manual_seed(3), steps=30)
     counting = Counting(net)
-    par = get_sampler(f"para{solver}")(counting, cond, sched, noise, torch.Generator().manual_seed(3), steps=30,
-                                       window=1, tol=0.5)
+    par = get_sampler(f"para{solver}")(counting, cond, sched, noise, torch.Generator().manual_seed(3),
+                                       steps=30, window=1, tol=0.5)
     assert par.parallel_iters == counting.calls == 30 and par.model_evals == 30
     assert (par.x - seq.x).abs().max().item() <= 1e-5
 
@@ -176,7 +168,8 @@ def test_padded_rounds_are_the_same_rounds_at_a_fixed_shape(net, sched, solver, 
     kw = dict(steps=steps, window=window, tol=tol, anderson=anderson, rule=rule)
     plain, padded = Counting(net), Counting(net)
     a = get_sampler(f"para{solver}")(plain, cond, sched, noise, torch.Generator().manual_seed(6), **kw)
-    b = get_sampler(f"para{solver}")(padded, cond, sched, noise, torch.Generator().manual_seed(6), pad=True, **kw)
+    b = get_sampler(f"para{solver}")(padded, cond, sched, noise, torch.Generator().manual_seed(6),
+                                     pad=True, **kw)
     assert (a.parallel_iters, a.evals_per_sample) == (b.parallel_iters, b.evals_per_sample)
     assert padded.rows == [2 * min(window, steps)] * b.parallel_iters  # one shape for every round
     assert sum(plain.rows) == sum(a.evals_per_sample) < sum(padded.rows)
@@ -217,8 +210,8 @@ def test_a_padded_round_waits_for_the_device_once(net, sched, monkeypatch):
         counts = {}
         for pad in (True, False):
             reads.clear()
-            par = get_sampler("paraddpm")(denoiser, cond, sched, noise, torch.Generator().manual_seed(0), steps=100,
-                                          pad=pad, **kw)
+            par = get_sampler("paraddpm")(denoiser, cond, sched, noise, torch.Generator().manual_seed(0),
+                                          steps=100, pad=pad, **kw)
             counts[pad] = (len(reads), par.parallel_iters)
         assert counts[True][0] == counts[True][1] + 1 + 2, (kw, counts)
         assert counts[False][0] >= counts[False][1] + counts[True][0], (kw, counts)
@@ -226,8 +219,8 @@ def test_a_padded_round_waits_for_the_device_once(net, sched, monkeypatch):
 
 def test_paradigms_max_iters_caps_and_says_so(net, sched):
     noise, cond = inputs(1)
-    par = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(0), steps=100, window=8,
-                                  tol=0.0, max_iters=5)
+    par = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(0), steps=100,
+                                  window=8, tol=0.0, max_iters=5)
     assert par.parallel_iters == 5 and not par.converged and par.model_evals == 40
 
 
@@ -291,8 +284,8 @@ def test_every_accepted_point_satisfies_its_rule(net, sched, rule, tol, floor, w
         seen.append(state["begin"].clone())
 
     seq = get_sampler("ddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100)
-    par = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100, window=window,
-                                  tol=tol, rule=rule, floor=floor, callback=check)
+    par = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100,
+                                  window=window, tol=tol, rule=rule, floor=floor, callback=check)
     assert par.converged and len(seen) == par.parallel_iters
     assert (par.x - seq.x).abs().max().item() < 0.2
 
@@ -308,8 +301,8 @@ def test_chunk_rule_stops_when_the_chunk_stops_moving_and_every_round_yields_one
         finals.append(state["chain"][:, 100].clone())
 
     tol = 0.01
-    par = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100, window=100,
-                                  tol=tol, rule="chunk", callback=track)
+    par = get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), steps=100,
+                                  window=100, tol=tol, rule="chunk", callback=track)
     assert par.converged and par.parallel_iters == len(finals) < 40
     moves = [(b - a).square().sum().item() for a, b in zip(finals, finals[1:])]
     dim = noise[0].numel()
@@ -328,7 +321,8 @@ def test_a_floor_on_the_scale_saves_rounds_over_the_whole_chain(net, sched):
     (1e-2) takes fewer rounds at the same tol, whole-chain window, Anderson 4."""
     noise, cond = inputs(1)
     kw = dict(steps=100, window=100, tol=0.5, anderson=4)
-    runs = {f: get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2), floor=f, **kw)
+    runs = {f: get_sampler("paraddpm")(net, cond, sched, noise, torch.Generator().manual_seed(2),
+                                       floor=f, **kw)
             for f in (0.0, 1e-2)}
     assert runs[1e-2].parallel_iters < runs[0.0].parallel_iters
 
@@ -409,7 +403,8 @@ def test_sampler_config_refuses_foreign_options_and_bad_values():
         resolve(SamplerConfig(name="paraddpm", anderson=-1))
     with pytest.raises(UserError, match=r"sampler.anderson: not an option of piadm"):
         resolve(SamplerConfig(name="piadm", anderson=2))
-    with pytest.raises(UserError, match=r"sampler.rule: 'loose' is not an acceptance rule; known: paper, x0, chunk"):
+    with pytest.raises(UserError, match=r"sampler.rule: 'loose' is not an acceptance rule; "
+                                        r"known: paper, x0, chunk"):
         resolve(SamplerConfig(name="paraddpm", rule="loose"))
     with pytest.raises(UserError, match=r"sampler.floor: -0.1 must be >= 0"):
         resolve(SamplerConfig(name="paraddpm", floor=-0.1))

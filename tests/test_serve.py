@@ -18,7 +18,8 @@ from rollouts import wire
 from commands import dp
 
 # openpi-client 0.1.2 calls websockets' connect() outside a `with`, which websockets >= 16 warns about.
-pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager"
+                                        ":DeprecationWarning")
 
 
 def _obs(service, **kw):
@@ -66,7 +67,8 @@ def test_a_request_may_ask_for_more_of_the_chunk(start_server):
     service, port = start_server()
     client = WebsocketClientPolicy(host="127.0.0.1", port=port)
     p = service.policy
-    assert client.get_server_metadata()["max_actions"] == p.max_actions == p.cfg.horizon - p.cfg.n_obs_steps + 1
+    assert (client.get_server_metadata()["max_actions"] == p.max_actions
+            == p.cfg.horizon - p.cfg.n_obs_steps + 1)
     obs = _obs(service)
     p.seed(3)
     short = client.infer(obs)["actions"]

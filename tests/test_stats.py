@@ -29,7 +29,8 @@ def _table(rng, n, p1, p2, rho):
     return rng.multinomial(n, probs)
 
 
-@pytest.mark.parametrize("p1, p2, rho", [(0.8, 0.8, 0.6), (0.9, 0.8, 0.5), (0.6, 0.5, 0.2), (0.95, 0.85, 0.3)])
+@pytest.mark.parametrize("p1, p2, rho",
+                         [(0.8, 0.8, 0.6), (0.9, 0.8, 0.5), (0.6, 0.5, 0.2), (0.95, 0.85, 0.3)])
 def test_the_paired_interval_covers_the_true_difference_about_95_percent_of_the_time(p1, p2, rho):
     rng = np.random.default_rng(0)
     trials, n = 3000, 50
@@ -48,7 +49,8 @@ def test_the_paired_interval_is_narrower_than_two_independent_ones_when_samplers
     l1, u1 = wilson(both + only_this, n)
     l2, u2 = wilson(both + only_ref, n)
     p1, p2 = (both + only_this) / n, (both + only_ref) / n
-    unpaired = math.hypot(p1 - l1, u2 - p2) + math.hypot(p2 - l2, u1 - p1)  # Newcombe's independent-samples width
+    # Newcombe's independent-samples width
+    unpaired = math.hypot(p1 - l1, u2 - p2) + math.hypot(p2 - l2, u1 - p1)
     assert hi - lo < 0.8 * unpaired
     swapped = paired_diff_ci(both, only_ref, only_this, neither)
     assert swapped == pytest.approx((-hi, -lo))  # the comparison the other way round is its mirror
@@ -64,7 +66,8 @@ def test_paired_counts_only_the_seeds_both_ran():
 
 def _row(name, p95, wins):
     """A summary row over seeds 0..len(wins)-1."""
-    return {"sampler": name, "latency_ms": {"p50": p95 / 1.2, "p95": p95}, "success_rate": sum(wins) / len(wins),
+    return {"sampler": name, "latency_ms": {"p50": p95 / 1.2, "p95": p95},
+            "success_rate": sum(wins) / len(wins),
             "outcomes": {"seeds": list(range(len(wins))), "success": [int(w) for w in wins]}}
 
 
@@ -117,7 +120,8 @@ def test_dp_eval_compares_each_sampler_with_the_reference_and_recommends_for_a_d
     doc = json.loads((out / "results.json").read_text())
     rec = doc["recommendation"]
     assert doc["reference"] == "ddim5:steps=3" and rec["deadline_ms"] == 1000
-    fastest = min(rows, key=lambda e: e["latency_ms"]["p95"])  # both fail every episode: equal, so the fastest
+    # both fail every episode: equal, so the fastest
+    fastest = min(rows, key=lambda e: e["latency_ms"]["p95"])
     assert rec["sampler"] == fastest["sampler"] and "deadline 1000 ms: use" in r.stdout
     assert "vs ref" in r.stdout
     merged = dp("dp-report", f"inputs=[{out}]", f"out={tmp_path}/report", "deadline_ms=0.001")
@@ -131,6 +135,7 @@ def test_dp_eval_compares_each_sampler_with_the_reference_and_recommends_for_a_d
 ])
 def test_a_bad_reference_or_deadline_is_one_line_before_any_episode(checkpoint, tmp_path, args, message):
     out = tmp_path / "eval"
-    r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']", "episodes=1", f"out={out}", *args)
+    r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']", "episodes=1",
+           f"out={out}", *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (out / "episodes.jsonl").exists()

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import zarr
 
+from common.errors import UserError
 from envs import store as store_module
-from envs.errors import StoreError, UserError
+from envs.errors import StoreError
 from envs.store import FORMAT, FORMAT_VERSION, open_store, write_store
 
 OBS_DIM, STATE_DIM = 23, 32
@@ -92,7 +93,8 @@ def test_converts_to_canonical_dtypes_and_plain_attrs(tmp_path):
         e["obs"] = e["obs"].astype(np.float64)
         e["reward"] = e["reward"].astype(np.float64)
         e["success"] = e["success"].astype(np.int64)
-    attrs = {"task": "lift", "seeds": np.arange(3), "dt": np.float64(0.05), "pair": (1, 2), "path": Path("a/b")}
+    attrs = {"task": "lift", "seeds": np.arange(3), "dt": np.float64(0.05), "pair": (1, 2),
+             "path": Path("a/b")}
     with open_store(write_store(tmp_path / "s.zarr", episodes, attrs)) as store:
         assert store["obs"].dtype == np.float32 and store["reward"].dtype == np.float32
         assert store["success"].dtype == np.bool_ and store["success"].sum() == 3
@@ -214,7 +216,8 @@ def test_overwrite_replaces_only_when_complete(tmp_path, monkeypatch, name):
     assert [p.name for p in tmp_path.iterdir()] == [name]
     with open_store(path) as store:
         assert store.task == "can" and store.n_episodes == 2
-        np.testing.assert_array_equal(store["obs"], np.concatenate([e["obs"] for e in make_episodes((4, 4), 1)]))
+        np.testing.assert_array_equal(store["obs"],
+                                      np.concatenate([e["obs"] for e in make_episodes((4, 4), 1)]))
 
 
 @pytest.mark.parametrize(
@@ -386,7 +389,8 @@ def _damage(kind: str, tmp_path: Path) -> tuple[Path, str]:
     if kind == "no data":
         return raw_store(p, {}, [6]), "data/: missing"
     if kind == "lengths differ":
-        return raw_store(p, {**ok, "action": np.zeros((5, 7))}, [6]), "data/: arrays of different lengths (action 5, obs 6)"
+        return (raw_store(p, {**ok, "action": np.zeros((5, 7))}, [6]),
+                "data/: arrays of different lengths (action 5, obs 6)")
     if kind == "ends not increasing":
         return raw_store(p, ok, [4, 4, 6]), "meta/episode_ends: not increasing (episode 1 ends at 4, after 4)"
     if kind == "ends short of the data":
@@ -404,7 +408,8 @@ def _damage(kind: str, tmp_path: Path) -> tuple[Path, str]:
 
 DAMAGE = ["empty directory", "garbage metadata", "an array, not a group", "a text file", "a truncated zip",
           "no episode_ends", "2-D episode_ends", "float episode_ends", "no data", "lengths differ",
-          "ends not increasing", "ends short of the data", "ends past the data", "newer format", "missing chunk"]
+          "ends not increasing", "ends short of the data", "ends past the data",
+          "newer format", "missing chunk"]
 
 
 @pytest.mark.parametrize("kind", DAMAGE)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UserError
 import policy
-from envs.errors import UserError
 from envs.store import write_store
 from envs.tasks import get_task
 from policy.checkpoint import check_matches
@@ -25,8 +25,8 @@ def _episodes(n: int, seed: int = 0):
         T = int(rng.integers(20, 30))
         obs = np.cumsum(rng.normal(0, 0.05, (T, SPEC.obs_dim)), axis=0).astype(np.float32)
         action = np.tanh(obs[:, :7] * 3).astype(np.float32)
-        out.append({"obs": obs, "action": action, "state": np.zeros((T, 4)), "reward": np.zeros(T, np.float32),
-                    "success": np.arange(T) == T - 1})
+        out.append({"obs": obs, "action": action, "state": np.zeros((T, 4)),
+                    "reward": np.zeros(T, np.float32), "success": np.arange(T) == T - 1})
     return out
 
 
@@ -92,7 +92,8 @@ def test_same_seed_same_run(store, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
     train(_cfg(store, tmp_path / "nan", steps=50, stop_at=2))
-    with pytest.raises(UserError, match=r"loss: became (nan|inf) at step \d+; .* last good checkpoint is .*step-0000002"):
+    with pytest.raises(UserError, match=r"loss: became (nan|inf) at step \d+; .* last good checkpoint is "
+                                        r".*step-0000002"):
         train(_cfg(store, tmp_path / "nan", steps=50, lr=1e30, warmup_steps=1, checkpoint_every=1000))
     assert policy.load(tmp_path / "nan").meta["step"] == 2
 
@@ -125,8 +126,9 @@ def test_data_parallel_training_under_torchrun_takes_the_steps_one_process_takes
     from commands import dp
 
     store = checkpoint.parents[2] / "lift.zarr"  # the tiny policy's three demonstrations
-    args = [f"data={store}", "batch_size=8", "val_fraction=0", "threads=1", "progress=false", "checkpoint_every=3",
-            "warmup_steps=1", "policy.unet.down_dims=[16,32]", "policy.unet.step_embed_dim=16", "policy.unet.n_groups=4"]
+    args = [f"data={store}", "batch_size=8", "val_fraction=0", "threads=1", "progress=false",
+            "checkpoint_every=3", "warmup_steps=1", "policy.unet.down_dims=[16,32]",
+            "policy.unet.step_embed_dim=16", "policy.unet.n_groups=4"]
     one = dp("dp-train", *args, "steps=6", "stop_at=3", f"out={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

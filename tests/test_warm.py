@@ -5,9 +5,9 @@ rounds, counted."""
 import numpy as np
 import pytest
 import torch
-from test_samplers import Counting, inputs, net, sched  # noqa: F401 (net, sched: the samplers' fixtures)
+from test_samplers import Counting, inputs
 
-from envs.errors import UserError
+from common.errors import UserError
 from policy.checkpoint import load_policy
 from policy.samplers import SamplerConfig, get_sampler, resolve
 from policy.samplers.solvers import get_plan
@@ -32,7 +32,8 @@ def test_noise_and_chain_shift_on_the_action_time_axis(sched):
     # the tail guess: the last action, noised to each point's level with x_T's new tail
     assert torch.allclose(init2[:, -1, 8:], chain[:, -1, -1:].expand(2, 8, 7))
     a = plan.sqrt_a[3]
-    assert torch.allclose(init2[:, 3, 8:], a * chain[:, -1, -1:] + (1 - a**2).sqrt() * noise2[:, 8:], atol=1e-6)
+    assert torch.allclose(init2[:, 3, 8:], a * chain[:, -1, -1:] + (1 - a**2).sqrt() * noise2[:, 8:],
+                          atol=1e-6)
     warm.keep(chain)
     assert warm.prepare(plan, shape, g, "cpu", torch.float32, advance=None)[2] is None  # no advance: cold
     warm.keep(chain)
@@ -49,7 +50,8 @@ def test_a_warm_start_at_zero_tolerance_is_the_cold_result(net, sched, name, kw)
     noise, cond = inputs(2)
     fn = get_sampler(name)
     solver = "ddim" if name == "piadm" else name[4:]
-    z = get_plan(sched, solver, kw["steps"], "trailing", "cpu").draw_noise(noise.shape, torch.Generator().manual_seed(2),
+    z = get_plan(sched, solver, kw["steps"], "trailing", "cpu").draw_noise(noise.shape,
+                                                                           torch.Generator().manual_seed(2),
                                                                             "cpu", torch.float32)
     extra = {} if name == "piadm" else {"tol": 0.0}
     cold = fn(net, cond, sched, noise, None, step_noise=z, **kw, **extra)
@@ -66,10 +68,12 @@ def test_the_converged_chain_as_the_guess_saves_the_rounds(net, sched):
     rounds and 100 evaluations, where the cold start needs several times as many."""
     noise, cond = inputs(1)
     kw = dict(steps=100, window=16, tol=0.1)
-    z = get_plan(sched, "ddpm", 100, "trailing", "cpu").draw_noise(noise.shape, torch.Generator().manual_seed(5),
+    z = get_plan(sched, "ddpm", 100, "trailing", "cpu").draw_noise(noise.shape,
+                                                                   torch.Generator().manual_seed(5),
                                                                    "cpu", torch.float32)
     cold = get_sampler("paraddpm")(net, cond, sched, noise, None, step_noise=z, **kw)
-    fixed_point = get_sampler("paraddpm")(net, cond, sched, noise, None, step_noise=z, **{**kw, "tol": 0.0}).chain
+    fixed_point = get_sampler("paraddpm")(net, cond, sched, noise, None, step_noise=z,
+                                          **{**kw, "tol": 0.0}).chain
     counting = Counting(net)
     warm = get_sampler("paraddpm")(counting, cond, sched, noise, None, step_noise=z, init=fixed_point, **kw)
     assert warm.parallel_iters == counting.calls == 7 and warm.model_evals == 100
@@ -155,7 +159,8 @@ def test_dp_bench_closed_loop_runs_warm_rows_exactly(checkpoint, tmp_path):
     by = {r["name"]: r for r in results}
     assert context["closed_loop"] is True
     exact = by["paraddpm100paper:steps=20,window=8,tol=0,warm=true"]
-    assert exact["baseline"] == "ddpm20" and exact["action_max_abs_diff"] <= 1e-4  # against DDPM on its own noise
+    # against DDPM on its own noise
+    assert exact["baseline"] == "ddpm20" and exact["action_max_abs_diff"] <= 1e-4
     assert exact["parallel_iters_mean"] == 20  # tol 0 slides one step per round, warm or cold
     loose = by["paraddpm100paper:steps=20,window=8,warm=true"]
     assert loose["parallel_iters_mean"] < 20 and loose["action_max_abs_diff"] < 0.5
@@ -169,7 +174,8 @@ def test_dp_bench_compares_falcon_with_the_whole_chain(checkpoint):
                       samplers=["falcon100:steps=20,start=10", "paraddpm100:steps=20,window=8"])
     results, _ = run_bench(cfg)
     by = {r["name"]: r for r in results}
-    assert by["falcon100:steps=20,start=10"]["baseline"] == by["paraddpm100:steps=20,window=8"]["baseline"] == "ddpm20"
+    assert (by["falcon100:steps=20,start=10"]["baseline"] == by["paraddpm100:steps=20,window=8"]["baseline"]
+            == "ddpm20")
     assert 10 <= by["falcon100:steps=20,start=10"]["model_evals_mean"] < 20  # cold first plans, then 10 calls
 
 

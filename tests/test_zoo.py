@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from common.errors import UserError
 import policy
-from envs.errors import UserError
 from policy.zoo import HISTORIES, MAX_MB, WEIGHTS, export, record
 
 from commands import dp
@@ -24,7 +24,8 @@ def test_export_writes_16_bit_weights_that_plan_like_the_checkpoint(checkpoint, 
     out = export(checkpoint, tmp_path / "zoo" / "lift", command="dp-train task=lift")
     with safe_open(str(out / WEIGHTS), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    assert sorted(p.name for p in out.iterdir()) == [HISTORIES, "normalizer.safetensors", "policy.json", WEIGHTS]
+    assert sorted(p.name for p in out.iterdir()) == [HISTORIES, "normalizer.safetensors", "policy.json",
+                                                     WEIGHTS]
     with np.load(out / HISTORIES) as f:  # the store's validation episodes, for dp-bench without the store
         assert f["obs"].shape[1:] == (2, policy.load(checkpoint).obs_dim) and f["first"][0]
     meta = json.loads((out / "policy.json").read_text())
@@ -55,8 +56,8 @@ def test_evaluation_of_a_zoo_policy_refuses_its_demonstration_seeds_and_is_recor
     bad = dp("dp-eval", f"checkpoint={out}", "seed=1", "episodes=1", f"out={tmp_path / 'e'}")
     assert bad.returncode == 2 and "overlap the 1 seeds the policy's training store used" in bad.stderr
     ev = tmp_path / "eval"
-    r = dp("dp-eval", f"checkpoint={out}", "samplers=['ddim5:steps=2']", "episodes=1", "workers=1", f"out={ev}",
-           "progress=false")
+    r = dp("dp-eval", f"checkpoint={out}", "samplers=['ddim5:steps=2']", "episodes=1",
+           "workers=1", f"out={ev}", "progress=false")
     assert r.returncode == 0, r.stderr
     r = dp("dp-export", f"out={out}", f"measured={ev}")
     assert r.returncode == 0 and "ddim5:steps=2 0% of 1" in r.stdout, r.stderr
@@ -78,4 +79,5 @@ def test_every_shipped_policy_loads_plans_and_says_what_it_measured(zoo):
     assert r.actions.shape == (pol.cfg.n_action_steps, pol.action_dim) and np.isfinite(r.actions).all()
     info = json.loads((zoo / "policy.json").read_text())["zoo"]
     assert info["weights_dtype"] == "float16" and info["command"]
-    assert info["measured"]["results"] and zoo.name == pol.meta["task"] + ("_image" if pol.obs_config.image else "")
+    assert (info["measured"]["results"]
+            and zoo.name == pol.meta["task"] + ("_image" if pol.obs_config.image else ""))

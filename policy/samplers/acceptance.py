@@ -2,11 +2,13 @@
 window may slide past it. Every rule compares a point's new value with its guess of the round
 before, as a squared norm over the chunk (`dim` numbers, normalized action units):
 
-| rule | a point x_i is accepted when | stops |
-|---|---|---|
-| paper | `|dx_i|^2 <= tol^2 dim max(var_i, floor)`: relative to the noise of the step that made it | when the window reaches the end |
-| x0 | `|dx_i|^2 <= tol^2 dim max(abar_i, floor)`: the change of the data estimate it implies, `dx_i / sqrt(abar_i)` with the noise estimate held, is at most `tol` per number | same |
-| chunk | only when it did not change at all | as soon as the chain's end moved by at most `tol` per number in a round |
+- `paper`: a point x_i is accepted when `|dx_i|^2 <= tol^2 dim max(var_i, floor)`, relative to the
+  noise of the step that made it; the run stops when the window reaches the chain's end.
+- `x0`: when `|dx_i|^2 <= tol^2 dim max(abar_i, floor)`: the change of the data estimate it
+  implies, `dx_i / sqrt(abar_i)` with the noise estimate held, is at most `tol` per number; stops
+  the same way.
+- `chunk`: only when it did not change at all; the run stops as soon as the chain's end moved by at
+  most `tol` per number in a round.
 
 `paper` with `floor = 0` is Shih et al.'s rule (ParaDiGMS, eq. 6). Its scale `var_i` vanishes
 towards the end of a DDPM chain, so the last points are asked for a precision far below what an
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 RULES = ("paper", "x0", "chunk")
 
@@ -36,6 +38,18 @@ class Acceptance:
     final_bound: float | None  # chunk: the run ends when the last point's squared change is at most this
 
 
+@dataclass(frozen=True)
+class Rule:
+    """An acceptance rule and its settings, as a sampler option (`paradigms(rule=...)`)."""
+
+    name: str = "paper"
+    tol: float = 0.1
+    floor: float = 0.0
+
+    def bounds(self, plan, dim: int, window: int) -> Acceptance:
+        return acceptance(plan, self.name, self.tol, self.floor, dim, window)
+
+
 def acceptance(plan, rule: str, tol: float, floor: float, dim: int, window: int) -> Acceptance:
     """The bounds of `rule` for the chain of `plan`, chunks of `dim` numbers."""
     if rule not in RULES:
@@ -44,8 +58,8 @@ def acceptance(plan, rule: str, tol: float, floor: float, dim: int, window: int)
         raise UserError(f"sampler.floor: {floor!r} must be >= 0")
     if rule == "chunk":
         if window < plan.n:
-            raise UserError(f"sampler.window: {window} is shorter than the chain ({plan.n} steps); the chunk rule "
-                            "stops on the chain's end, which needs a whole-chain window")
+            raise UserError(f"sampler.window: {window} is shorter than the chain ({plan.n} steps); the chunk "
+                            "rule stops on the chain's end, which needs a whole-chain window")
         # no per-point scale, so nothing to floor: a preset's floor does not stop a switch to this rule
         return Acceptance(torch.zeros_like(plan.var), tol**2 * dim)
     if rule == "paper":

@@ -74,12 +74,14 @@ class TriangularAnderson:
         # A point uses only the round differences it was iterated in (ParaTAA's per-point memory);
         # the points before it in the window are older, so their rows cover the same rounds.
         m = dg.shape[1]
-        use = (m - 1 - torch.arange(m, device=after.device)) < (self.age[rows, after] - 1)[..., None]  # [B, p, m']
+        # [B, p, m']
+        use = (m - 1 - torch.arange(m, device=after.device)) < (self.age[rows, after] - 1)[..., None]
         pair = use[..., :, None] & use[..., None, :]
         eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
         ridge = self.reg * (gram.diagonal(dim1=-2, dim2=-1) * use).sum(-1).clamp(min=1e-30)[..., None, None]
         gram = torch.where(pair, gram, 0.0) + torch.where(use[..., None], ridge, 1.0) * eye
         # solve_ex: no error check, which would wait for the device (the ridge keeps `gram` regular)
-        gamma = torch.linalg.solve_ex(gram, torch.where(use, rhs, 0.0)[..., None])[0][..., 0].to(f.dtype)  # [B, p, m']
+        # [B, p, m']
+        gamma = torch.linalg.solve_ex(gram, torch.where(use, rhs, 0.0)[..., None])[0][..., 0].to(f.dtype)
         mixed = f[:, -1] - torch.einsum("bpi,bipd->bpd", gamma, df)
         return mixed.reshape(image.shape)

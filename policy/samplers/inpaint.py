@@ -62,7 +62,8 @@ class Inpaint:
     def bind(self, plan, noise: torch.Tensor) -> "BoundInpaint":
         """The pull for the chain of `plan` started from `noise` [B, horizon, A] (its x_T)."""
         if self.prefix.shape != noise.shape:
-            raise ValueError(f"inpaint: prefix of shape {tuple(self.prefix.shape)} for chunks of {tuple(noise.shape)}")
+            raise ValueError(f"inpaint: prefix of shape {tuple(self.prefix.shape)} for chunks "
+                             f"of {tuple(noise.shape)}")
         a = plan.point_sqrt_a
         return BoundInpaint(self.prefix.to(noise), self.weights.to(noise)[None, :, None], noise, a,
                             (1 - a * a).clamp(min=0).sqrt(), plan if self.mode == "guide" else None)
@@ -108,13 +109,37 @@ class BoundInpaint:
         target = a * self.prefix[rows] + s * self.noise[rows]
         return x + self.w * (target - x)
 
+    def move(self, step: torch.Tensor, z: torch.Tensor, x: torch.Tensor, points: torch.Tensor,
+             rows: torch.Tensor) -> torch.Tensor:
+        """The pulled step from rows `x` as a move (`step` + `z` pulled, minus `x`): what ParaDiGMS's
+        cumulative sums add up."""
+        return self(step + z, points, rows) - x
+
+
+class NoInpaint:
+    """No committed actions: every point as the step left it (a do-nothing `BoundInpaint`)."""
+
+    guide = None
+
+    def __call__(self, x: torch.Tensor, points, rows) -> torch.Tensor:
+        return x
+
+    def move(self, step: torch.Tensor, z: torch.Tensor, x: torch.Tensor, points, rows) -> torch.Tensor:
+        # the unpulled step's arithmetic order (the tol=0 chains are compared bit for bit)
+        return step - x + z
+
+
+NO_INPAINT = NoInpaint()
+
 
 def rtc_weights(horizon: int, frozen: int, overlap: int, device=None) -> torch.Tensor:
     """Real-Time Chunking's soft mask: 1 on the first `frozen` actions (they execute before the new
     chunk arrives), decaying exponentially to 0 over the rest of the `overlap` with the previous
-    chunk, 0 after it (RTC's mask: c_i = (overlap - i) / (overlap - frozen + 1), w_i = c_i (e^c_i - 1) / (e - 1))."""
+    chunk, 0 after it (RTC's mask: c_i = (overlap - i) / (overlap - frozen + 1),
+    w_i = c_i (e^c_i - 1) / (e - 1))."""
     if not 0 <= frozen <= overlap <= horizon:
-        raise ValueError(f"inpaint: need 0 <= frozen ({frozen}) <= overlap ({overlap}) <= horizon ({horizon})")
+        raise ValueError(f"inpaint: need 0 <= frozen ({frozen}) <= overlap ({overlap}) "
+                         f"<= horizon ({horizon})")
     i = torch.arange(horizon, dtype=torch.float32, device=device)
     c = ((overlap - i) / (overlap - frozen + 1)).clamp(min=0)
     w = torch.where(i < frozen, torch.ones_like(c), c * torch.expm1(c) / torch.expm1(torch.ones(())))

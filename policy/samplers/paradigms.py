@@ -40,119 +40,171 @@ exactly the sequential DPM-Solver++(2M) chain, first- and last-step order rules 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from policy.samplers.acceptance import acceptance
+from policy.samplers.acceptance import Rule
 from policy.samplers.anderson import TriangularAnderson
+from policy.samplers.chain import Chain
 from policy.samplers.result import SampleResult
-from policy.samplers.solvers import get_plan, new_history, step_rows
+from policy.samplers.solvers import new_history, step_rows
 
 
-def paradigms(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
-              *, solver: str, steps: int | None = None, spacing: str = "trailing", window: int = 16,
-              tol: float = 0.1, max_iters: int | None = None,
-              taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
-              anderson: int = 0, rule: str = "paper", floor: float = 0.0,
-              init: torch.Tensor | None = None, pad: bool = False, inpaint=None, callback=None) -> SampleResult:
-    """Picard-iterate the `solver` chain of `steps` steps from `noise` [B, horizon, A] to
-    tolerance `tol`, `window` steps per sample per iteration, at most `max_iters` iterations;
-    `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess;
-    `anderson` > 0 mixes the guesses of the window's unaccepted points over that many past rounds;
-    `rule` and `floor` choose when a point is accepted (`acceptance.py`); `pad` evaluates every
-    round at the full window's [B * window] rows, the rows past the chain's end masked (fixed
-    shapes for a captured denoiser, `policy.denoiser`; the counts are the unmasked rows'); `inpaint`
-    (`inpaint.Inpaint`) pulls every point toward a committed prefix, a step then being
-    `x_{k+1} = pull(step(x_k) + z_k)` (or, guided, the step of a bent noise estimate), which
-    Picard iteration solves the same way."""
-    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
-    n, B, dev = plan.n, noise.shape[0], noise.device
-    if window < 1:
-        raise ValueError(f"sampler.window: {window} must be at least 1")
-    p = min(window, n)
-    if step_noise is None:
-        step_noise = plan.draw_noise(noise.shape, generator, dev, noise.dtype)
-    z = step_noise.transpose(0, 1)  # [B, n, ...]
-    # Points 0..n of each sample, and a spare point n + 1 that masked writes go to: every write of
-    # a round is one fixed-shape scatter, with no host-side selection of rows (a GPU round's only
-    # host synchronisation is the loop's convergence test).
-    trash = n + 1
-    samples = torch.arange(B, device=dev)
-    offsets = torch.arange(p, device=dev)
-    pull = None if inpaint is None else inpaint.bind(plan, noise)
-    guide = None if pull is None else pull.guide
-    first_point = noise if pull is None else pull(noise, 0, samples)
-    if init is None:
-        chain = first_point[:, None].repeat(1, n + 2, *([1] * (noise.dim() - 1)))
-    else:
-        if init.shape != (B, n + 1, *noise.shape[1:]):
-            raise ValueError(f"init: shape {tuple(init.shape)}, expected {(B, n + 1, *noise.shape[1:])}")
-        chain = torch.cat([init, init[:, -1:]], 1)
-        chain[:, 0] = first_point
-    history = new_history(plan, noise)
-    if anderson < 0:
-        raise ValueError(f"sampler.anderson: {anderson} must be >= 0")
-    accel = TriangularAnderson(anderson) if anderson else None
-    # Squared norms against squared bounds: no square roots per point.
-    accept = acceptance(plan, rule, tol, floor, noise[0].numel(), p)
-    bound = torch.cat([accept.point_bound, accept.point_bound[-1:]])  # [n + 2]
-    points = torch.arange(n + 2, device=dev)[None]
-    begin = torch.zeros(B, dtype=torch.long, device=dev)
-    evals = torch.zeros(B, dtype=torch.long, device=dev)
-    shape = (B, p, *noise.shape[1:])
-    pad_rows = (samples.repeat_interleave(p), offsets.repeat(B)) if pad else None  # the same every round
-    iters = 0
-    while bool((begin < n).any()) and (max_iters is None or iters < max_iters):
-        active = begin < n
-        k = begin[:, None] + offsets  # [B, p] steps of each sample's window
-        valid = (k < n) & active[:, None]
-        if pad:  # every row of the window; those past the end (or of finished samples) are masked
-            (b_rows, j_rows), keep = pad_rows, valid.flatten()
-        else:  # only the window's rows inside the chain
-            (b_rows, j_rows), keep = valid.nonzero(as_tuple=True), None
-        k_rows = k[b_rows, j_rows].clamp(max=n - 1)
-        x_rows = chain[b_rows, k_rows]
-        if pull is None:
-            step = step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history, keep=keep) - x_rows + z[b_rows, k_rows]
-        else:  # the pulled step, as a move from x_k: the cumulative sums below telescope to it
-            step = pull(step_rows(plan, denoiser, cond, x_rows, k_rows, b_rows, history, keep=keep, guide=guide)
-                        + z[b_rows, k_rows],
-                        k_rows + 1, b_rows) - x_rows
-        if pad:
-            move = torch.where(keep.reshape(-1, *([1] * (noise.dim() - 1))), step, 0.0).reshape(shape)
-        else:
-            move = noise.new_zeros(shape)
-            move[b_rows, j_rows] = step
-        start = chain[samples, begin.clamp(max=n)]
-        new = start[:, None] + move.cumsum(1)  # guesses of points k + 1
-        after = (k + 1).clamp(max=n)
-        guess = chain[samples[:, None], after]  # this round's guesses of points k + 1
-        change = (new - guess).square().flatten(2).sum(-1)  # [B, p]
-        accepted = (change <= bound[after]) & valid
-        # The window slides past the accepted run; invalid rows (past the end) stop the run.
-        first_rejected = torch.where(~accepted.all(1), (~accepted).int().argmax(1), p)
-        n_valid = valid.sum(1)
-        advance = torch.minimum(first_rejected + 1, n_valid)
-        if accept.final_bound is not None:  # chunk rule: the whole window's end is the chain's end
-            final_change = change[samples, (n_valid - 1).clamp(min=0)]
-            advance = torch.where(active & (final_change <= accept.final_bound), n_valid, advance)
-        chain[samples[:, None], torch.where(valid, after, trash)] = new
-        if accel is not None:  # the points past the new window's first: Anderson's guesses for the next round
-            mixed = accel.mix(guess, new, after, valid, plan.var)
-            mix = valid & (offsets[None] >= advance[:, None])
-            chain[samples[:, None], torch.where(mix, after, trash)] = mixed
-        # Points entering the window start from the window's last point.
-        end, new_begin = begin + n_valid, begin + advance
-        new_end = (new_begin + p).clamp(max=n)
-        if init is None:
-            entering = (points > end[:, None]) & (points <= new_end[:, None]) & active[:, None]
-            last = chain[samples, end.clamp(max=n)][:, None]
-            chain = torch.where(entering.reshape(*entering.shape, *([1] * (noise.dim() - 1))), last, chain)
-        evals += n_valid
-        begin = torch.where(active, new_begin, begin)
-        iters += 1
+def paradigms(denoiser, cond: torch.Tensor, chain: Chain, *, window: int = 16, rule: Rule = Rule(),
+              max_iters: int | None = None, anderson: int = 0, pad: bool = False,
+              callback=None) -> SampleResult:
+    """Picard-iterate `chain` until `rule` accepts every point (`acceptance.py`), `window` steps per
+    sample per iteration, at most `max_iters` iterations; `anderson` > 0 mixes the guesses of the
+    window's unaccepted points over that many past rounds; `pad` evaluates every round at the full
+    window's [B * window] rows, the rows past the chain's end masked (fixed shapes for a captured
+    denoiser, `policy.denoiser`; the counts are the unmasked rows'). With committed actions
+    (`chain.pull`) a step is `x_{k+1} = pull(step(x_k) + z_k)` (or, guided, the step of a bent noise
+    estimate), which Picard iteration solves the same way."""
+    picard = PicardWindow(chain, window, rule, anderson, pad)
+    while picard.running(max_iters):
+        picard.round(denoiser, cond, callback)
+    return picard.result()
+
+
+@dataclass
+class Rows:
+    """One round's windows: which sample rows, steps and points each window row is."""
+
+    active: torch.Tensor  # [B] samples whose window has not reached the chain's end
+    k: torch.Tensor  # [B, p] the steps of each window
+    valid: torch.Tensor  # [B, p] window rows inside the chain, of active samples
+    after: torch.Tensor  # [B, p] the points the window's steps make (k + 1, clamped to n)
+    n_valid: torch.Tensor  # [B]
+    b: torch.Tensor  # [M] the sample of each evaluated row
+    j: torch.Tensor  # [M] its place in the window
+    keep: torch.Tensor | None  # [M] padded: which evaluated rows count
+
+
+class PicardWindow:
+    """The state of one ParaDiGMS call, a round at a time: every sample's chain guess (points 0..n
+    and a spare point n + 1 that masked writes go to, so every write of a round is one fixed-shape
+    scatter with no host-side selection of rows: a GPU round's only host synchronisation is the
+    loop's convergence test), its window's first point, and its evaluations."""
+
+    def __init__(self, chain: Chain, window: int, rule: Rule, anderson: int, pad: bool):
+        noise, n, B = chain.noise, chain.n, chain.batch
+        self.c, self.n, self.p, self.pad = chain, n, min(window, n), pad
+        self.z = chain.step_noise.transpose(0, 1)  # [B, n, ...]
+        self.samples = torch.arange(B, device=noise.device)
+        self.offsets = torch.arange(self.p, device=noise.device)
+        self.points = self._first_guess()
+        self.history = new_history(chain.plan, noise)
+        self.accel = TriangularAnderson(anderson) if anderson else None
+        # Squared norms against squared bounds: no square roots per point.
+        self.accept = rule.bounds(chain.plan, noise[0].numel(), self.p)
+        self.bound = torch.cat([self.accept.point_bound, self.accept.point_bound[-1:]])  # [n + 2]
+        self.point_ids = torch.arange(n + 2, device=noise.device)[None]
+        self.begin = torch.zeros(B, dtype=torch.long, device=noise.device)
+        self.evals = torch.zeros(B, dtype=torch.long, device=noise.device)
+        self.iters = 0
+        # padded: every round evaluates the same rows, those of the whole window
+        self.pad_rows = (self.samples.repeat_interleave(self.p), self.offsets.repeat(B)) if pad else None
+
+    def _first_guess(self) -> torch.Tensor:
+        """Points 0..n+1 [B, n + 2, ...]: copies of x_T, or the chain guess (its last point twice)."""
+        c = self.c
+        first = c.pull(c.noise, 0, self.samples)
+        if c.init is None:
+            return first[:, None].repeat(1, self.n + 2, *([1] * (c.noise.dim() - 1)))
+        points = torch.cat([c.init, c.init[:, -1:]], 1)
+        points[:, 0] = first
+        return points
+
+    def running(self, max_iters: int | None) -> bool:
+        return bool((self.begin < self.n).any()) and (max_iters is None or self.iters < max_iters)
+
+    def round(self, denoiser, cond: torch.Tensor, callback=None) -> None:
+        """One Picard iteration: evaluate every window in one call, propose new guesses of the
+        points after each window's steps, slide each window past its accepted run."""
+        rows = self.rows()
+        new, guess, change = self.propose(self.evaluate(denoiser, cond, rows), rows)
+        accepted = (change <= self.bound[rows.after]) & rows.valid
+        advance = self.advance(change, accepted, rows)
+        self.commit(new, guess, rows, advance)
+        self.slide(rows, advance)
         if callback is not None:
-            callback({"iter": iters, "begin": begin, "chain": chain[:, : n + 1], "evals": evals, "change": change,
-                      "accepted": accepted, "points": after, "valid": valid})
-    per_sample = evals.tolist()
-    return SampleResult(x=chain[:, n], model_evals=max(per_sample), parallel_iters=iters,
-                        converged=bool((begin >= n).all()), evals_per_sample=per_sample, chain=chain[:, : n + 1])
+            callback({"iter": self.iters, "begin": self.begin, "chain": self.points[:, : self.n + 1],
+                      "evals": self.evals, "change": change, "accepted": accepted, "points": rows.after,
+                      "valid": rows.valid})
+
+    def rows(self) -> Rows:
+        active = self.begin < self.n
+        k = self.begin[:, None] + self.offsets  # [B, p] steps of each sample's window
+        valid = (k < self.n) & active[:, None]
+        if self.pad:  # every row of the window; those past the end (or of finished samples) are masked
+            (b, j), keep = self.pad_rows, valid.flatten()
+        else:  # only the window's rows inside the chain
+            (b, j), keep = valid.nonzero(as_tuple=True), None
+        return Rows(active, k, valid, (k + 1).clamp(max=self.n), valid.sum(1), b, j, keep)
+
+    def evaluate(self, denoiser, cond: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """One denoiser call over the windows' rows: each row's (pulled) step as a move from its
+        point, [B, p, ...] (zero where a window has no row): the cumulative sums telescope to it."""
+        c, b = self.c, rows.b
+        k = rows.k[b, rows.j].clamp(max=self.n - 1)
+        x = self.points[b, k]
+        step = step_rows(c.plan, denoiser, cond, x, k, b, self.history, keep=rows.keep, guide=c.pull.guide)
+        step = c.pull.move(step, self.z[b, k], x, k + 1, b)
+        shape = (c.batch, self.p, *c.noise.shape[1:])
+        if self.pad:
+            return torch.where(c.spread(rows.keep), step, 0.0).reshape(shape)
+        move = c.noise.new_zeros(shape)
+        move[b, rows.j] = step
+        return move
+
+    def propose(self, move: torch.Tensor, rows: Rows):
+        """New guesses of the points after each window's steps (its first point plus the summed
+        moves), this round's guesses of them and the squared change [B, p]."""
+        start = self.points[self.samples, self.begin.clamp(max=self.n)]
+        new = start[:, None] + move.cumsum(1)
+        guess = self.points[self.samples[:, None], rows.after]
+        return new, guess, (new - guess).square().flatten(2).sum(-1)
+
+    def advance(self, change: torch.Tensor, accepted: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """How far each window slides: past its accepted run (invalid rows stop the run), at least
+        one point (the point after its first is exact); the chunk rule's end test can take it all."""
+        first_rejected = torch.where(~accepted.all(1), (~accepted).int().argmax(1), self.p)
+        advance = torch.minimum(first_rejected + 1, rows.n_valid)
+        if self.accept.final_bound is not None:  # chunk rule: the whole window's end is the chain's end
+            final_change = change[self.samples, (rows.n_valid - 1).clamp(min=0)]
+            advance = torch.where(rows.active & (final_change <= self.accept.final_bound), rows.n_valid,
+                                  advance)
+        return advance
+
+    def commit(self, new: torch.Tensor, guess: torch.Tensor, rows: Rows, advance: torch.Tensor) -> None:
+        """Write the new guesses; with Anderson, the points past the new window's first get the
+        mixed guesses for the next round."""
+        trash, at = self.n + 1, self.samples[:, None]
+        self.points[at, torch.where(rows.valid, rows.after, trash)] = new
+        if self.accel is not None:
+            mixed = self.accel.mix(guess, new, rows.after, rows.valid, self.c.plan.var)
+            mix = rows.valid & (self.offsets[None] >= advance[:, None])
+            self.points[at, torch.where(mix, rows.after, trash)] = mixed
+
+    def slide(self, rows: Rows, advance: torch.Tensor) -> None:
+        """Move each window; points entering it start from the window's last point (unless a chain
+        guess gave them one)."""
+        end, new_begin = self.begin + rows.n_valid, self.begin + advance
+        if self.c.init is None:
+            new_end = (new_begin + self.p).clamp(max=self.n)
+            entering = ((self.point_ids > end[:, None]) & (self.point_ids <= new_end[:, None])
+                        & rows.active[:, None])
+            last = self.points[self.samples, end.clamp(max=self.n)][:, None]
+            trailing = [1] * (self.c.noise.dim() - 1)
+            self.points = torch.where(entering.reshape(*entering.shape, *trailing), last, self.points)
+        self.evals += rows.n_valid
+        self.begin = torch.where(rows.active, new_begin, self.begin)
+        self.iters += 1
+
+    def result(self) -> SampleResult:
+        per_sample = self.evals.tolist()
+        n = self.n
+        return SampleResult(x=self.points[:, n], model_evals=max(per_sample), parallel_iters=self.iters,
+                            converged=bool((self.begin >= n).all()), evals_per_sample=per_sample,
+                            chain=self.points[:, : n + 1])

@@ -32,64 +32,64 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.errors import UserError
+from policy.samplers.chain import Chain
 from policy.samplers.result import SampleResult
-from policy.samplers.solvers import get_plan, new_history, step_rows
+from policy.samplers.solvers import new_history, step_rows
 
 
-def piadm(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
-          *, solver: str = "ddim", steps: int | None = None, spacing: str = "trailing", blocks: int = 4,
-          picard_iters: int = 3,
-          taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
-          init: torch.Tensor | None = None, inpaint=None, callback=None) -> SampleResult:
-    """`blocks` blocks of `picard_iters` parallel Picard iterations over the `solver` chain;
-    `step_noise` [n, B, ...] is the steps' scaled noise, `init` [B, n + 1, ...] a chain guess whose
-    points replace the copies of each block's first point; `inpaint` (`inpaint.Inpaint`) pulls
-    every rebuilt point (or guides every noise estimate) toward a committed prefix, so that enough
-    iterations give exactly the inpainted sequential sampler."""
-    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
-    n, B, dev = plan.n, noise.shape[0], noise.device
+def piadm(denoiser, cond: torch.Tensor, chain: Chain, *, blocks: int = 4, picard_iters: int = 3,
+          callback=None) -> SampleResult:
+    """`blocks` blocks of `picard_iters` parallel Picard iterations over `chain`; the points of a
+    chain guess (`chain.init`) replace the copies of each block's first point, and every rebuilt
+    point is pulled (or every noise estimate guided) toward the committed actions, if any, so that
+    enough iterations give exactly the inpainted sequential sampler."""
+    n, B = chain.n, chain.batch
     if not 1 <= blocks <= n:
-        raise ValueError(f"sampler.blocks: {blocks} must be in 1..{n} (the step count)")
-    if picard_iters < 1:
-        raise ValueError(f"sampler.picard_iters: {picard_iters} must be at least 1")
-    z = plan.draw_noise(noise.shape, generator, dev, noise.dtype) if step_noise is None else step_noise  # [n, B, ...]
-    if init is not None and init.shape != (B, n + 1, *noise.shape[1:]):
-        raise ValueError(f"init: shape {tuple(init.shape)}, expected {(B, n + 1, *noise.shape[1:])}")
-    samples = torch.arange(B, device=dev)
-    pull = None if inpaint is None else inpaint.bind(plan, noise)
-    guide = None if pull is None else pull.guide
-    x = noise if pull is None else pull(noise, 0, samples)
-    chain = [x]
-    history = new_history(plan, noise)
+        raise UserError(f"sampler.blocks: {blocks} must be in 1..{n} (the step count)")
+    x = chain.pull(chain.noise, 0, torch.arange(B, device=chain.noise.device))
+    every, history = [x], new_history(chain.plan, chain.noise)
     evals = rounds = 0
     for block in np.array_split(np.arange(n), blocks):
-        s, m_steps = int(block[0]), len(block)
-        if init is None:
-            points = x[None].repeat(m_steps + 1, *([1] * x.dim()))  # [M + 1, B, ...]
-        else:
-            points = init[:, s : s + m_steps + 1].transpose(0, 1).clone()
-            points[0] = x
+        s = int(block[0])
+        points = _block_start(chain, x, s, len(block))
         lagged = torch.zeros_like(points[:-1])  # g_m at the last evaluated points
-        for it in range(min(picard_iters, m_steps)):
-            # Points before `it` are exact since iteration it-1 and were evaluated then.
-            m = torch.arange(it, m_steps, device=dev)
-            rows_m = m.repeat_interleave(B)
-            rows_b = samples.repeat(len(m))
-            k = rows_m + s
-            x_rows = points[rows_m, rows_b]
-            mean = step_rows(plan, denoiser, cond, x_rows, k, rows_b, history, guide=guide)
-            lagged[rows_m, rows_b] = mean - plan.linear[k].reshape(-1, *([1] * (x.dim() - 1))) * x_rows
-            evals += len(m)
+        for it in range(min(picard_iters, len(block))):
+            evals += _picard_round(denoiser, cond, chain, points, lagged, s, it, history)
             rounds += 1
-            # The linear recursion is a scan over the block's steps, elementwise and cheap; it
-            # is written as a loop because a closed form divides by products of L that reach 0.
-            for j in range(m_steps):
-                points[j + 1] = plan.linear[s + j] * points[j] + lagged[j] + z[s + j]
-                if pull is not None:
-                    points[j + 1] = pull(points[j + 1], s + j + 1, samples)
             if callback is not None:
                 callback({"block_start": s, "iter": it + 1, "points": points})
         x = points[-1]
-        chain.extend(points[1:])
+        every.extend(points[1:])
     return SampleResult(x=x, model_evals=evals, parallel_iters=rounds, converged=True,
-                        evals_per_sample=[evals] * B, chain=torch.stack(chain, 1))
+                        evals_per_sample=[evals] * B, chain=torch.stack(every, 1))
+
+
+def _block_start(chain: Chain, x: torch.Tensor, s: int, m_steps: int) -> torch.Tensor:
+    """The points [M + 1, B, ...] of the block starting at step `s` before its first round: copies
+    of its first point `x`, or the chain guess's points."""
+    if chain.init is None:
+        return x[None].repeat(m_steps + 1, *([1] * x.dim()))
+    points = chain.init[:, s : s + m_steps + 1].transpose(0, 1).clone()
+    points[0] = x
+    return points
+
+
+def _picard_round(denoiser, cond, chain: Chain, points, lagged, s: int, it: int, history) -> int:
+    """Round `it` of the block starting at step `s`: one denoiser call at the points not yet exact
+    (those before `it` are, since round it - 1, and keep their `lagged` terms), then the block's
+    points rebuilt. Returns the evaluations."""
+    plan, pull, B = chain.plan, chain.pull, chain.batch
+    samples = torch.arange(B, device=points.device)
+    m = torch.arange(it, len(points) - 1, device=points.device)
+    rows_m, rows_b = m.repeat_interleave(B), samples.repeat(len(m))
+    k = rows_m + s
+    x_rows = points[rows_m, rows_b]
+    mean = step_rows(plan, denoiser, cond, x_rows, k, rows_b, history, guide=pull.guide)
+    lagged[rows_m, rows_b] = mean - chain.spread(plan.linear[k]) * x_rows
+    # The linear recursion is a scan over the block's steps, elementwise and cheap; it is written
+    # as a loop because a closed form divides by products of L that reach 0.
+    for j in range(len(points) - 1):
+        points[j + 1] = pull(plan.linear[s + j] * points[j] + lagged[j] + chain.step_noise[s + j], s + j + 1,
+                             samples)
+    return len(m)

@@ -17,49 +17,46 @@ from __future__ import annotations
 
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
+from policy.samplers.chain import Chain
 from policy.samplers.result import SampleResult
-from policy.samplers.solvers import get_plan, new_history, step_rows
+from policy.samplers.solvers import new_history, step_rows
 
 
-def sequential(denoiser, cond: torch.Tensor, scheduler, noise: torch.Tensor, generator: torch.Generator | None = None,
-               *, solver: str, steps: int | None = None, spacing: str = "trailing", start: int = 0,
-               taus: tuple[float, ...] | None = None, step_noise: torch.Tensor | None = None,
-               init: torch.Tensor | None = None, inpaint=None, callback=None) -> SampleResult:
-    """Denoise `noise` [B, horizon, A] in `steps` steps of `solver` (default: every training step);
-    `step_noise` [n, B, horizon, A] is the steps' scaled noise (default: drawn from `generator`).
-    With a chain guess `init` [B, n + 1, ...] (a warm start) and `start` > 0, begin at step
-    `start` from the guess of the chain's end noised to that level. `inpaint` (`samplers.inpaint.Inpaint`)
-    pulls every point (or guides every step) toward a committed prefix."""
-    plan = get_plan(scheduler, solver, steps, spacing, noise.device, noise.dtype, taus)
-    if not 0 <= start < plan.n:
-        raise UserError(f"sampler.start: {start} is not a step of the {plan.n}-step chain (0..{plan.n - 1})")
-    if start and plan.multistep:
-        raise UserError("sampler.start: a warm start part-way down the chain needs a one-step solver (ddpm, ddim); "
-                        "DPM-Solver++(2M) would lack the previous step's data estimate")
-    z = plan.draw_noise(noise.shape, generator, noise.device, noise.dtype) if step_noise is None else step_noise
+def sequential(denoiser, cond: torch.Tensor, chain: Chain, *, start: int = 0, callback=None) -> SampleResult:
+    """Walk `chain` one step at a time, one denoiser call per step. With a chain guess
+    (`chain.init`, a warm start) and `start` > 0, begin at step `start` from the guess of the
+    chain's end noised to that level; every point is pulled toward the committed actions, if any."""
+    plan, pull, noise = chain.plan, chain.pull, chain.noise
+    _check_start(plan, start)
     history = new_history(plan, noise)
-    rows = torch.arange(noise.shape[0], device=noise.device)
-    pull = None if inpaint is None else inpaint.bind(plan, noise)
-    guide = None if pull is None else pull.guide
-    start_point = noise if pull is None else pull(noise, 0, rows)
-    chain = start_point[:, None].repeat(1, plan.n + 1, *([1] * (noise.dim() - 1)))
-    first = 0
-    if init is not None and start:
-        a = plan.sqrt_a[start]
-        chain[:, : start + 1] = init[:, : start + 1]
-        chain[:, start] = a * init[:, plan.n] + (1 - a * a).sqrt() * noise
-        if pull is not None:
-            chain[:, start] = pull(chain[:, start], start, rows)
-        first = start
-    x = chain[:, first]
+    rows = torch.arange(chain.batch, device=noise.device)
+    points = pull(noise, 0, rows)[:, None].repeat(1, plan.n + 1, *([1] * (noise.dim() - 1)))
+    first = start if chain.init is not None else 0
+    if first:
+        _warm_point(chain, points, first, rows)
+    x = points[:, first]
     for i in range(first, plan.n):
         k = torch.full_like(rows, i)
-        x = step_rows(plan, denoiser, cond, x, k, rows, history, guide=guide) + z[i]
-        if pull is not None:
-            x = pull(x, i + 1, rows)
-        chain[:, i + 1] = x
+        x = pull(step_rows(plan, denoiser, cond, x, k, rows, history, guide=pull.guide) + chain.step_noise[i],
+                 i + 1, rows)
+        points[:, i + 1] = x
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x})
     evals = plan.n - first
-    return SampleResult(x=x, model_evals=evals, parallel_iters=evals, converged=True, chain=chain)
+    return SampleResult(x=x, model_evals=evals, parallel_iters=evals, converged=True, chain=points)
+
+
+def _check_start(plan, start: int) -> None:
+    if not 0 <= start < plan.n:
+        raise UserError(f"sampler.start: {start} is not a step of the {plan.n}-step chain (0..{plan.n - 1})")
+    if start and plan.multistep:
+        raise UserError("sampler.start: a warm start part-way down the chain needs a one-step solver (ddpm, "
+                        "ddim); DPM-Solver++(2M) would lack the previous step's data estimate")
+
+
+def _warm_point(chain: Chain, points: torch.Tensor, start: int, rows: torch.Tensor) -> None:
+    """Points 0..start from the guess, point `start` the guess's end noised to its level (Falcon)."""
+    a = chain.plan.sqrt_a[start]
+    points[:, : start + 1] = chain.init[:, : start + 1]
+    points[:, start] = chain.pull(a * chain.init[:, chain.n] + (1 - a * a).sqrt() * chain.noise, start, rows)

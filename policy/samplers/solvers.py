@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from envs.errors import UserError
+from common.errors import UserError
 
 SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr", "uniform")
 # SOLVERS, the solver names, is defined below with the coefficient builder of each (`_COEFFICIENTS`).

@@ -1,5 +1,5 @@
 """Rounds per plan of warm-started ParaDiGMS with RTC along consecutive plans (zoo/square; docs/realtime.md).
-Run from the repository root: uv run python rollouts/results/rtc_rounds.py 6 (writes outputs/rtcrounds.json)."""
+Run from the repository root: uv run python experiments/rtc_rounds.py 6 (writes outputs/rtcrounds.json)."""
 import json, os, sys, time
 
 import numpy as np
@@ -12,8 +12,10 @@ pol = load("zoo/square")
 rng = np.random.default_rng(0)
 obs0 = rng.normal(size=(2, pol.obs_dim)).astype(np.float32) * 0.1
 rows = []
-for name, extra in (("paraddim15", dict(name="paraddim", steps=15, window=15, anderson=4, tol=0.5, floor=0.01)),
-                    ("paraddpm100", dict(name="paraddpm", steps=100, window=16, anderson=4, tol=1.0, floor=0.03))):
+for name, extra in (("paraddim15", dict(name="paraddim", steps=15, window=15, anderson=4, tol=0.5,
+                                        floor=0.01)),
+                    ("paraddpm100", dict(name="paraddpm", steps=100, window=16, anderson=4, tol=1.0,
+                                         floor=0.03))):
     for mode in (None, "replace", "guide"):
         pol.sampler = SamplerConfig(warm=True, inpaint=mode, **extra); pol.seed(0)
         it, ev, ms = [], [], []
@@ -26,7 +28,9 @@ for name, extra in (("paraddim15", dict(name="paraddim", steps=15, window=15, an
             ms.append(1e3 * (time.perf_counter() - t0))
             if prev is not None: it.append(p.parallel_iters); ev.append(p.model_evals)
             prev = p.actions
-        r = dict(sampler=name, inpaint=mode or "free", rounds=round(float(np.mean(it)), 1), evals=round(float(np.mean(ev)), 1), plan_ms_p50=round(float(np.median(ms[1:])), 1))
+        r = dict(sampler=name, inpaint=mode or "free", rounds=round(float(np.mean(it)), 1),
+                 evals=round(float(np.mean(ev)), 1), plan_ms_p50=round(float(np.median(ms[1:])), 1))
         rows.append(r); print(r, flush=True)
 os.makedirs("outputs", exist_ok=True)
-json.dump(dict(date=time.strftime("%Y-%m-%d"), machine="2-core x86_64 CPU, 1 torch thread", rows=rows), open("outputs/rtcrounds.json", "w"), indent=1)
+json.dump(dict(date=time.strftime("%Y-%m-%d"), machine="2-core x86_64 CPU, 1 torch thread", rows=rows),
+          open("outputs/rtcrounds.json", "w"), indent=1)

@@ -1,9 +1,9 @@
 """Success against training time for an image policy run: each kept checkpoint of `run`
 evaluated by dp-eval on the same seeds, its training time read from its trainer state.
 
-    uv run python rollouts/results/image_curve.py outputs/lift_image 20 ddim10 [step ...]
+    uv run python experiments/image_curve.py outputs/lift_image 20 ddim10 [step ...]
 
-Writes rollouts/results/image-curve-<task>.csv and .png (the results are dp-eval's own, under
+Writes experiments/results/image-curve-<task>.csv and .png (the results are dp-eval's own, under
 outputs/curve-<task>/step-N/).
 """
 
@@ -33,20 +33,23 @@ for ckpt in ckpts:
     step = int(ckpt.name.split("-")[1])
     minutes = torch.load(ckpt / "trainer.pt", weights_only=False)["elapsed_s"] / 60
     out = Path(f"outputs/curve-{task}/{ckpt.name}")
-    subprocess.run([str(Path(sys.executable).with_name("dp-eval")), f"checkpoint={ckpt}", f"samplers=[{sampler}]", f"episodes={episodes}",
+    subprocess.run([str(Path(sys.executable).with_name("dp-eval")), f"checkpoint={ckpt}",
+                    f"samplers=[{sampler}]", f"episodes={episodes}",
                     "seed=100000", f"out={out}", "workers=2", "threads=1"], check=True)
     (res,) = read_rows(out / "results.json")
     rows.append((step, minutes, res["success_rate"], *res["success_ci95"], res["episodes"]))
     print(f"step {step}: {minutes:.1f} min, success {res['success_rate']:.0%}", flush=True)
-dest = Path(f"rollouts/results/image-curve-{task}")
+dest = Path(f"experiments/results/image-curve-{task}")
 dest.with_suffix(".csv").write_text("step,training_min,success,ci_lo,ci_hi,episodes\n"
                                     + "".join(",".join(f"{v:.4g}" for v in r) + "\n" for r in rows))
 fig, ax = plt.subplots(figsize=(5, 3.2))
 x = [r[1] for r in rows]
-ax.errorbar(x, [100 * r[2] for r in rows], yerr=[[100 * (r[2] - r[3]) for r in rows], [100 * (r[4] - r[2]) for r in rows]],
+ax.errorbar(x, [100 * r[2] for r in rows],
+            yerr=[[100 * (r[2] - r[3]) for r in rows], [100 * (r[4] - r[2]) for r in rows]],
             marker="o", capsize=3)
 for r in rows:
-    ax.annotate(f"{r[0]}", (r[1], 100 * r[2]), textcoords="offset points", xytext=(0, -12), fontsize=7, ha="center")
+    ax.annotate(f"{r[0]}", (r[1], 100 * r[2]), textcoords="offset points", xytext=(0, -12), fontsize=7,
+                ha="center")
 ax.set_xlabel("training time, 2-core CPU (min)")
 ax.set_ylabel(f"success, {sampler} (%)")
 ax.set_ylim(0, 105)

@@ -1,6 +1,7 @@
 """The one way every `dp-<command>` starts: Hydra config, typed schema, one-line user errors.
 
-A command is a function of its composed config. Mistakes a user can make (a missing file, a
+A command is a function of its composed config, handed over as an instance of the command's
+schema (a dataclass, built once here: `command`). Mistakes a user can make (a missing file, a
 store of another task, an unknown task, a misspelt key, a value of the wrong type) are printed
 as one line, `dp-<command>: <message>`, with exit code 2 and no traceback.
 """
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 def _conf_dir() -> Path:
     """The commands' Hydra configs: the copy an installed package carries (the wheel puts the
-    repository's conf/ at envs/conf), else the checkout's conf/ (a checkout or an editable install)."""
+    repository's conf/ at common/conf), else the checkout's conf/ (a checkout or an editable install)."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "sampler").is_dir():
@@ -149,21 +150,47 @@ def _config_errors_in_one_line(name: str, schema: type | None) -> Iterator[None]
             os.environ["HYDRA_FULL_ERROR"] = before
 
 
-def command(config_name: str, schema: type | None = None,
-            aliases: dict[str, str] | None = None) -> Callable[[Callable[[Any], Any]], Callable[[], None]]:
+@contextlib.contextmanager
+def _user_errors_in_one_line(name: str) -> Iterator[None]:
+    """A mistake a user can fix, met while the command runs, ends it in one line (`fail`)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from common.errors import UserError
+
+    try:
+        yield
+    except UserError as err:
+        fail(name, str(err))
+    except MissingMandatoryValue as err:
+        fail(name, f"{err.full_key}: required")
+    except FileNotFoundError as err:
+        fail(name, f"{err.filename}: no such file or directory")
+    except OSError as err:  # a file that cannot be written or read (permissions, a full disk)
+        if err.filename is None:
+            raise
+        fail(name, f"{err.filename}: {err.strerror or err}")
+    except KeyboardInterrupt:
+        fail(name, "interrupted; nothing incomplete was left at the output path", 130)
+
+
+def command(config_name: str, schema: type | None = None, aliases: dict[str, str] | None = None,
+            before: Callable[[Any], None] | None = None,
+            ) -> Callable[[Callable[[Any], Any]], Callable[[], None]]:
     """Make `fn(cfg)` a console-script entry point reading `conf/<config_name>.yaml`.
 
     `schema`, a dataclass, is registered as `<config_name>_schema` so the YAML can put it first
     in its defaults list: a misspelt key or a wrong type then fails before any work starts.
+    `fn` receives an instance of `schema`, built once here (`OmegaConf.to_object`: nested
+    dataclasses too, their `__post_init__` checks run), so a value left `???` is one line
+    `<key>: required` and a check's UserError one line too. `before(cfg)`, given, checks the
+    composed config ahead of that conversion (dp-import names what is missing with its usage).
     `aliases` maps a command-line key to the config key it sets: a key named like a config group
     (`sampler=ddim` for dp-align, where `conf/sampler/` holds presets) would otherwise be taken by
     Hydra as a choice of that group.
     """
     import hydra
     from hydra.core.config_store import ConfigStore
-    from omegaconf.errors import MissingMandatoryValue
-
-    from envs.errors import UserError
+    from omegaconf import OmegaConf
 
     if schema is not None:
         ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
@@ -176,27 +203,18 @@ def command(config_name: str, schema: type | None = None,
             extra = [k for k in cfg if schema is not None and k not in _keys(schema)]
             if extra:
                 fail(name, _unknown_key(str(extra[0]), schema))
-            try:
-                return fn(cfg)
-            except UserError as err:
-                fail(name, str(err))
-            except MissingMandatoryValue as err:
-                fail(name, f"{err.full_key}: required")
-            except FileNotFoundError as err:
-                fail(name, f"{err.filename}: no such file or directory")
-            except OSError as err:  # a file that cannot be written or read (permissions, a full disk)
-                if err.filename is None:
-                    raise
-                fail(name, f"{err.filename}: {err.strerror or err}")
-            except KeyboardInterrupt:
-                fail(name, "interrupted; nothing incomplete was left at the output path", 130)
+            with _user_errors_in_one_line(name):
+                if before is not None:
+                    before(cfg)
+                return fn(OmegaConf.to_object(cfg) if schema is not None else cfg)
 
         hydra_main = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)
 
         def main() -> None:
             if not (CONF_DIR / f"{config_name}.yaml").is_file():
-                fail(name, f"{CONF_DIR / config_name}.yaml: no such file; this installation lacks its configs "
-                           "(conf/ in a checkout, envs/conf in an installed package): reinstall parapolicy")
+                fail(name, f"{CONF_DIR / config_name}.yaml: no such file; this installation lacks its "
+                           "configs (conf/ in a checkout, common/conf in an installed package): "
+                           "reinstall parapolicy")
             argv = [_alias(arg, aliases) for arg in sys.argv[1:]] if aliases else sys.argv[1:]
             _check_group_choices(name, argv)
             sys.argv = [name, *argv, *HYDRA_QUIET]

@@ -3,8 +3,8 @@ steps), the device-independent cost, for the presets and their peers. Reads dp-e
 files; writes one PNG. The latencies of those evaluations came from runs that shared the cores,
 so the x axis is the count that decides latency on every device (docs/rounds.md).
 
-    uv run python docs/experiments/rounds_plot.py outputs/eval-rules-square outputs/eval-peers-square \
-        outputs/eval-w16-square --out rollouts/results/pareto-rules-square.png
+    uv run python experiments/rounds_plot.py outputs/eval-rules-square outputs/eval-peers-square \
+        outputs/eval-w16-square --out experiments/results/pareto-rules-square.png
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.files import save_figure
 from rollouts.report import read_rows
 
 LABELS = {  # dp-eval label -> short name on the plot
     "ddpm100": "DDPM-100",
     "paraddpm100:window=100,anderson=4,tol=1.0,floor=0.03,warm=true": "ParaDDPM-100, new, window 100",
-    "paraddpm100:window=16,anderson=4,tol=1.0,floor=0.03,warm=true": "ParaDDPM-100, new, window 16 (preset here)",
+    "paraddpm100:window=16,anderson=4,tol=1.0,floor=0.03,warm=true": "ParaDDPM-100, new, "
+                                                                     "window 16 (preset here)",
     "paraddpm100:window=100,anderson=4,rule=x0,tol=0.02,warm=true": "ParaDDPM-100, x0 rule",
     "falcon100:start=70": "Falcon, start 70",
     "falcon100": "Falcon, start 50",
@@ -60,9 +62,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out)
+    save_figure(fig, out, dpi=110)
     print(f"wrote {out}")
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from envs.errors import UserError
+from common.errors import UserError
 
 NAME = ".lock"
 
@@ -50,8 +50,8 @@ def exclusive(out: str | Path, command: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{out}: in use by {_holder(path)}; wait for it to finish, or choose another out=") \
-                from None
+            raise UserError(f"{out}: in use by {_holder(path)}; wait for it to finish, "
+                            "or choose another out=") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"command": command, "pid": os.getpid(), "since": time.time()}).encode(), 0)
         try:

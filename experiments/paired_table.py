@@ -2,7 +2,7 @@
 each sampler against the run's reference on the seeds both ran, McNemar's exact p and the paired
 95 % interval, and whether the difference is real (p < 0.05).
 
-    uv run python docs/experiments/paired_table.py outputs/sweep32-square
+    uv run python experiments/paired_table.py outputs/sweep32-square
 """
 
 import sys
@@ -13,7 +13,8 @@ from rollouts.report import compare, read_rows
 
 def main(out: str) -> None:
     rows = compare(read_rows(Path(out) / "results.json"))
-    print("| sampler | success (95 % CI) | p50 / p95 ms | vs reference (paired 95 % CI) | only this / only ref | McNemar p | real? |")
+    print("| sampler | success (95 % CI) | p50 / p95 ms | vs reference (paired 95 % CI) | only this / only "
+          "ref | McNemar p | real? |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         lo, hi = r["success_ci95"]

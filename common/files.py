@@ -1,4 +1,5 @@
-"""Hidden work directories for atomic writes, named for the process that owns them.
+"""Writes a reader never sees half done: a file written beside its destination and renamed into
+place, a directory built in a hidden partial directory and renamed into place when complete.
 
 A store or checkpoint is built in `.<name>.<pid>-<random>.partial` beside its destination and
 renamed into place when complete. A process killed with SIGKILL cannot remove its own; the next
@@ -9,6 +10,7 @@ and never one that a live process is still writing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -83,7 +85,51 @@ def remove_stale_partials(parent: Path, name: str | None = None) -> list[Path]:
     removed = []
     for p in parent.glob(f".{name if name is not None else '*'}.*{SUFFIX}"):
         owner = _OWNER.search(p.name)
-        if p.is_dir() and (owner is None or (int(owner.group(1)) != os.getpid() and not _alive(int(owner.group(1))))):
+        pid = int(owner.group(1)) if owner is not None else None
+        if p.is_dir() and (pid is None or (pid != os.getpid() and not _alive(pid))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write the file in; leaving the block without an error
+    renames it to `path` (a reader sees the old file or the new one, never half of one), with an
+    error removes it. The name holds this process's id, so concurrent writers of one file (workers
+    sharing a cache) never write into each other's, and keeps the suffix: `np.savez` appends
+    `.npz` to a name without it, and savefig and OpenCV choose the format by it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data, indent: int = 1) -> None:
+    write_text(path, json.dumps(data, indent=indent))
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure to `path` (PNG) atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+        plt.close(fig)
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """Point the symbolic link `link` at `target`, atomically: a reader following `link` finds the
+    old target or the new one, never no link."""
+    with atomic_path(link) as tmp:
+        tmp.unlink(missing_ok=True)  # one a killed process of the same id left behind
+        tmp.symlink_to(target)

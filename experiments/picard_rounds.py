@@ -3,7 +3,7 @@ sequential-step units (from the 2-core batch-scaling curve in the README) of Par
 along closed-loop observation sequences (consecutive plans are real neighbours, 8 steps apart).
 Counts only; wall-clock speed is dp-bench's job.
 
-    uv run python docs/experiments/picard_rounds.py outputs/lift 24 \\
+    uv run python experiments/picard_rounds.py outputs/lift 24 \\
         paraddpm:steps=100,window=16,tol=0.1 paraddpm:steps=100,window=16,tol=0.1,anderson=4,warm=true
 """
 import sys
@@ -15,7 +15,8 @@ import policy
 from policy.samplers import SamplerConfig
 from policy.windows import episode_sequences
 
-CURVE = {1: 1.0, 2: 2.16, 4: 2.41, 8: 3.07, 16: 3.99, 32: 5.76}  # cost(batch p) / cost(batch 1), lift UNet, 2 cores
+# cost(batch p) / cost(batch 1), lift UNet, 2 cores
+CURVE = {1: 1.0, 2: 2.16, 4: 2.41, 8: 3.07, 16: 3.99, 32: 5.76}
 
 
 def cost(rows: int) -> float:
@@ -51,8 +52,8 @@ def main(checkpoint: str, n: int, specs: list[str]) -> None:
             iters.append(res.parallel_iters)
             evals.append(res.model_evals)
             costs.append(sum(cost(r) for r in rows))
-        print(f"{spec:60s} rounds {np.mean(iters):5.1f} (max {max(iters)})  evaluations {np.mean(evals):6.1f}  "
-              f"cost {np.mean(costs):5.1f} sequential steps", flush=True)
+        print(f"{spec:60s} rounds {np.mean(iters):5.1f} (max {max(iters)})  evaluations "
+              f"{np.mean(evals):6.1f}  cost {np.mean(costs):5.1f} sequential steps", flush=True)
 
 
 if __name__ == "__main__":
