@@ -34,37 +34,9 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from policy.samplers.spec import check_backend as check  # noqa: F401 (the spec checks a backend; named here too)
+from policy.samplers.spec import installed
 
-BACKENDS = ("auto", "torch", "openvino")
-
-
-def installed(name: str) -> bool:
-    if name != "openvino":
-        return True
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check(backend: str | None, precision: str | None = None, capture: str | None = None) -> None:
-    """One-line errors for a backend that does not exist, is not installed, or cannot run the
-    precision or capture asked for."""
-    if backend is None:
-        return
-    if backend not in BACKENDS:
-        raise UserError(f"sampler.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend != "openvino":
-        return
-    if not installed(backend):
-        raise UserError(f"sampler.backend: {backend} is not installed here (pip install {backend}); "
-                        "backend=torch or auto run without it")
-    if precision not in (None, "fp32"):
-        raise UserError(f"sampler.backend: {backend} runs the network in fp32; "
-                        f"precision={precision} is torch's")
-    if capture == "graph":
-        raise UserError(f"sampler.backend: {backend} runs on the CPU; capture=graph is for torch on CUDA")
 
 
 def check_device(backend: str | None, device: torch.device) -> None:

@@ -31,18 +31,12 @@ import torch
 
 from common.errors import UserError
 from policy import backends
+from policy.samplers.spec import check_backend
+from policy.samplers.spec import check_runtime as check
 from policy.device import sync
 from policy.network import SinusoidalStepEmbedding
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CAPTURES = ("auto", "none", "pad", "graph")
-
-
-def check(capture: str | None, precision: str | None) -> None:
-    if capture is not None and capture not in CAPTURES:
-        raise UserError(f"sampler.capture: {capture!r} is not one of {', '.join(CAPTURES)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise UserError(f"sampler.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def resolve_capture(capture: str | None, device: torch.device) -> str:
@@ -66,7 +60,7 @@ class Denoiser:
     def __init__(self, net: torch.nn.Module, precision: str = "fp32", capture: str = "none",
                  device: torch.device | None = None, backend: str = "torch"):
         check(capture, precision)
-        backends.check(backend, precision, capture)
+        check_backend(backend, precision, capture)
         self.net, self.precision, self.capture, self.backend = net, precision, capture, backend
         self.device = device if device is not None else next(net.parameters()).device
         if capture == "graph" and self.device.type != "cuda":

@@ -189,18 +189,59 @@ def check(cfg: SamplerConfig) -> dict:
     return options
 
 
+# How the policy runs the network (policy/denoiser.py, policy/backends.py): the names a spec may use.
+CAPTURES = ("auto", "none", "pad", "graph")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BACKENDS = ("auto", "torch", "openvino")
+
+
+def installed(backend: str) -> bool:
+    if backend != "openvino":
+        return True
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_runtime(capture: str | None, precision: str | None) -> None:
+    if capture is not None and capture not in CAPTURES:
+        raise UserError(f"sampler.capture: {capture!r} is not one of {', '.join(CAPTURES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"sampler.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def check_backend(backend: str | None, precision: str | None = None, capture: str | None = None) -> None:
+    """One-line errors for a backend that does not exist, is not installed, or cannot run the
+    precision or capture asked for."""
+    if backend is None:
+        return
+    if backend not in BACKENDS:
+        raise UserError(f"sampler.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend != "openvino":
+        return
+    if not installed(backend):
+        raise UserError(f"sampler.backend: {backend} is not installed here (pip install {backend}); "
+                        "backend=torch or auto run without it")
+    if precision not in (None, "fp32"):
+        raise UserError(f"sampler.backend: {backend} runs the network in fp32; "
+                        f"precision={precision} is torch's")
+    if capture == "graph":
+        raise UserError(f"sampler.backend: {backend} runs on the CPU; capture=graph is for torch on CUDA")
+
+
 def check_name(name: str) -> None:
     if name not in EVERY:
         raise UserError(f"sampler.name: unknown sampler {name!r}; known: {', '.join(sorted(EVERY))}")
 
 
 def _check_policy_options(cfg: SamplerConfig) -> None:
-    from policy import backends, denoiser
     from policy.samplers.inpaint import MODES
 
     aligner_choice(cfg)
-    denoiser.check(cfg.capture, cfg.precision)
-    backends.check(cfg.backend, cfg.precision, cfg.capture)
+    check_runtime(cfg.capture, cfg.precision)
+    check_backend(cfg.backend, cfg.precision, cfg.capture)
     if cfg.inpaint is not None and cfg.inpaint not in MODES:
         raise UserError(f"sampler.inpaint: {cfg.inpaint!r} is not one of {', '.join(MODES)}")
     if "start" in options_of(cfg.name) and bool(cfg.warm) != bool(cfg.start):
