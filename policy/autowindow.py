@@ -128,7 +128,7 @@ def measure(policy, cfg, cond: torch.Tensor, plans: int = 3, curve: list[dict] |
     Returns {"window": best, "rows": [...], "curve": curve}."""
     from policy.samplers import chain_of
 
-    fn = policy._sample_fn
+    fn = policy._sampling.fn
     opts = {k: v for k, v in policy.sample_options().items() if k != "window"}
     n = chain_of(cfg, policy.cfg.schedule.num_train_timesteps)[1]
     windows = candidates(n, cfg.rule)

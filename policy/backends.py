@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from policy.samplers.spec import check_backend as check  # noqa: F401 (the spec checks a backend; named here too)
+from policy.samplers.spec import check_backend as check  # noqa: F401 (also named here)
 from policy.samplers.spec import installed
 
 

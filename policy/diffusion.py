@@ -108,7 +108,7 @@ class DiffusionPolicy(nn.Module):
     @property
     def sampler(self) -> SamplerConfig:
         """The sampler `plan` and `sample` use; setting it checks its options (one-line errors)."""
-        return self._sampler
+        return self._sampling.spec
 
     @sampler.setter
     def sampler(self, cfg: SamplerConfig) -> None:
@@ -142,20 +142,8 @@ class DiffusionPolicy(nn.Module):
         self._sampling = sampling
 
     @property
-    def _sampler(self) -> SamplerConfig:
-        return self._sampling.spec
-
-    @property
-    def _sample_fn(self):
-        return self._sampling.fn
-
-    @property
     def _sample_options(self) -> dict:
         return self._sampling.options
-
-    @property
-    def _auto_window(self) -> bool:
-        return self._sampling.auto_window
 
     @property
     def warm(self) -> WarmStart:
@@ -165,10 +153,6 @@ class DiffusionPolicy(nn.Module):
     @property
     def generator(self) -> torch.Generator | None:
         return self.session.generator
-
-    @property
-    def last_encode_ms(self) -> float:
-        return self.session.encode_ms
 
     @property
     def denoiser(self) -> Denoiser:
@@ -225,7 +209,7 @@ class DiffusionPolicy(nn.Module):
     def sample_options(self, denoiser: Denoiser | None = None) -> dict:
         """The sampler function's options as the next plan uses them (padding when `denoiser`,
         default the policy's, is captured)."""
-        pad = (denoiser or self.denoiser).pad and takes_pad(self._sample_fn)
+        pad = (denoiser or self.denoiser).pad and takes_pad(self._sampling.fn)
         return {**self._sample_options, **({"pad": True} if pad else {})}
 
     def choose_window(self, obs: torch.Tensor | None = None) -> dict | None:
@@ -233,7 +217,7 @@ class DiffusionPolicy(nn.Module):
         (cached; measured on observation histories `obs` [B, n_obs, D] if not yet: by default the
         one at the centre of the normalizer's range, for a server or loop to choose before its
         first plan), now in use. Returns the measurement (None when the window is not auto)."""
-        if not self._auto_window:
+        if not self._sampling.auto_window:
             return None
         if obs is None:
             obs = self.neutral_obs()
@@ -324,7 +308,7 @@ class DiffusionPolicy(nn.Module):
                                                                              advance)
         elif noise is None:
             noise = torch.randn(shape, generator=generator, device=self.device)
-        if self._auto_window and self._sample_options["window"] is None:
+        if self._sampling.auto_window and self._sample_options["window"] is None:
             self.choose_window(obs)
         denoiser = self.denoiser
         start = time.perf_counter()
@@ -333,7 +317,7 @@ class DiffusionPolicy(nn.Module):
             torch.cuda.synchronize(self.device)
         session.encode_ms = (time.perf_counter() - start) * 1e3
         with denoiser.planning():
-            result = self._sample_fn(denoiser, cond, self.scheduler, noise, generator,
+            result = self._sampling.fn(denoiser, cond, self.scheduler, noise, generator,
                                      **self.sample_options(denoiser), **extra)
         if warmed:
             session.warm.keep(result.chain)
