@@ -29,6 +29,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore, ZipStore
 
+from common.closing import Closeable
 from common.errors import UserError
 from common.files import make_partial, remove_stale_partials
 from envs.errors import StoreError
@@ -344,7 +345,7 @@ def store_size_mb(path: str | os.PathLike) -> float:
 # -- reading ------------------------------------------------------------------------------------
 
 
-class DemoStore:
+class DemoStore(Closeable):
     """A demonstration store opened for reading (see `open_store`).
 
     Arrays are read from disk on each access and returned as numpy arrays the caller owns.
@@ -411,11 +412,6 @@ class DemoStore:
             self._zip.close()
             self._zip = None
 
-    def __enter__(self) -> DemoStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"DemoStore({str(self.path)!r}, task={self.task!r}, {self.n_episodes} episodes, "

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from common.closing import Closeable
 from policy import safety
 from rollouts import wire
 
@@ -28,7 +29,7 @@ class PolicyServerError(RuntimeError):
     """The server refused a request (its one-line reason is the message)."""
 
 
-class PolicyClient:
+class PolicyClient(Closeable):
     """One connection to `dp-serve`. A request that gets no reply within `timeout` seconds raises
     TimeoutError and closes the connection: the late reply would otherwise be read as the answer
     to the next request, an action chunk for an older observation. The next request reconnects
@@ -76,11 +77,6 @@ class PolicyClient:
             self.ws.close()
             self.ws = None
 
-    def __enter__(self) -> PolicyClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def load_test(host: str, port: int, clients: int = 8, requests: int = 500) -> dict:
@@ -130,7 +126,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-class ServerProcess:
+class ServerProcess(Closeable):
     """`dp-serve` for `checkpoint` with `sampler` (a SamplerConfig) in a child process, on a free
     port of 127.0.0.1; `close()` (or leaving the `with`) stops it."""
 
@@ -170,8 +166,3 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
 
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

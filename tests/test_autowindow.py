@@ -59,7 +59,7 @@ def test_auto_window_is_measured_once_cached_and_used(checkpoint, cache, monkeyp
     pol = _policy(checkpoint, "paraddpm100:steps=30,window=auto")
     obs = np.zeros((2, pol.obs_dim), np.float32)
     first = pol.plan(obs)
-    chosen = pol._sample_options["window"]
+    chosen = pol.sample_options()["window"]
     assert chosen in candidates(30, "paper") and calls == [1]
     entry = json.loads(cache.read_text())
     assert len(entry) == 1 and next(iter(entry.values()))["window"] == chosen
@@ -67,7 +67,7 @@ def test_auto_window_is_measured_once_cached_and_used(checkpoint, cache, monkeyp
     pol.plan(obs)
     other = _policy(checkpoint, "paraddpm100:steps=30,window=auto")  # another process: the file cache
     other.plan(obs)
-    assert calls == [1] and other._sample_options["window"] == chosen
+    assert calls == [1] and other.sample_options()["window"] == chosen
     # the same plan as the fixed window it chose, on the same noise
     fixed = _policy(checkpoint, f"paraddpm100:steps=30,window={chosen}")
     pol.seed(3), fixed.seed(3)
@@ -82,7 +82,7 @@ def test_auto_window_errors_and_the_chunk_rule(checkpoint, cache):
         sampler_preset("paraddpm100:window=wide")
     pol = _policy(checkpoint, "paraddpm100:steps=20,window=auto,rule=chunk,tol=0.01")
     pol.plan(np.zeros((2, pol.obs_dim), np.float32))
-    assert pol._sample_options["window"] == 20  # the chunk rule takes only the whole chain
+    assert pol.sample_options()["window"] == 20  # the chunk rule takes only the whole chain
 
 
 def test_dp_bench_measures_auto_windows_before_timing_and_shows_them(checkpoint, cache, tmp_path):
@@ -102,11 +102,11 @@ def test_a_server_or_loop_chooses_the_window_before_its_first_plan(checkpoint, c
     from rollouts.realtime import LocalPlanner
 
     pol = _policy(checkpoint, "paraddpm100:steps=20")  # the preset: window auto
-    assert pol._sample_options["window"] is None
+    assert pol.sample_options()["window"] is None
     LocalPlanner(pol)
-    chosen = pol._sample_options["window"]
+    chosen = pol.sample_options()["window"]
     assert chosen in {4, 8, 16, 20} and json.loads(cache.read_text())  # measured and cached
     measured = dict(pol._windows)
     pol.plan(np.zeros((2, pol.obs_dim), np.float32))
-    assert pol._windows == measured and pol._sample_options["window"] == chosen
+    assert pol._windows == measured and pol.sample_options()["window"] == chosen
     assert _policy(checkpoint, "paraddpm100paper:steps=20").choose_window() is None  # a fixed window
