@@ -105,10 +105,10 @@ class Planner(Protocol):
 class LocalPlanner:
     """The policy in this process (plans run in the loop's background thread)."""
 
-    def __init__(self, policy):
-        from policy.warm import PlanSession
-
-        self.policy, self.session = policy, PlanSession()  # the episode's plan state is the planner's
+    def __init__(self, policy, session=None):
+        # the plan state this planner's episodes carry (`policy.warm.PlanSession`); by default the
+        # policy's own, so `policy.seed` seeds it as it seeds `policy.plan`
+        self.policy, self.session = policy, policy.session if session is None else session
         # window=auto chosen, runtime calls compiled: before the loop's first plan, not during it
         policy.prepare()
         self.n_obs_steps, self.n_action_steps = policy.cfg.n_obs_steps, policy.cfg.n_action_steps

@@ -84,15 +84,16 @@ def test_guidance_bends_the_chunk_toward_the_prefix_with_one_vjp_per_step(net, s
 
 def constrained(net, mode: str, seed: int, prefix_seed: int, frozen: int, overlap: int):
     """The denoiser, noise, condition and inpainting job of an exactness check, with the bound the
-    twins must meet: float32 by replacement; float64 by guidance (the guided step divides by
-    sqrt(abar) twice, so float32 rounding of differently batched rows reaches 5e-5 near the noise)."""
-    dtype = torch.float64 if mode == "guide" else torch.float32
+    twins must meet, in float64: a step near the noise divides the network's output by sqrt(abar)
+    (twice when guided), so float32 rounding of differently batched rows reaches 1.5e-4 there
+    (DDPM, 2 steps, one thread) while the twins are the same chain."""
+    dtype = torch.float64
     noise, cond = (v.to(dtype) for v in inputs(2, seed=seed))
     prefix = 0.8 * torch.tanh(torch.randn(2, 16, 7, generator=torch.Generator().manual_seed(prefix_seed),
                                           dtype=dtype))
-    den = Differentiable(net, double=True) if mode == "guide" else net
+    den = Differentiable(net, double=True)
     job = Inpaint(prefix, rtc_weights(16, frozen=frozen, overlap=overlap), mode=mode)
-    return den, noise, cond, job, (1e-9 if mode == "guide" else 1e-5)
+    return den, noise, cond, job, 1e-9
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
