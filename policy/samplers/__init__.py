@@ -28,7 +28,7 @@ from typing import Callable
 from policy.samplers.result import SampleResult
 from policy.samplers.spec import (ALIGNER_OFF, ALIGNER_ON, ALIGNER_STRATEGIES, FLOATS, INTS, PARALLEL,
                                   POLICY_OPTIONS, SEQUENTIAL, SamplerConfig, aligner_choice, chain_of, check,
-                                  check_name, solver_of)
+                                  check_name, options_of, solver_of)
 
 CHAIN_OPTIONS = ("solver", "steps", "spacing", "taus", "step_noise", "init", "inpaint")  # build_chain's
 
@@ -55,9 +55,7 @@ class Sampler:
     @property
     def options(self) -> frozenset[str]:
         """The options it takes from a config."""
-        from policy.samplers.spec import options_of as taken
-
-        return taken(self.name)
+        return options_of(self.name)
 
     def default(self, key: str):
         return inspect.signature(self.run).parameters[key].default
@@ -67,7 +65,8 @@ def _picard_options(options: dict) -> dict:
     """ParaDiGMS's rule, tol and floor as one acceptance `Rule`."""
     from policy.samplers.acceptance import Rule
 
-    rule = Rule(options.pop("rule", "paper"), options.pop("tol", 0.1), options.pop("floor", 0.0))
+    fields = {"rule": "name", "tol": "tol", "floor": "floor"}  # the rest are Rule's own defaults
+    rule = Rule(**{field: options.pop(key) for key, field in fields.items() if key in options})
     return {**options, "rule": rule}
 
 
@@ -82,11 +81,6 @@ def get_sampler(name: str) -> Sampler:
     if name in PARALLEL:
         return Sampler(name, paradigms, name[4:])
     return Sampler(name, piadm, None)
-
-
-def options_of(sampler: Sampler | str) -> frozenset[str]:
-    """The keyword options a sampler takes from a config."""
-    return sampler.options if isinstance(sampler, Sampler) else get_sampler(sampler).options
 
 
 def takes_pad(sampler: Sampler) -> bool:

@@ -24,6 +24,7 @@ class Chain:
     step_noise: torch.Tensor  # [n, B, horizon, A] each step's scaled noise
     init: torch.Tensor | None  # [B, n + 1, horizon, A] a guess of the whole chain, or None
     pull: BoundInpaint | NoInpaint  # toward committed actions (NO_INPAINT: none)
+    samples: torch.Tensor  # [B] 0..B-1, each sample's row index (made once, not once a step)
 
     @property
     def n(self) -> int:
@@ -52,4 +53,4 @@ def build_chain(scheduler, noise: torch.Tensor, generator: torch.Generator | Non
     if init is not None and init.shape != expected:
         raise ValueError(f"init: shape {tuple(init.shape)}, expected {expected}")
     pull = NO_INPAINT if inpaint is None else inpaint.bind(plan, noise)
-    return Chain(plan, noise, step_noise, init, pull)
+    return Chain(plan, noise, step_noise, init, pull, torch.arange(noise.shape[0], device=noise.device))

@@ -91,7 +91,7 @@ class PicardWindow:
         noise, n, B = chain.noise, chain.n, chain.batch
         self.c, self.n, self.p, self.pad = chain, n, min(window, n), pad
         self.z = chain.step_noise.transpose(0, 1)  # [B, n, ...]
-        self.samples = torch.arange(B, device=noise.device)
+        self.samples = chain.samples
         self.offsets = torch.arange(self.p, device=noise.device)
         self.points = self._first_guess()
         self.history = new_history(chain.plan, noise)

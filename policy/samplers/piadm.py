@@ -47,7 +47,7 @@ def piadm(denoiser, cond: torch.Tensor, chain: Chain, *, blocks: int = 4, picard
     n, B = chain.n, chain.batch
     if not 1 <= blocks <= n:
         raise UserError(f"sampler.blocks: {blocks} must be in 1..{n} (the step count)")
-    x = chain.pull(chain.noise, 0, torch.arange(B, device=chain.noise.device))
+    x = chain.pull(chain.noise, 0, chain.samples)
     every, history = [x], new_history(chain.plan, chain.noise)
     evals = rounds = 0
     for block in np.array_split(np.arange(n), blocks):
@@ -79,10 +79,9 @@ def _picard_round(denoiser, cond, chain: Chain, points, lagged, s: int, it: int,
     """Round `it` of the block starting at step `s`: one denoiser call at the points not yet exact
     (those before `it` are, since round it - 1, and keep their `lagged` terms), then the block's
     points rebuilt. Returns the evaluations."""
-    plan, pull, B = chain.plan, chain.pull, chain.batch
-    samples = torch.arange(B, device=points.device)
+    plan, pull, samples = chain.plan, chain.pull, chain.samples
     m = torch.arange(it, len(points) - 1, device=points.device)
-    rows_m, rows_b = m.repeat_interleave(B), samples.repeat(len(m))
+    rows_m, rows_b = m.repeat_interleave(len(samples)), samples.repeat(len(m))
     k = rows_m + s
     x_rows = points[rows_m, rows_b]
     mean = step_rows(plan, denoiser, cond, x_rows, k, rows_b, history, guide=pull.guide)

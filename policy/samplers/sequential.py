@@ -30,7 +30,7 @@ def sequential(denoiser, cond: torch.Tensor, chain: Chain, *, start: int = 0, ca
     plan, pull, noise = chain.plan, chain.pull, chain.noise
     _check_start(plan, start)
     history = new_history(plan, noise)
-    rows = torch.arange(chain.batch, device=noise.device)
+    rows = chain.samples
     points = pull(noise, 0, rows)[:, None].repeat(1, plan.n + 1, *([1] * (noise.dim() - 1)))
     first = start if chain.init is not None else 0
     if first:
