@@ -5,7 +5,8 @@ states}` with a JSON `env_args` attribute on `data`), low-dim or image (`obs/<ca
 uint8 frames are kept, one array per camera). `render_store` re-renders a low-dim store's saved
 states into camera frames, as robomimic's `dataset_states_to_obs` does. `dp-import in=demo.hdf5
 out=data/x.zarr [overwrite=true]` is the command line of the first, `dp-import in=data/x.zarr
-out=data/x_image.zarr obs=image` of the second.
+out=data/x_image.zarr obs=image` of the second, `dp-import in=<LeRobotDataset folder>
+out=data/x.zarr` of `envs.lerobot.import_lerobot`.
 """
 
 from __future__ import annotations
@@ -343,6 +344,7 @@ ImportConfig = dataclasses.dataclass(init=False, repr=False, eq=False)(
 )
 
 _USAGE = ("usage: dp-import in=demo.hdf5 out=data/lift.zarr [overwrite=true]; "
+          "dp-import in=<LeRobotDataset folder> out=data/arm.zarr; "
           "dp-import in=data/lift.zarr out=data/lift_image.zarr obs=image (render cameras from saved states)")
 
 
@@ -356,11 +358,18 @@ def _require_in_and_out(cfg: Any) -> None:
 
 
 def _run(cfg: ImportConfig) -> None:
+    from envs.lerobot import import_lerobot, is_lerobot
+
     obs = cfg.obs
     source = Path(getattr(cfg, "in"))
     is_store = source.is_dir() or (source.suffix == ".zip" and source.is_file())
     try:
-        if is_store:
+        if is_lerobot(source):
+            if obs.image:
+                raise UserError(f"obs: {source} is a LeRobotDataset; its video features are imported as "
+                                "camera frames without obs=image")
+            out = import_lerobot(source, cfg.out, overwrite=cfg.overwrite)
+        elif is_store:
             out = render_store(source, cfg.out, obs, overwrite=cfg.overwrite)
         elif obs.image:
             raise UserError(f"obs: {source} is a robomimic file; its image keys are imported as they "

@@ -16,7 +16,7 @@ COMMANDS = {
     "dp-rollout": "rollouts.rollout", "dp-bench": "rollouts.bench", "dp-align": "rollouts.align",
     "dp-serve": "rollouts.serve", "dp-eval": "rollouts.evaluate", "dp-report": "rollouts.report",
     "dp-quickstart": "rollouts.quickstart", "dp-export": "policy.zoo",
-    "dp-devicecheck": "rollouts.devicecheck",
+    "dp-devicecheck": "rollouts.devicecheck", "dp-export-lerobot": "envs.lerobot",
 }
 
 
@@ -36,6 +36,10 @@ def dp_collect() -> None:
 
 def dp_import() -> None:
     run("dp-import")
+
+
+def dp_export_lerobot() -> None:
+    run("dp-export-lerobot")
 
 
 def dp_train() -> None:

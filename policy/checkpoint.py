@@ -133,18 +133,18 @@ def check_description(policy: DiffusionPolicy, path: Path) -> None:
     recorded = read_file(path, lambda p: safe_open(p, "pt").metadata() or {}).get(DESCRIPTION)
     if recorded is None:
         return
-    diff = _first_difference(json.loads(recorded), _description(policy))
+    diff = saved_difference(json.loads(recorded), _description(policy))
     if diff is not None:
         key, saved, now = diff
         raise UserError(f"{path.parent / 'policy.json'}: {key} is {now!r}, but the weights were saved with "
                         f"{saved!r}; the file was edited or belongs to other weights")
 
 
-def _first_difference(saved, now, where: str = "") -> tuple[str, object, object] | None:
+def saved_difference(saved, now, where: str = "") -> tuple[str, object, object] | None:
     """(dotted key, saved value, current value) of the first key of `saved` that `now` differs in."""
     if isinstance(saved, dict) and isinstance(now, dict):
         for k, v in saved.items():
-            d = _first_difference(v, now.get(k), f"{where}.{k}" if where else k)
+            d = saved_difference(v, now.get(k), f"{where}.{k}" if where else k)
             if d is not None:
                 return d
         return None

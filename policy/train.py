@@ -66,6 +66,7 @@ class TrainConfig:
     stop_at: int | None = None  # stop (with a checkpoint) after this step, as an interruption would
     progress: bool = True
     nproc: int = 1  # processes on this machine training data parallel (torchrun's launcher, run for you)
+    init: str | None = None  # a fresh run starts from this policy's EMA weights (a run, checkpoint or zoo/)
 
     def __post_init__(self):
         """Numbers that cannot make a run fail here, before anything is read or written."""
@@ -171,6 +172,20 @@ def validation_loss(policy: DiffusionPolicy, net: torch.nn.Module, val: Batches,
         policy.train()
 
 
+def start_from(model: torch.nn.Module, init: str, policy: PolicyConfig) -> None:
+    """Load the EMA weights of the policy at `init` into `model` (fine-tuning a trained policy on
+    more data or for more steps); its network must be the one `policy` describes. The normalizer
+    is the new run's, fitted on its own store."""
+    from policy.checkpoint import resolve, saved_difference
+
+    ckpt = resolve(init)
+    diff = saved_difference(load_meta(ckpt)["config"], json.loads(json.dumps(asdict(policy))), "policy")
+    if diff is not None:
+        key, a, b = diff
+        raise UserError(f"init: {ckpt} has {key}={a!r}, this run {b!r}; start from a policy with the same network")
+    load_weights(model, ckpt / "weights_ema.safetensors")
+
+
 def check_resumable(resume: Path, state: dict, cfg: TrainConfig) -> None:
     """Refuse to resume checkpoint `resume` (its trainer `state`) with another policy config or
     another store, naming what differs; the same store spelled differently (relative, absolute,
@@ -229,6 +244,8 @@ class _Run:
         self.model = self.policy.trainable  # the denoiser, and an image policy's encoder with it
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.95, 0.999),
                                            weight_decay=cfg.weight_decay)
+        if cfg.init is not None:
+            start_from(self.model, cfg.init, cfg.policy)
         self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True,
                             inv_gamma=1.0, power=cfg.ema_power)
         self.ema_net = copy.deepcopy(self.model)
