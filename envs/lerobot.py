@@ -35,15 +35,17 @@ from common.errors import UserError
 from common.files import building
 from envs.errors import SourceError
 from envs.store import check_destination, open_store, write_store
+from envs.tasks import EXTERNAL
 
 CODEBASE_VERSION = "v3.0"
-EXTERNAL = "external"  # the task of a store imported from outside the simulator
 BOOKKEEPING = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 NUMERIC = ("float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 IMAGE_PREFIX = "observation.images."
 DATA_FILE = "data/chunk-000/file-000.parquet"
 EPISODES_FILE = "meta/episodes/chunk-000/file-000.parquet"
 VIDEO_FILE = "videos/{key}/chunk-000/file-000.mp4"
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 CRF = 18  # h264 quality of exported video: ~40 dB on rendered frames (LeRobot records at 30)
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)  # the stats LeRobot 0.4 writes beside min/max/mean/std
 
@@ -59,7 +61,10 @@ def require() -> None:
 
 
 def is_lerobot(path: str | os.PathLike) -> bool:
-    return (Path(path) / "meta" / "info.json").is_file()
+    """A folder laid out as a LeRobotDataset (a meta/ folder, not a zarr group): read_info says
+    what, if anything, it lacks."""
+    path = Path(path)
+    return (path / "meta").is_dir() and not any((path / z).exists() for z in ("zarr.json", ".zgroup"))
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -115,7 +120,8 @@ def read_info(root: Path) -> dict:
         if key not in info:
             raise SourceError(f"{path}: no {key!r}")
     if not str(info["codebase_version"]).startswith("v3"):
-        raise SourceError(f"{path}: codebase_version {info['codebase_version']}; only v3.0 is read (convert it "
+        raise SourceError(f"{path}: codebase_version {info['codebase_version']}; only v3.0 is read "
+                          "(convert it "
                           "with LeRobot: python -m lerobot.datasets.v30.convert_dataset_v21_to_v30)")
     return info
 
@@ -142,8 +148,8 @@ def plan_features(info: dict, where: Path, action_key: str = "action") -> Plan:
             skipped.append(key)
     action = feats[action_key]
     if action.dtype not in NUMERIC or len(action.shape) != 1:
-        raise SourceError(f"{where}: features.{action_key}: dtype {action.dtype!r} shape {list(action.shape)}; "
-                          "actions must be a numeric vector")
+        raise SourceError(f"{where}: features.{action_key}: dtype {action.dtype!r} shape "
+                          f"{list(action.shape)}; actions must be a numeric vector")
     if not obs:
         raise SourceError(f"{where}: features: no numeric observation.* feature to observe")
     return Plan(obs, action, videos, feats.get("next.reward"), feats.get("next.success"), skipped)
@@ -246,7 +252,7 @@ class Videos:
         if None in (chunk, file, start):
             raise SourceError(f"{self.root / 'meta' / 'episodes'}: episode {ep['episode_index']}: no video "
                               f"span for {key}")
-        template = self.info.get("video_path") or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+        template = self.info.get("video_path") or VIDEO_PATH
         path = self.root / template.format(video_key=key, chunk_index=chunk, file_index=file)
         if path not in self.cache:
             self.cache = {path: decode_video(path)}  # episodes come in file order: keep one file
@@ -344,8 +350,9 @@ class Column:
             return {"dtype": self.dtype, "shape": list(self.shape), "names": self.names}
         h, w, c = self.shape
         return {"dtype": "video", "shape": [h, w, c], "names": ["height", "width", "channels"],
-                "info": {"video.height": h, "video.width": w, "video.codec": "h264", "video.pix_fmt": "yuv420p",
-                         "video.is_depth_map": False, "video.fps": fps, "video.channels": c, "has_audio": False}}
+                "info": {"video.height": h, "video.width": w, "video.codec": "h264",
+                         "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
+                         "video.channels": c, "has_audio": False}}
 
 
 def _names(layout: dict[str, list[int]]) -> list[str]:
@@ -469,7 +476,8 @@ def _write_tasks(dest: Path, tasks: list[list[str]], ends: np.ndarray) -> int:
          "metadata": None}], "attributes": {}, "creator": {"library": "pyarrow", "version": pa.__version__}}
     table = pa.table({"task_index": pa.array(np.arange(len(unique))), "__index_level_0__": pa.array(unique)})
     (dest / "meta").mkdir(exist_ok=True)
-    pq.write_table(table.replace_schema_metadata({"pandas": json.dumps(pandas)}), dest / "meta" / "tasks.parquet")
+    table = table.replace_schema_metadata({"pandas": json.dumps(pandas)})
+    pq.write_table(table, dest / "meta" / "tasks.parquet")
     data = pq.read_table(dest / DATA_FILE)
     starts = np.concatenate([[0], ends[:-1]])
     per_frame = np.repeat([unique.index(t[0]) for t in tasks], ends - starts)
@@ -491,12 +499,14 @@ def _write_episodes(dest: Path, columns: list[Column], tasks: list[list[str]], e
     for c in (c for c in columns if c.dtype == "video"):
         table.update({f"videos/{c.key}/chunk_index": np.zeros(n, np.int64),
                       f"videos/{c.key}/file_index": np.zeros(n, np.int64),
-                      f"videos/{c.key}/from_timestamp": starts / fps, f"videos/{c.key}/to_timestamp": ends / fps})
+                      f"videos/{c.key}/from_timestamp": starts / fps,
+                      f"videos/{c.key}/to_timestamp": ends / fps})
     table.update({"meta/episodes/chunk_index": np.zeros(n, np.int64),
                   "meta/episodes/file_index": np.zeros(n, np.int64)})
     path = dest / EPISODES_FILE
     path.parent.mkdir(parents=True)
-    pq.write_table(pa.table({k: pa.array(v) if isinstance(v, np.ndarray) else v for k, v in table.items()}), path)
+    pq.write_table(pa.table({k: pa.array(v) if isinstance(v, np.ndarray) else v
+                             for k, v in table.items()}), path)
 
 
 def _info(columns: list[Column], n_frames: int, n_episodes: int, n_tasks: int, fps: int,
@@ -504,11 +514,10 @@ def _info(columns: list[Column], n_frames: int, n_episodes: int, n_tasks: int, f
     bookkeeping = {k: {"dtype": "float32" if k == "timestamp" else "int64", "shape": [1], "names": None}
                    for k in BOOKKEEPING}
     return {"codebase_version": CODEBASE_VERSION, "robot_type": robot_type, "total_episodes": n_episodes,
-            "total_frames": n_frames, "total_tasks": n_tasks, "chunks_size": 1000, "data_files_size_in_mb": 100,
-            "video_files_size_in_mb": 200, "fps": fps, "splits": {"train": f"0:{n_episodes}"},
-            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-            "video_path": ("videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-                           if any(c.dtype == "video" for c in columns) else None),
+            "total_frames": n_frames, "total_tasks": n_tasks, "chunks_size": 1000,
+            "data_files_size_in_mb": 100, "video_files_size_in_mb": 200, "fps": fps,
+            "splits": {"train": f"0:{n_episodes}"}, "data_path": DATA_PATH,
+            "video_path": VIDEO_PATH if any(c.dtype == "video" for c in columns) else None,
             "features": {**{c.key: c.describe(fps) for c in columns}, **bookkeeping}}
 
 
@@ -522,7 +531,7 @@ def check_lerobot_destination(out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite:
             raise UserError(f"{out}: already exists; pass overwrite=true to replace it")
-        if not is_lerobot(out):
+        if not (out / "meta" / "info.json").is_file():
             raise UserError(f"{out}: not a LeRobotDataset (no meta/info.json); overwrite=true replaces only "
                             "one, so remove it yourself or choose another path")
 
@@ -543,7 +552,8 @@ def export_lerobot(store_path: str | os.PathLike, out: str | os.PathLike, overwr
         for c in (c for c in columns if c.dtype == "video"):
             encode_video(dest / VIDEO_FILE.format(key=c.key), c.values, fps)
         stats = {c.key: _stats(np.asarray(c.values), c.dtype == "video") for c in columns}
-        robot = (store.attrs.get("lerobot") or {}).get("robot_type") or (store.attrs.get("env") or {}).get("robots")
+        robot = ((store.attrs.get("lerobot") or {}).get("robot_type")
+                 or (store.attrs.get("env") or {}).get("robots"))
         info = _info(columns, int(ends[-1]), len(ends), n_tasks, fps, robot)
         (dest / "meta" / "info.json").write_text(json.dumps(info, indent=2))
         (dest / "meta" / "stats.json").write_text(json.dumps(stats, indent=2))

@@ -22,6 +22,11 @@ HORIZON = 400  # control steps per episode, robomimic's PH protocol
 ACTION_DIM = 7  # OSC_POSE delta: dx dy dz, axis-angle drx dry drz, gripper (-1 open, +1 close)
 
 
+# The task of a store imported from outside the simulator (a LeRobotDataset): it says itself what
+# is observed and acted on; no env runs it.
+EXTERNAL = "external"
+
+
 @dataclass
 class TaskConfig:
     """The `task` config group of every command (conf/task/<name>.yaml)."""

@@ -31,7 +31,7 @@ from common.errors import UserError
 from common.lock import exclusive
 from common.files import remove_stale_partials
 from envs.store import open_store
-from envs.tasks import ObsConfig, TaskConfig, get_task
+from envs.tasks import EXTERNAL, ObsConfig, TaskConfig, get_task
 from policy.device import resolve_device
 from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
 from policy.diffusion import DiffusionPolicy, PolicyConfig, TrainingLoss
@@ -113,8 +113,29 @@ class Batches:
         return self.get(rows if share is None else rows[share[0]:share[1]], device)
 
 
-def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, dict]:
+def store_layout(cfg: TrainConfig, store, obs_cfg: ObsConfig) -> tuple[dict, dict]:
+    """The observation layout a policy trained on `store` records, and what else its metadata
+    says of the store: a robosuite task's, or for task=external the store's own (its features,
+    for a robot client to send)."""
+    if cfg.task.name == EXTERNAL:
+        if obs_cfg.image:
+            raise UserError("obs: task=external trains on the store's numeric features (obs=state); "
+                            "its camera frames are kept in the store")
+        if not store.attrs.get("obs_layout"):
+            raise UserError(f"{cfg.data}: records no obs_layout (an imported LeRobotDataset does)")
+        lerobot = store.attrs.get("lerobot") or {}
+        features = {k: lerobot.get(k) for k in ("features", "obs", "action", "fps")}
+        return store.attrs["obs_layout"], {"features": features}
     spec = get_task(cfg.task.name)
+    if store["obs"].shape[1] != spec.obs_dim:
+        raise UserError(f"{cfg.data}: data/obs has {store['obs'].shape[1]} dims; "
+                        f"task {spec.name} has {spec.obs_dim}")
+    if obs_cfg.image:
+        return spec.layout(obs_cfg), {"obs": obs_cfg.to_dict()}
+    return store.attrs.get("obs_layout") or {k: list(v) for k, v in spec.obs_layout.items()}, {}
+
+
+def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, dict]:
     obs_cfg = ObsConfig.from_dict(cfg.obs)
     with open_store(cfg.data, task=cfg.task.name) as store:
         if store.n_episodes < cfg.min_episodes:
@@ -123,14 +144,10 @@ def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, di
         for key in ("obs", "action"):
             if key not in store.keys:
                 raise UserError(f"{cfg.data}: data/{key}: missing")
-        if store["obs"].shape[1] != spec.obs_dim:
-            raise UserError(f"{cfg.data}: data/obs has {store['obs'].shape[1]} dims; "
-                            f"task {spec.name} has {spec.obs_dim}")
+        layout, described = store_layout(cfg, store, obs_cfg)
         obs = read_observations(store, obs_cfg, str(cfg.data))
         action = np.asarray(store["action"], dtype=np.float32)
         ends = store.episode_ends
-        layout = (store.attrs.get("obs_layout") or {k: list(v) for k, v in spec.obs_layout.items()}
-                  if not obs_cfg.image else spec.layout(obs_cfg))
     p = cfg.policy
     train_eps, val_eps = episode_split(len(ends), cfg.val_fraction, cfg.seed)
     train_rows = window_index(ends, train_eps, p.horizon, p.n_obs_steps, p.n_action_steps)
@@ -139,9 +156,9 @@ def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, di
     train_steps = np.concatenate([np.arange(starts[e], ends[e]) for e in train_eps])
     # An image policy normalizes its proprioception only; the encoder takes the frames as they are.
     normalizer = Normalizer.fit({"obs": obs.parts[0][train_steps], "action": action[train_steps]})
-    meta = {"task": spec.name, "obs_layout": {k: list(v) for k, v in layout.items()}, "data": str(cfg.data),
-            "train_episodes": train_eps.tolist(), "val_episodes": val_eps.tolist(),
-            **({"obs": obs_cfg.to_dict()} if obs_cfg.image else {})}
+    meta = {"task": cfg.task.name, "obs_layout": {k: list(v) for k, v in layout.items()},
+            "data": str(cfg.data), "train_episodes": train_eps.tolist(), "val_episodes": val_eps.tolist(),
+            **described}
     val = Batches(obs, action, val_rows, p) if len(val_rows) else None
     return Batches(obs, action, train_rows, p), val, normalizer, meta
 
@@ -182,7 +199,8 @@ def start_from(model: torch.nn.Module, init: str, policy: PolicyConfig) -> None:
     diff = saved_difference(load_meta(ckpt)["config"], json.loads(json.dumps(asdict(policy))), "policy")
     if diff is not None:
         key, a, b = diff
-        raise UserError(f"init: {ckpt} has {key}={a!r}, this run {b!r}; start from a policy with the same network")
+        raise UserError(f"init: {ckpt} has {key}={a!r}, this run {b!r}; "
+                        "start from a policy with the same network")
     load_weights(model, ckpt / "weights_ema.safetensors")
 
 

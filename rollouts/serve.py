@@ -12,7 +12,9 @@ works unchanged:
   for an image policy openpi's keys: `observation/image` and `observation/wrist_image` (uint8
   [H, W, 3], or [n_obs, H, W, 3] with the history; other sizes are resized to the policy's) and
   `observation/state` (float [9] or [n_obs, 9]: eef position, quaternion, gripper); a single frame
-  stands for the whole history, as at an episode's start
+  stands for the whole history, as at an episode's start; a policy trained on an imported
+  LeRobotDataset (task=external) also takes the dataset's features by name (`observation.state`:
+  float [width] or [n_obs, width]), which its metadata lists under `features`
   (optionally `"n_actions": int`, up to `max_actions`, for a loop that executes chunks
   asynchronously, and `"advance": int`, the control steps since this connection's previous
   request, for a warm-started sampler: each connection keeps its own warm state, and a request
@@ -168,10 +170,30 @@ class PolicyService:
                       "state_key": OPENPI_STATE_KEY, "state_dim": p.encoder.low_dim}
         return {"name": "parapolicy", "task": p.meta.get("task"), "checkpoint": p.meta.get("checkpoint"),
                 "step": p.meta.get("step"), "obs_key": OBS_KEY, "obs_shape": [p.cfg.n_obs_steps, p.obs_dim],
-                **images,
+                **images, **self.features(),
                 "action_dim": p.action_dim, "horizon": p.cfg.horizon, "n_action_steps": p.cfg.n_action_steps,
                 "max_actions": p.max_actions,
                 "sampler": {k: v for k, v in vars(p.sampler).items() if v is not None}}
+
+    def features(self) -> dict:
+        """An imported dataset's features (a policy trained with task=external): what a robot client
+        sends, by name, instead of the flat history: each `[n_obs, width]` or `[width]`."""
+        described = self.policy.meta.get("features")
+        if not described:
+            return {}
+        layout, feats = self.policy.meta["obs_layout"], described.get("features") or {}
+        observation = {k: {"shape": [b - a], "names": (feats.get(k) or {}).get("names"), "slice": [a, b]}
+                       for k, (a, b) in layout.items()}
+        key = described.get("action")
+        action = {"key": key, "names": (feats.get(key) or {}).get("names")}
+        return {"features": {"observation": observation, "action": action, "fps": described.get("fps")}}
+
+    def feature_history(self, obs: dict) -> np.ndarray:
+        """The flat observation history of a request that sends the dataset's features by name."""
+        n = self.policy.cfg.n_obs_steps
+        layout = self.policy.meta["obs_layout"]
+        return np.concatenate([self._steps(obs, k, (b - a,), n).astype(np.float32)
+                               for k, (a, b) in layout.items()], axis=1)
 
     def needs_decoding(self, obs) -> bool:
         """Whether a request carries openpi-style images to turn into the flat history (the costly
@@ -186,8 +208,13 @@ class PolicyService:
                 check_image_size(key, obs.get(key))
 
     def decode(self, obs: dict) -> dict:
-        """The request with its images made into the flat observation history."""
-        return {**obs, OBS_KEY: self.image_history(obs)} if self.needs_decoding(obs) else obs
+        """The request with its images, or its named features, made into the flat observation history."""
+        if self.needs_decoding(obs):
+            return {**obs, OBS_KEY: self.image_history(obs)}
+        if OBS_KEY not in obs and self.policy.meta.get("features") and any(
+                k in obs for k in self.policy.meta["obs_layout"]):
+            return {**obs, OBS_KEY: self.feature_history(obs)}
+        return obs
 
     def check(self, obs) -> tuple[np.ndarray, int | None, int | None]:
         """The observation history, action count and advance of a request, or a ValueError naming
