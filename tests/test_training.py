@@ -90,6 +90,22 @@ def test_same_seed_same_run(store, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.net.parameters(), b.net.parameters()))
 
 
+def test_a_fresh_run_starts_from_another_policys_weights(store, tmp_path):
+    """init= fine-tunes: the new run's first weights are the given policy's EMA weights (a run
+    at lr ~0 keeps them); a resumed run ignores it; another network is one line."""
+    source = policy.load(train(_cfg(store, tmp_path / "src", steps=10)))
+    tuned = policy.load(train(_cfg(store, tmp_path / "ft", steps=1, lr=1e-30, init=str(tmp_path / "src"))),
+                        ema=False)
+    for a, b in zip(source.net.parameters(), tuned.net.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    fresh = policy.load(train(_cfg(store, tmp_path / "scratch", steps=1, lr=1e-30)), ema=False)
+    assert any(not torch.allclose(a, b) for a, b in zip(source.net.parameters(), fresh.net.parameters()))
+    wide = PolicyConfig(unet=UNetConfig(down_dims=[16, 64], step_embed_dim=16, n_groups=4))
+    with pytest.raises(UserError, match=r"init: .*src.* has policy.unet.down_dims=\[16, 32\], "
+                                        r"this run \[16, 64\]"):
+        train(_cfg(store, tmp_path / "bad", steps=1, init=str(tmp_path / "src"), policy=wide))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
     train(_cfg(store, tmp_path / "nan", steps=50, stop_at=2))
     with pytest.raises(UserError, match=r"loss: became (nan|inf) at step \d+; .* last good checkpoint is "
