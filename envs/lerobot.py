@@ -445,7 +445,10 @@ def _arrow_column(column: Column):
                                     pa.array(values.reshape(-1)))
 
 
-def _write_data(dest: Path, columns: list[Column], ends: np.ndarray, fps: int) -> None:
+def _write_data(dest: Path, columns: list[Column], ends: np.ndarray, fps: int,
+                task_index: np.ndarray) -> None:
+    """data/chunk-000/file-000.parquet: every frame's features and LeRobot's bookkeeping columns
+    (`task_index`: each episode's, per frame)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -455,35 +458,28 @@ def _write_data(dest: Path, columns: list[Column], ends: np.ndarray, fps: int) -
     frame = np.arange(n) - starts[episode]
     table = {c.key: _arrow_column(c) for c in columns if c.dtype != "video"}
     table.update({"timestamp": pa.array((frame / fps).astype(np.float32)), "frame_index": pa.array(frame),
-                  "episode_index": pa.array(episode), "index": pa.array(np.arange(n))})
-    table["task_index"] = pa.array(np.zeros(n, dtype=np.int64))  # filled in by _write_tasks
+                  "episode_index": pa.array(episode), "index": pa.array(np.arange(n)),
+                  "task_index": pa.array(task_index[episode])})
     path = dest / DATA_FILE
     path.parent.mkdir(parents=True)
     pq.write_table(pa.table(table), path)
 
 
-def _write_tasks(dest: Path, tasks: list[list[str]], ends: np.ndarray) -> int:
-    """meta/tasks.parquet (a pandas frame indexed by the task string, as LeRobot reads it) and
-    each frame's task_index; the number of tasks."""
+def _write_tasks(dest: Path, unique: list[str]) -> None:
+    """meta/tasks.parquet: a pandas frame indexed by the task string, as LeRobot reads it (pandas
+    itself is not needed to write one: its schema metadata says which column is the index)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    unique = list(dict.fromkeys(t[0] for t in tasks))
     pandas = {"index_columns": ["__index_level_0__"], "column_indexes": [], "columns": [
         {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
          "metadata": None},
         {"name": None, "field_name": "__index_level_0__", "pandas_type": "unicode", "numpy_type": "object",
          "metadata": None}], "attributes": {}, "creator": {"library": "pyarrow", "version": pa.__version__}}
     table = pa.table({"task_index": pa.array(np.arange(len(unique))), "__index_level_0__": pa.array(unique)})
-    (dest / "meta").mkdir(exist_ok=True)
     table = table.replace_schema_metadata({"pandas": json.dumps(pandas)})
+    (dest / "meta").mkdir(exist_ok=True)
     pq.write_table(table, dest / "meta" / "tasks.parquet")
-    data = pq.read_table(dest / DATA_FILE)
-    starts = np.concatenate([[0], ends[:-1]])
-    per_frame = np.repeat([unique.index(t[0]) for t in tasks], ends - starts)
-    data = data.set_column(data.column_names.index("task_index"), "task_index", pa.array(per_frame))
-    pq.write_table(data, dest / DATA_FILE)
-    return len(unique)
 
 
 def _write_episodes(dest: Path, columns: list[Column], tasks: list[list[str]], ends: np.ndarray,
@@ -546,15 +542,16 @@ def export_lerobot(store_path: str | os.PathLike, out: str | os.PathLike, overwr
     with open_store(store_path) as store, building(out) as dest:
         columns, tasks = _columns(store)
         ends, fps = np.asarray(store.episode_ends), _fps(store)
-        _write_data(dest, columns, ends, fps)
-        n_tasks = _write_tasks(dest, tasks, ends)
+        unique = list(dict.fromkeys(t[0] for t in tasks))
+        _write_data(dest, columns, ends, fps, np.array([unique.index(t[0]) for t in tasks]))
+        _write_tasks(dest, unique)
         _write_episodes(dest, columns, tasks, ends, fps)
         for c in (c for c in columns if c.dtype == "video"):
             encode_video(dest / VIDEO_FILE.format(key=c.key), c.values, fps)
         stats = {c.key: _stats(np.asarray(c.values), c.dtype == "video") for c in columns}
         robot = ((store.attrs.get("lerobot") or {}).get("robot_type")
                  or (store.attrs.get("env") or {}).get("robots"))
-        info = _info(columns, int(ends[-1]), len(ends), n_tasks, fps, robot)
+        info = _info(columns, int(ends[-1]), len(ends), len(unique), fps, robot)
         (dest / "meta" / "info.json").write_text(json.dumps(info, indent=2))
         (dest / "meta" / "stats.json").write_text(json.dumps(stats, indent=2))
     return out
