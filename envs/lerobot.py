@@ -38,6 +38,7 @@ from envs.store import check_destination, open_store, write_store
 from envs.tasks import EXTERNAL
 
 CODEBASE_VERSION = "v3.0"
+ACTION = "action"  # the feature a policy learns to output (LeRobot's name for it)
 BOOKKEEPING = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 NUMERIC = ("float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 IMAGE_PREFIX = "observation.images."
@@ -71,17 +72,33 @@ def is_lerobot(path: str | os.PathLike) -> bool:
 
 @dataclass
 class Feature:
+    """One feature of a dataset: LeRobot's description of it and, to be written, its values
+    ([rows, *shape])."""
+
     key: str
     dtype: str
     shape: tuple[int, ...]
     names: Any = None
+    values: Any = None
+
+    @classmethod
+    def of(cls, key: str, values, dtype: str, names: Any = None) -> Feature:
+        return cls(key, dtype, tuple(values.shape[1:]) or (1,), names, values)
 
     @property
     def width(self) -> int:
         return int(np.prod(self.shape))
 
-    def describe(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape), "names": self.names}
+    def describe(self, fps: float | None = None) -> dict:
+        """info.json's entry; a video's with its codec settings when `fps` is given (writing)."""
+        entry = {"dtype": self.dtype, "shape": list(self.shape), "names": self.names}
+        if self.dtype != "video" or fps is None:
+            return entry
+        h, w, c = self.shape
+        return {**entry, "names": ["height", "width", "channels"],
+                "info": {"video.height": h, "video.width": w, "video.codec": "h264",
+                         "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
+                         "video.channels": c, "has_audio": False}}
 
 
 @dataclass
@@ -120,22 +137,21 @@ def read_info(root: Path) -> dict:
         if key not in info:
             raise SourceError(f"{path}: no {key!r}")
     if not str(info["codebase_version"]).startswith("v3"):
-        raise SourceError(f"{path}: codebase_version {info['codebase_version']}; only v3.0 is read "
-                          "(convert it "
-                          "with LeRobot: python -m lerobot.datasets.v30.convert_dataset_v21_to_v30)")
+        raise SourceError(f"{path}: codebase_version {info['codebase_version']}; only v3.0 is read (convert "
+                          "it with LeRobot: python -m lerobot.datasets.v30.convert_dataset_v21_to_v30)")
     return info
 
 
-def plan_features(info: dict, where: Path, action_key: str = "action") -> Plan:
+def plan_features(info: dict, where: Path) -> Plan:
     """The store's arrays from the dataset's features; SourceError naming a feature the store
     cannot hold (an image-typed, text or many-dimensional observation, a missing action)."""
     feats = {k: Feature(k, v.get("dtype"), tuple(v.get("shape", ())), v.get("names"))
              for k, v in info["features"].items()}
-    if action_key not in feats:
-        raise SourceError(f"{where}: features has no {action_key!r} (the actions to learn)")
+    if ACTION not in feats:
+        raise SourceError(f"{where}: features has no {ACTION!r} (the actions to learn)")
     obs, videos, skipped = [], [], []
     for key, f in feats.items():
-        if key in BOOKKEEPING or key == action_key:
+        if key in BOOKKEEPING or key == ACTION:
             continue
         if f.dtype == "video":
             videos.append(f)
@@ -146,9 +162,9 @@ def plan_features(info: dict, where: Path, action_key: str = "action") -> Plan:
                               "supported (numeric vectors and video are)")
         elif key not in ("next.reward", "next.success", "next.done"):
             skipped.append(key)
-    action = feats[action_key]
+    action = feats[ACTION]
     if action.dtype not in NUMERIC or len(action.shape) != 1:
-        raise SourceError(f"{where}: features.{action_key}: dtype {action.dtype!r} shape "
+        raise SourceError(f"{where}: features.{ACTION}: dtype {action.dtype!r} shape "
                           f"{list(action.shape)}; actions must be a numeric vector")
     if not obs:
         raise SourceError(f"{where}: features: no numeric observation.* feature to observe")
@@ -271,12 +287,12 @@ def _episode(data: dict[str, np.ndarray], ep: dict, plan: Plan) -> dict[str, np.
             "state": np.zeros((n, 0)), "reward": reward, "success": success}
 
 
-def read_lerobot(root: str | os.PathLike, action_key: str = "action") -> tuple[list[dict], dict]:
+def read_lerobot(root: str | os.PathLike) -> tuple[list[dict], dict]:
     """The episodes (store arrays) and store attributes of the LeRobotDataset at `root`."""
     require()
     root = Path(root)
     info = read_info(root)
-    plan = plan_features(info, root / "meta" / "info.json", action_key)
+    plan = plan_features(info, root / "meta" / "info.json")
     table = _read_tables(root / "data", "data")
     keys = [f.key for f in plan.obs] + [plan.action.key, "episode_index", "index"]
     keys += [f.key for f in (plan.reward, plan.success) if f is not None]
@@ -319,11 +335,10 @@ def _attrs(root: Path, info: dict, plan: Plan, episodes_meta: list[dict]) -> dic
     }
 
 
-def import_lerobot(root: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-                   action_key: str = "action") -> Path:
+def import_lerobot(root: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the LeRobotDataset at `root` as a store at `out` (atomically)."""
     out = check_destination(out, overwrite)
-    episodes, attrs = read_lerobot(root, action_key)
+    episodes, attrs = read_lerobot(root)
     return write_store(out, episodes, attrs, overwrite=overwrite)
 
 
@@ -332,34 +347,11 @@ def import_lerobot(root: str | os.PathLike, out: str | os.PathLike, overwrite: b
 ROBOSUITE_ACTION = ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]  # OSC_POSE deltas, then the gripper
 
 
-@dataclass
-class Column:
-    """One feature of the dataset to write: its description and its values, [rows, *shape]."""
-
-    key: str
-    values: np.ndarray
-    dtype: str
-    names: Any = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape[1:]) or (1,)
-
-    def describe(self, fps: float) -> dict:
-        if self.dtype != "video":
-            return {"dtype": self.dtype, "shape": list(self.shape), "names": self.names}
-        h, w, c = self.shape
-        return {"dtype": "video", "shape": [h, w, c], "names": ["height", "width", "channels"],
-                "info": {"video.height": h, "video.width": w, "video.codec": "h264",
-                         "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
-                         "video.channels": c, "has_audio": False}}
-
-
 def _names(layout: dict[str, list[int]]) -> list[str]:
     return [k if b - a == 1 else f"{k}_{i}" for k, (a, b) in layout.items() for i in range(b - a)]
 
 
-def _obs_columns(store) -> list[Column]:
+def _obs_columns(store) -> list[Feature]:
     """The observation vector split back into features: an imported store's own, or a robosuite
     store's object part (`observation.environment_state`) and proprioception (`observation.state`)."""
     obs = np.asarray(store["obs"], dtype=np.float32)
@@ -367,7 +359,7 @@ def _obs_columns(store) -> list[Column]:
     lerobot = store.attrs.get("lerobot")
     if lerobot:
         feats = lerobot["features"]
-        return [Column(k, obs[:, a:b].astype(feats[k]["dtype"]), feats[k]["dtype"], feats[k].get("names"))
+        return [Feature.of(k, obs[:, a:b].astype(feats[k]["dtype"]), feats[k]["dtype"], feats[k].get("names"))
                 for k, (a, b) in layout.items()]
     groups: dict[str, dict[str, list[int]]] = {}
     for key, span in layout.items():
@@ -376,28 +368,28 @@ def _obs_columns(store) -> list[Column]:
     columns = []
     for feature, spans in groups.items():
         cols = np.concatenate([np.arange(a, b) for a, b in spans.values()])
-        columns.append(Column(feature, obs[:, cols], "float32", _names(spans)))
+        columns.append(Feature.of(feature, obs[:, cols], "float32", _names(spans)))
     return columns
 
 
-def _columns(store) -> tuple[list[Column], list[list[str]]]:
+def _columns(store) -> tuple[list[Feature], list[list[str]]]:
     """Every feature to write, and each episode's task strings."""
     action = np.asarray(store["action"], dtype=np.float32)
     lerobot = store.attrs.get("lerobot") or {}
-    names = (lerobot.get("features", {}).get(lerobot.get("action"), {}).get("names")
+    names = (lerobot.get("features", {}).get(ACTION, {}).get("names")
              or (ROBOSUITE_ACTION if action.shape[1] == 7 and not lerobot else None))
     ends = store.episode_ends
     done = np.zeros(len(action), dtype=bool)
     done[ends - 1] = True
-    columns = [*_obs_columns(store), Column(lerobot.get("action", "action"), action, "float32", names),
-               Column("next.reward", np.asarray(store["reward"], dtype=np.float32), "float32"),
-               Column("next.done", done, "bool"),
-               Column("next.success", np.asarray(store["success"], dtype=bool), "bool")]
+    columns = [*_obs_columns(store), Feature.of(ACTION, action, "float32", names),
+               Feature.of("next.reward", np.asarray(store["reward"], dtype=np.float32), "float32"),
+               Feature.of("next.done", done, "bool"),
+               Feature.of("next.success", np.asarray(store["success"], dtype=bool), "bool")]
     cameras = lerobot.get("cameras") or {}
     for key in store.keys:
         if key.endswith("_image") and np.dtype(store[key].dtype) == np.uint8 and len(store[key].shape) == 4:
             camera = key[: -len("_image")]
-            columns.append(Column(cameras.get(camera, IMAGE_PREFIX + camera), store[key], "video"))
+            columns.append(Feature.of(cameras.get(camera, IMAGE_PREFIX + camera), store[key], "video"))
     tasks = lerobot.get("episode_tasks") or [[store.task or "task"]] * len(ends)
     return columns, [list(t) or ["task"] for t in tasks]
 
@@ -434,7 +426,7 @@ def encode_video(path: Path, frames, fps: int) -> None:
         container.mux(stream.encode())
 
 
-def _arrow_column(column: Column):
+def _arrow_column(column: Feature):
     import pyarrow as pa
 
     values = np.asarray(column.values)
@@ -445,7 +437,7 @@ def _arrow_column(column: Column):
                                     pa.array(values.reshape(-1)))
 
 
-def _write_data(dest: Path, columns: list[Column], ends: np.ndarray, fps: int,
+def _write_data(dest: Path, columns: list[Feature], ends: np.ndarray, fps: int,
                 task_index: np.ndarray) -> None:
     """data/chunk-000/file-000.parquet: every frame's features and LeRobot's bookkeeping columns
     (`task_index`: each episode's, per frame)."""
@@ -482,7 +474,7 @@ def _write_tasks(dest: Path, unique: list[str]) -> None:
     pq.write_table(table, dest / "meta" / "tasks.parquet")
 
 
-def _write_episodes(dest: Path, columns: list[Column], tasks: list[list[str]], ends: np.ndarray,
+def _write_episodes(dest: Path, columns: list[Feature], tasks: list[list[str]], ends: np.ndarray,
                     fps: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -505,7 +497,7 @@ def _write_episodes(dest: Path, columns: list[Column], tasks: list[list[str]], e
                              for k, v in table.items()}), path)
 
 
-def _info(columns: list[Column], n_frames: int, n_episodes: int, n_tasks: int, fps: int,
+def _info(columns: list[Feature], n_frames: int, n_episodes: int, n_tasks: int, fps: int,
           robot_type: str | None) -> dict:
     bookkeeping = {k: {"dtype": "float32" if k == "timestamp" else "int64", "shape": [1], "names": None}
                    for k in BOOKKEEPING}

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from common.cli import command
 from common.errors import UserError
 from common.files import atomic_path, building, remove_stale_partials, write_json
+from common.lock import NAME as LOCK
 from policy.checkpoint import load_meta, load_policy, read_file, resolve, weights_metadata
 
 WEIGHTS = "weights_ema.safetensors"
@@ -64,7 +65,8 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "",
             write_histories(pol, store, tmp / HISTORIES)
         shutil.copy2(ckpt / "normalizer.safetensors", tmp / "normalizer.safetensors")
         if (ckpt / "aligner").is_dir():
-            shutil.copytree(ckpt / "aligner", tmp / "aligner")
+            # not dp-align's lock file: it describes a process on this machine, not the policy
+            shutil.copytree(ckpt / "aligner", tmp / "aligner", ignore=shutil.ignore_patterns(LOCK))
         (tmp / "policy.json").write_text(json.dumps(meta, indent=1))
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 2**20
         if size > MAX_MB:

@@ -40,6 +40,16 @@ def test_export_writes_16_bit_weights_that_plan_like_the_checkpoint(checkpoint, 
     assert (again / WEIGHTS).is_file()
 
 
+def test_export_carries_the_aligner_but_not_its_lock(checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    (ckpt / "aligner").mkdir()
+    (ckpt / "aligner" / "ddim-5-uniform.json").write_text("{}")
+    (ckpt / "aligner" / ".lock").write_text('{"command": "dp-align"}')  # what a dp-align run leaves
+    out = export(ckpt, tmp_path / "zoo" / "lift")
+    assert sorted(p.name for p in (out / "aligner").iterdir()) == ["ddim-5-uniform.json"]
+
+
 def test_export_refuses_to_replace_what_is_not_a_zoo_policy(checkpoint, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
