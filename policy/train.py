@@ -157,8 +157,8 @@ def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, di
     # An image policy normalizes its proprioception only; the encoder takes the frames as they are.
     normalizer = Normalizer.fit({"obs": obs.parts[0][train_steps], "action": action[train_steps]})
     meta = {"task": cfg.task.name, "obs_layout": {k: list(v) for k, v in layout.items()},
-            "data": str(cfg.data), "train_episodes": train_eps.tolist(), "val_episodes": val_eps.tolist(),
-            **described}
+            # the training episodes are the store's others: not written, as they follow from these
+            "data": str(cfg.data), "val_episodes": val_eps.tolist(), **described}
     val = Batches(obs, action, val_rows, p) if len(val_rows) else None
     return Batches(obs, action, train_rows, p), val, normalizer, meta
 
