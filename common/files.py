@@ -50,19 +50,37 @@ def directory_mode() -> int:
 @contextlib.contextmanager
 def building(final: Path) -> Iterator[Path]:
     """A partial directory to build the directory `final` in. Leaving the block without an error
-    puts it in place of `final` (replacing what was there); with an error it is removed and
-    `final` is left as it was."""
-    tmp = make_partial(final.parent, final.name)
+    puts it in place of `final` (replacing what was there, which is deleted only once the new one
+    is in place); with an error it is removed and `final` is left as it was."""
+    holder = make_partial(final.parent, final.name)
+    tmp = holder / "new"
     try:
+        tmp.mkdir()
         yield tmp
-        # mkdtemp made it 0700: a checkpoint or zoo folder is as readable as any folder made here
-        os.chmod(tmp, directory_mode())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.chmod(tmp, directory_mode())  # as readable as any folder made here
+        replace_into(tmp, final, holder)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)
         raise
+    shutil.rmtree(holder, ignore_errors=True)
+
+
+OLD = "old"  # in a partial directory: the destination's previous contents, moved aside while replaced
+
+
+def replace_into(built: Path, final: Path, holder: Path) -> None:
+    """Put `built` at `final`. What `final` held is first moved to `holder/old` (never deleted
+    here): a kill between the two renames leaves it there, and `remove_stale_partials` puts it
+    back at `final` if nothing took its place. A failure of the second rename restores it now."""
+    if final.exists() or final.is_symlink():
+        os.replace(final, holder / OLD)
+        try:
+            os.replace(built, final)
+        except BaseException:
+            os.replace(holder / OLD, final)
+            raise
+    else:
+        os.replace(built, final)
 
 
 def _alive(pid: int) -> bool:
@@ -87,9 +105,21 @@ def remove_stale_partials(parent: Path, name: str | None = None) -> list[Path]:
         owner = _OWNER.search(p.name)
         pid = int(owner.group(1)) if owner is not None else None
         if p.is_dir() and (pid is None or (pid != os.getpid() and not _alive(pid))):
+            _restore_old(p, parent)
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+def _restore_old(partial: Path, parent: Path) -> None:
+    """A writer killed between moving its destination aside and putting the new one in its place
+    left the old contents in `partial/old`: back to the destination, if that is still empty."""
+    name = _OWNER.sub("", partial.name)[1:] if _OWNER.search(partial.name) else None
+    old = partial / OLD
+    if name and (old.exists() or old.is_symlink()):
+        final = parent / name
+        if not (final.exists() or final.is_symlink()):
+            os.replace(old, final)
 
 
 @contextlib.contextmanager

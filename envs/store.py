@@ -31,7 +31,7 @@ from zarr.storage import LocalStore, ZipStore
 
 from common.closing import Closeable
 from common.errors import UserError
-from common.files import make_partial, remove_stale_partials
+from common.files import make_partial, remove_stale_partials, replace_into
 from envs.errors import StoreError
 from envs.tasks import ObsConfig
 
@@ -151,15 +151,7 @@ def write_store(
             _zip_directory(built, tmp / "store.zip")
             built = tmp / "store.zip"
         check_destination(path, overwrite)  # something may have appeared while we wrote
-        if path.exists() or path.is_symlink():
-            os.replace(path, tmp / "old")  # moved, not deleted, until the new store is in place
-            try:
-                os.replace(built, path)
-            except BaseException:
-                os.replace(tmp / "old", path)
-                raise
-        else:
-            os.replace(built, path)
+        replace_into(built, path, tmp)  # the old store moved, not deleted, until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)

@@ -353,6 +353,41 @@ def test_stale_partials_are_removed_and_live_ones_kept(tmp_path):
     assert mine.exists() and other.exists()
 
 
+def test_a_kill_between_the_two_renames_of_a_replace_loses_nothing(tmp_path):
+    """A writer killed after moving the old destination aside, before the new one took its place:
+    the next run puts the old one back; where the new one did land, the old one is dropped."""
+    from common.files import building
+
+    final = tmp_path / "ckpt"
+    killed = tmp_path / f".ckpt.{dead_pid()}-k.partial"
+    (killed / "old").mkdir(parents=True)
+    (killed / "old" / "weights").write_text("old")
+    (killed / "new").mkdir()
+    remove_stale_partials(tmp_path, "ckpt")
+    assert (final / "weights").read_text() == "old" and not killed.exists()
+
+    with building(final) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (final / "weights").read_text() == "new" and not list(tmp_path.glob(".*.partial"))
+    landed = tmp_path / f".ckpt.{dead_pid()}-m.partial"
+    (landed / "old").mkdir(parents=True)
+    remove_stale_partials(tmp_path, "ckpt")
+    assert (final / "weights").read_text() == "new" and not landed.exists()
+
+
+def test_building_keeps_the_old_directory_when_the_build_fails(tmp_path):
+    from common.files import building
+
+    final = tmp_path / "ckpt"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    with pytest.raises(RuntimeError):
+        with building(final) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed")
+    assert (final / "weights").read_text() == "old" and not list(tmp_path.glob(".*.partial"))
+
+
 def _wait_for(predicate, timeout: float, proc) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
