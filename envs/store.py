@@ -153,11 +153,35 @@ def write_store(
         check_destination(path, overwrite)  # something may have appeared while we wrote
         replace_into(built, path, tmp)  # the old store moved, not deleted, until the new one is in place
     except BaseException:
+        _settle_zarr_writes()
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _settle_zarr_writes(timeout_s: float = 60.0) -> None:
+    """Wait for the chunk writes still running in zarr's event loop. One failed write (a full
+    disk) fails the array's assignment at once while zarr's other writes of it go on: a partial
+    store removed before they end would get back the folders they go on to create."""
+    import asyncio
+
+    from zarr.core import sync
+
+    loop = sync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def rest() -> None:
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
+            await asyncio.wait(others)
+
+    try:
+        asyncio.run_coroutine_threadsafe(rest(), loop).result(timeout_s)
+    except Exception:  # a clean-up: the failed write's own error is the one reported
+        pass
 
 
 def _check_episodes(path: Path, episodes: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[int]]:
