@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import os
 import signal
@@ -118,9 +119,13 @@ def _config_message(err: BaseException, schema: type | None) -> str:
     """One line for a Hydra/OmegaConf error: the key at fault first, then what is wrong."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+    from hydra.errors import OverrideParseException
+
     cause = err
-    while cause.__cause__ is not None:
+    while cause.__cause__ is not None and not isinstance(cause, OverrideParseException):
         cause = cause.__cause__
+    if isinstance(cause, OverrideParseException) and "=" in cause.override:
+        return _quoting_hint(cause.override, " ".join(cause.message.split()))
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
@@ -128,6 +133,17 @@ def _config_message(err: BaseException, schema: type | None) -> str:
         text = getattr(cause, "msg", None) or str(cause)
         return f"{key}: {text.splitlines()[0]}" if key else text.splitlines()[0]
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _quoting_hint(override: str, message: str) -> str:
+    """A command-line `key=value` Hydra's override grammar cannot read: its value unquoted holds a
+    character the grammar reserves or does not know (a non-ASCII letter in a path: `dätä`, `模型`,
+    a leading `~`, `#`, `=`, parentheses); quoted it is taken as it is."""
+    key, _, value = override.lstrip("+~").partition("=")
+    quote = '"' if "'" in value else "'"
+    outer = "'" if quote == '"' else '"'
+    return (f"{key}: Hydra cannot read {value!r} unquoted ({message.split(' See https')[0]}); quote it: "
+            f"{outer}{key}={quote}{value}{quote}{outer} (non-ASCII letters and ~ # = ( ) need quotes)")
 
 
 @contextlib.contextmanager
@@ -168,7 +184,9 @@ def _user_errors_in_one_line(name: str) -> Iterator[None]:
     except OSError as err:  # a file that cannot be written or read (permissions, a full disk)
         if err.filename is None:
             raise
-        fail(name, f"{err.filename}: {err.strerror or err}")
+        full = err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        fail(name, f"{err.filename}: {err.strerror or err}"
+                   + (" (the disk is full or a file-size limit was reached)" if full else ""))
     except KeyboardInterrupt:
         fail(name, "interrupted; nothing incomplete was left at the output path", 130)
 

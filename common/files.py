@@ -28,6 +28,45 @@ def make_partial(parent: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}-", suffix=SUFFIX, dir=parent))
 
 
+def unwritable(path: str | Path) -> str | None:
+    """Why nothing can be built at `path` (the nearest existing folder on the way to it named),
+    or None if a folder can be made there. Probed by making a folder, as the writers do:
+    permission bits alone do not say (root, read-only mounts)."""
+    d = Path(path).absolute()
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir():
+        return f"{d}: not a folder, so nothing can be written under it"
+    try:
+        os.rmdir(make_partial(d, "write-probe"))
+    except OSError as err:
+        return f"{d}: cannot write here ({err.strerror or err})"
+    return None
+
+
+def check_writable(path: str | Path, key: str = "out") -> None:
+    """A one-line `UserError` naming `key` unless a folder can be made at `path` and written.
+    Commands that write only at their end call it at their start."""
+    from common.errors import UserError
+
+    problem = unwritable(path)
+    if problem is not None:
+        raise UserError(f"{key}: {problem}; choose another {key}=")
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An OSError raised in the block that names no file is raised again naming `path`: a write
+    to an open file that fails (a full disk, a file-size limit) names none, and the commands print
+    an OSError that names its file in one line (`common.cli`)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
+
+
 def _umask() -> int:
     """This process's umask, read without changing it where the kernel says it (Linux 4.7+):
     setting it to read it back would race with other threads creating files."""
@@ -132,8 +171,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with naming(path):  # a failed write names the file it was for
+            yield tmp
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -31,6 +31,16 @@ class CollectConfig:
     max_attempts: int | None = None  # default: 2 * n_demos + 20
     overwrite: bool = False
 
+    def __post_init__(self):
+        """The numbers checked at start-up, before any worker starts: one line naming the key."""
+        from common.checks import check_number
+
+        check_number("n_demos", self.n_demos, 1, integer=True)
+        check_number("seed", self.seed, 0, integer=True)  # episode seeds seed, seed + 1, ...: a simulator's
+        check_number("workers", self.workers, 0, integer=True)  # 0: one per core
+        if self.max_attempts is not None:
+            check_number("max_attempts", self.max_attempts, 1, integer=True)
+
 
 # -- worker side: one environment per process, reused across episodes --------------------------
 _worker: dict[str, Any] = {}

@@ -25,9 +25,26 @@ def run(command: str) -> None:
     handling is one line, exit 130."""
     try:
         importlib.import_module(COMMANDS[command]).main()
-    except KeyboardInterrupt:
+    except SystemExit:  # the command's own exit (its one line already printed)
+        raise
+    except BaseException as err:
+        if not _interrupted(err):
+            raise
         print(f"{command}: interrupted; nothing incomplete was left at the output path", file=sys.stderr)
         sys.exit(130)
+
+
+def _interrupted(err: BaseException) -> bool:
+    """A Ctrl-C, or an error raised because of one: an import interrupted inside a library's own
+    set-up can surface as that library's error (numpy: "Unable to configure default
+    ndarray.__str__") with the KeyboardInterrupt as its cause."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def dp_collect() -> None:

@@ -31,7 +31,7 @@ from zarr.storage import LocalStore, ZipStore
 
 from common.closing import Closeable
 from common.errors import UserError
-from common.files import make_partial, remove_stale_partials, replace_into
+from common.files import make_partial, remove_stale_partials, replace_into, unwritable
 from envs.errors import StoreError
 from envs.tasks import ObsConfig
 
@@ -98,17 +98,10 @@ def _check_replaceable(path: Path) -> None:
 
 def _check_writable(directory: Path) -> None:
     """StoreError naming the nearest existing folder on the way to `directory` if a store cannot
-    be built there (read-only, not a folder). Probed by making a folder, which is what the writer
-    does: permission bits alone do not say (root, read-only mounts)."""
-    d = directory.absolute()
-    while not d.exists():
-        d = d.parent
-    if not d.is_dir():
-        raise StoreError(f"{d}: not a folder, so nothing can be written under it")
-    try:
-        os.rmdir(make_partial(d, "write-probe"))
-    except OSError as err:
-        raise StoreError(f"{d}: cannot write here ({err.strerror or err}); choose another path") from None
+    be built there (read-only, not a folder)."""
+    problem = unwritable(directory)
+    if problem is not None:
+        raise StoreError(f"{problem}; choose another path")
 
 
 def write_store(

@@ -15,6 +15,12 @@ The result is cached per device (its name and torch threads), checkpoint weights
 sampler setting, in the policy and in `$PARAPOLICY_CACHE` (default `~/.cache/parapolicy/window-auto.json`),
 so a process pays the measurement (seconds on a CPU) once per device and checkpoint. The rounds
 are those of cold plans; a warm sampler's first plan is cold too.
+
+The cache file is a convenience, not an input: anyone can edit it, and an older version may have
+written it. An entry is used only if it holds what a fresh measurement would (`valid_window`,
+`policy.backends.valid_choice`); any other entry, and a file that is not a JSON object, is
+ignored, measured again and written over (a window of 0 once reached OpenVINO as a zero-row call
+and corrupted its heap).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +107,22 @@ def key(policy, cfg) -> str:
                        "weights": weights_hash(policy), "sampler": setting}, sort_keys=True)
 
 
-def lookup(k: str) -> dict | None:
+def _table() -> dict:
+    """The cache file's entries; {} when it is missing, unreadable, not JSON or not a JSON object."""
     try:
-        return json.loads(cache_path().read_text()).get(k)
-    except (OSError, ValueError):
+        table = json.loads(cache_path().read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def lookup(k: str, valid: Callable[[object], bool] | None = None) -> dict | None:
+    """The cached entry under `k`, or None if there is none or it is not one `valid` accepts (a
+    damaged or hand-edited entry is measured again, never trusted)."""
+    entry = _table().get(k)
+    if entry is None or (valid is not None and not valid(entry)):
         return None
+    return entry
 
 
 def store(k: str, entry: dict) -> None:
@@ -112,14 +131,35 @@ def store(k: str, entry: dict) -> None:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
+        table = _table()
         table[k] = entry
         write_json(path, table, indent=1)
     except OSError:
         pass
+
+
+def is_count(v, low: int = 1) -> bool:
+    """`v` an integer (not a bool) of at least `low`."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def is_number(v) -> bool:
+    """`v` a finite number (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _rows_of(v, fields: tuple[str, ...]) -> bool:
+    return (isinstance(v, list) and len(v) > 0
+            and all(isinstance(r, dict) and all(is_number(r.get(f)) for f in fields) for r in v))
+
+
+def valid_window(entry, windows: list[int]) -> bool:
+    """`entry` is what `measure` returns when it tries `windows`: one of them (an integer), each
+    candidate's finite figures, the batch curve, the machine and its threads."""
+    return (isinstance(entry, dict) and is_count(entry.get("window")) and entry["window"] in windows
+            and _rows_of(entry.get("rows"), ("window", "rounds", "evals", "rows_per_round", "cost"))
+            and _rows_of(entry.get("curve"), ("batch", "ms", "ratio"))
+            and isinstance(entry.get("machine"), str) and is_count(entry.get("threads")))
 
 
 def measure(policy, cfg, cond: torch.Tensor, plans: int = 3, curve: list[dict] | None = None) -> dict:
@@ -156,8 +196,11 @@ def measure(policy, cfg, cond: torch.Tensor, plans: int = 3, curve: list[dict] |
 
 def choose(policy, cfg, cond: torch.Tensor) -> dict:
     """The cached choice for this device, checkpoint and setting, measured on `cond` if none."""
+    from policy.samplers import chain_of
+
     k = key(policy, cfg)
-    entry = lookup(k)
+    n = chain_of(cfg, policy.cfg.schedule.num_train_timesteps)[1]
+    entry = lookup(k, lambda e: valid_window(e, candidates(n, cfg.rule)))
     if entry is None:
         entry = measure(policy, cfg, cond)
         store(k, entry)

@@ -170,20 +170,40 @@ def choose(policy, cfg) -> dict:
     """For `backend=auto`: the backend this device runs `cfg`'s calls fastest on, as cached or
     measured now: {"backend", "rows", "ms": {name: median ms of one call}}."""
     from policy import autowindow
-    from policy.device import machine
 
-    if policy.device.type != "cpu" or not installed("openvino"):
+    # only torch runs 16-bit weights and CUDA graphs: auto never trades what was asked for speed
+    if (policy.device.type != "cpu" or not installed("openvino") or (cfg.precision or "fp32") != "fp32"
+            or cfg.capture == "graph"):
         return {"backend": "torch", "rows": None, "ms": {}}
     rows = typical_rows(policy, cfg)
-    key = json.dumps({"backend-auto": rows, "device": machine(policy.device),
-                      "threads": torch.get_num_threads(), "weights": autowindow.weights_hash(policy)},
-                     sort_keys=True)
-    entry = autowindow.lookup(key)
+    key = choice_key(policy, rows)
+    entry = autowindow.lookup(key, valid_choice)
     if entry is None:
         ms = {name: call_ms(policy, name, rows) for name in ("torch", "openvino")}
         entry = {"backend": min(ms, key=ms.get), "rows": rows, "ms": ms}
         autowindow.store(key, entry)
     return entry
+
+
+def choice_key(policy, rows: int) -> str:
+    """The cache key of `choose`'s measurement: calls of `rows` rows, this device, threads and weights."""
+    from policy import autowindow
+    from policy.device import machine
+
+    return json.dumps({"backend-auto": rows, "device": machine(policy.device),
+                       "threads": torch.get_num_threads(), "weights": autowindow.weights_hash(policy)},
+                      sort_keys=True)
+
+
+def valid_choice(entry) -> bool:
+    """`entry` is what `choose` measures: a backend it can choose, the rows, and each backend's
+    finite time (a cached "bogus" is measured again, not blamed on the user's sampler.backend)."""
+    from policy.autowindow import is_count, is_number
+
+    ms = entry.get("ms") if isinstance(entry, dict) else None
+    return (isinstance(ms, dict) and entry.get("backend") in ("torch", "openvino")
+            and is_count(entry.get("rows")) and set(ms) == {"torch", "openvino"}
+            and all(is_number(v) and v >= 0 for v in ms.values()))
 
 
 def call_ms(policy, backend: str, rows: int, reps: int = 15) -> float:

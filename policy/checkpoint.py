@@ -13,7 +13,10 @@ newest complete one.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -58,20 +61,39 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: DiffusionPolicy, ema
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
+    meta = {"step": step, "obs_dim": policy.obs_dim, "action_dim": policy.action_dim,
+            "config": asdict(policy.cfg), "meta": policy.meta,
+            "n_params": sum(p.numel() for p in policy.trainable.parameters())}
     with building(final) as tmp:
-        save_file(_state(policy.trainable), tmp / "weights.safetensors", weights_metadata(policy))
-        save_file(_state(ema_net), tmp / "weights_ema.safetensors", weights_metadata(policy))
-        save_file(policy.normalizer.state_dict(), tmp / "normalizer.safetensors")
-        meta = {"step": step, "obs_dim": policy.obs_dim, "action_dim": policy.action_dim,
-                "config": asdict(policy.cfg), "meta": policy.meta,
-                "n_params": sum(p.numel() for p in policy.trainable.parameters())}
-        (tmp / "policy.json").write_text(json.dumps(meta, indent=1))
-        (tmp / "config.yaml").write_text(config_yaml)
-        torch.save(trainer_state, tmp / "trainer.pt")
+        described = weights_metadata(policy)
+        for name, write in (
+                ("weights.safetensors", lambda f: save_file(_state(policy.trainable), f, described)),
+                ("weights_ema.safetensors", lambda f: save_file(_state(ema_net), f, described)),
+                ("normalizer.safetensors", lambda f: save_file(policy.normalizer.state_dict(), f)),
+                ("policy.json", lambda f: f.write_text(json.dumps(meta, indent=1))),
+                ("config.yaml", lambda f: f.write_text(config_yaml)),
+                ("trainer.pt", lambda f: torch.save(trainer_state, f))):
+            _write(tmp / name, final / name, write)
     replace_symlink(root / LATEST, final.name)  # atomic: `latest` is always a complete checkpoint
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write(tmp: Path, final: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)`; a failure to write, as an OSError naming `final` (printed in one line; the
+    partial checkpoint is removed). safetensors raises SafetensorError and torch.save a RuntimeError
+    (`unexpected pos 576 vs 534`) on a full disk, and a failed write of an open file names no file."""
+    try:
+        write(tmp)
+    except OSError as err:
+        raise OSError(err.errno or errno.EIO, err.strerror or str(err), str(final)) from err
+    except Exception as err:  # noqa: BLE001  (SafetensorError, RuntimeError: the write failed)
+        code = re.search(r"os error (\d+)", str(err))
+        why = (os.strerror(int(code.group(1))) if code else
+               f"the write failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+               "the disk may be full or a file-size limit reached")
+        raise OSError(int(code.group(1)) if code else errno.EIO, why, str(final)) from err
 
 
 def resolve(path: str | Path) -> Path:

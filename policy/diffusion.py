@@ -21,7 +21,8 @@ from policy.backends import Runtime, check_device
 from policy.denoiser import Denoiser, resolve_capture
 from policy.samplers import (SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of, resolve,
                              takes_pad)
-from policy.safety import MARGIN, UnsafeActions, check_actions, check_observation
+from policy.safety import (ACTION_FLOOR, ACTION_RELATIVE, MARGIN, OBS_MARGIN, UnsafeActions, check_actions,
+                           check_observation, check_observation_range)
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
 from policy.warm import PlanSession, WarmStart
@@ -36,7 +37,26 @@ class PolicyConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)  # image policies' encoder
 
+    # Diffusion Policy plans 16-64 actions; 1024 is 51 s of actions at 20 Hz. A horizon of 10**6
+    # was killed for memory after 109 s of dp-train: every training window holds horizon actions.
+    MAX_HORIZON = 1024
+
     def __post_init__(self):
+        """Every number checked at start-up, before a command reads or writes anything: a one-line
+        `UserError` naming the key (`policy.unet.n_groups: ...`)."""
+        from common.checks import check_number
+
+        if isinstance(self.unet, UNetConfig):
+            self.unet.check("policy.unet")
+        if isinstance(self.schedule, ScheduleConfig):
+            self.schedule.check("policy.schedule")
+        check_number("policy.horizon", self.horizon, 1, integer=True)
+        if self.horizon > self.MAX_HORIZON:
+            raise UserError(f"policy.horizon: {self.horizon} is more than {self.MAX_HORIZON} actions a plan "
+                            "(51 s at 20 Hz; Diffusion Policy plans 16-64): every training window holds "
+                            "horizon actions")
+        check_number("policy.n_obs_steps", self.n_obs_steps, 1, integer=True)
+        check_number("policy.n_action_steps", self.n_action_steps, 1, integer=True)
         halvings = len(self.unet.down_dims) - 1 if isinstance(self.unet, UNetConfig) else 0
         if self.horizon < 1 or self.horizon % 2**halvings:
             raise UserError(f"policy.horizon: {self.horizon} is not a positive multiple of {2**halvings} "
@@ -348,8 +368,20 @@ class DiffusionPolicy(nn.Module):
     @property
     def action_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Per action dimension, the range a plan may return (`policy.safety`): the trained range
-        widened by the safety margin."""
-        return self.normalizer.bounds("action", MARGIN)
+        widened by the safety margin of each dimension's scale."""
+        return self.normalizer.bounds("action", MARGIN, ACTION_FLOOR, ACTION_RELATIVE)
+
+    @property
+    def obs_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per observation dimension, the range a plan is made from (`policy.safety.OBS_MARGIN`):
+        the trained range widened by ten times each dimension's scale; an image policy's pixels
+        as if trained on 0..255."""
+        lo, hi = self.normalizer.bounds("obs", OBS_MARGIN, 1.0, 1.0)
+        pixels = self.obs_dim - len(lo)
+        if pixels:
+            lo = np.concatenate([lo, np.full(pixels, -OBS_MARGIN * 255, np.float32)])
+            hi = np.concatenate([hi, np.full(pixels, 255 + OBS_MARGIN * 255, np.float32)])
+        return lo, hi
 
     @property
     def max_actions(self) -> int:
@@ -371,8 +403,10 @@ class DiffusionPolicy(nn.Module):
         plan state (default: the policy's own; `policy.warm.PlanSession`).
 
         Raises ValueError for an observation that is not finite as float32, and
-        `policy.safety.UnsafeActions` instead of returning a chunk with NaN or inf in it, or with
-        actions outside the trained range (beyond `policy.safety.MARGIN`)."""
+        `policy.safety.UnsafeActions` for one far outside the trained range (before planning:
+        `ObservationOutOfRange`), instead of returning a chunk with NaN or inf in it, or with
+        actions outside the trained range (beyond `policy.safety.MARGIN`). A dimension trained on
+        (almost) one value is returned in its trained range (`Normalizer.into_range`)."""
         start = time.perf_counter()
         n = self.cfg.n_action_steps if n_actions is None else int(n_actions)
         if not 1 <= n <= self.max_actions:
@@ -381,13 +415,14 @@ class DiffusionPolicy(nn.Module):
         want = (self.cfg.n_obs_steps, self.obs_dim)
         if obs.shape != want:
             raise ValueError(f"obs_history: shape {obs.shape}, expected {want}")
+        check_observation_range(obs, *self.obs_bounds)  # before the network: every backend alike
         inpaint = None if committed is None else self._inpaint(committed, frozen)
         session = self.session if session is None else session
         chunk, result = self.sample(torch.as_tensor(obs, device=self.device)[None], advance=advance,
                                     inpaint=inpaint, session=session)
         # chunk index 0 is the oldest observation's step; this is the current one
         first = self.cfg.n_obs_steps - 1
-        actions = chunk[0, first : first + n]
+        actions = self.normalizer.into_range("action", chunk[0, first : first + n])  # one-value dimensions
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         try:

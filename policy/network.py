@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from common.errors import UserError
+
 
 @dataclass
 class UNetConfig:
@@ -21,6 +23,38 @@ class UNetConfig:
     step_embed_dim: int = 128
     kernel_size: int = 5
     n_groups: int = 8
+
+    # Far above any published Diffusion Policy UNet (256/512/1024 channels, kernel 5, embedding
+    # 128-256); past them a value only costs memory, a channel count of 10**6 more than a machine has.
+    MAX_CHANNELS = 8192
+    MAX_KERNEL = 63
+
+    def check(self, where: str = "policy.unet") -> None:
+        """What the network needs of these numbers, or a one-line `UserError` naming the key:
+        at least one level of positive channel counts, an odd kernel (its padding of k // 2 keeps
+        the length only then: an even one grows every conv by a step), a group count dividing
+        every level's channels (GroupNorm), an even step embedding of at least 4 (half sin, half
+        cos, frequencies spread over half - 1 intervals)."""
+        from common.checks import check_number
+
+        if not isinstance(self.down_dims, (list, tuple)) or not self.down_dims:
+            raise UserError(f"{where}.down_dims: {self.down_dims!r} must list at least one channel count")
+        for i, c in enumerate(self.down_dims):
+            check_number(f"{where}.down_dims[{i}]", c, 1, self.MAX_CHANNELS, integer=True)
+        check_number(f"{where}.kernel_size", self.kernel_size, 1, self.MAX_KERNEL, integer=True)
+        if self.kernel_size % 2 == 0:
+            raise UserError(f"{where}.kernel_size: {self.kernel_size} must be odd (a padded conv keeps "
+                            "the horizon's length only with an odd kernel)")
+        check_number(f"{where}.n_groups", self.n_groups, 1, integer=True)
+        uneven = [c for c in self.down_dims if c % self.n_groups]
+        if uneven:
+            raise UserError(f"{where}.n_groups: {self.n_groups} does not divide the channel count "
+                            f"{uneven[0]} of down_dims {list(self.down_dims)} (GroupNorm splits each "
+                            "level's channels into n_groups groups)")
+        check_number(f"{where}.step_embed_dim", self.step_embed_dim, 4, self.MAX_CHANNELS, integer=True)
+        if self.step_embed_dim % 2:
+            raise UserError(f"{where}.step_embed_dim: {self.step_embed_dim} must be even (half sin, half cos "
+                            "features)")
 
 
 class SinusoidalStepEmbedding(nn.Module):

@@ -40,13 +40,31 @@ class Normalizer:
         """Flat `<field>.<stat>` tensors, as safetensors stores them."""
         return {f"{k}.{s}": v.contiguous() for k, d in self.stats.items() for s, v in d.items()}
 
-    def bounds(self, key: str, margin: float) -> tuple[np.ndarray, np.ndarray]:
-        """Per dimension, the trained range of `key` widened by `margin` of its width on each side
-        (a dimension trained on one value: that value +-(1 + 2 margin)), in the field's units."""
-        reach = 1.0 + 2.0 * margin  # in normalized units, where the trained range is [-1, 1]
-        lo = self.unnormalize(key, torch.full_like(self.stats[key]["scale"], -reach))
-        hi = self.unnormalize(key, torch.full_like(self.stats[key]["scale"], reach))
-        return lo.numpy(), hi.numpy()
+    def bounds(self, key: str, margin: float, floor: float = 0.0,
+               relative: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Per dimension, the trained range [min, max] of `key` widened on each side by `margin`
+        times the dimension's scale, in the field's units. The scale is its width (max - min), at
+        least `relative` times its magnitude (max(|min|, |max|)) and at least `floor`: the room
+        follows the dimension, so one trained on a single value gets room only as large as the
+        floors, not the +-2 absolute that its normalized units (only centred) would give."""
+        lo, hi = self.stats[key]["min"].double(), self.stats[key]["max"].double()
+        scale = (hi - lo).maximum(relative * lo.abs().maximum(hi.abs())).clamp_min(floor)
+        return (lo - margin * scale).float().numpy(), (hi + margin * scale).float().numpy()
+
+    def into_range(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """`x` (field units) with each dimension whose trained range is under `MIN_RANGE` put in
+        that range: there the normalized units are only centred, so the network's output, trained
+        toward 0 but never exactly 0, is absolute noise around the trained value. Its normalized
+        value, clipped to [-1, 1], is read over the dimension's own range instead (a dimension
+        trained on one value gets that value). Other dimensions, and NaN or inf, are left as they are."""
+        s = self.stats[key]
+        narrow = (s["max"].double() - s["min"].double() <= MIN_RANGE).to(x.device)  # as `fit` decided
+        if not narrow.any():
+            return x
+        narrow = narrow & torch.isfinite(x)  # NaN and inf stay, for the safety rule to refuse
+        lo, hi = s["min"].double(), s["max"].double()
+        y = self.normalize(key, x).clamp(-1.0, 1.0)  # there: x minus the trained centre
+        return torch.where(narrow, ((hi + lo) / 2).to(x) + y * ((hi - lo) / 2).to(x), x)
 
     @classmethod
     def from_state_dict(cls, flat: dict[str, torch.Tensor]) -> Normalizer:

@@ -8,12 +8,31 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
+# The beta schedules diffusers' DDPMScheduler builds (any other raises NotImplementedError there).
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+
 
 @dataclass
 class ScheduleConfig:
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"
     clip_sample: bool = True  # clip predicted x0 to [-1, 1], the normalized action range
+
+    # Diffusion Policy trains on 100 steps and image diffusion on 1000; a table of 10**9 betas is
+    # gigabytes before the first step.
+    MAX_TIMESTEPS = 10_000
+
+    def check(self, where: str = "policy.schedule") -> None:
+        """A step count in 1..MAX_TIMESTEPS and a beta schedule diffusers' DDPMScheduler knows,
+        or a one-line `UserError` naming the key."""
+        from common.checks import check_number
+        from common.errors import UserError
+
+        check_number(f"{where}.num_train_timesteps", self.num_train_timesteps, 1, self.MAX_TIMESTEPS,
+                     integer=True)
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise UserError(f"{where}.beta_schedule: {self.beta_schedule!r} is not one of "
+                            f"{', '.join(BETA_SCHEDULES)} (diffusers' DDPMScheduler)")
 
 
 def make_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:

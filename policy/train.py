@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common.cli import command
 from common.errors import UserError
 from common.lock import exclusive
-from common.files import remove_stale_partials
+from common.files import naming, remove_stale_partials
 from envs.store import open_store
 from envs.tasks import EXTERNAL, ObsConfig, TaskConfig, get_task
 from policy.device import resolve_device
@@ -189,18 +189,25 @@ def validation_loss(policy: DiffusionPolicy, net: torch.nn.Module, val: Batches,
         policy.train()
 
 
-def start_from(model: torch.nn.Module, init: str, policy: PolicyConfig) -> None:
+def start_from(model: torch.nn.Module, init: str, policy: DiffusionPolicy) -> None:
     """Load the EMA weights of the policy at `init` into `model` (fine-tuning a trained policy on
-    more data or for more steps); its network must be the one `policy` describes. The normalizer
-    is the new run's, fitted on its own store."""
+    more data or for more steps); its network must be the one `policy` describes, on observations
+    and actions as wide as this run's store. The normalizer is the new run's, fitted on its own store."""
     from policy.checkpoint import resolve, saved_difference
 
     ckpt = resolve(init)
-    diff = saved_difference(load_meta(ckpt)["config"], json.loads(json.dumps(asdict(policy))), "policy")
+    meta = load_meta(ckpt)
+    diff = saved_difference(meta["config"], json.loads(json.dumps(asdict(policy.cfg))), "policy")
     if diff is not None:
         key, a, b = diff
         raise UserError(f"init: {ckpt} has {key}={a!r}, this run {b!r}; "
                         "start from a policy with the same network")
+    for key in ("obs_dim", "action_dim"):  # the first layers' widths: its weights would not fit this network
+        if meta.get(key) != getattr(policy, key):
+            was = (meta.get("meta") or {}).get("task")
+            now = f"{getattr(policy, key)} (task {policy.meta.get('task')}, {policy.meta.get('data')})"
+            raise UserError(f"init: {ckpt} has {key} {meta.get(key)} (task {was}), this run {now}; "
+                            "start from a policy trained on the same observations and actions")
     load_weights(model, ckpt / "weights_ema.safetensors")
 
 
@@ -263,7 +270,7 @@ class _Run:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.95, 0.999),
                                            weight_decay=cfg.weight_decay)
         if cfg.init is not None:
-            start_from(self.model, cfg.init, cfg.policy)
+            start_from(self.model, cfg.init, self.policy)
         self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True,
                             inv_gamma=1.0, power=cfg.ema_power)
         self.ema_net = copy.deepcopy(self.model)
@@ -348,9 +355,27 @@ class _Run:
                 f"data loading {share:.1f}% of step time; checkpoint {ckpt}")
 
 
-def _train(cfg: TrainConfig, world, device: torch.device, config_yaml: str) -> Path:
-    from torch.utils.tensorboard import SummaryWriter
+class _Logs:
+    """TensorBoard's writer, whose failed writes name its folder: its writer thread's OSError (a
+    full disk, a file-size limit), raised at the next call, names no file."""
 
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder = folder
+        with naming(folder):
+            self.writer = SummaryWriter(str(folder))
+
+    def add_scalar(self, *args) -> None:
+        with naming(self.folder):
+            self.writer.add_scalar(*args)
+
+    def close(self) -> None:
+        with naming(self.folder):
+            self.writer.close()
+
+
+def _train(cfg: TrainConfig, world, device: torch.device, config_yaml: str) -> Path:
     share = world.share(cfg.batch_size)
     train_set, val_set, normalizer, meta = load_data(cfg)
     run = _Run(cfg, world, device, config_yaml, train_set, normalizer, meta)
@@ -358,7 +383,7 @@ def _train(cfg: TrainConfig, world, device: torch.device, config_yaml: str) -> P
     if world.main:
         remove_stale_partials(run.out / "checkpoints")  # what a killed run of this `out` left half-written
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
-    writer = SummaryWriter(str(run.out / "tensorboard")) if world.main else None
+    writer = _Logs(run.out / "tensorboard") if world.main else None
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {cfg.task.name}", unit="step",
                disable=not cfg.progress or not world.main)
     run.policy.train()

@@ -52,26 +52,35 @@ class AlignConfig:
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
     progress: bool = True
 
+    def __post_init__(self):
+        """Every choice and number checked at start-up, before the policy loads: one line naming
+        the key (`nan` passes every `<` test, so finiteness is checked first)."""
+        from common.checks import check_number
 
-def _check(cfg: AlignConfig) -> None:
-    if cfg.solver not in SOLVERS:
-        raise UserError(f"sampler: {cfg.solver!r} is not a solver; known: {', '.join(SOLVERS)} "
-                        "(ParaDiGMS and PIADM samplers use their solver's taus)")
-    if cfg.spacing not in SPACINGS:
-        raise UserError(f"spacing: {cfg.spacing!r} is not a spacing; known: {', '.join(SPACINGS)}")
-    if cfg.strategy not in STRATEGIES:
-        raise UserError(f"strategy: {cfg.strategy!r} is not one of {', '.join(STRATEGIES)}")
-    for key in ("steps", "chunks", "batch_size", "max_iters", "eval_samples"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key}: must be at least 1")
+        if self.solver not in SOLVERS:
+            raise UserError(f"sampler: {self.solver!r} is not a solver; known: {', '.join(SOLVERS)} "
+                            "(ParaDiGMS and PIADM samplers use their solver's taus)")
+        if self.spacing not in SPACINGS:
+            raise UserError(f"spacing: {self.spacing!r} is not a spacing; known: {', '.join(SPACINGS)}")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        for key in ("steps", "chunks", "batch_size", "max_iters", "eval_samples", "threads"):
+            check_number(key, getattr(self, key), 1, integer=True)
+        check_number("min_iters", self.min_iters, 0, integer=True)
+        if self.min_iters > self.max_iters:
+            raise UserError(f"min_iters: {self.min_iters} is above max_iters {self.max_iters}: no tau "
+                            "could stop early, each would run max_iters steps unconverged")
+        check_number("seed", self.seed, 0, integer=True)
+        check_number("lr", self.lr, 0, low_open=True)  # Adam's step, in timesteps
+        # the convergence test: a tau moving less than tol timesteps (0: run every max_iters step)
+        check_number("tol", self.tol, 0)
 
 
 def run_align(cfg: AlignConfig) -> Path:
     from policy.checkpoint import load_policy
     from policy.windows import sample_windows
 
-    _check(cfg)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads)  # cfg's numbers: checked when it was made (AlignConfig)
     policy = load_policy(cfg.checkpoint, cfg.device)
     T = policy.cfg.schedule.num_train_timesteps
     if cfg.steps > T:

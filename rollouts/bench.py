@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from common.cli import command
 from common.errors import UserError
-from common.files import save_figure, write_text
+from common.files import check_writable, save_figure, write_text
 from policy.autowindow import batch_scaling, cost_ratio
 from policy.device import machine, sync
 from policy.samplers import SamplerConfig, aligner_choice, chain_of
+from policy.samplers.spec import on_command_backend
 from policy.warm import PlanSession
 
 DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15",
@@ -53,6 +54,23 @@ class BenchConfig:
     closed_loop: bool = False
     # stop timing new plans after this long (at least 2 plans; the device check)
     time_limit_s: float | None = None
+
+    # A denoiser call of more rows than the longest chain a schedule may have (a window is never
+    # longer than its chain) only measures the machine's memory.
+    MAX_BATCH = 10_000
+
+    def __post_init__(self):
+        """Every number checked at start-up, before the policy loads: one line naming the key."""
+        from common.checks import check_number
+
+        for key, low in (("plans", 1), ("overhead_plans", 1), ("warmup", 0), ("threads", 1), ("seed", 0)):
+            check_number(key, getattr(self, key), low, integer=True)
+        for i, b in enumerate(self.batch_sizes):
+            check_number(f"batch_sizes[{i}]", b, 1, self.MAX_BATCH, integer=True)
+        if self.time_limit_s is not None:
+            check_number("time_limit_s", self.time_limit_s, 0, low_open=True)
+        if not self.samplers:
+            raise UserError("samplers: empty list")
 
 
 def saved_histories(policy, path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +115,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     """Time every sampler of `cfg` (and the sequential twin of each) on the same observation
     histories, interleaved plan by plan; rows of results and the run's context."""
     pol = _load(cfg)
+    check_writable(out_dir(cfg, pol.meta.get("task")))  # now, not after minutes of timing
     data, obs_all, first = _histories(pol, cfg)
     specs, baselines = _rows(pol, cfg.samplers)
     trials = Trials(pol, specs, baselines, first, cfg.seed)
@@ -120,17 +139,15 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     return results, context
 
 
+def out_dir(cfg: BenchConfig, task: str | None) -> Path:
+    return Path(cfg.out or f"outputs/bench/{task}")
+
+
 def _load(cfg: BenchConfig):
     import policy as policy_pkg
 
     torch.set_num_threads(cfg.threads)
-    pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
-    for key in ("plans", "overhead_plans"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key}: {getattr(cfg, key)} must be at least 1")
-    if not cfg.samplers:
-        raise UserError("samplers: empty list")
-    return pol
+    return policy_pkg.load(cfg.checkpoint, device=cfg.device)  # its numbers: checked in BenchConfig
 
 
 def _histories(pol, cfg: BenchConfig) -> tuple[str, np.ndarray, np.ndarray]:
@@ -148,7 +165,7 @@ def _histories(pol, cfg: BenchConfig) -> tuple[str, np.ndarray, np.ndarray]:
 def _rows(pol, samplers: list[str]) -> tuple[dict[str, SamplerConfig], dict[str, str]]:
     """The samplers asked for, plus the sequential baseline of each (timed too, listed after), and
     each one's baseline label."""
-    specs = {spec: SamplerConfig.parse(spec) for spec in samplers}
+    specs = {spec: on_command_backend(SamplerConfig.parse(spec)) for spec in samplers}
     for sc in specs.values():
         pol.sampling(sc)  # a missing aligner fails here, before anything is timed
     baselines: dict[str, str] = {}
@@ -326,13 +343,13 @@ def table(results: list[dict]) -> str:
     w = max([22, *(len(r["name"]) + 2 for r in results)])
     v = max([12, *(len(r["baseline"]) for r in results)])
     head = (f"{'sampler':<{w}}{'p50 ms':>9}{'p90 ms':>9}{'evals':>8}{'iters':>8}{'speedup':>9}{'bound':>8}  "
-            f"{'vs':<{v}}{'max|da|':>9}{'outside':>9}{'encode':>9}")
+            f"{'vs':<{v}}{'max|da|':>9}{'outside':>9}{'encode':>9}{'backend':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r['name']:<{w}}{r['latency_ms_p50']:>9.1f}{r['latency_ms_p90']:>9.1f}"
                      f"{r['model_evals_mean']:>8.1f}{r['parallel_iters_mean']:>8.1f}{r['speedup']:>8.2f}x"
                      f"{r['speedup_bound']:>7.2f}x  {r['baseline']:<{v}}{r['action_max_abs_diff']:>9.1e}"
-                     f"{r['outside_model_pct']:>8.1f}%{r['encode_ms_p50']:>7.1f}ms")
+                     f"{r['outside_model_pct']:>8.1f}%{r['encode_ms_p50']:>7.1f}ms{r['backend']:>10}")
     return "\n".join(lines)
 
 
@@ -390,7 +407,7 @@ def plot(path: Path, results: list[dict], context: dict) -> None:
 @command("bench", BenchConfig)
 def main(cfg: BenchConfig) -> None:
     results, context = run_bench(cfg)
-    out = Path(cfg.out or f"outputs/bench/{context['task']}")
+    out = out_dir(cfg, context["task"])
     write_outputs(out, results, context)
     print(table(results))
     for backend, bs in context["batch_scaling_by_backend"].items():

@@ -32,6 +32,11 @@ def check_installed() -> None:
 
 
 PROBE_TIMEOUT_S = 5.0  # the head's GCS port answers a TCP connect at once; a silent host is given this long
+# What a Ray head's port answers: the GCS's bootstrap call (it needs no cluster id); a Ray Client
+# server (ray://) its ClusterInfo PING, the client's own first call (the request: type=PING, as
+# protobuf bytes). Any answer but "no such method" is Ray's.
+_PROBE = {False: ("/ray.rpc.NodeInfoGcsService/GetClusterId", b""),
+          True: ("/ray.rpc.RayletDriver/ClusterInfo", b"\x08\x06")}
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -50,10 +55,11 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def check_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Refuse, in one line and within about `timeout` seconds, a `ray_address` that is not
-    host:port or where nothing answers a TCP connect. Ray's own join retries an unreachable
-    head for many minutes (829 s for 127.0.0.1:1) before it gives up; a head's GCS port that
-    takes connections is what a join needs first."""
+    """Refuse, in one line and within about twice `timeout` seconds, a `ray_address` that is not
+    host:port, where nothing answers a TCP connect, or where what answers is not a Ray head (a
+    wrong port: a listener that says nothing, or speaks something other than Ray's gRPC). Ray's
+    own join retries an unreachable head for many minutes (829 s for 127.0.0.1:1) before it gives
+    up, and waits on a silent listener for longer than 120 s."""
     import socket
 
     if address is None or str(address).strip() == "auto":
@@ -73,8 +79,46 @@ def check_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> None
     except OSError as err:
         why = f"{err.strerror or err}"
     else:
-        return
+        why = _not_a_head(host, port, str(address).strip().startswith("ray://"), timeout)
+        if why is None:
+            return
     raise UserError(f"ray_address: cannot join the Ray cluster at {address} ({why})") from None
+
+
+def _not_a_head(host: str, port: int, client: bool, timeout: float) -> str | None:
+    """Why what listens at host:port is not a Ray head (or, `client`, a Ray Client server), or
+    None if it answered Ray's bootstrap call as one does: with a reply, or a refusal of that call
+    (a token it wants is `ray.init`'s matter). By grpcio (installed with tensorboard, a
+    dependency of the package); under RAY_USE_TLS, over Ray's own TLS channel."""
+    check_installed()
+    import grpc
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as run_on_ray: read at import
+        from ray._private.grpc_utils import init_grpc_channel
+
+        channel = init_grpc_channel(target)
+    else:
+        channel = grpc.insecure_channel(target)
+    try:
+        method, request = _PROBE[client]
+        call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+        call(request, timeout=timeout)
+    except grpc.RpcError as err:
+        code, where = err.code(), f"{host}:{port}"
+        hint = ("is this the head's Ray Client port (default 10001)?" if client else
+                "is this the head's port (`ray start --head --port=P`, default 6379)?")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"{where} takes connections but said nothing in {timeout:g} s: not a Ray head; {hint}"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return f"{where} answers, but not as a Ray head does (it does not speak gRPC); {hint}"
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            kind = "a Ray Client server" if client else "a Ray head's GCS"
+            return f"{where} speaks gRPC but is not {kind}; {hint}"
+    finally:
+        channel.close()
+    return None
 
 
 def _episode(init: WorkerInit, job: dict) -> dict:

@@ -29,13 +29,14 @@ from tqdm import tqdm
 
 from common.cli import command, fail, workers_ignore_ctrl_c
 from common.errors import UserError
-from common.files import write_json, write_text
+from common.files import naming, write_json, write_text
 from common.lock import exclusive
 from policy.samplers import SamplerConfig
 from rollouts.realtime import LoopConfig
 from rollouts.report import (check_deadline, episode_rows, plan_rows, recommendation_line, summarize, table,
                              write_report)
 from rollouts.stats import loop_deadline_ms, recommend
+from rollouts.runner import check_simulated
 from rollouts.worker import WorkerInit, close_server, init_worker, run_job
 
 LOG = "episodes.jsonl"
@@ -84,7 +85,7 @@ EVERY_SAMPLER = {"backend", "capture", "precision"}
 
 def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig]:
     """Label -> checked config for each requested sampler, with `options` applied where taken."""
-    from policy.samplers.spec import options_of, with_options
+    from policy.samplers.spec import on_command_backend, options_of, with_options
 
     options = {k: v for k, v in options.items() if v is not None}
     if not samplers:
@@ -95,7 +96,7 @@ def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig
         extra = {k: v for k, v in options.items() if k in allowed}
         used |= set(extra)
         label = with_options(spec, extra)
-        specs[label] = SamplerConfig.parse(label)
+        specs[label] = on_command_backend(SamplerConfig.parse(label))
     unused = set(options) - used
     if unused:
         raise UserError(f"options.{sorted(unused)[0]}: taken by none of the samplers {samplers}")
@@ -189,6 +190,7 @@ def evaluate(cfg: EvalConfig) -> Path:
     # is written (`auto` on this machine; a device torch cannot reach is refused in one line).
     cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))
     pol = policy.load(cfg.checkpoint, device=cfg.device)  # fail early on a bad checkpoint, in this process
+    check_simulated(pol)  # task=external: no simulator, no episodes; refused before out/ is written
     task = pol.meta["task"]
     specs = sampler_specs(cfg.samplers, dataclasses.asdict(cfg.options))
     reference_label(cfg, specs)  # a reference that names no sampler: one line, before any episode
@@ -265,12 +267,18 @@ def loop_deadline(cfg: EvalConfig, pol) -> float:
 def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkpoint: str) -> None:
     bar = tqdm(total=len(jobs), desc=f"dp-eval ({workers} workers x {cfg.threads} threads)", unit="episode",
                disable=not cfg.progress)
-    with open(log, "a") as f:
+    # unbuffered: a write that fails (a full disk) leaves nothing for close() to retry; it names the log
+    with naming(log), open(log, "ab", buffering=0) as f:
 
         def keep(record: dict) -> None:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            data, end = (json.dumps(record) + "\n").encode(), f.seek(0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[f.write(data):]
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(end)  # the log keeps whole lines only
+                raise
             bar.update()
             if record.get("error"):
                 tqdm.write(f"{record['sampler']} seed {record['seed']}: {record['error']}")

@@ -34,6 +34,27 @@ class QuickstartConfig:
     workers: int | None = None
     restart: bool = False
 
+    def __post_init__(self):
+        """Every stage's settings checked now, before anything is collected or removed: a refusal
+        of the evaluation's samplers must not come after minutes of collecting and training. One
+        line naming the key."""
+        from common.checks import check_number
+        from common.errors import UserError
+        from envs.tasks import get_task
+        from policy.samplers import SamplerConfig, aligner_choice
+
+        get_task(self.task.name)  # collect: an unknown task
+        for key in ("n_demos", "steps", "episodes"):
+            check_number(key, getattr(self, key), 1, integer=True)
+        if self.workers is not None:
+            check_number("workers", self.workers, 1, integer=True)
+        if not self.samplers:
+            raise UserError("samplers: empty list")
+        for spec in self.samplers:
+            if aligner_choice(SamplerConfig.parse(spec)) is not None:  # an unknown preset: one line here
+                raise UserError(f"samplers: {spec!r} uses DPM-Aligner timesteps, which the quick start does "
+                                "not learn; run dp-align on its policy, then dp-eval")
+
 
 class Stages:
     """Says which stage runs, what it does, and how long is left in total; `minutes` holds each
@@ -72,7 +93,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     from policy.checkpoint import latest
     from policy.train import TrainConfig, train
     import policy
-    from rollouts.evaluate import EvalConfig, SamplerOptions, evaluate, loop_deadline
+    from rollouts.evaluate import EvalConfig, evaluate, loop_deadline
 
     task = cfg.task.name
     root = Path(cfg.out)
@@ -107,9 +128,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     t = stages.begin(2, f"evaluating {', '.join(cfg.samplers)} on {cfg.episodes} episodes "
                         f"each into {evaluation}")
     spec = EvalConfig(checkpoint=str(ckpt), samplers=list(cfg.samplers), episodes=cfg.episodes,
-                      out=str(evaluation), workers=cfg.workers, data=str(data),
-                      # each sampler on this machine's fastest backend
-                      options=SamplerOptions(backend="auto"))
+                      out=str(evaluation), workers=cfg.workers, data=str(data))  # on backend=auto
     # the recommendation for the task's control rate: the time a chunk still covers when the next
     # plan is asked
     spec.deadline_ms = loop_deadline(spec, policy.load(str(ckpt)))

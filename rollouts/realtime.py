@@ -114,6 +114,11 @@ class LocalPlanner:
         self.n_obs_steps, self.n_action_steps = policy.cfg.n_obs_steps, policy.cfg.n_action_steps
         self.max_actions = policy.max_actions
 
+    @property
+    def backend(self) -> str:
+        """Where the policy's denoiser calls run (backend=auto resolved)."""
+        return self.policy.backend
+
     def seed(self, seed: int) -> None:
         self.session.reseed(seed, self.policy.device)
 
@@ -132,6 +137,7 @@ class RemotePlanner:
         meta = client.metadata
         self.n_obs_steps, self.n_action_steps = meta["obs_shape"][0], meta["n_action_steps"]
         self.max_actions = meta["max_actions"]
+        self.backend = meta.get("backend", "?")  # as the server resolved it
 
     def plan(self, obs_history: np.ndarray, n_actions: int, advance: int | None = None,
              committed: np.ndarray | None = None, frozen: int = 0) -> tuple[np.ndarray, dict]:

@@ -47,6 +47,8 @@ def summarize(records: list[dict], labels: list[str], reference: str | None = No
             "parallel_iters_per_plan": float(np.mean([p["parallel_iters"] for p in plans])) if plans else 0.0,
             "converged_rate": float(np.mean([p["converged"] for p in plans])) if plans else 0.0,
             "plans": len(plans),
+            # where the denoiser's calls ran (backend=auto resolved); older records did not say
+            "backend": "+".join(sorted({r.get("backend") or "?" for r in eps})) if eps else "?",
             "errors": [{"seed": r["seed"], "error": r["error"]} for r in eps if r.get("error")],
             **({"realtime": realtime_summary(eps)} if any("realtime" in r for r in eps) else {}),
             "outcomes": {"seeds": [int(r["seed"]) for r in eps],
@@ -61,7 +63,7 @@ def compare(rows: list[dict], reference: str | None = None) -> list[dict]:
     both ran; the reference's own is None."""
     if not rows:
         return rows
-    reference = reference or rows[0]["sampler"]
+    reference = rows[0]["sampler"] if reference is None else reference  # '' names no sampler: refused
     ref = next((r for r in rows if r["sampler"] == reference), None)
     if ref is None:
         raise UserError(f"reference: {reference!r} is not one of the samplers "
@@ -108,7 +110,7 @@ def table(summary: list[dict]) -> str:
     w = max([24, *(len(s["sampler"]) + 1 for s in summary)])
     rt = all("realtime" in s for s in summary)
     head = (f"{'sampler':<{w}}{'episodes':>9}{'success':>9}{'95% CI':>14}{'vs ref':>8}{'p':>8}{'reward':>8}"
-            f"{'p50 ms':>9}{'p95 ms':>9}{'evals':>8}{'iters':>8}{'errors':>7}")
+            f"{'p50 ms':>9}{'p95 ms':>9}{'evals':>8}{'iters':>8}{'errors':>7}{'backend':>10}")
     if rt:
         head += f"{'stale p50':>10}{'stale p95':>10}{'no act':>8}{'skip/plan':>10}{'jitter p99':>11}"
     lines = [head, "-" * len(head)]
@@ -120,7 +122,8 @@ def table(summary: list[dict]) -> str:
         line = (f"{s['sampler']:<{w}}{s['episodes']:>9}{s['success_rate']:>8.0%} {f'{lo:.0%}-{hi:.0%}':>13}"
                 f"{versus:>8}{pval:>8}{s['reward_mean']:>8.2f}"
                 f"{s['latency_ms']['p50']:>9.1f}{s['latency_ms']['p95']:>9.1f}"
-                f"{s['model_evals_per_plan']:>8.1f}{s['parallel_iters_per_plan']:>8.1f}{len(s['errors']):>7}")
+                f"{s['model_evals_per_plan']:>8.1f}{s['parallel_iters_per_plan']:>8.1f}{len(s['errors']):>7}"
+                f"{s.get('backend', '?'):>10}")
         if rt:
             r = s["realtime"]
             line += (f"{r['staleness_ms']['p50']:>10.0f}{r['staleness_ms']['p95']:>10.0f}"
@@ -281,6 +284,10 @@ def read_rows(path: Path) -> list[dict]:
         doc = json.loads(path.read_text())
         rows = doc["samplers"] if isinstance(doc, dict) else doc
         assert isinstance(rows, list) and all(isinstance(e, dict) and "sampler" in e for e in rows)
+        if any("latency_ms_p50" in e and "success_rate" not in e for e in rows):
+            raise UserError(f"{path}: a dp-bench results.json (planning latency, no episodes), not a dp-eval "
+                            "one; dp-report merges dp-eval folders")
+        assert all(isinstance(e["sampler"], str) for e in rows)
     except (json.JSONDecodeError, KeyError, AssertionError):
         raise UserError(f"{path}: not a dp-eval results.json") from None
     except OSError as err:

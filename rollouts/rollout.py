@@ -11,6 +11,7 @@ from tqdm import tqdm
 from common.cli import command
 from common.errors import UserError
 from policy.diffusion import SamplerConfig
+from policy.samplers.spec import on_command_backend
 
 
 @dataclass
@@ -33,9 +34,9 @@ def main(cfg: RolloutConfig) -> None:
             raise UserError(f"{name}: {getattr(cfg, name)} must be at least 1")
     torch.set_num_threads(cfg.threads)
     pol = policy.load(cfg.checkpoint, device=cfg.device)
-    pol.sampler = cfg.sampler
+    pol.sampler = on_command_backend(cfg.sampler)
+    env = make_policy_env(pol)  # task=external (no simulator) is refused here, in one line
     task = pol.meta["task"]
-    env = make_policy_env(pol)
     results = []
     for i in tqdm(range(cfg.episodes), desc=f"rollout {task}", unit="episode"):
         r = run_episode(env, pol, cfg.seed + i)
@@ -46,7 +47,8 @@ def main(cfg: RolloutConfig) -> None:
     rate = np.mean([r.success for r in results])
     latencies = [p.latency_ms for r in results for p in r.plans]
     print(f"{task}: success {rate:.0%} ({sum(r.success for r in results)}/{len(results)}) "
-          f"with {cfg.sampler.name} from {pol.meta['checkpoint']} (step {pol.meta['step']}); "
+          f"with {cfg.sampler.name} on {pol.backend} from {pol.meta['checkpoint']} "
+          f"(step {pol.meta['step']}); "
           f"plan latency p50 {f'{np.median(latencies):.1f} ms' if latencies else '-'} over {len(latencies)} "
           f"plans, {cfg.threads} torch threads")
 

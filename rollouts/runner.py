@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policy.safety import NonFiniteActions, UnsafeActions
+from policy.safety import NonFiniteActions, ObservationOutOfRange, UnsafeActions
 
 
 @dataclass
@@ -36,12 +36,25 @@ class EpisodeResult:
     frames: list[np.ndarray] | None = None
 
 
+def check_simulated(policy) -> None:
+    """UserError unless a simulator runs `policy`'s task: a policy trained on an imported dataset
+    (task=external) has none, so no command can run episodes of it."""
+    from common.errors import UserError
+    from envs.tasks import EXTERNAL
+
+    if policy.meta.get("task") == EXTERNAL:
+        raise UserError(f"{policy.meta.get('checkpoint', 'checkpoint')}: trained on an imported dataset "
+                        "(task=external), which no simulator here runs, so it has no episodes; serve it to "
+                        "the robot with dp-serve, or time its plans with dp-bench")
+
+
 def make_policy_env(policy, **kwargs):
     """The env `policy` acts in: its task, observing what it was trained on (state, or its
-    cameras at its size); UserError if the layouts disagree."""
+    cameras at its size); UserError if the layouts disagree or no simulator runs its task."""
     from envs import make_env
     from policy.checkpoint import check_matches
 
+    check_simulated(policy)
     task = policy.meta["task"]
     env = make_env(task, obs=policy.obs_config, **kwargs)
     check_matches(policy, task, env.observation_layout)
@@ -78,6 +91,7 @@ def run_episode(env, policy, seed: int, render: bool = False) -> EpisodeResult:
             plan = policy.plan(np.stack(history), advance=since)
         except UnsafeActions as err:  # refused by the policy: nothing of it is executed, and it is no success
             kind = ("non-finite action" if isinstance(err, NonFiniteActions)
+                    else "observation far outside the trained range" if isinstance(err, ObservationOutOfRange)
                     else "action outside the trained range")
             result.error = f"{kind} at step {result.length}"
             result.success = False

@@ -68,6 +68,9 @@ ADVANCE_KEY = "advance"
 # openpi's image request keys (its LIBERO/DROID examples) -> the policy's cameras, in order.
 OPENPI_IMAGE_KEYS = ("observation/image", "observation/wrist_image")
 OPENPI_STATE_KEY = "observation/state"
+# Request keys that name an observation feature (LeRobot's `observation.state`, openpi's
+# `observation/image`): one the policy does not have is refused, not dropped unseen.
+FEATURE_PREFIXES = ("observation.", "observation/")
 # Real-Time Chunking: the actions executing while this plan runs, float [m, action_dim]
 COMMITTED_KEY = "committed"
 FROZEN_KEY = "frozen"  # how many of them the new chunk must keep exactly
@@ -173,7 +176,8 @@ class PolicyService:
                 **images, **self.features(),
                 "action_dim": p.action_dim, "horizon": p.cfg.horizon, "n_action_steps": p.cfg.n_action_steps,
                 "max_actions": p.max_actions,
-                "sampler": {k: v for k, v in vars(p.sampler).items() if v is not None}}
+                "sampler": {k: v for k, v in vars(p.sampler).items() if v is not None},
+                "backend": p.backend}  # where the denoiser's calls run (backend=auto: as measured here)
 
     def features(self) -> dict:
         """An imported dataset's features (a policy trained with task=external): what a robot client
@@ -208,13 +212,36 @@ class PolicyService:
                 check_image_size(key, obs.get(key))
 
     def decode(self, obs: dict) -> dict:
-        """The request with its images, or its named features, made into the flat observation history."""
+        """The request with its images, or its named features, made into the flat observation
+        history; the keys it was made from are dropped (decoding it again changes nothing)."""
+        named = self.names_features(obs)
         if self.needs_decoding(obs):
-            return {**obs, OBS_KEY: self.image_history(obs)}
-        if OBS_KEY not in obs and self.policy.meta.get("features") and any(
-                k in obs for k in self.policy.meta["obs_layout"]):
-            return {**obs, OBS_KEY: self.feature_history(obs)}
-        return obs
+            made, history = (*OPENPI_IMAGE_KEYS, OPENPI_STATE_KEY), self.image_history
+        elif named:
+            made, history = tuple(self.policy.meta["obs_layout"]), self.feature_history
+        else:
+            return obs
+        return {**{k: v for k, v in obs.items() if k not in made}, OBS_KEY: history(obs)}
+
+    def names_features(self, obs: dict) -> bool:
+        """Whether a request sends an imported dataset's features by name; a ValueError for one
+        that names an observation feature the policy does not have (it would be dropped unseen) or
+        sends `obs_history` besides named features or openpi's image keys (one of the two would be
+        dropped unseen)."""
+        p = self.policy
+        known = tuple(p.meta["obs_layout"]) if p.meta.get("features") else ()
+        if p.obs_config.image:
+            known += (*OPENPI_IMAGE_KEYS, OPENPI_STATE_KEY)
+        unknown = [k for k in obs if isinstance(k, str) and k.startswith(FEATURE_PREFIXES) and k not in known]
+        if unknown:
+            raise ValueError(f"request: names {len(unknown)} observation feature(s) this policy does not "
+                             f"have: {_keys(dict.fromkeys(unknown))} (its features: "
+                             f"{', '.join(known) or 'none'}; or send {OBS_KEY!r})")
+        named = [k for k in known if k in obs]
+        if named and OBS_KEY in obs:
+            raise ValueError(f"request: sends both {OBS_KEY!r} and the features {', '.join(named)}; "
+                             "send one of them")
+        return bool(named) and bool(p.meta.get("features"))
 
     def check(self, obs) -> tuple[np.ndarray, int | None, int | None]:
         """The observation history, action count and advance of a request, or a ValueError naming
@@ -476,7 +503,9 @@ def main(cfg: ServeConfig) -> None:
 
     torch.set_num_threads(cfg.threads)
     pol = policy_pkg.load(cfg.checkpoint, device=cfg.device)
-    pol.sampler = cfg.sampler
+    from policy.samplers.spec import on_command_backend
+
+    pol.sampler = on_command_backend(cfg.sampler)
     pol.seed(cfg.seed)
     service = PolicyService(pol)
     check_message_size(cfg.max_message_mb, service)
@@ -484,7 +513,7 @@ def main(cfg: ServeConfig) -> None:
     entry = pol.prepare()
     if entry is not None:
         print(f"dp-serve: window=auto chose {entry['window']} on {entry['machine']}", flush=True)
-    print(f"dp-serve: {pol.meta['checkpoint']} with {cfg.sampler.name}", flush=True)
+    print(f"dp-serve: {pol.meta['checkpoint']} with {cfg.sampler.name} on {pol.backend}", flush=True)
     try:
         asyncio.run(serve(service, cfg.host, cfg.port, cfg.max_message_mb, announce=True))
     except OSError as err:

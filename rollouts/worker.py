@@ -120,7 +120,7 @@ def _run_realtime_job(job: dict, record: dict) -> dict:
     robot = SimRobot(state.env, period=1.0 / loop.rate_hz if loop.rate_hz else None)
     r, stats = run_realtime_episode(robot, planner, job["seed"], loop)
     # plans: dicts with the loop's fields
-    record.update(_outcome(r), plans=r.plans, realtime=loop_summary(stats))
+    record.update(_outcome(r), plans=r.plans, realtime=loop_summary(stats), backend=planner.backend)
     return record
 
 
@@ -143,7 +143,7 @@ def _run_episode_job(job: dict, record: dict) -> dict:
 
         state.render_env = make_policy_env(pol, render=True)
     r = run_episode(state.render_env if render else state.env, pol, job["seed"], render=render)
-    record.update(_outcome(r), plans=[dataclasses.asdict(p) for p in r.plans])
+    record.update(_outcome(r), plans=[dataclasses.asdict(p) for p in r.plans], backend=pol.backend)
     if render:
         from rollouts.video import write_video
 

@@ -61,3 +61,20 @@ def one_line_error(r: subprocess.CompletedProcess, command: str, *fragments: str
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Files this process writes are limited to `limit` bytes (RLIMIT_FSIZE, with SIGXFSZ ignored
+    so that a write past it fails with EFBIG, as a write to a full disk fails with ENOSPC)."""
+    import resource
+    import signal
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)

@@ -110,3 +110,70 @@ def test_a_server_or_loop_chooses_the_window_before_its_first_plan(checkpoint, c
     pol.plan(np.zeros((2, pol.obs_dim), np.float32))
     assert pol._windows == measured and pol.sample_options()["window"] == chosen
     assert _policy(checkpoint, "paraddpm100paper:steps=20").choose_window() is None  # a fixed window
+
+
+# --- the cache file is not trusted: what does not validate is measured again and written over -------
+
+SPEC = "paraddpm100:steps=20,window=auto"
+MEASURED = {"window": 8,
+            "rows": [{"window": w, "rounds": 5.0, "evals": 40.0, "rows_per_round": 8.0, "cost": 9.0}
+                     for w in (4, 8, 16, 20)],
+            "curve": [{"batch": 1, "ms": 1.0, "ratio": 1.0}], "machine": "cpu", "threads": 1}
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The measurement, counted and made instant (what is tested is what the cache lets through)."""
+    import policy.autowindow as aw
+
+    calls = []
+    monkeypatch.setattr(aw, "measure", lambda *a, **k: calls.append(1) or json.loads(json.dumps(MEASURED)))
+    return calls
+
+
+@pytest.mark.parametrize("damage", [
+    {"window": 0}, {"window": -3}, {"window": "x"}, {"window": None}, {"window": 2.5}, {"window": True},
+    {"window": 7},  # not a window that was tried
+    {"rows": "many"}, {"rows": [{"window": 4, "rounds": "nan"}]}, {"curve": []}, {"machine": 3},
+    {"threads": 0}, "a string", [4, 8],
+])
+def test_a_cached_window_that_does_not_validate_is_measured_again_and_written_over(
+        checkpoint, cache, measured, damage):
+    import policy.autowindow as aw
+
+    pol = _policy(checkpoint, SPEC)
+    k = aw.key(pol, pol.sampler)
+    hostile = {**MEASURED, "window": 4, **damage} if isinstance(damage, dict) else damage
+    cache.write_text(json.dumps({k: hostile, "other": 1}))
+    entry = pol.prepare()  # dp-serve's start-up; a plan, dp-bench and the loops take the same path
+    assert measured == [1] and entry["window"] == 8 == pol.sample_options()["window"]
+    assert np.isfinite(pol.plan(np.zeros((2, pol.obs_dim), np.float32)).actions).all()
+    table = json.loads(cache.read_text())
+    assert table == {k: MEASURED, "other": 1}  # written over; the rest of the file kept
+    again = _policy(checkpoint, SPEC)
+    assert again.prepare() == MEASURED and measured == [1]  # a valid entry is used as it is
+
+
+@pytest.mark.parametrize("text", ["[1, 2, 3]", "null", "42", '"window"', "{not json", "\x00\xff",
+                                  "[" * 100000])
+def test_a_cache_file_that_is_not_a_json_object_is_measured_again_and_replaced(checkpoint, cache, measured,
+                                                                                text):
+    cache.write_text(text)
+    assert _policy(checkpoint, SPEC).prepare() == MEASURED and measured == [1]
+    assert list(json.loads(cache.read_text()).values()) == [MEASURED]
+
+
+def test_dp_bench_on_openvino_with_a_cached_window_of_zero_measures_again(checkpoint, cache, tmp_path):
+    """A cached window of 0 reached OpenVINO as a zero-row call: heap corruption, exit 134."""
+    import policy.autowindow as aw
+    from commands import dp
+
+    spec = "paraddpm100:steps=10,window=auto,backend=openvino"
+    pol = _policy(checkpoint, spec)
+    cache.write_text(json.dumps({aw.key(pol, pol.sampler): {**MEASURED, "window": 0}}))
+    r = dp("dp-bench", f"checkpoint={checkpoint}", f"samplers=['{spec}']", "plans=2", "warmup=0",
+           "batch_sizes=[1]", "overhead_plans=1", "threads=1", f"out={tmp_path / 'bench'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    chosen = json.loads(cache.read_text())[aw.key(pol, pol.sampler)]
+    assert chosen["window"] in candidates(10, "paper") and chosen["threads"] == 1  # measured here
+    assert f"window=auto chose {chosen['window']}" in r.stdout

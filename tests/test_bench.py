@@ -63,3 +63,29 @@ def test_dp_bench_writes_results_table_and_plot(checkpoint, tmp_path):
 def test_dp_bench_bad_sampler_is_one_line(checkpoint, tmp_path):
     r = dp("dp-bench", f"checkpoint={checkpoint}", "samplers=[ddim15,fast9]", f"out={tmp_path}")
     assert r.returncode == 2 and r.stderr.strip().startswith("dp-bench: samplers: unknown preset 'fast9'")
+
+
+def test_dp_bench_checks_that_out_can_be_written_before_timing(checkpoint, tmp_path, monkeypatch):
+    from rollouts import bench
+
+    def prepare(self, obs):
+        raise AssertionError("timed before out= was checked")
+
+    monkeypatch.setattr(bench.Trials, "prepare", prepare)
+    (tmp_path / "file").write_text("not a folder")
+    r = dp("dp-bench", f"checkpoint={checkpoint}", "samplers=[ddim2]", f"out={tmp_path / 'file' / 'bench'}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip() == (f"dp-bench: out: {tmp_path / 'file'}: not a folder, so nothing can be "
+                                "written under it; choose another out=")
+
+
+def test_dp_report_given_a_dp_bench_folder_says_so_in_one_line(checkpoint, tmp_path):
+    out = tmp_path / "bench"
+    r = dp("dp-bench", f"checkpoint={checkpoint}", "samplers=[ddim2]", "plans=2", "warmup=0",
+           "overhead_plans=1", "batch_sizes=[1]", "threads=1", f"out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = dp("dp-report", f"inputs=[{out}]", f"out={tmp_path / 'report'}")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "results.json: a dp-bench results.json" in r.stderr
+    assert "dp-report merges dp-eval folders" in r.stderr
+    assert not (tmp_path / "report").exists()

@@ -1,6 +1,7 @@
-"""dp-eval on Ray (`launcher=ray`, the optional extra `cluster`): a local Ray, one task an
-episode; a worker killed mid-episode is retried and every episode is recorded exactly once,
-with the results of the process pool on the same seeds. With --runslow: a Hydra multirun over a
+"""dp-eval on Ray (`launcher=ray`, the optional extra `cluster`; uv's dev group installs Ray for
+the tests, so none skips for want of it): a local Ray, one task an episode; a worker killed
+mid-episode is retried and every episode is recorded exactly once, with the results of the
+process pool on the same seeds. With --runslow: a Hydra multirun over a
 two-node cluster that `ray start` makes on loopback."""
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 import pytest
 
 from commands import dp
-
-pytest.importorskip("ray")
 
 
 def _episode_workers() -> list[int]:
@@ -162,3 +161,101 @@ def test_a_multirun_sweep_fans_out_over_a_two_node_cluster_each_episode_once(che
         assert {r["sampler"] for r in records} == {f"paraddim15:steps=4,tol={tol}"}, records[0]["sampler"]
         assert not any(r["error"] for r in records)
     assert len(raylets) == 2, f"episodes ran under raylets {raylets}: not on both nodes"
+
+
+# --- ray_address: what answers must be a Ray head, not any TCP listener ------------------------------
+
+@pytest.fixture
+def listener():
+    """A TCP server on loopback that takes connections and answers each with `reply` (None: says
+    nothing and keeps it open): a wrong port, as far as Ray is concerned. Yields start(reply) -> port."""
+    import threading
+
+    sockets = []
+
+    def start(reply: bytes | None) -> int:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        sockets.append(server)
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                sockets.append(conn)
+                if reply is not None:
+                    conn.sendall(reply)
+
+        threading.Thread(target=serve, daemon=True).start()
+        return server.getsockname()[1]
+
+    yield start
+    for s in sockets:
+        s.close()
+
+
+@pytest.mark.parametrize("reply, says", [
+    (None, "takes connections but said nothing in 5 s: not a Ray head"),
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "answers, but not as a Ray head does (it does not speak gRPC)"),
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "answers, but not as a Ray head does"),
+])
+def test_dp_eval_refuses_a_tcp_listener_that_is_not_a_ray_head_before_writing(tmp_path, listener, reply,
+                                                                              says):
+    """A wrong port passed the TCP probe, and dp-eval then hung in Ray's join for more than 120 s
+    with out/ written."""
+    port = listener(reply)
+    out = tmp_path / "eval"
+    start = time.monotonic()
+    r = dp("dp-eval", f"checkpoint={tmp_path / 'never-read'}", "launcher=ray",
+           f"ray_address=127.0.0.1:{port}", "episodes=1", "progress=false", f"out={out}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("dp-eval: ")]
+    assert len(lines) == 1 and f"ray_address: cannot join the Ray cluster at 127.0.0.1:{port}" in lines[0]
+    assert says in lines[0] and time.monotonic() - start < 30 and not out.exists()
+
+
+def _grpc_server(handler):
+    import grpc
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(2), handlers=[handler] if handler else [])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_the_probe_tells_a_ray_head_from_another_grpc_server():
+    """The GCS's bootstrap call answered (or refused for a token, which is ray.init's matter) is a
+    Ray head; a gRPC server without it is not."""
+    import grpc
+
+    from common.errors import UserError
+    from rollouts.cluster import check_address
+
+    def gcs(context_says):
+        def get_cluster_id(request, context):
+            if context_says is not None:
+                context.abort(context_says, "InvalidAuthToken: Authentication token is missing or incorrect")
+            return b"\n\x00"
+
+        method = grpc.unary_unary_rpc_method_handler(get_cluster_id, request_deserializer=bytes,
+                                                     response_serializer=bytes)
+        return grpc.method_handlers_generic_handler("ray.rpc.NodeInfoGcsService", {"GetClusterId": method})
+
+    for handler in (gcs(None), gcs(grpc.StatusCode.UNAUTHENTICATED)):
+        server, port = _grpc_server(handler)
+        try:
+            check_address(f"127.0.0.1:{port}", timeout=2)
+        finally:
+            server.stop(None)
+    server, port = _grpc_server(None)
+    try:
+        with pytest.raises(UserError, match=f"127.0.0.1:{port} speaks gRPC but is not a Ray head's GCS"):
+            check_address(f"127.0.0.1:{port}", timeout=2)
+        with pytest.raises(UserError, match="speaks gRPC but is not a Ray Client server"):
+            check_address(f"ray://127.0.0.1:{port}", timeout=2)
+    finally:
+        server.stop(None)

@@ -82,7 +82,7 @@ def test_existing_output_is_refused_in_one_line(lift_store):
     "args, message",
     [
         (["task=stack"], "unknown task 'stack'; known: can, external, lift, square"),
-        (["n_demos=0"], "n_demos: must be >= 1"),
+        (["n_demos=0"], "n_demos: 0 must be at least 1"),
         (["n_demoz=3"], "unknown key 'n_demoz'"),
     ],
 )

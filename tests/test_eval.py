@@ -42,6 +42,7 @@ def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
         assert set(e["latency_ms"]) == {"p50", "p95", "mean"} and e["latency_ms"]["p50"] > 0
         assert e["model_evals_per_plan"] > 0 and e["parallel_iters_per_plan"] > 0 and "reward_mean" in e
         assert e["threads"] == 1 and e["workers"] == 1 and e["errors"] == []
+        assert e["backend"] in ("torch", "openvino")  # backend=auto, resolved by measurement
     assert results[0]["model_evals_per_plan"] == results[0]["parallel_iters_per_plan"] == 2
     episodes = (out / "episodes.csv").read_text().splitlines()
     assert episodes[0].startswith("sampler,seed,episode,success") and len(episodes) == 5
@@ -55,7 +56,7 @@ def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
 
     cap = cv2.VideoCapture(str(out / "videos" / videos[0]))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 401
-    assert "paraddim15:steps=2,window=2" in r.stdout and "95% CI" in r.stdout
+    assert "paraddim15:steps=2,window=2" in r.stdout and "95% CI" in r.stdout and "backend" in r.stdout
 
 
 def test_interrupted_run_keeps_finished_episodes_and_continues(checkpoint, tmp_path):
@@ -95,6 +96,22 @@ def test_a_cut_log_line_is_ignored_and_that_episode_rerun(checkpoint, tmp_path):
     assert [r["seed"] for r in again] == [100000, 100001] and json.dumps(again[0]) == lines[0]
 
 
+# A full disk (simulated by a file-size limit): an episode's log line is 7 kB, pareto.png 30 kB.
+@pytest.mark.parametrize("limit, file", [(2_000, "episodes.jsonl"), (20_000, "pareto.png")])
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_whole_lines_only(checkpoint, tmp_path, limit,
+                                                                              file):
+    from commands import file_size_limit, one_line_error
+
+    out = tmp_path / "eval"
+    with file_size_limit(limit):
+        r = dp("dp-eval", f"checkpoint={checkpoint}", samplers(FAST[0]), "episodes=1", "workers=1",
+               "progress=false", f"out={out}")
+    one_line_error(r, "dp-eval", f"{out / file}: File too large (the disk is full or a file-size limit")
+    log = (out / "episodes.jsonl").read_text()
+    assert log.count("\n") == len(read_log(out / "episodes.jsonl")) and (log == "" or log.endswith("\n"))
+    assert not [p for p in out.iterdir() if ".tmp" in p.name] and not (out / "pareto.png").exists()
+
+
 def test_crashing_episode_is_recorded_with_its_reason(checkpoint, tmp_path, monkeypatch):
     """The sampler is made to return a NaN chunk for one seed (the real way a diverged policy
     crashes an episode); `plan` refuses it, and everything else is real."""
@@ -123,6 +140,27 @@ def test_crashing_episode_is_recorded_with_its_reason(checkpoint, tmp_path, monk
     assert "non-finite action at step 0" in (out / "episodes.csv").read_text()
 
 
+def external_policy(checkpoint, dest: Path) -> Path:
+    """A copy of the tiny policy that says it was trained on an imported dataset (task=external)."""
+    import shutil
+
+    shutil.copytree(checkpoint, dest)
+    meta = json.loads((dest / "policy.json").read_text())
+    features = {"features": {}, "obs": None, "action": "action", "fps": 20}
+    meta["meta"].update(task="external", features=features)
+    (dest / "policy.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_dp_eval_refuses_a_policy_of_an_imported_dataset_before_writing(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    r = dp("dp-eval", f"checkpoint={external_policy(checkpoint, tmp_path / 'ext')}", samplers(FAST[0]),
+           "episodes=1", "workers=1", f"out={out}")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "trained on an imported dataset (task=external)" in r.stderr and "dp-serve" in r.stderr
+    assert not out.exists()
+
+
 def test_seeds_of_the_demonstrations_are_refused(checkpoint, tmp_path):
     r = dp("dp-eval", f"checkpoint={checkpoint}", "seed=1", "episodes=2", f"out={tmp_path}")
     assert r.returncode == 2
@@ -135,6 +173,20 @@ def test_options_apply_where_taken_and_are_refused_where_not():
     with pytest.raises(UserError, match=r"options.blocks: taken by none of the samplers"):
         sampler_specs(["ddpm100"], {"blocks": 2})
     assert "tol" in {f for f in SamplerOptions.__dataclass_fields__}
+
+
+def test_every_command_plans_on_auto_unless_the_spec_or_an_option_names_a_backend():
+    """What dp-eval times is what dp-serve runs: the same default, and a label that names a
+    backend only where the user did."""
+    from policy.samplers.spec import on_command_backend
+    from rollouts.serve import ServeConfig
+
+    specs = sampler_specs(["ddim10", "ddim10:backend=torch"], {})
+    assert {k: v.backend for k, v in specs.items()} == {"ddim10": "auto", "ddim10:backend=torch": "torch"}
+    forced = sampler_specs(["ddim10"], {"backend": "torch"})
+    assert {k: v.backend for k, v in forced.items()} == {"ddim10:backend=torch": "torch"}
+    assert on_command_backend(ServeConfig().sampler).backend == "auto"
+    assert specs["ddim10"].baseline().label(100) == "ddim10"  # a twin's label does not spell the default
 
 
 def test_multirun_sweep_and_report_merge(checkpoint, tmp_path):
@@ -176,10 +228,11 @@ def test_quickstart_runs_the_whole_path_and_reuses_it(tmp_path):
     assert "[1/3] collecting 2 scripted lift demonstrations" in r.stdout
     assert "[3/3] evaluating ddim5:steps=2 on 1 episodes each" in r.stdout and "min left in all" in r.stdout
     (entry,) = read_rows(out / "eval" / "results.json")
-    # the fastest backend here
-    assert entry["sampler"] == "ddim5:steps=2,backend=auto" and entry["episodes"] == 1
+    # on the fastest backend here (every command's default), which the row names
+    assert entry["sampler"] == "ddim5:steps=2" and entry["episodes"] == 1
+    assert entry["backend"] in ("torch", "openvino") and entry["backend"] in r.stdout
     assert (out / "eval" / "pareto.png").exists() and (out / "train" / "checkpoints" / "latest").exists()
-    assert "deadline 350 ms: use ddim5:steps=2,backend=auto" in r.stdout  # 20 Hz, 15 actions, a plan every 8
+    assert "deadline 350 ms: use ddim5:steps=2" in r.stdout  # 20 Hz, 15 actions, a plan every 8
     again = run(args)
     assert again.returncode == 0, again.stderr
     assert ("reusing the store already there" in again.stdout

@@ -207,6 +207,10 @@ def test_dp_serve_answers_openpi_image_requests(start_server, image_checkpoint):
                       "observation/state": state})
     with pytest.raises(RuntimeError, match=r"observation/state: shape \(7,\), expected \[9\]"):
         client.infer({**big, "observation/state": np.zeros(7, np.float32)})
+    # both forms of the observation: neither is dropped unseen
+    with pytest.raises(RuntimeError, match="request: sends both 'obs_history' and the features "
+                                           "observation/image"):
+        client.infer({**big, "observation/state": state, "obs_history": np.stack([flat] * p.cfg.n_obs_steps)})
     # still serving
     assert client.infer({**big, "observation/state": state})["actions"].shape[0] == p.cfg.n_action_steps
 

@@ -4,6 +4,7 @@ non-finite action leaves the policy. Item numbers refer to the issue."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from common.files import make_partial, remove_stale_partials
 import policy
 from envs.errors import StoreError
 from envs.store import write_store
-from policy.safety import NonFiniteActions
+from policy.safety import NonFiniteActions, ObservationOutOfRange
 from rollouts import wire
 from rollouts.realtime import LoopConfig, run_loop
 
@@ -85,14 +86,51 @@ def test_report_of_an_all_or_nothing_sampler_is_written(tmp_path, n, wins):
 HUGE = np.full((2, 19), 1e20, np.float32)
 
 
+def poisoned(pol):
+    """`pol` whose chains end in NaN (a diverged network), until `del pol.sample`."""
+    real = pol.sample
+
+    def sample(*args, **kwargs):
+        chunk, result = real(*args, **kwargs)
+        return chunk * np.nan, result
+
+    pol.sample = sample
+    return pol
+
+
 def test_plan_refuses_a_non_finite_chunk_and_a_non_finite_observation(checkpoint):
-    pol = policy.load(checkpoint)
+    pol = poisoned(policy.load(checkpoint))
     pol.seed(0)
     with pytest.raises(NonFiniteActions, match="actions: non-finite"):
-        pol.plan(HUGE)  # finite, but the normalizer and the network overflow on it
+        pol.plan(np.zeros((2, 19)))
+    del pol.sample
     with pytest.raises(ValueError, match="obs_history: contains NaN or inf"):
         pol.plan(np.full((2, 19), 1e300, np.float64))  # inf once cast to float32
     assert np.isfinite(pol.plan(np.zeros((2, 19))).actions).all()  # the policy still plans
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_an_observation_far_outside_the_trained_range_is_refused_alike_on_every_backend(checkpoint, backend):
+    """1e20 overflowed torch into a NaN plan and gave OpenVINO a finite one: refused before the
+    network runs, on both, with the value and the room named."""
+    from policy.samplers import SamplerConfig
+
+    pol = policy.load(checkpoint)
+    pol.sampler = SamplerConfig(name="ddim", steps=5, backend=backend)
+    ok = pol.neutral_obs()[0].numpy()
+    lo, hi = pol.obs_bounds
+    calls, real = [], pol.sample
+    pol.sample = lambda *a, **k: calls.append(1) or real(*a, **k)
+    for value in (1e30, 1e20, 1e10, 1e6, -1e6):
+        obs = ok.copy()
+        obs[1, 4] = value
+        want = re.escape(f"obs_history: far outside the trained range (history step 1: dimension 4 is "
+                         f"{value:.4g},")
+        with pytest.raises(ObservationOutOfRange, match=f"^{want}"):
+            pol.plan(obs)
+    assert calls == [] and np.all(hi - lo >= 20)  # nothing sampled; ten times at least 1 on each side
+    edge = np.where(np.arange(19) % 2 == 0, hi, lo)  # the last value allowed on every dimension plans
+    assert np.isfinite(pol.plan(np.stack([edge, edge])).actions).all() and calls == [1]
 
 
 def test_server_replies_an_error_not_nan_actions_and_keeps_serving(start_server):
@@ -100,8 +138,12 @@ def test_server_replies_an_error_not_nan_actions_and_keeps_serving(start_server)
     with connect(f"ws://127.0.0.1:{port}") as ws:
         ws.recv()
         ws.send(wire.packb({"obs_history": HUGE}))
+        assert ws.recv().startswith("obs_history: far outside the trained range (history step 0: dimension 0")
+        poisoned(service.policy)
+        ws.send(wire.packb({"obs_history": np.zeros((2, 19), np.float32)}))
         reply = ws.recv()
         assert isinstance(reply, str) and reply.startswith("actions: non-finite")
+        del service.policy.sample
         ws.send(wire.packb({"obs_history": np.full((2, 19), 1e300)}))
         assert ws.recv().startswith("obs_history: contains NaN or inf")
         ws.send(wire.packb({"obs_history": np.zeros((2, 19), np.float32)}))
@@ -133,10 +175,14 @@ def test_remote_refusal_reaches_the_robot_side_as_non_finite_actions(start_serve
     from rollouts.client import PolicyClient
     from rollouts.realtime import RemotePlanner
 
-    _, port = start_server()
+    service, port = start_server()
     with PolicyClient("127.0.0.1", port) as client:
-        with pytest.raises(NonFiniteActions):
+        with pytest.raises(ObservationOutOfRange):
             RemotePlanner(client).plan(HUGE, 4)
+        poisoned(service.policy)
+        with pytest.raises(NonFiniteActions):
+            RemotePlanner(client).plan(np.zeros((2, 19)), 4)
+        del service.policy.sample
         assert client.plan(np.zeros((2, 19))).shape == (8, 7)
 
 

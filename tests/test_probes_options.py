@@ -184,3 +184,76 @@ def test_dp_eval_records_the_device_its_workers_were_given(checkpoint, tmp_path)
     used = worker.state.device  # workers=1 runs the episodes in this process
     assert used != "auto" and json.loads((out / "run.json").read_text())["device"] == used
     assert read_rows(out / "results.json")[0]["device"] == used
+
+
+# --- the other commands' numbers (round 4): checked once, in the command's typed config, before
+# the policy loads and before anything is written -------------------------------------------------
+
+@pytest.mark.parametrize("setting, says", [
+    ("threads=0", "threads: 0 must be at least 1"),
+    ("batch_sizes=[-4]", "batch_sizes[0]: -4 must be at least 1"),
+    ("batch_sizes=[1000000]", "batch_sizes[0]: 1000000 must be <= 10000"),
+    ("warmup=-1", "warmup: -1 must be >= 0"),
+    ("time_limit_s=nan", "time_limit_s: nan is not a finite number"), ("time_limit_s=0", "must be positive"),
+    ("plans=0", "plans: 0 must be at least 1"), ("overhead_plans=0", "overhead_plans: 0 must be at least 1"),
+])
+def test_dp_bench_refuses_a_bad_number_before_loading_the_policy(tmp_path, setting, says):
+    out = tmp_path / "bench"
+    r = dp("dp-bench", f"checkpoint={tmp_path / 'never-read'}", setting, f"out={out}")
+    one_line_error(r, "dp-bench", says)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("threads=0", "threads: 0 must be at least 1"), ("lr=nan", "lr: nan is not a finite number"),
+    ("lr=0", "lr: 0.0 must be positive"), ("tol=nan", "tol: nan is not a finite number"),
+    ("tol=-1", "tol: -1.0 must be >= 0"), ("min_iters=400", "min_iters: 400 is above max_iters 300"),
+    ("seed=-1", "seed: -1 must be >= 0"),
+])
+def test_dp_align_refuses_a_bad_number_before_loading_the_policy(tmp_path, setting, says):
+    r = dp("dp-align", f"checkpoint={tmp_path / 'never-read'}", setting)
+    one_line_error(r, "dp-align", says)
+
+
+@pytest.mark.parametrize("setting, says", [("workers=-1", "workers: -1 must be >= 0"),
+                                           ("seed=-1", "seed: -1 must be >= 0"),
+                                           ("n_demos=0", "n_demos: 0 must be at least 1"),
+                                           ("max_attempts=0", "max_attempts: 0 must be at least 1")])
+def test_dp_collect_refuses_a_bad_number_before_starting_workers(tmp_path, setting, says):
+    out = tmp_path / "demo.zarr"
+    r = dp("dp-collect", setting, f"out={out}")
+    one_line_error(r, "dp-collect", says)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("episodes=0", "episodes: 0 must be at least 1"), ("steps=0", "steps: 0 must be at least 1"),
+    ("samplers=[bogus]", "samplers: unknown preset 'bogus'"), ("samplers=[]", "samplers: empty list"),
+    ("samplers=['paraddpm100:tol=nan']", "sampler.tol: nan is not a finite number"),
+    ("samplers=[ddim10+aligner]", "uses DPM-Aligner timesteps, which the quick start does not learn"),
+    ("workers=0", "workers: 0 must be at least 1"),
+])
+def test_dp_quickstart_checks_every_stage_before_collecting(tmp_path, monkeypatch, setting, says):
+    """The evaluation's settings are refused at start-up, not after collecting and training."""
+    import envs.collect
+
+    def collect(*args, **kwargs):
+        raise AssertionError("collected before the settings were checked")
+
+    monkeypatch.setattr(envs.collect, "collect", collect)
+    out = tmp_path / "quickstart"
+    r = dp("dp-quickstart", setting, f"out={out}")
+    one_line_error(r, "dp-quickstart", says)
+    assert not out.exists()
+
+
+def test_a_path_hydra_cannot_read_unquoted_says_how_to_quote_it(tmp_path):
+    """Hydra's override grammar takes no non-ASCII letter unquoted (a LexerNoViableAltException);
+    the line says how to quote the value, and the quoted value reaches the command as it is."""
+    data = tmp_path / "dätä" / "lift.zarr"
+    r = dp("dp-train", f"data={data}", f"out={tmp_path / 'run'}")
+    one_line_error(r, "dp-train", f"data: Hydra cannot read '{data}' unquoted",
+                   f"quote it: \"data='{data}'\"")
+    r = dp("dp-train", f"data='{data}'", f"out={tmp_path / 'run'}")
+    one_line_error(r, "dp-train", f"{data}: no such demonstration store")
+    assert not (tmp_path / "run").exists()

@@ -96,6 +96,63 @@ def test_a_refused_run_leaves_no_folder_and_the_lock_names_nobody_after(tmp_path
         pass
 
 
+def _victim(tmp_path: Path) -> tuple[Path, bytes]:
+    victim = tmp_path / "precious.txt"
+    victim.write_bytes(b"the user's own file\n")
+    return victim, victim.read_bytes()
+
+
+def test_a_lock_that_is_a_symlink_is_refused_by_dp_eval_and_dp_train_and_its_target_untouched(
+        checkpoint, lift_store, tmp_path):  # noqa: F811
+    victim, content = _victim(tmp_path)
+    for command, args in [("dp-eval", [f"checkpoint={checkpoint}", "samplers=[ddim5]", "episodes=1",
+                                       "workers=1", "progress=false"]),
+                          ("dp-train", [f"data={lift_store}", "steps=2", *TINY])]:
+        out = tmp_path / command
+        out.mkdir()
+        (out / ".lock").symlink_to(victim)
+        r = dp(command, *args, f"out={out}")
+        one_line_error(r, command, str(out / ".lock"), "symbolic link")
+        assert victim.read_bytes() == content and os.listdir(out) == [".lock"]
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / ".lock").symlink_to(tmp_path / "made-by-the-lock")  # O_CREAT would make the target
+    with pytest.raises(UserError, match="symbolic link"):
+        with exclusive(dangling, "dp-align"):
+            pass
+    assert not (tmp_path / "made-by-the-lock").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "hard link"])
+def test_a_lock_that_is_not_a_regular_file_of_its_own_is_refused_in_one_line(tmp_path, kind):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim, content = _victim(tmp_path)
+    {"fifo": lambda p: os.mkfifo(p), "directory": lambda p: p.mkdir(),
+     "hard link": lambda p: os.link(victim, p)}[kind](out / ".lock")
+    with pytest.raises(UserError, match=kind) as e:
+        with exclusive(out, "dp-align"):
+            pass
+    assert str(out / ".lock") in str(e.value) and "\n" not in str(e.value)
+    assert victim.read_bytes() == content
+
+
+def test_a_lock_held_by_another_names_it_and_a_stale_one_is_taken_over_in_place(tmp_path):
+    out = tmp_path / "out"
+    holder = hold_lock(out, "dp-eval")
+    try:
+        with pytest.raises(UserError, match=f"in use by dp-eval \\(pid {holder.pid}"):
+            with exclusive(out, "dp-eval"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    inode = (out / ".lock").stat().st_ino
+    with exclusive(out, "dp-train"):  # the dead holder's file, rewritten through its own descriptor
+        assert (out / ".lock").stat().st_ino == inode
+        assert json.loads((out / ".lock").read_text())["command"] == "dp-train"
+
+
 # --- 4, 11: dp-export's out= and measured= ----------------------------------------------------------
 
 def _run_dir(ckpt_copy: Path, tmp_path: Path) -> Path:  # noqa: F811
@@ -193,6 +250,47 @@ def test_a_plan_that_leaves_the_trained_range_is_refused_and_resets_the_warm_sta
     with pytest.raises(ActionsOutOfRange, match="^actions: outside the trained range"):
         pol.plan(obs)
     assert pol.warm.chain is None
+
+
+def test_a_dimension_trained_on_one_value_gets_that_value_not_two_units_of_room(ckpt_copy):  # noqa: F811
+    """A gripper that never moved (0.0) and a joint that barely did (0.30000-0.30005): their
+    normalized units are only centred, so +-2 of them were +-2 absolute and the network's output
+    there (noise around 0) was served as is, 1.0 away. The room now follows the dimension's scale."""
+    from policy.normalizer import Normalizer
+    from policy.samplers import SamplerConfig
+
+    stats = load_file(ckpt_copy / "normalizer.safetensors")
+    lo, hi = stats["action.min"].clone(), stats["action.max"].clone()
+    lo[0] = hi[0] = 0.0
+    lo[1], hi[1] = 0.3, 0.30005
+    for stat, v in Normalizer.fit({"action": torch.stack([lo, hi]).numpy()}).stats["action"].items():
+        stats[f"action.{stat}"] = v.float().contiguous()
+    save_file(stats, ckpt_copy / "normalizer.safetensors")
+    pol = policy.load(ckpt_copy)
+    pol.sampler = SamplerConfig(name="ddim", steps=5)
+    low, high = pol.action_bounds
+    assert -1e-6 <= low[0] <= high[0] <= 1e-6 and 0.29997 < low[1] < 0.3 < 0.30005 < high[1] < 0.30008
+    width = (hi - lo)[2:].numpy()  # the other dimensions keep half their width of room
+    np.testing.assert_allclose(low[2:], lo[2:].numpy() - 0.5 * width, rtol=1e-6)
+    np.testing.assert_allclose(high[2:], hi[2:].numpy() + 0.5 * width, rtol=1e-6)
+    obs = pol.neutral_obs()[0].numpy()
+    pol.seed(0)
+    raw, _ = pol.sample(torch.as_tensor(obs)[None])
+    assert np.abs(raw[0, :, 0].numpy()).max() > 1e-3  # what the network says there: noise around 0
+    for seed in range(3):
+        pol.seed(seed)
+        a = pol.plan(obs).actions
+        assert np.all(a[:, 0] == 0.0) and np.all((a[:, 1] >= 0.3 - 1e-7) & (a[:, 1] <= 0.30005 + 1e-7))
+    for dim, value in [(0, 1.0), (1, 1.3), (1, 0.3001)]:
+        served = np.array(a)
+        served[2, dim] = value
+        with pytest.raises(ActionsOutOfRange, match=f"chunk step 2: dimension {dim} is {value:.4g}, allowed"):
+            check_actions(served, low, high)
+        committed = np.array(a[:3])
+        committed[1, dim] = value
+        with pytest.raises(ValueError, match=f"^committed: outside the trained range .*dimension {dim} is"):
+            pol.plan(obs, committed=committed, frozen=1)
+    assert pol.plan(obs, committed=a[:3], frozen=1).actions[:, 0].tolist() == [0.0] * 8
 
 
 def test_committed_actions_outside_the_trained_range_are_refused(checkpoint):

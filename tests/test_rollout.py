@@ -59,6 +59,15 @@ def test_dp_rollout_takes_a_sampler_preset_and_its_options(checkpoint):
     assert unknown.returncode == 2 and "dp-rollout: unknown sampler 'ddim99'; known: ddim10" in unknown.stderr
 
 
+def test_dp_rollout_refuses_a_policy_of_an_imported_dataset(checkpoint, tmp_path):
+    from test_eval import external_policy
+
+    r = dp("dp-rollout", f"checkpoint={external_policy(checkpoint, tmp_path / 'ext')}", "episodes=1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "trained on an imported dataset (task=external), which no simulator here runs" in r.stderr
+    assert "unknown task" not in r.stderr
+
+
 def test_dp_rollout_missing_checkpoint_is_one_line(tmp_path):
     r = dp("dp-rollout", f"checkpoint={tmp_path / 'nope'}")
     assert r.returncode == 2 and r.stderr.strip() == f"dp-rollout: {tmp_path / 'nope'}: no such checkpoint"

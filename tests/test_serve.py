@@ -186,3 +186,28 @@ def test_a_request_with_committed_actions_gets_a_chunk_that_starts_with_them(sta
     with pytest.raises(RuntimeError, match="committed: expected a float array"):
         client.infer({**_obs(service), "committed": [1, 2]})
     assert client.infer(_obs(service))["actions"].shape[0] == p.cfg.n_action_steps
+
+
+def test_a_request_naming_features_the_policy_lacks_or_sending_both_forms_is_refused(start_server):
+    """A policy of an imported dataset takes its features by name; a request naming one it does
+    not have, or sending obs_history besides, gets a one-line error (not a plan that dropped one
+    of them unseen), and the connection keeps serving."""
+    service, port = start_server()
+    p = service.policy
+    p.meta.update(features={"features": {}, "obs": None, "action": "action", "fps": 20},
+                  obs_layout={"observation.state": [0, 10], "observation.environment_state": [10, p.obs_dim]})
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    named = {"observation.state": np.zeros(10, np.float32),
+             "observation.environment_state": np.zeros(p.obs_dim - 10, np.float32)}
+    by_name = client.infer(named)["actions"]
+    with pytest.raises(RuntimeError, match=r"request: names 1 observation feature\(s\) this policy does "
+                                           r"not have: 'observation.images.top' \(its features: "
+                                           r"observation.state, observation.environment_state"):
+        client.infer({**named, "observation.images.top": np.zeros((8, 8, 3), np.uint8)})
+    with pytest.raises(RuntimeError, match=r"request: sends both 'obs_history' and the features "
+                                           r"observation.state, observation.environment_state; send one"):
+        client.infer({**_obs(service), **named})
+    with pytest.raises(RuntimeError, match="does not have: 'observation.stat' "):
+        client.infer({**_obs(service), "observation.stat": np.zeros(10, np.float32)})  # a typo is named too
+    assert client.infer(named)["actions"].shape == by_name.shape == (p.cfg.n_action_steps, p.action_dim)
+    assert client.infer({**_obs(service), "n_actions": 3})["actions"].shape[0] == 3  # other fields: as before

@@ -97,6 +97,8 @@ def test_compare_names_an_unknown_reference_and_says_when_seeds_differ():
     assert "seeds differ" in seed_note(rows)
     with pytest.raises(Exception, match="reference: 'c' is not one of the samplers"):
         compare(rows, "c")
+    with pytest.raises(Exception, match="reference: '' is not one of the samplers"):  # not the first
+        compare(rows, "")
 
 
 def test_the_loop_allows_a_plan_what_the_current_chunk_still_covers():

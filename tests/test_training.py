@@ -106,6 +106,96 @@ def test_a_fresh_run_starts_from_another_policys_weights(store, tmp_path):
         train(_cfg(store, tmp_path / "bad", steps=1, init=str(tmp_path / "src"), policy=wide))
 
 
+def test_init_from_a_policy_of_another_observation_size_names_both_sizes(store, tmp_path):
+    """A lift policy (19 observation dims) as the start of a run on a can store (23): the refusal
+    names obs_dim and both sizes, not the source policy's files."""
+    train(_cfg(store, tmp_path / "lift", steps=1))
+    rng = np.random.default_rng(0)
+    can = get_task("can")
+    episodes = [{"obs": rng.normal(size=(24, can.obs_dim)).astype(np.float32),
+                 "action": rng.uniform(-1, 1, (24, 7)).astype(np.float32), "state": np.zeros((24, 4)),
+                 "reward": np.zeros(24, np.float32), "success": np.arange(24) == 23} for _ in range(4)]
+    layout = {k: list(v) for k, v in can.obs_layout.items()}
+    can_store = write_store(tmp_path / "can.zarr", episodes, {"task": "can", "obs_layout": layout})
+    cfg = _cfg(can_store, tmp_path / "can", steps=1, init=str(tmp_path / "lift"), val_fraction=0.0)
+    cfg.task.name = "can"
+    with pytest.raises(UserError, match=r"^init: .*lift.* has obs_dim 19 \(task lift\), this run 23 "
+                                        r"\(task can"):
+        train(cfg)
+
+
+# What the UNet and the schedule need of `policy.*`: each refused in one line naming the key,
+# before dp-train writes anything to out= (no .lock, no tensorboard/).
+@pytest.mark.parametrize("setting, says", [
+    ("policy.n_obs_steps=0", "policy.n_obs_steps: 0 must be at least 1"),
+    ("policy.n_obs_steps=-1", "policy.n_obs_steps: -1 must be at least 1"),
+    ("policy.schedule.num_train_timesteps=0", "policy.schedule.num_train_timesteps: 0 must be at least 1"),
+    ("policy.schedule.num_train_timesteps=1000000000", "num_train_timesteps: 1000000000 must be <= 10000"),
+    ("policy.unet.down_dims=[]", "policy.unet.down_dims: [] must list at least one"),
+    ("policy.unet.down_dims=[16,0]", "policy.unet.down_dims[1]: 0 must be at least 1"),
+    ("policy.unet.kernel_size=0", "policy.unet.kernel_size: 0 must be at least 1"),
+    ("policy.unet.kernel_size=4", "policy.unet.kernel_size: 4 must be odd"),
+    ("policy.unet.n_groups=0", "policy.unet.n_groups: 0 must be at least 1"),
+    ("policy.unet.n_groups=7", "policy.unet.n_groups: 7 does not divide the channel count 16"),
+    ("policy.unet.step_embed_dim=1", "policy.unet.step_embed_dim: 1 must be >= 4"),
+    ("policy.unet.step_embed_dim=18", None),  # even: fine
+    ("policy.unet.step_embed_dim=17", "policy.unet.step_embed_dim: 17 must be even"),
+    ("policy.schedule.beta_schedule=bogus", "policy.schedule.beta_schedule: 'bogus' is not one of linear"),
+    ("policy.horizon=1000000", "policy.horizon: 1000000 is more than 1024 actions a plan"),
+    ("policy.horizon=18", "policy.horizon: 18 is not a positive multiple of 4"),
+])
+def test_dp_train_refuses_a_policy_number_the_network_cannot_take_before_writing(store, tmp_path, setting,
+                                                                                  says):
+    from commands import dp, one_line_error
+
+    out = tmp_path / "run"
+    r = dp("dp-train", f"data={store}", f"out={out}", "steps=1", "batch_size=8", "val_fraction=0",
+           "threads=1", "progress=false", "policy.unet.down_dims=[16,32,64]", "policy.unet.step_embed_dim=16",
+           "policy.unet.n_groups=4", setting)
+    if says is None:
+        assert r.returncode == 0, r.stderr[-2000:]
+        return
+    one_line_error(r, "dp-train", says)
+    assert not out.exists()
+
+
+TINY = ["steps=1", "batch_size=8", "val_fraction=0", "threads=1", "progress=false", "checkpoint_every=1",
+        "policy.unet.down_dims=[16,32]", "policy.unet.step_embed_dim=16", "policy.unet.n_groups=4"]
+
+
+# A full disk (simulated by a file-size limit: each weights file is 333 kB, trainer.pt 1 MB):
+# safetensors raises SafetensorError and torch.save a RuntimeError ("unexpected pos"); both are
+# one line naming the file, and the partial checkpoint is gone.
+@pytest.mark.parametrize("limit, file", [(100_000, "weights.safetensors"), (600_000, "trainer.pt")])
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(store, tmp_path, limit,
+                                                                                       file):
+    from commands import dp, file_size_limit, one_line_error
+
+    out = tmp_path / "run"
+    with file_size_limit(limit):
+        r = dp("dp-train", f"data={store}", f"out={out}", *TINY)
+    one_line_error(r, "dp-train", f"checkpoints/step-0000001/{file}: ", "file-size limit")
+    assert list((out / "checkpoints").iterdir()) == []  # no partial directory, no `latest`
+
+
+def test_a_full_disk_under_tensorboard_is_one_line_naming_its_folder(store, tmp_path, monkeypatch):
+    """TensorBoard's writer thread raises the OSError of a failed write, naming no file, at the next call."""
+    import errno
+    import os
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from commands import dp, one_line_error
+
+    def full(self, *args, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    out = tmp_path / "run"
+    r = dp("dp-train", f"data={store}", f"out={out}", *TINY, "log_every=1")
+    one_line_error(r, "dp-train", f"{out / 'tensorboard'}: No space left on device (the disk is full")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
     train(_cfg(store, tmp_path / "nan", steps=50, stop_at=2))
     with pytest.raises(UserError, match=r"loss: became (nan|inf) at step \d+; .* last good checkpoint is "

@@ -90,6 +90,8 @@ class SamplerConfig:
         """A preset spec that names this config, for a sequential one: `ddim10+aligner:backend=auto`."""
         label = f"{self.name}{self.steps or num_train_timesteps}"
         extra = {k: getattr(self, k) for k in ("capture", "backend") if getattr(self, k)}
+        if extra.get("backend") == COMMAND_BACKEND:  # every command's default: a label need not say it
+            del extra["backend"]
         if aligner_choice(self) == "default":
             label += ALIGNED
         elif aligner_choice(self) is not None:
@@ -98,6 +100,16 @@ class SamplerConfig:
 
 
 ALIGNED = "+aligner"
+
+# The backend every command (dp-bench, dp-eval, dp-rollout, dp-quickstart, dp-serve) runs a spec's
+# denoiser calls on unless the spec names one: what a robot gets from dp-serve is what is timed.
+# The Python API's own default stays torch (`policy.load(...).plan()`: no measurement, no cache).
+COMMAND_BACKEND = "auto"
+
+
+def on_command_backend(cfg: SamplerConfig) -> SamplerConfig:
+    """`cfg` with `backend` set to the commands' default where it names none."""
+    return cfg if cfg.backend else dataclasses.replace(cfg, backend=COMMAND_BACKEND)
 
 
 def preset_dir():
