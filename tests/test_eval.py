@@ -30,25 +30,25 @@ def run(cmd, **kw):
 
 def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
     out = tmp_path / "eval"
-    r = run(["dp-eval", f"checkpoint={checkpoint}", samplers(*FAST), "episodes=2",
+    r = run(["dp-eval", f"checkpoint={checkpoint}", samplers(*FAST), "episodes=1",
              "workers=1", "videos=1", f"out={out}"])
     assert r.returncode == 0, r.stderr
     results = read_rows(out / "results.json")
     assert [e["sampler"] for e in results] == FAST
     for e in results:
-        assert e["episodes"] == 2 and e["success_rate"] == 0.0  # 20 training steps lift nothing
+        assert e["episodes"] == 1 and e["success_rate"] == 0.0  # 20 training steps lift nothing
         lo, hi = e["success_ci95"]
-        assert lo == 0.0 and 0.5 < hi < 0.9
+        assert lo == 0.0 and 0.7 < hi < 0.85  # Wilson's upper bound for 0 of 1
         assert set(e["latency_ms"]) == {"p50", "p95", "mean"} and e["latency_ms"]["p50"] > 0
         assert e["model_evals_per_plan"] > 0 and e["parallel_iters_per_plan"] > 0 and "reward_mean" in e
         assert e["threads"] == 1 and e["workers"] == 1 and e["errors"] == []
         assert e["backend"] in ("torch", "openvino")  # backend=auto, resolved by measurement
     assert results[0]["model_evals_per_plan"] == results[0]["parallel_iters_per_plan"] == 2
     episodes = (out / "episodes.csv").read_text().splitlines()
-    assert episodes[0].startswith("sampler,seed,episode,success") and len(episodes) == 5
+    assert episodes[0].startswith("sampler,seed,episode,success") and len(episodes) == 3
     plans = (out / "plans.csv").read_text().splitlines()
     assert plans[0] == "sampler,seed,step,latency_ms,model_evals,parallel_iters,converged,encode_ms"
-    assert len(plans) == 1 + 4 * 50  # 400 steps, a plan every 8
+    assert len(plans) == 1 + 2 * 50  # 400 steps, a plan every 8
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     videos = sorted(p.name for p in (out / "videos").iterdir())
     assert videos == ["ddim5_steps_2-100000.mp4", "paraddim15_steps_2_window_2-100000.mp4"]

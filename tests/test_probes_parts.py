@@ -388,6 +388,24 @@ def _interrupt(args: list[str], after: float, cwd=None) -> subprocess.CompletedP
     return subprocess.CompletedProcess(args, p.returncode, out, err)
 
 
+def test_an_error_a_ctrl_c_caused_counts_as_the_ctrl_c():
+    """A Ctrl-C inside numpy's own import set-up surfaces as its RuntimeError ("Unable to
+    configure default ndarray.__str__") caused by the KeyboardInterrupt: still exit 130."""
+    from envs.launch import _interrupted
+
+    def raised(cause):
+        try:
+            try:
+                raise cause
+            except BaseException as inner:
+                raise RuntimeError("Unable to configure default ndarray.__str__") from inner
+        except RuntimeError as err:
+            return err
+
+    assert _interrupted(raised(KeyboardInterrupt())) and _interrupted(KeyboardInterrupt())
+    assert not _interrupted(raised(ValueError("x"))) and not _interrupted(RuntimeError("y"))
+
+
 @pytest.mark.parametrize("command", ["dp-export", "dp-serve", "dp-train"])
 def test_ctrl_c_during_imports_is_one_line(command, tmp_path):
     r = _interrupt([str(BIN / command), "checkpoint=zoo/lift", f"out={tmp_path / 'x'}"], after=0.4, cwd=ROOT)
