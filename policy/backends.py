@@ -35,7 +35,7 @@ import torch
 
 from common.errors import UserError
 from policy.samplers.spec import check_backend as check  # noqa: F401 (also named here)
-from policy.samplers.spec import installed
+from policy.samplers.spec import installed, runtime_runs
 
 
 
@@ -172,8 +172,8 @@ def choose(policy, cfg) -> dict:
     from policy import autowindow
 
     # only torch runs 16-bit weights and CUDA graphs: auto never trades what was asked for speed
-    if (policy.device.type != "cpu" or not installed("openvino") or (cfg.precision or "fp32") != "fp32"
-            or cfg.capture == "graph"):
+    if (policy.device.type != "cpu" or not installed("openvino")
+            or not runtime_runs(cfg.precision, cfg.capture)):
         return {"backend": "torch", "rows": None, "ms": {}}
     rows = typical_rows(policy, cfg)
     key = choice_key(policy, rows)

@@ -151,6 +151,16 @@ def test_openvino_is_refused_on_a_gpu_and_auto_takes_torch_there():
     check_device("auto", torch.device("cuda", 0))
 
 
+def test_auto_leaves_16_bit_weights_on_torch_without_measuring(checkpoint, monkeypatch):
+    """OpenVINO runs fp32 only: auto must not trade a bf16 request for a faster fp32 call."""
+    from policy import backends
+
+    monkeypatch.setattr(backends, "call_ms", lambda *a, **k: pytest.fail("measured"))
+    pol = policy.load(checkpoint)
+    pol.sampler = SamplerConfig(name="ddim", steps=4, backend="auto", precision="bf16")
+    assert pol.backend == "torch"
+
+
 def test_a_missing_runtime_is_one_line(monkeypatch):
     import builtins
 

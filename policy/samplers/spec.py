@@ -224,6 +224,12 @@ def check_runtime(capture: str | None, precision: str | None) -> None:
         raise UserError(f"sampler.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
+def runtime_runs(precision: str | None, capture: str | None) -> bool:
+    """Whether the runtime backend (OpenVINO) can run calls so asked: fp32 weights, no CUDA graphs
+    (`check_backend` refuses the rest; `backend=auto` leaves them on torch)."""
+    return precision in (None, "fp32") and capture != "graph"
+
+
 def check_backend(backend: str | None, precision: str | None = None, capture: str | None = None) -> None:
     """One-line errors for a backend that does not exist, is not installed, or cannot run the
     precision or capture asked for."""
