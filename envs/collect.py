@@ -3,6 +3,10 @@
 Episode seeds are tried in order from `seed`; the store keeps the first `n_demos` successful
 ones. Which seeds those are does not depend on the number of workers or their timing, so the
 same arguments give the same bytes.
+
+`demos=mh` collects mixed-proficiency demonstrations instead (six operators, better / okay /
+worse, taking turns by seed; on a task with two strategies each episode draws one), recorded per
+episode under `meta/` so that training can select by operator, proficiency or strategy.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class CollectConfig:
     obs: ObsConfig = field(default_factory=ObsConfig)  # obs=image adds each camera's frames
     n_demos: int = 200
     seed: int = 0
+    demos: str = "ph"  # ph: one proficient scripted operator; mh: six of mixed proficiency
     out: str = "data/${task.name}.zarr"
     workers: int = 0  # 0: one per core
     max_attempts: int | None = None  # default: 2 * n_demos + 20
@@ -35,6 +40,10 @@ class CollectConfig:
         """The numbers checked at start-up, before any worker starts: one line naming the key."""
         from common.checks import check_number
 
+        from envs.experts import DEMO_SETS
+
+        if self.demos not in DEMO_SETS:
+            raise UserError(f"demos: {self.demos!r} is not one of {', '.join(DEMO_SETS)}")
         check_number("n_demos", self.n_demos, 1, integer=True)
         check_number("seed", self.seed, 0, integer=True)  # episode seeds seed, seed + 1, ...: a simulator's
         check_number("workers", self.workers, 0, integer=True)  # 0: one per core
@@ -50,9 +59,10 @@ class WorkerError(UserError):
     """A worker could not build its environment: every worker would fail the same way."""
 
 
-def _init_worker(task: str, obs: dict | None = None) -> None:
+def _init_worker(task: str, obs: dict | None = None, demos: str = "ph") -> None:
     ignore_ctrl_c_in_worker()  # the parent answers Ctrl-C and stops the pool
     _worker["task"] = task
+    _worker["demos"] = demos
     try:
         from envs.robosuite_env import make_env
 
@@ -70,14 +80,15 @@ def _run_seed(seed: int) -> dict:
     if "error" in _worker:
         raise WorkerError(f"task {_worker['task']}: a worker could not build its "
                           f"environment: {_worker['error']}")
-    return expert_episode(_worker["env"], _worker["task"], seed)
+    return expert_episode(_worker["env"], _worker["task"], seed, _worker["demos"])
 
 
 # -- parent side ----------------------------------------------------------------------------------
 def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attempts: int | None = None,
-            progress: bool = True, obs: ObsConfig | None = None) -> tuple[list[dict], list[int]]:
+            progress: bool = True, obs: ObsConfig | None = None,
+            demos: str = "ph") -> tuple[list[dict], list[int]]:
     """Run the task's expert on seeds seed, seed+1, ... until `n_demos` succeed (recording each
-    camera's frames too with an image `obs`).
+    camera's frames too with an image `obs`; as each seed's operator with `demos="mh"`).
 
     Returns (successful episodes in seed order, failed seeds). Raises UserError when
     `max_attempts` seeds were tried without reaching `n_demos`.
@@ -97,7 +108,7 @@ def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attemp
     try:
         with workers_ignore_ctrl_c():  # a Ctrl-C meanwhile is raised at its end, once `pool` is set
             pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                initargs=(task, obs.to_dict()))
+                                                initargs=(task, obs.to_dict(), demos))
         # imap keeps seed order, so "the first n_demos successes" is the same set on any machine.
         for episode in pool.imap(_run_seed, seeds):
             if episode["succeeded"]:
@@ -120,12 +131,36 @@ def collect(task: str, n_demos: int, seed: int = 0, workers: int = 0, max_attemp
     return kept, failed
 
 
+EPISODE_META = ("operator", "proficiency", "strategy", "decision_step")
+
+
+def episode_meta(episodes: list[dict]) -> dict[str, list[int]]:
+    """The per-episode records of mixed-proficiency episodes (none for the proficient expert's)."""
+    if "operator" not in episodes[0]:
+        return {}
+    return {key: [int(e[key]) for e in episodes] for key in EPISODE_META}
+
+
+def mh_attrs(demos: str) -> dict:
+    """What an mh store says of its operators and of the codes in its meta/ arrays."""
+    if demos != "mh":
+        return {}
+    from dataclasses import asdict
+
+    from envs.experts import OPERATORS, PROFICIENCIES
+    from envs.modes import STRATEGIES
+
+    return {"demos": "mh", "operators": [asdict(op) for op in OPERATORS],
+            "episode_meta": {"proficiency": list(PROFICIENCIES), "strategy": list(STRATEGIES)}}
+
+
 def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int,
-                obs: ObsConfig | None = None) -> dict:
+                obs: ObsConfig | None = None, demos: str = "ph") -> dict:
     """What a store records about how its demonstrations were made."""
     spec = get_task(task)
     seeds = [int(e["seed"]) for e in episodes]
     return {
+        **mh_attrs(demos),
         **({"cameras": obs.to_dict()} if obs is not None and obs.image else {}),
         "task": task,
         "env": spec.env_settings(),
@@ -148,10 +183,12 @@ def main(cfg: CollectConfig) -> None:
 
     out = check_destination(cfg.out, cfg.overwrite)  # fail now, not after the collection
     obs = cfg.obs
-    episodes, failed = collect(cfg.task.name, cfg.n_demos, cfg.seed, cfg.workers, cfg.max_attempts, obs=obs)
+    episodes, failed = collect(cfg.task.name, cfg.n_demos, cfg.seed, cfg.workers, cfg.max_attempts, obs=obs,
+                               demos=cfg.demos)
     keys = ("obs", "action", "state", "reward", "success", *obs.image_keys)
     write_store(out, [{k: e[k] for k in keys} for e in episodes],
-                store_attrs(cfg.task.name, episodes, failed, cfg.seed, obs), overwrite=cfg.overwrite)
+                store_attrs(cfg.task.name, episodes, failed, cfg.seed, obs, cfg.demos),
+                overwrite=cfg.overwrite, episode_meta=episode_meta(episodes))
     steps = sum(len(e["action"]) for e in episodes)
     print(f"wrote {out}: {len(episodes)} demos, {steps} steps, "
           f"{store_size_mb(out) / len(episodes):.2f} MB per demo; "

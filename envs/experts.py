@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from envs.modes import square_turns
 from envs.tasks import ACTION_DIM, TASKS, get_task
 
 GRIP_OPEN, GRIP_CLOSE = -1.0, 1.0
@@ -41,6 +42,43 @@ MAX_YAW_STEP = 1.0  # rad: how far ahead of the hand a yaw target is put (keeps 
 # the gripper pointing straight down. Headings are unwrapped (not reduced mod 2 pi) so that a
 # script says which way round the wrist turns: joint 7 has less than one turn of travel.
 Target = tuple[np.ndarray, float]
+
+
+@dataclass(frozen=True)
+class Operator:
+    """A demonstrator of a mixed-proficiency ("mh") set, as robomimic's: 6 operators, two of each
+    proficiency. Worse ones are slower, hesitate longer and more often, overshoot a target and
+    come back, sometimes close the fingers too early (above the handle) and grasp again, and
+    their hand shakes. `ccw` is how often this operator takes the counter-clockwise strategy where a task
+    offers two (each operator has a habit; over the six it is even)."""
+
+    index: int
+    proficiency: str
+    speed: float  # scales the speed limit
+    most_pause: int  # steps of a hesitation, at most
+    hesitate: float  # probability of a hesitation between two phases
+    overshoot: float  # probability of overshooting a free-space target (m: 2-4 cm past it)
+    miss: float  # probability of closing the fingers too early before the grasp that holds
+    shake: float  # standard deviation of the noise on each translation/rotation command
+    ccw: float
+
+
+PROFICIENCIES = ("better", "okay", "worse")
+OPERATORS: tuple[Operator, ...] = (
+    Operator(0, "better", 1.0, 3, 0.1, 0.0, 0.0, 0.0, 0.4),
+    Operator(1, "better", 1.0, 3, 0.1, 0.0, 0.0, 0.0, 0.6),
+    Operator(2, "okay", 0.8, 6, 0.3, 0.15, 0.05, 0.03, 0.3),
+    Operator(3, "okay", 0.8, 6, 0.3, 0.15, 0.05, 0.03, 0.7),
+    Operator(4, "worse", 0.6, 12, 0.5, 0.4, 0.2, 0.06, 0.45),
+    Operator(5, "worse", 0.6, 12, 0.5, 0.4, 0.2, 0.06, 0.55),
+)
+DEMO_SETS = ("ph", "mh")  # proficient-human-like (one scripted operator) and mixed-proficiency
+
+
+def operator_of(seed: int) -> Operator:
+    """The operator of an mh episode: seeds take the six in turn, so any run of seeds is
+    balanced across operators and proficiencies."""
+    return OPERATORS[seed % len(OPERATORS)]
 
 
 def expert_rng(seed: int) -> np.random.Generator:
@@ -90,6 +128,7 @@ class Move:
     track: bool = True
     settle: int = 1
     until: Callable[[], bool] | None = None
+    free: bool = False  # a move through free space, which a worse operator may overshoot
 
 
 class ScriptedExpert:
@@ -99,11 +138,16 @@ class ScriptedExpert:
     phase ends, so code between two `yield`s runs at that moment and may read the simulator.
     `reset(env)` starts an episode (call it right after `env.reset`); `act(env)` returns the next
     action, float32 (7,) in [-1, 1]. All randomness comes from the generator given at
-    construction, so the same generator state and scene give the same actions.
+    construction, so the same generator state and scene give the same actions. Given an
+    `operator` (mixed-proficiency demonstrations) the expert acts as that operator does and, on a
+    task with two strategies, draws one per episode (`strategy`, an index into STRATEGIES).
     """
 
-    def __init__(self, rng: np.random.Generator):
+    DECISION_PHASE: str | None = None  # the phase at whose start the strategies diverge
+
+    def __init__(self, rng: np.random.Generator, operator: Operator | None = None):
         self.rng = rng
+        self.operator = operator
 
     # -- episode life cycle ----------------------------------------------------------------
     def reset(self, env) -> None:
@@ -126,6 +170,14 @@ class ScriptedExpert:
         self.gain = self.rng.uniform(0.9, 1.5)
         self.rot_gain = self.rng.uniform(0.8, 1.3)
         self.max_action = self.rng.uniform(0.7, 1.0)
+        self.strategy: int | None = None
+        self.decision_step: int | None = None  # steps taken when DECISION_PHASE began
+        if self.operator is not None:
+            self.max_action *= self.operator.speed
+            if self.DECISION_PHASE is not None:
+                self.strategy = int(self.rng.random() < self.operator.ccw)
+        self._pending: Move | None = None  # the phase a hesitation or an overshoot put off
+        self._taken = 0
         self.phase_log: list[tuple[str, int]] = []  # (phase, steps it took), for inspection
         self._script: Iterator[Move] | None = self.script()
         self._phase: Move | None = None
@@ -146,6 +198,7 @@ class ScriptedExpert:
         else:
             raise RuntimeError(f"{type(self).__name__}: 1000 phases ended without taking a step")
         self._steps += 1
+        self._taken += 1
         self._last_target = target
         return self._command(target, self._phase.gripper, self._phase.speed)
 
@@ -249,18 +302,43 @@ class ScriptedExpert:
         if self._phase is not None:
             self.phase_log.append((self._phase.name, self._steps))
         previous = self._last_target if self._last_target is not None else (self.eef_pos(), self.eef_yaw())
-        phase = None
+        phase, self._pending = self._pending, None
         while phase is None and self._script is not None:  # helpers may yield None (no pause)
             try:
                 phase = next(self._script)
             except StopIteration:
                 self._script = None
+            else:
+                if phase is not None and self.operator is not None:
+                    phase = self._as_operator(phase)
         if phase is None:
             # The script is over: hold the last pose and gripper command until the episode ends.
             gripper = self._phase.gripper if self._phase is not None else GRIP_OPEN
             phase = Move("hold", None, gripper, pos_tol=0.0, rot_tol=0.0, max_steps=10**9)
         self._phase, self._steps, self._settled = phase, 0, 0
         self._frozen = previous if phase.target is None else (None if phase.track else phase.target())
+
+    def _as_operator(self, phase: Move) -> Move:
+        """The phase the operator runs first in place of the script's `phase`: a hesitation or an
+        overshoot past its target (then `phase` is pending), or `phase` itself."""
+        op, rng = self.operator, self.rng
+        if phase.name == self.DECISION_PHASE and self.decision_step is None:
+            self.decision_step = self._taken
+        gripper = self._phase.gripper if self._phase is not None else GRIP_OPEN
+        if rng.random() < op.hesitate:
+            self._pending = phase
+            steps = int(rng.integers(1, op.most_pause + 1))
+            return Move("hesitate", None, gripper, pos_tol=np.inf, rot_tol=np.inf, min_steps=steps,
+                        max_steps=steps)
+        if phase.free and rng.random() < op.overshoot:
+            self._pending = phase
+            goal, yaw = phase.target()
+            way = goal - self.eef_pos()
+            way[2] = 0.0
+            past = goal + way / max(np.linalg.norm(way), 1e-6) * rng.uniform(0.02, 0.04)
+            return Move("overshoot", lambda: (past, yaw), phase.gripper, pos_tol=0.015, rot_tol=np.inf,
+                        max_steps=40, speed=phase.speed, track=False)
+        return phase
 
     def _target(self) -> Target | None:
         if self._phase is None:
@@ -294,6 +372,8 @@ class ScriptedExpert:
         action[:3] = self._world_to_base @ move
         action[3:6] = self._world_to_base @ turn
         action[6] = gripper
+        if self.operator is not None and self.operator.shake > 0:
+            action[:6] += self.rng.normal(0.0, self.operator.shake, 6)  # an unsteady hand
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
 
@@ -408,27 +488,39 @@ class CanExpert(ScriptedExpert):
 
 class SquareExpert(ScriptedExpert):
     """NutAssemblySquare: grasp the square nut by its handle, lift it, turn it square to the peg
-    on the way there, lower it over the peg and let it drop."""
+    on the way there, lower it over the peg and let it drop.
+
+    The proficient expert always brings the handle round to point at the robot. An mh operator
+    turns the nut, once it is lifted, to the nearest of the peg's square alignments clockwise or
+    counter-clockwise (its strategy): the handle then points at the robot or to one side. The two
+    alignments are a quarter turn apart, so their average is 45 degrees off and cannot go over
+    the peg. (With the handle pointing away the hand would be out of reach: that alignment is
+    skipped.)
+    """
+
+    DECISION_PHASE = "transfer"
 
     def script(self) -> Iterator[Move | None]:
         rs = self.rs
         nut_model = rs.nuts[rs.nut_id]
         nut, handle = rs.obj_body_id[nut_model.name], nut_model.important_sites["handle"]
         peg = (rs.peg1_body_id, rs.peg2_body_id)[rs.nut_id]
-        for _attempt in range(3):
-            final_yaw, carry_z = yield from self._pick(nut, handle, self.top_of(peg))
+        for attempt in range(3):
+            miss = self.operator is not None and attempt == 0 and self.rng.random() < self.operator.miss
+            final_yaw, carry_z = yield from self._pick(nut, handle, self.top_of(peg), miss)
             if self.holding(self.site_pos(handle), radius=0.03):
                 break
             yield self.grip(GRIP_OPEN)  # missed: let go and try again from above
         yield from self._place(nut, peg, final_yaw, carry_z)
 
-    def _pick(self, nut: int, handle: str, peg_top: float) -> Iterator[Move | None]:
+    def _pick(self, nut: int, handle: str, peg_top: float, miss: bool = False) -> Iterator[Move | None]:
         """Grasp the handle and lift the nut above the peg; returns the hand's heading for over
-        the peg and the height the nut is carried at."""
+        the peg and the height the nut is carried at. `miss`: the fingers close too early, above
+        the handle."""
         rng = self.rng
         along = rng.uniform(-0.002, 0.006)  # outwards along the handle from its site
         hover = rng.uniform(0.05, 0.09)
-        dz = rng.uniform(0.001, 0.005)
+        dz = rng.uniform(0.001, 0.005) + (rng.uniform(0.03, 0.045) if miss else 0.0)
         yaw, final_yaw = self._plan_wrist(nut)
 
         def grasp_point() -> np.ndarray:
@@ -436,7 +528,7 @@ class SquareExpert(ScriptedExpert):
             return self.site_pos(handle) + along * nut_x
 
         yield Move("approach", lambda: (grasp_point() + [0, 0, hover], yaw), GRIP_OPEN, pos_tol=0.012,
-                   rot_tol=0.08)
+                   rot_tol=0.08, free=True)
         yield Move("descend", lambda: (grasp_point() + [0, 0, dz], yaw), GRIP_OPEN,
                    pos_tol=0.004, rot_tol=0.05, max_steps=60, speed=rng.uniform(0.4, 0.7))
         yield self.grip(GRIP_CLOSE)
@@ -449,10 +541,11 @@ class SquareExpert(ScriptedExpert):
     def _place(self, nut: int, peg: int, final_yaw: float, carry_z: float) -> Iterator[Move | None]:
         rng = self.rng
         peg_xy = self.body_pos(peg)[:2]
-        # The handle ends up pointing at the robot (nut heading pi): with the handle anywhere
-        # else, the hand over the peg is at the edge of the arm's reach.
-        above = self.carry_to(nut, lambda: np.array([*peg_xy, carry_z]), final_yaw, math.pi)
-        yield Move("transfer", above, GRIP_CLOSE, pos_tol=0.02, rot_tol=0.2, max_steps=120)
+        # The proficient expert brings the handle round to point at the robot (nut heading pi), where
+        # the hand over the peg is well within reach; an operator to its strategy's alignment.
+        goal = self.nut_goal
+        above = self.carry_to(nut, lambda: np.array([*peg_xy, carry_z]), final_yaw, goal)
+        yield Move("transfer", above, GRIP_CLOSE, pos_tol=0.02, rot_tol=0.2, max_steps=120, free=True)
         # The nut swings on its handle when the hand stops: settle over the peg slowly.
         yield Move("align", above, GRIP_CLOSE, pos_tol=0.003, rot_tol=0.03, settle=3, max_steps=80,
                    speed=rng.uniform(0.3, 0.5))
@@ -465,7 +558,7 @@ class SquareExpert(ScriptedExpert):
         # holding height whenever the nut is off the peg's axis so it never lands on the peg's top.
         low = self.top_of(peg) - 0.06 + rng.uniform(0.0, 0.02)
         down = self.carry_to(nut, lambda: np.array([*peg_xy, low if aligned() else self.body_pos(nut)[2]]),
-                             final_yaw, math.pi)
+                             final_yaw, goal)
         yield Move("insert", down, GRIP_CLOSE, pos_tol=0.006, rot_tol=0.05, max_steps=80,
                    speed=rng.uniform(0.4, 0.7), until=lambda: self.body_pos(nut)[2] < low + 0.01)
         yield self.grip(GRIP_OPEN)
@@ -479,8 +572,11 @@ class SquareExpert(ScriptedExpert):
         heading modulo 2 pi; of the ways to get there, take the one that turns the wrist least.
         """
         across = self.body_yaw(nut, axis=1) + self.rng.uniform(-0.05, 0.05)
-        turn = wrap_near(math.pi - self.body_yaw(nut), 2 * math.pi, 0.0)  # the nut's, either way
         lo, hi = self.wrist_room()
+        if self.strategy is not None:
+            return self._plan_strategy(nut, across, lo, hi)
+        self.nut_goal = math.pi
+        turn = wrap_near(math.pi - self.body_yaw(nut), 2 * math.pi, 0.0)  # the nut's, either way
         plans = []
         for k in range(-3, 4):
             grasp = across + k * math.pi
@@ -492,13 +588,37 @@ class SquareExpert(ScriptedExpert):
         _, grasp, final = min(plans)
         return grasp, final
 
+    def _plan_strategy(self, nut: int, across: float, lo: float, hi: float) -> tuple[float, float]:
+        """An mh operator's plan: the grasp does not depend on the strategy (so nothing before the
+        decision tells the two apart), the turn over the peg does."""
+        turns = square_turns(self.body_yaw(nut))
+        grasps = [across + k * math.pi for k in range(-3, 4)]
+        fits = [g for g in grasps if lo <= g <= hi and all(lo <= g + t <= hi for t in turns)]
+        if not fits:
+            # Rarely no grasp leaves room for both turns: then one that leaves room for this one,
+            # or else the other (the wrist cannot turn this way: the operator turns the other).
+            for strategy in (self.strategy, 1 - self.strategy):
+                fits = [g for g in grasps if lo <= g <= hi and lo <= g + turns[strategy] <= hi]
+                if fits:
+                    self.strategy = strategy
+                    break
+            else:
+                raise RuntimeError("no wrist plan within joint 7's range")
+        turn = turns[self.strategy]
+        grasp = min(fits, key=lambda g: abs(g - self.eef_yaw()))
+        self.nut_goal = self.body_yaw(nut) + turn
+        return grasp, grasp + turn
+
+
+
 
 EXPERTS: dict[str, type[ScriptedExpert]] = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert}
 
 
-def make_expert(task: str, rng: np.random.Generator) -> ScriptedExpert:
-    """The scripted expert for `task`, drawing its randomness from `rng`."""
-    return EXPERTS[get_task(task).name](rng)
+def make_expert(task: str, rng: np.random.Generator, operator: Operator | None = None) -> ScriptedExpert:
+    """The scripted expert for `task`, drawing its randomness from `rng`, acting as `operator`
+    (mixed-proficiency demonstrations) if given."""
+    return EXPERTS[get_task(task).name](rng, operator)
 
 
 # -- episodes ------------------------------------------------------------------------------------
@@ -508,7 +628,9 @@ def run_expert_episode(env, expert: ScriptedExpert, seed: int) -> dict:
     action was chosen at), `action` float32 [T, 7], `reward` float64 [T], `success` bool [T]
     (after the step), `state` float64 [T, state_dim] (`env.get_state()` before the step), and for
     an env with image observations each camera's frames `<camera>_image` uint8 [T, H, W, 3]; and
-    `seed`, `succeeded`, `length` (= T)."""
+    `seed`, `succeeded`, `length` (= T). An operator's episode adds `operator`, `proficiency`
+    (an index into PROFICIENCIES), `strategy` (into STRATEGIES; -1 where the task has none) and
+    `decision_step` (the step at which the strategies diverge; -1 if never reached)."""
     env.reset(seed=seed)
     expert.reset(env)
     rows: dict[str, list] = {"obs": [], "action": [], "reward": [], "success": [], "state": []}
@@ -533,36 +655,44 @@ def run_expert_episode(env, expert: ScriptedExpert, seed: int) -> dict:
         **{key: np.asarray(frames, dtype=np.uint8) for key, frames in rows.items() if key.endswith("_image")},
     }
     episode.update(seed=seed, succeeded=bool(episode["success"][-1]), length=len(rows["action"]))
+    op = expert.operator
+    if op is not None:
+        episode.update(operator=op.index, proficiency=PROFICIENCIES.index(op.proficiency),
+                       strategy=-1 if expert.strategy is None else expert.strategy,
+                       decision_step=-1 if expert.decision_step is None else expert.decision_step)
     return episode
 
 
-def expert_episode(env, task: str, seed: int) -> dict:
+def expert_episode(env, task: str, seed: int, demos: str = "ph") -> dict:
     """`run_expert_episode` with the task's expert drawing from `expert_rng(seed)`: the episode
-    that env seed `seed` stands for in collection and measurement."""
-    return run_expert_episode(env, make_expert(task, expert_rng(seed)), seed)
+    that env seed `seed` stands for in collection and measurement. `demos="mh"`: the episode of
+    operator `operator_of(seed)`."""
+    operator = operator_of(seed) if demos == "mh" else None
+    return run_expert_episode(env, make_expert(task, expert_rng(seed), operator), seed)
 
 
 # -- measurement ---------------------------------------------------------------------------------
 _worker_envs: dict = {}  # task -> env, built once per process
 
 
-def _episode_summary(job: tuple[str, int]) -> tuple[int, bool, int]:
-    task, seed = job
+def _episode_summary(job: tuple[str, int, str]) -> tuple[int, bool, int]:
+    task, seed, demos = job
     if task not in _worker_envs:
         from envs.robosuite_env import make_env
 
         _worker_envs[task] = make_env(task)
-    ep = expert_episode(_worker_envs[task], task, seed)
+    ep = expert_episode(_worker_envs[task], task, seed, demos)
     return seed, ep["succeeded"], ep["length"]
 
 
-def measure(task: str, seeds: list[int], workers: int = 2, progress: bool = True) -> dict:
-    """Success of `task`'s expert on env seeds `seeds` (expert generator `expert_rng(seed)`),
-    with `workers` processes (0: in this one). Returns `success_rate`, `mean_length` (over all
-    episodes), `failed` (seeds), `lengths` (seed -> steps) and `seconds`."""
+def measure(task: str, seeds: list[int], workers: int = 2, progress: bool = True, demos: str = "ph") -> dict:
+    """Success of `task`'s expert on env seeds `seeds` (expert generator `expert_rng(seed)`;
+    `demos="mh"`: as each seed's operator), with `workers` processes (0: in this one). Returns
+    `success_rate`, `mean_length` (over all episodes), `failed` (seeds), `lengths` (seed -> steps)
+    and `seconds`."""
     from tqdm import tqdm
 
-    jobs = [(task, s) for s in seeds]
+    jobs = [(task, s, demos) for s in seeds]
     start = time.perf_counter()
     results = []
     bar = tqdm(total=len(jobs), desc=task, disable=not progress)
@@ -597,8 +727,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=100, help="env seeds first, first+1, ...")
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--demos", choices=DEMO_SETS, default="ph", help="mh: mixed-proficiency operators")
     args = parser.parse_args(argv)
-    r = measure(args.task, list(range(args.first, args.first + args.seeds)), args.workers)
+    r = measure(args.task, list(range(args.first, args.first + args.seeds)), args.workers, demos=args.demos)
     lengths = list(r["lengths"].values())
     print(f"{args.task}: success {r['success_rate']:.1%} over {args.seeds} seeds from {args.first}; "
           f"episode length mean {r['mean_length']:.1f} (min {min(lengths)}, max {max(lengths)}) steps; "

@@ -2,6 +2,9 @@
 
     data/<key>           arrays concatenated over episodes along the first (time) axis
     meta/episode_ends    int64 [n_episodes], cumulative: episode i is rows ends[i-1]:ends[i]
+    meta/<name>          int64 [n_episodes], optional: who demonstrated each episode and how
+                         (mixed-proficiency sets: operator, proficiency, strategy, decision_step;
+                         attrs["episode_meta"][name] names the codes, as robomimic's filter keys)
     root attributes      how the demonstrations were made (task, env settings, seeds, ...) plus
                          format="parapolicy-replay-buffer" and format_version
 
@@ -109,6 +112,7 @@ def write_store(
     episodes: Sequence[Mapping[str, Any]],
     attrs: Mapping[str, Any],
     overwrite: bool = False,
+    episode_meta: Mapping[str, Sequence[int]] | None = None,
 ) -> Path:
     """Write `episodes` (each a mapping key -> array with time first) as a store at `path`.
 
@@ -125,6 +129,8 @@ def write_store(
       the new store is complete.
     - Deterministic: the same arguments give the same files with the same bytes.
     - Missing parent directories are created (and removed again if the write fails).
+    - `episode_meta`: one integer per episode for each name, written as `meta/<name>` (who
+      demonstrated an episode and how, as robomimic's filter keys); ValueError on a wrong count.
 
     Returns `path` as a Path.
     """
@@ -133,13 +139,14 @@ def write_store(
     root_attrs.update({k: _plain(v, f"attrs[{k!r}]") for k, v in attrs.items() if k not in root_attrs})
     keys, lengths = _check_episodes(path, episodes)
     _check_cameras(path, attrs, episodes[0])
+    per_episode = _check_episode_meta(path, episode_meta or {}, len(episodes))
 
     created = _make_parents(path.parent)
     remove_stale_partials(path.parent, path.name)  # what a killed writer of this path left
     tmp = make_partial(path.parent, path.name)
     try:
         built = tmp / "store"
-        _write_group(built, path, episodes, keys, lengths, root_attrs)
+        _write_group(built, path, episodes, keys, lengths, root_attrs, per_episode)
         if path.suffix == ".zip":
             _zip_directory(built, tmp / "store.zip")
             built = tmp / "store.zip"
@@ -227,9 +234,22 @@ def _check_cameras(path: Path, attrs: Mapping[str, Any], episode: Mapping[str, A
                              f"attrs['cameras'] says uint8 {obs.image_shape}")
 
 
+def _check_episode_meta(path: Path, meta: Mapping[str, Sequence[int]], n: int) -> dict[str, np.ndarray]:
+    out = {}
+    for name, values in meta.items():
+        array = np.asarray(values)
+        if name == "episode_ends" or not name.isidentifier():
+            raise ValueError(f"{path}: meta/{name}: not a name for per-episode metadata")
+        if array.shape != (n,) or array.dtype.kind not in "iu":
+            raise ValueError(f"{path}: meta/{name}: expected {n} integers, got {array.dtype} "
+                             f"of {array.shape}")
+        out[name] = array.astype(np.int64)
+    return out
+
+
 def _write_group(
     where: Path, dest: Path, episodes: Sequence[Mapping[str, Any]], keys: list[str], lengths: list[int],
-    attrs: dict,
+    attrs: dict, episode_meta: Mapping[str, np.ndarray],
 ) -> None:
     """Build the zarr v3 group at `where` (`dest` is where it is going, for messages)."""
     root = zarr.create_group(store=LocalStore(where), zarr_format=3, attributes=attrs)
@@ -239,6 +259,8 @@ def _write_group(
         _create_array(data, key, values)
     meta = root.create_group("meta")
     _create_array(meta, "episode_ends", np.cumsum(lengths, dtype=np.int64))
+    for name, values in episode_meta.items():
+        _create_array(meta, name, values)
 
 
 def _column(dest: Path, episodes: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
@@ -367,6 +389,8 @@ class DemoStore(Closeable):
         self.attrs: dict[str, Any] = json.loads(json.dumps(dict(group.attrs)))
         self._arrays, self.episode_ends = _validated(path, group, self.attrs)
         self.keys: tuple[str, ...] = tuple(self._arrays)
+        # per-episode integers (operator, proficiency, strategy, ...): small, read once
+        self.episode_meta: dict[str, np.ndarray] = _episode_meta(path, group, self.n_episodes)
 
     @property
     def n_episodes(self) -> int:
@@ -461,6 +485,48 @@ def open_store(path: str | os.PathLike, task: str | None = None) -> DemoStore:
         store.close()
         raise StoreError(f"{path}: store holds task {store.task!r}, expected {task!r}")
     return store
+
+
+def select_episodes(store: DemoStore, which: str) -> np.ndarray:
+    """The episodes `which` names, in order: "all", or words joined by "+" (their union), each a
+    code name of a per-episode array (`better`, `worse`, `clockwise`, ...) or `operator<N>`.
+    UserError naming `episodes` for a word the store cannot answer or a selection of none."""
+    if which == "all":
+        return np.arange(store.n_episodes)
+    names = store.attrs.get("episode_meta") or {}
+    keep = np.zeros(store.n_episodes, dtype=bool)
+    for word in which.split("+"):
+        hits = [(key, codes.index(word)) for key, codes in names.items()
+                if key in store.episode_meta and word in codes]
+        if word.startswith("operator") and word[8:].isdigit() and "operator" in store.episode_meta:
+            hits.append(("operator", int(word[8:])))
+        if not hits:
+            known = sorted({c for key, codes in names.items() for c in codes if key in store.episode_meta})
+            known += ["operator<N>"] if "operator" in store.episode_meta else []
+            raise UserError(f"episodes: {store.path} cannot select {word!r}; it offers "
+                            f"{', '.join(['all', *known])}")
+        for key, code in hits:
+            keep |= store.episode_meta[key] == code
+    if not keep.any():
+        raise UserError(f"episodes: {which!r} selects none of the {store.n_episodes} episodes "
+                        f"of {store.path}")
+    return np.flatnonzero(keep)
+
+
+def _episode_meta(path: Path, group: zarr.Group, n: int) -> dict[str, np.ndarray]:
+    meta = group.get("meta")
+    out = {}
+    for name, node in sorted(meta.arrays()) if isinstance(meta, zarr.Group) else ():
+        if name == "episode_ends":
+            continue
+        if node.shape != (n,) or node.dtype.kind not in "iu":
+            raise StoreError(f"{path}: meta/{name}: expected one integer per episode ({n}), "
+                             f"got {node.dtype} of {node.shape}")
+        try:
+            out[name] = np.asarray(node[...], dtype=np.int64)
+        except Exception as err:  # a damaged chunk, whatever raises it
+            raise StoreError(f"{path}: meta/{name}: cannot read ({type(err).__name__}: {err})") from err
+    return out
 
 
 def _zip_root(path: Path) -> str:

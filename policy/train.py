@@ -30,7 +30,7 @@ from common.cli import command
 from common.errors import UserError
 from common.lock import exclusive
 from common.files import naming, remove_stale_partials
-from envs.store import open_store
+from envs.store import open_store, select_episodes
 from envs.tasks import EXTERNAL, ObsConfig, TaskConfig, get_task
 from policy.device import resolve_device
 from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
@@ -45,6 +45,9 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     obs: ObsConfig = field(default_factory=ObsConfig)  # obs=image: cameras + proprioception (an image store)
     data: str = "data/${task.name}.zarr"
+    # which of the store's episodes: all, or names of its per-episode records joined by "+"
+    # (an mh store: better, okay, worse, operator<N>, clockwise, counterclockwise)
+    episodes: str = "all"
     out: str = "outputs/${task.name}"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     steps: int = 2500
@@ -148,8 +151,12 @@ def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, di
         obs = read_observations(store, obs_cfg, str(cfg.data))
         action = np.asarray(store["action"], dtype=np.float32)
         ends = store.episode_ends
+        chosen = select_episodes(store, cfg.episodes)
+        if len(chosen) < cfg.min_episodes:
+            raise UserError(f"episodes: {cfg.episodes!r} selects {len(chosen)} episodes of {cfg.data}; "
+                            f"training needs at least {cfg.min_episodes}")
     p = cfg.policy
-    train_eps, val_eps = episode_split(len(ends), cfg.val_fraction, cfg.seed)
+    train_eps, val_eps = (chosen[part] for part in episode_split(len(chosen), cfg.val_fraction, cfg.seed))
     train_rows = window_index(ends, train_eps, p.horizon, p.n_obs_steps, p.n_action_steps)
     val_rows = window_index(ends, val_eps, p.horizon, p.n_obs_steps, p.n_action_steps)
     starts = np.concatenate([[0], ends[:-1]])
@@ -157,8 +164,9 @@ def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, di
     # An image policy normalizes its proprioception only; the encoder takes the frames as they are.
     normalizer = Normalizer.fit({"obs": obs.parts[0][train_steps], "action": action[train_steps]})
     meta = {"task": cfg.task.name, "obs_layout": {k: list(v) for k, v in layout.items()},
-            # the training episodes are the store's others: not written, as they follow from these
-            "data": str(cfg.data), "val_episodes": val_eps.tolist(), **described}
+            # the training episodes are the selection's others: not written, as they follow from these
+            "data": str(cfg.data), "val_episodes": val_eps.tolist(), **described,
+            **({"episodes": cfg.episodes} if cfg.episodes != "all" else {})}
     val = Batches(obs, action, val_rows, p) if len(val_rows) else None
     return Batches(obs, action, train_rows, p), val, normalizer, meta
 

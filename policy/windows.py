@@ -136,3 +136,21 @@ def episode_sequences(policy, data: str, split: str, n: int) -> tuple[np.ndarray
                 first.append(k == 0)
     rows = np.asarray(rows[:n], dtype=np.int64)
     return gather(obs, rows, c.n_obs_steps), np.asarray(first[:n])
+
+
+def decision_histories(policy, data: str, split: str = "val") -> np.ndarray:
+    """The observation histories [n, n_obs, obs_dim] at which the strategies of a mixed-proficiency
+    store's `split` episodes diverge (`meta/decision_step`), one per episode that reached it; none
+    [0, n_obs, obs_dim] for a store that records no decisions."""
+    from envs.store import open_store
+
+    with open_store(data, task=policy.meta.get("task")) as store:
+        steps = store.episode_meta.get("decision_step")
+    obs, _, ends, episodes = _episodes(policy, data, split)
+    c = policy.cfg
+    if steps is None:
+        return np.zeros((0, c.n_obs_steps, obs.dim), np.float32)
+    starts = np.concatenate([[0], ends[:-1]])
+    rows = [(starts[e], ends[e], starts[e] + steps[e] - (c.n_obs_steps - 1))
+            for e in episodes if steps[e] >= 0]
+    return gather(obs, np.asarray(rows, dtype=np.int64).reshape(-1, 3), c.n_obs_steps)

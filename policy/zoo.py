@@ -5,11 +5,14 @@
         normalizer.safetensors   as trained (float32; a few hundred numbers)
         policy.json              the checkpoint's: architecture, dims, task, observation layout,
                                  step; plus `seeds_used` (the demonstrations' seeds, so an
-                                 evaluation refuses them without the store) and `zoo`: where it
+                                 evaluation refuses them without the store), `demos: mh` for a
+                                 mixed-proficiency store's, and `zoo`: where it
                                  came from, how it was trained, and what the shipped weights measured
         aligner/                 DPM-Aligner timesteps, where the checkpoint had them
         histories.npz            closed-loop observation histories of held-out episodes, so that
                                  dp-bench plans on the policy without its training store
+        decisions.npz            a mixed-proficiency store's held-out decision states (where its
+                                 strategies diverge), for dp-bench's fidelity table
 
 `policy.load("zoo/lift")` and every command's `checkpoint=zoo/lift` read it like a checkpoint.
 `dp-export checkpoint=outputs/lift out=zoo/lift command="..."` writes one (atomically);
@@ -36,6 +39,7 @@ from policy.checkpoint import load_meta, load_policy, read_file, resolve, weight
 
 WEIGHTS = "weights_ema.safetensors"
 HISTORIES = "histories.npz"  # closed-loop observation histories: dp-bench plans on them without a store
+DECISIONS = "decisions.npz"  # held-out decision states of an mh store: the fidelity table's
 MAX_MB = 20.0  # what one task's shipped policy may take in the repository
 # Histories shipped: 200 is dp-bench's default plan count; an image policy's histories hold camera
 # frames (~170 kB each at 84x84), so it ships a few episodes' worth, which dp-bench replays in order.
@@ -52,8 +56,7 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "",
     pol = load_policy(ckpt)  # every part checked before anything is written
     store = meta.get("meta", {}).get("data")
     weights = read_file(ckpt / WEIGHTS, load_file)
-    seeds = _seeds_used(meta.get("meta", {}).get("data"))
-    meta["meta"] = {**meta.get("meta", {}), **({"seeds_used": seeds} if seeds is not None else {})}
+    meta["meta"] = {**meta.get("meta", {}), **_store_facts(meta.get("meta", {}).get("data"))}
     meta["zoo"] = {"source": str(ckpt), "weights_dtype": str(dtype).removeprefix("torch."),
                    "command": command, "training_s": _training_seconds(ckpt)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +66,7 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "",
                   weights_metadata(pol))
         if store and Path(store).exists():
             write_histories(pol, store, tmp / HISTORIES)
+            write_decisions(pol, store, tmp / DECISIONS)
         shutil.copy2(ckpt / "normalizer.safetensors", tmp / "normalizer.safetensors")
         if (ckpt / "aligner").is_dir():
             # not dp-align's lock file: it describes a process on this machine, not the policy
@@ -84,6 +88,19 @@ def write_histories(policy, store: str | Path, dest: Path, split: str = "val") -
     obs, first = episode_sequences(policy, str(store), split, n)
     with atomic_path(dest) as tmp:
         np.savez_compressed(tmp, obs=obs, first=first)
+    return dest
+
+
+def write_decisions(policy, store: str | Path, dest: Path) -> Path | None:
+    """`dest` (.npz, `obs`): the decision states of the store's validation episodes, where it
+    records them (`policy.windows.decision_histories`); nothing otherwise."""
+    from policy.windows import decision_histories
+
+    obs = decision_histories(policy, str(store), "val")
+    if not len(obs):
+        return None
+    with atomic_path(dest) as tmp:
+        np.savez_compressed(tmp, obs=obs)
     return dest
 
 
@@ -140,13 +157,16 @@ def read_results(evaluation: Path) -> list[dict]:
     return results
 
 
-def _seeds_used(data: str | None) -> list[int] | None:
+def _store_facts(data: str | None) -> dict:
+    """What a zoo user, who lacks the training store, needs to know of it: the seeds its
+    demonstrations used (an evaluation refuses them) and whether they are mixed-proficiency."""
     if not data or not Path(data).exists():
-        return None
+        return {}
     from envs.store import open_store
 
     with open_store(data) as store:
-        return store.seeds_used or None
+        seeds, demos = store.seeds_used, store.attrs.get("demos")
+    return {**({"seeds_used": seeds} if seeds else {}), **({"demos": demos} if demos == "mh" else {})}
 
 
 def _training_seconds(ckpt: Path) -> float | None:

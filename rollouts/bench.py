@@ -54,6 +54,11 @@ class BenchConfig:
     closed_loop: bool = False
     # stop timing new plans after this long (at least 2 plans; the device check)
     time_limit_s: float | None = None
+    # the offline fidelity table instead of timing (rollouts.fidelity): each sampler's plans against
+    # DDPM-100's, `draws` per held-out history, on `states` histories (+ as many decision states)
+    fidelity: bool = False
+    draws: int = 64
+    states: int = 32
 
     # A denoiser call of more rows than the longest chain a schedule may have (a window is never
     # longer than its chain) only measures the machine's memory.
@@ -63,7 +68,8 @@ class BenchConfig:
         """Every number checked at start-up, before the policy loads: one line naming the key."""
         from common.checks import check_number
 
-        for key, low in (("plans", 1), ("overhead_plans", 1), ("warmup", 0), ("threads", 1), ("seed", 0)):
+        for key, low in (("plans", 1), ("overhead_plans", 1), ("warmup", 0), ("threads", 1), ("seed", 0),
+                         ("draws", 2), ("states", 1)):
             check_number(key, getattr(self, key), low, integer=True)
         for i, b in enumerate(self.batch_sizes):
             check_number(f"batch_sizes[{i}]", b, 1, self.MAX_BATCH, integer=True)
@@ -404,8 +410,22 @@ def plot(path: Path, results: list[dict], context: dict) -> None:
     save_figure(fig, path)
 
 
+def main_fidelity(cfg: BenchConfig) -> None:
+    from rollouts import fidelity
+
+    pol = _load(cfg)
+    out = out_dir(cfg, pol.meta.get("task"))
+    check_writable(out)
+    results, context = fidelity.run_fidelity(pol, cfg)
+    fidelity.write_outputs(out, results, context)
+    print(fidelity.table(results, context))
+    print(f"wrote {out}/results.json, results.csv, context.json, fidelity.png")
+
+
 @command("bench", BenchConfig)
 def main(cfg: BenchConfig) -> None:
+    if cfg.fidelity:
+        return main_fidelity(cfg)
     results, context = run_bench(cfg)
     out = out_dir(cfg, context["task"])
     write_outputs(out, results, context)

@@ -8,6 +8,11 @@ is appended to `out/episodes.jsonl` at once: an interrupted run keeps what it fi
 same command continues where it stopped. The report (`results.json`, `episodes.csv`,
 `plans.csv`, `pareto.png`) is rebuilt from that log at the end.
 
+`stop=sequential` runs the seeds in blocks of `block` and stops each sampler as soon as an
+anytime-valid paired test decides whether it differs from the reference (`rollouts.stats`,
+`sequential_decision`); `episodes` is then the most a sampler may run. The report says how many
+each one used and what was decided.
+
 `realtime=true` runs each episode on the wall clock instead (`rollouts.realtime`): a `SimRobot`
 driven at the task's 20 Hz by the asynchronous loop, planning through a `dp-serve` process of the
 worker's own (`loop.transport=local`: a thread in the worker). One worker by default, as such an
@@ -77,6 +82,10 @@ class EvalConfig:
     reference: str | None = None
     # recommend a sampler for this planning deadline (realtime: what the loop allows)
     deadline_ms: float | None = None
+    # fixed: every sampler runs `episodes`; sequential: blocks of `block` seeds, each sampler stopped
+    # once a paired anytime-valid test decides it (`episodes` the most it may run)
+    stop: str = "fixed"
+    block: int = 10
 
 
 # How the policy runs the network: taken by every sampler (`options.backend=auto` sets them all).
@@ -169,10 +178,12 @@ def prepare_out(out: Path, info: dict, restart: bool) -> list[dict]:
 def evaluate(cfg: EvalConfig) -> Path:
     import policy
 
-    for name, low in (("episodes", 1), ("threads", 1), ("workers", 1), ("videos", 0)):
+    for name, low in (("episodes", 1), ("threads", 1), ("workers", 1), ("videos", 0), ("block", 1)):
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise UserError(f"{name}: {value} must be at least {low}")
+    if cfg.stop not in ("fixed", "sequential"):
+        raise UserError(f"stop: {cfg.stop!r} is not one of fixed, sequential")
     if cfg.launcher not in ("pool", "ray"):
         raise UserError(f"launcher: {cfg.launcher!r} is not one of pool, ray")
     if cfg.launcher == "ray":
@@ -205,9 +216,88 @@ def evaluate(cfg: EvalConfig) -> Path:
 
 
 def _evaluate_into(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConfig], seeds: range) -> Path:
-    """The episodes of `seeds` that `out` lacks, run and logged; then the report from the log."""
+    """The episodes of `seeds` that `out` lacks, run and logged (block by block, stopping decided
+    samplers, with stop=sequential); then the report from the log."""
     task = pol.meta["task"]
     done = prepare_out(out, _run_info(cfg, pol, specs), cfg.restart)
+    reference = reference_label(cfg, specs)
+    if cfg.stop == "sequential":
+        decided, workers = _run_sequential(out, cfg, pol, specs, seeds, done, reference)
+        records = [r for r in read_log(out / LOG) if r["sampler"] in specs and r["seed"] in seeds
+                   and r["seed"] < seeds.start + decided[r["sampler"]]["episodes"]]
+    else:
+        workers = _run_seeds(out, cfg, pol, specs, seeds, done, specs)
+        records = [r for r in read_log(out / LOG) if r["sampler"] in specs and r["seed"] in seeds]
+        decided = {}
+    summary = summarize(records, list(specs), reference, workers=workers,
+                        threads=cfg.threads, device=str(pol.device), checkpoint=pol.meta["checkpoint"],
+                        step=pol.meta["step"], task=task,
+                        **({"loop": dataclasses.asdict(cfg.loop)} if cfg.realtime else {}))
+    for row in summary:
+        if row["sampler"] in decided:
+            row["sequential"] = decided[row["sampler"]]
+    deadline = cfg.deadline_ms
+    if deadline is None and cfg.realtime:
+        deadline = loop_deadline(cfg, pol)
+    rec = recommend(summary, deadline) if deadline is not None else None
+    write_report(out, summary, episode_rows(records), plan_rows(records), rec)
+    print(table(summary))
+    if decided:
+        print(sequential_lines(decided, len(seeds), reference))
+    if rec is not None:
+        print(recommendation_line(rec))
+    print(f"wrote {out}/results.json, episodes.csv, plans.csv, pareto.png")
+    return out
+
+
+def _run_sequential(out: Path, cfg: EvalConfig, pol, specs: dict, seeds: range, done: list[dict],
+                    reference: str) -> tuple[dict[str, dict], int]:
+    """Blocks of seeds until every sampler is decided or `seeds` run out; each sampler's decision
+    (with the episodes it used) and the workers used."""
+    from rollouts.stats import row_outcomes, sequential_decision
+
+    active, decided, workers = [label for label in specs if label != reference], {}, 1
+    for start in range(0, len(seeds), cfg.block):
+        if not active:
+            break
+        block = seeds[:start + cfg.block]
+        running = {label: specs[label] for label in (reference, *active)}
+        workers = max(workers, _run_seeds(out, cfg, pol, running, block, done, specs, announce=start == 0))
+        done = read_log(out / LOG)
+        outcomes = {label: row_outcomes({"outcomes": _outcomes(done, label, block)}) for label in running}
+        for label in list(active):
+            d = sequential_decision(outcomes[label], outcomes[reference], len(seeds) - len(block))
+            if d["decision"] is not None:
+                decided[label] = d | {"episodes": len(block)}
+                active.remove(label)
+    n_ref = max([d["episodes"] for d in decided.values()] + [len(block) if active else 0])
+    decided[reference] = {"decision": "reference", "episodes": n_ref}
+    return decided, workers
+
+
+def _outcomes(records: list[dict], label: str, seeds: range) -> dict:
+    eps = [r for r in records if r["sampler"] == label and r["seed"] in seeds]
+    return {"seeds": [r["seed"] for r in eps], "success": [int(bool(r["success"])) for r in eps]}
+
+
+def sequential_lines(decided: dict[str, dict], most: int, reference: str) -> str:
+    """What a sequential evaluation decided, and the episodes it used against a fixed-size run."""
+    lines = []
+    for label, d in decided.items():
+        if label == reference:
+            continue
+        lines.append(f"{label}: {d['decision']} from {reference} after {d['episodes']} episodes "
+                     f"({d['discordant']} discordant, e-value {d['e_value']:.1f}; {d['reason']})")
+    used, fixed = sum(d["episodes"] for d in decided.values()), most * len(decided)
+    lines.append(f"sequential: {used} episodes of the {fixed} a fixed-size run takes "
+                 f"({1 - used / fixed:.0%} fewer)")
+    return "\n".join(lines)
+
+
+def _run_seeds(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConfig], seeds: range,
+               done: list[dict], every: dict[str, SamplerConfig], announce: bool = True) -> int:
+    """Run the episodes of `specs` on `seeds` that `done` lacks (videos of the first `cfg.videos`
+    seeds; `every`: all the run's samplers, whose order a realtime server follows); the workers."""
     finished = {(r["sampler"], r["seed"]) for r in done}
     jobs = []
     for i, seed in enumerate(seeds):  # episode-major: an interrupted run has every sampler about as far
@@ -218,28 +308,14 @@ def _evaluate_into(out: Path, cfg: EvalConfig, pol, specs: dict[str, SamplerConf
                              "video": video})
     # sampler-major: a worker's server changes once per sampler
     if cfg.realtime and cfg.loop.transport == "server":
-        jobs.sort(key=lambda j: list(specs).index(j["label"]))
+        jobs.sort(key=lambda j: list(every).index(j["label"]))
     workers = max(1, min(cfg.workers or (1 if cfg.realtime else os.cpu_count()) or 1, len(jobs) or 1))
-    if done:
+    if done and announce:
         print(f"dp-eval: continuing {out}: {len(finished & {(l, s) for l in specs for s in seeds})} episodes "
               f"done, {len(jobs)} to run", file=sys.stderr)
     if jobs:
         _run_jobs(jobs, out / LOG, cfg, workers, pol.meta["checkpoint"])
-    records = [r for r in read_log(out / LOG) if r["sampler"] in specs and r["seed"] in seeds]
-    summary = summarize(records, list(specs), reference_label(cfg, specs), workers=workers,
-                        threads=cfg.threads, device=str(pol.device), checkpoint=pol.meta["checkpoint"],
-                        step=pol.meta["step"], task=task,
-                        **({"loop": dataclasses.asdict(cfg.loop)} if cfg.realtime else {}))
-    deadline = cfg.deadline_ms
-    if deadline is None and cfg.realtime:
-        deadline = loop_deadline(cfg, pol)
-    rec = recommend(summary, deadline) if deadline is not None else None
-    write_report(out, summary, episode_rows(records), plan_rows(records), rec)
-    print(table(summary))
-    if rec is not None:
-        print(recommendation_line(rec))
-    print(f"wrote {out}/results.json, episodes.csv, plans.csv, pareto.png")
-    return out
+    return workers
 
 
 def reference_label(cfg: EvalConfig, specs: dict[str, SamplerConfig]) -> str:

@@ -119,3 +119,78 @@ def loop_deadline_ms(n_actions: int, replan_every: int, rate_hz: float) -> float
     """What a real-time loop allows a plan: the time the current chunk still covers when the next
     plan is requested (its `n_actions` actions, `replan_every` of them executed by then)."""
     return max(0, n_actions - replan_every) * 1e3 / rate_hz
+
+
+# -- sequential paired testing (dp-eval stop=sequential) ------------------------------------------
+# Seeds run in blocks, every sampler on the same ones; after each block a sampler's comparison
+# with the reference is looked at again, and the sampler stops once it is decided:
+# - "differs": an e-process over its discordant seeds reached 1/alpha. A betting e-process is
+#   anytime-valid (Ville's inequality: under no difference it ever reaches 1/alpha with
+#   probability at most alpha, however often it is looked at), so stopping there keeps the
+#   stated error rate (Waudby-Smith & Ramdas 2024, "Estimating means of bounded random variables
+#   by betting"; as a test of two policies: STEP, Snyder et al. 2025).
+# - "no difference": it can hardly reach 1/alpha in the seeds left: the predictive probability
+#   that it would (its discordance so far continued, `predictive_power`) is under `futility`.
+#   Stopping for futility never makes a false "differs" more likely.
+# Written out here: no maintained library offers a betting e-process for paired binary outcomes.
+MAX_BET = 0.6  # the largest fraction of its wealth a bettor stakes on one discordant seed
+
+
+def e_path(signs: list[int]) -> list[float]:
+    """The two-sided e-process before and after each of the discordant seeds `signs` (+1: only
+    this sampler solved the seed, -1: only the reference): the mean of two bettors, one on each
+    direction, each staking (predictably, from the seeds before) the share its direction has won
+    so far. Starts at 1."""
+    up = down = 1.0
+    total, path = 0, [1.0]
+    for t, x in enumerate(signs):
+        lean = total / (t + 1)  # shrunk towards 0: the first seed gets no bet
+        up *= 1 + min(MAX_BET, max(0.0, lean)) * x
+        down *= 1 - min(MAX_BET, max(0.0, -lean)) * x
+        total += x
+        path.append(0.5 * (up + down))
+    return path
+
+
+def e_value(signs: list[int]) -> float:
+    """The e-process after the discordant seeds `signs` (`e_path`'s last value)."""
+    return e_path(signs)[-1]
+
+
+def predictive_power(signs: list[int], seeds_run: int, seeds_left: int, alpha: float,
+                     draws: int = 400) -> float:
+    """The probability that the e-process reaches 1/alpha within `seeds_left` more seeds, if they
+    behave as the `seeds_run` so far suggest: discordance rate and direction drawn from their
+    Beta(1 + hits, 1 + misses) posteriors. Reproducible (its generator is seeded by the counts)."""
+    import numpy as np
+
+    ups = sum(x > 0 for x in signs)
+    rng = np.random.default_rng([seeds_run, len(signs), ups, seeds_left])
+    reached = 0
+    for _ in range(draws):
+        rate = rng.beta(1 + len(signs), 1 + seeds_run - len(signs))
+        up = rng.beta(1 + ups, 1 + len(signs) - ups)
+        n = rng.binomial(seeds_left, rate)
+        future = np.where(rng.random(n) < up, 1, -1).tolist()
+        reached += max(e_path(signs + future)[len(signs):]) >= 1 / alpha
+    return reached / draws
+
+
+def sequential_decision(this: dict[int, bool], reference: dict[int, bool], seeds_left: int,
+                        alpha: float = SIGNIFICANT, futility: float = 0.1, min_seeds: int = 20) -> dict:
+    """Where a sampler's sequential comparison with the reference stands after the seeds both ran
+    (seed -> success): `decision` "differs", "no difference" or None (run more), and why."""
+    seeds = sorted(set(this) & set(reference))
+    signs = [1 if this[s] else -1 for s in seeds if this[s] != reference[s]]
+    e = max(e_path(signs))  # it stops at its first crossing
+    out = {"seeds": len(seeds), "discordant": len(signs), "e_value": e, "alpha": alpha}
+    if e >= 1 / alpha:
+        return out | {"decision": "differs", "reason": f"e-value {e:.1f} >= 1/alpha = {1 / alpha:g}"}
+    if seeds_left <= 0:
+        return out | {"decision": "no difference", "reason": "every seed run"}
+    power = predictive_power(signs, len(seeds), seeds_left, alpha) if len(seeds) >= min_seeds else 1.0
+    if power < futility:
+        return out | {"decision": "no difference", "predictive_power": power,
+                      "reason": f"{power:.0%} predictive chance of a difference in the {seeds_left} "
+                                "seeds left"}
+    return out | {"decision": None, "predictive_power": power}

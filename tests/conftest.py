@@ -55,6 +55,18 @@ def checkpoint(tmp_path_factory):
     return train(cfg)
 
 
+@pytest.fixture(scope="session")
+def mh_store(tmp_path_factory):
+    """Two real mixed-proficiency square demonstrations by dp-collect (seeds 0 and 1: two better
+    operators, one each way round)."""
+    from commands import dp
+
+    out = tmp_path_factory.mktemp("mh") / "square_mh.zarr"
+    r = dp("dp-collect", "task=square", "demos=mh", "n_demos=2", "seed=0", "workers=2", f"out={out}")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 SMALL_IMAGES = {"mode": "image", "cameras": ["agentview", "robot0_eye_in_hand"], "size": 32, "render": "fast"}
 
 

@@ -250,3 +250,20 @@ def test_a_sampler_whose_episodes_all_crashed_still_gets_a_report(tmp_path):
     write_report(tmp_path, summary)
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert summary[0]["plans"] == 0 and len(summary[0]["errors"]) == 2 and "a" in table(summary)
+
+
+def test_sequential_stopping_runs_blocks_and_reports_each_decision_and_its_episodes(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    r = run(["dp-eval", f"checkpoint={checkpoint}", samplers(*FAST), "episodes=2", "block=1",
+             "stop=sequential", "workers=1", f"out={out}"])
+    assert r.returncode == 0, r.stderr
+    rows = {row["sampler"]: row for row in read_rows(out / "results.json")}
+    ref, other = rows[FAST[0]], rows[FAST[1]]
+    assert ref["sequential"] == {"decision": "reference", "episodes": 2}
+    # both fail every episode: nothing to tell them apart, decided only when the seeds run out
+    assert other["sequential"]["decision"] == "no difference" and other["sequential"]["episodes"] == 2
+    assert other["sequential"]["discordant"] == 0 and other["episodes"] == 2
+    assert "sequential: 4 episodes of the 4 a fixed-size run takes" in r.stdout
+    assert len(read_log(out / "episodes.jsonl")) == 4
+    bad = run(["dp-eval", f"checkpoint={checkpoint}", "stop=early", f"out={tmp_path}/x"])
+    assert bad.returncode == 2 and "stop: 'early' is not one of fixed, sequential" in bad.stderr

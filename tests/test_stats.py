@@ -9,7 +9,8 @@ import pytest
 from scipy.stats import binomtest
 
 from rollouts.report import compare, read_rows, seed_note
-from rollouts.stats import loop_deadline_ms, mcnemar_p, paired, paired_diff_ci, recommend, wilson
+from rollouts.stats import (e_path, e_value, loop_deadline_ms, mcnemar_p, paired, paired_diff_ci,
+                            predictive_power, recommend, sequential_decision, wilson)
 
 from commands import dp
 
@@ -141,3 +142,38 @@ def test_a_bad_reference_or_deadline_is_one_line_before_any_episode(checkpoint, 
            f"out={out}", *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (out / "episodes.jsonl").exists()
+
+
+def test_the_e_process_rarely_crosses_one_over_alpha_when_the_samplers_do_not_differ():
+    # anytime-valid: however often it is looked at, under no difference it ever reaches 1/alpha
+    # with probability at most alpha (Ville); fair discordant seeds, 50 looks each
+    rng = np.random.default_rng(0)
+    crossed = [max(e_path(list(rng.choice([-1, 1], 50)))) >= 20 for _ in range(2000)]
+    assert np.mean(crossed) <= 0.05
+
+
+def test_the_e_process_decides_a_one_sided_run_of_discordant_seeds_in_nine():
+    assert e_value([1] * 8) < 20 <= e_value([1] * 9)
+    assert e_value([-1] * 9) == e_value([1] * 9)  # two-sided
+    assert e_path([]) == [1.0] and e_value([1]) == 1.0  # the first seed is not bet on
+
+
+def _outcomes(pairs):
+    this = {s: a for s, (a, _) in enumerate(pairs)}
+    return this, {s: b for s, (_, b) in enumerate(pairs)}
+
+
+def test_a_sequential_comparison_stops_when_decided_and_runs_on_when_not():
+    this, ref = _outcomes([(False, True)] * 9 + [(True, True)] * 3)  # only the reference solves 9
+    d = sequential_decision(this, ref, seeds_left=38)
+    assert d["decision"] == "differs" and d["discordant"] == 9 and d["e_value"] >= 20
+    this, ref = _outcomes([(True, True)] * 20)  # agreeing on 20 seeds: cannot become a difference
+    d = sequential_decision(this, ref, seeds_left=30)
+    assert d["decision"] == "no difference" and d["predictive_power"] < 0.1
+    this, ref = _outcomes([(True, True)] * 10)  # too few seeds to give up on it yet
+    assert sequential_decision(this, ref, seeds_left=40)["decision"] is None
+    this, ref = _outcomes([(True, False)] * 5 + [(False, True)] + [(True, True)] * 14)  # leaning, undecided
+    d = sequential_decision(this, ref, seeds_left=30)
+    assert d["decision"] is None and d["predictive_power"] >= 0.1
+    assert sequential_decision(this, ref, seeds_left=0)["decision"] == "no difference"
+    assert predictive_power([1, -1, 1], 23, 27, 0.05) == predictive_power([1, -1, 1], 23, 27, 0.05)

@@ -89,5 +89,5 @@ def test_every_shipped_policy_loads_plans_and_says_what_it_measured(zoo):
     assert r.actions.shape == (pol.cfg.n_action_steps, pol.action_dim) and np.isfinite(r.actions).all()
     info = json.loads((zoo / "policy.json").read_text())["zoo"]
     assert info["weights_dtype"] == "float16" and info["command"]
-    assert (info["measured"]["results"]
-            and zoo.name == pol.meta["task"] + ("_image" if pol.obs_config.image else ""))
+    suffix = ("_image" if pol.obs_config.image else "") + ("_mh" if pol.meta.get("demos") == "mh" else "")
+    assert info["measured"]["results"] and zoo.name == pol.meta["task"] + suffix
