@@ -97,6 +97,10 @@ def run_fidelity(pol, cfg) -> tuple[list[dict], dict]:
         raise UserError(f"data: {data}: fewer than 2 held-out observation histories")
     specs = {REFERENCE: on_command_backend(SamplerConfig.parse(REFERENCE))}
     specs.update({s: on_command_backend(SamplerConfig.parse(s)) for s in cfg.samplers if s != REFERENCE})
+    # A warm-started sampler's plan depends on the previous plan: here every plan is drawn cold,
+    # as the first plan of an episode is (ParaDiGMS' warm starts only save rounds).
+    cold = [name for name, spec in specs.items() if spec.warm]
+    specs = {name: dataclasses.replace(spec, warm=False, start=None) for name, spec in specs.items()}
     samplings = {n: pol.sampling(s) for n, s in specs.items()}  # a missing aligner fails here
     norm = pol.normalizer.normalize
     modes = task_modes(pol.meta.get("task"))
@@ -117,7 +121,7 @@ def run_fidelity(pol, cfg) -> tuple[list[dict], dict]:
     floor = rows[REFERENCE]["dist"]
     results = [_row(name, specs[name], r, floor, modes, decision, pol) for name, r in rows.items()]
     context = {"checkpoint": pol.meta.get("checkpoint"), "task": pol.meta.get("task"), "data": data,
-               "fidelity": True, "reference": REFERENCE, "draws": cfg.draws,
+               "fidelity": True, "reference": REFERENCE, "draws": cfg.draws, "drawn_cold": cold,
                "histories": int((~decision).sum()), "decision_states": int(decision.sum()),
                "device": str(pol.device), "threads": torch.get_num_threads(), "machine": machine(pol.device),
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -224,7 +228,9 @@ def plot(path: Path, results: list[dict], context: dict) -> None:
     if names:
         ax = axes[0, 1]
         left = np.zeros(len(results))
-        for n, colour in zip([*names, "between"], ["#6baed6", "#fd8d3c", "#969696", "#74c476"]):
+        palette = iter(["#6baed6", "#fd8d3c", "#74c476"])
+        for n in names:  # the strategies, then `between`
+            colour = "#969696" if n == "between" else next(palette)
             share = np.asarray([r["modes"].get(n, 0.0) for r in results])
             ax.barh(y, share, left=left, color=colour, label=n)
             left += share
