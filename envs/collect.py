@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from common.cli import command, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
 from common.errors import UserError
-from envs.tasks import ObsConfig, TaskConfig, get_task
+from envs.tasks import DEMO_SETS, ObsConfig, TaskConfig, get_task
 
 
 @dataclass
@@ -39,8 +39,6 @@ class CollectConfig:
     def __post_init__(self):
         """The numbers checked at start-up, before any worker starts: one line naming the key."""
         from common.checks import check_number
-
-        from envs.experts import DEMO_SETS
 
         if self.demos not in DEMO_SETS:
             raise UserError(f"demos: {self.demos!r} is not one of {', '.join(DEMO_SETS)}")

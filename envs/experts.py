@@ -29,7 +29,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from envs.modes import square_turns
-from envs.tasks import ACTION_DIM, TASKS, get_task
+from envs.tasks import ACTION_DIM, DEMO_SETS, TASKS, get_task
 
 GRIP_OPEN, GRIP_CLOSE = -1.0, 1.0
 # The OSC controller's output at action 1.0 (robosuite's BASIC composite config for the Panda).
@@ -72,7 +72,6 @@ OPERATORS: tuple[Operator, ...] = (
     Operator(4, "worse", 0.6, 12, 0.5, 0.4, 0.2, 0.06, 0.45),
     Operator(5, "worse", 0.6, 12, 0.5, 0.4, 0.2, 0.06, 0.55),
 )
-DEMO_SETS = ("ph", "mh")  # proficient-human-like (one scripted operator) and mixed-proficiency
 
 
 def operator_of(seed: int) -> Operator:

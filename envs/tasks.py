@@ -16,6 +16,7 @@ OBS_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "rob
 PROPRIO_KEYS: tuple[str, ...] = OBS_KEYS[1:]
 KEY_SIZES = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2}
 OBS_MODES = ("state", "image")
+DEMO_SETS = ("ph", "mh")  # proficient (one scripted operator) and mixed-proficiency (six operators)
 
 CONTROL_FREQ = 20  # Hz, robomimic's PH protocol
 HORIZON = 400  # control steps per episode, robomimic's PH protocol
