@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from common.cli import command, ignore_ctrl_c_in_worker, workers_ignore_ctrl_c
 from common.errors import UserError
-from envs.tasks import DEMO_SETS, ObsConfig, TaskConfig, get_task
+from envs.tasks import DEMO_SETS, ObsConfig, TaskConfig, demo_scene, get_task
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _init_worker(task: str, obs: dict | None = None, demos: str = "ph") -> None:
     try:
         from envs.robosuite_env import make_env
 
-        _worker["env"] = make_env(task, obs=obs)
+        _worker["env"] = make_env(task, obs=obs, scene=demo_scene(task, demos))
     except Exception as err:  # noqa: BLE001  (whatever it is, every worker would meet it)
         # An initializer that raises ends its process, and the pool starts another in its place,
         # forever. Kept instead, and reported by the first episode this worker is given.
@@ -139,26 +139,29 @@ def episode_meta(episodes: list[dict]) -> dict[str, list[int]]:
     return {key: [int(e[key]) for e in episodes] for key in EPISODE_META}
 
 
-def mh_attrs(demos: str) -> dict:
+def mh_attrs(demos: str, task: str) -> dict:
     """What an mh store says of its operators and of the codes in its meta/ arrays."""
     if demos != "mh":
         return {}
     from dataclasses import asdict
 
     from envs.experts import OPERATORS, PROFICIENCIES
-    from envs.modes import STRATEGIES
+    from envs.modes import task_modes
 
+    modes = task_modes(task)
     return {"demos": "mh", "operators": [asdict(op) for op in OPERATORS],
-            "episode_meta": {"proficiency": list(PROFICIENCIES), "strategy": list(STRATEGIES)}}
+            "episode_meta": {"proficiency": list(PROFICIENCIES),
+                             "strategy": list(modes.names if modes is not None else ())}}
 
 
 def store_attrs(task: str, episodes: list[dict], failed: list[int], seed: int,
                 obs: ObsConfig | None = None, demos: str = "ph") -> dict:
     """What a store records about how its demonstrations were made."""
-    spec = get_task(task)
+    spec = get_task(task).in_scene(demo_scene(task, demos))
     seeds = [int(e["seed"]) for e in episodes]
     return {
-        **mh_attrs(demos),
+        **mh_attrs(demos, task),
+        **({"scene": spec.scene} if spec.scene else {}),
         **({"cameras": obs.to_dict()} if obs is not None and obs.image else {}),
         "task": task,
         "env": spec.env_settings(),

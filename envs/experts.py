@@ -29,7 +29,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from envs.modes import square_turns
-from envs.tasks import ACTION_DIM, DEMO_SETS, TASKS, get_task
+from envs.tasks import ACTION_DIM, DEMO_SETS, DIVIDER, TASKS, demo_scene, get_task
 
 GRIP_OPEN, GRIP_CLOSE = -1.0, 1.0
 # The OSC controller's output at action 1.0 (robosuite's BASIC composite config for the Panda).
@@ -404,10 +404,26 @@ class LiftExpert(ScriptedExpert):
 
 class CanExpert(ScriptedExpert):
     """PickPlaceCan: grasp the can from above, carry it over the bin walls, set it down in its
-    compartment of the target bin, let go and back off."""
+    compartment of the target bin, let go and back off.
+
+    In the divider scene (the mh set) an operator carries the can round the divider between the
+    bins, past its near end or its far end (its strategy), and only then on to the goal. The two
+    waypoints are the same distance either side of the divider's middle, so their average is in
+    the divider.
+    """
 
     HALF_HEIGHT = 0.04  # of the can
     FINGER_REACH = 0.05  # from the grip site to the outside of an open finger
+    DECISION_PHASE = "around"
+    CLEARANCE = 0.075  # from the divider's end to the can's centre at the waypoint (radius 3.3 cm)
+    HAND_HALF = (0.103, 0.032)  # the hand's half-extent along the finger axis and across it
+    HAND_ROOM = 0.125  # from the divider's line to the can, for the hand to turn freely
+
+    def reset(self, env) -> None:
+        super().reset(env)
+        self.divider = env.spec_task.scene == "divider"
+        if not self.divider:
+            self.strategy = None  # nothing to go round: one way to the goal
 
     def script(self) -> Iterator[Move | None]:
         can = self.rs.obj_body_id[self.rs.obj_to_use]
@@ -437,12 +453,22 @@ class CanExpert(ScriptedExpert):
         start = self.body_pos(can)
         yield Move("lift", self.carry_to(can, lambda: np.array([*start[:2], carry_z])), GRIP_CLOSE,
                    pos_tol=0.03, rot_tol=np.inf, max_steps=60)
+        if self.divider and start[1] > DIVIDER.y - self.HAND_ROOM:
+            # Lifted close to the divider: back off from it before the hand turns for the way round.
+            back = np.array([start[0], DIVIDER.y - self.HAND_ROOM, carry_z])
+            yield Move("clear", self.carry_to(can, lambda: back), GRIP_CLOSE, pos_tol=0.015, rot_tol=np.inf,
+                       max_steps=60)
         return carry_z
 
     def _place(self, can: int, carry_z: float) -> Iterator[Move | None]:
         rng = self.rng
         goal = self._drop_xy()
         hand_yaw = self.home_yaw + rng.uniform(-0.3, 0.3)  # a cylinder: bring the wrist home
+        if self.strategy is not None:
+            outwards = (2 * self.strategy - 1) * (self.CLEARANCE + rng.uniform(0.0, 0.02))  # near: -x
+            past = np.array([DIVIDER.ends[self.strategy] + outwards, DIVIDER.y, carry_z])
+            yield Move("around", self.carry_to(can, lambda: past, hand_yaw), GRIP_CLOSE,
+                       pos_tol=0.02, rot_tol=0.4, max_steps=120, free=True)
         yield Move("carry", self.carry_to(can, lambda: np.array([*goal, carry_z]), hand_yaw), GRIP_CLOSE,
                    pos_tol=0.03, rot_tol=0.3, max_steps=120)
         # Let go with the can's bottom below the top of the walls, so it cannot bounce out.
@@ -477,7 +503,12 @@ class CanExpert(ScriptedExpert):
 
         def clearance(yaw: float) -> float:
             tips = from_centre + np.outer([1, -1], [math.cos(yaw), math.sin(yaw)]) * self.FINGER_REACH
-            return float(np.min(inner - np.abs(tips)))
+            room = float(np.min(inner - np.abs(tips)))
+            if self.divider:  # the hand, wider than the fingers, must not reach over the divider
+                along, across = self.HAND_HALF
+                reach = self.body_pos(can)[1] + along * abs(math.sin(yaw)) + across * abs(math.cos(yaw))
+                room = min(room, DIVIDER.y - DIVIDER.half_thickness - reach)
+            return room
 
         scores = np.array([clearance(y) for y in candidates])
         # Prefer the wrist's home unless it leaves less than 1.5 cm to a wall.
@@ -671,16 +702,16 @@ def expert_episode(env, task: str, seed: int, demos: str = "ph") -> dict:
 
 
 # -- measurement ---------------------------------------------------------------------------------
-_worker_envs: dict = {}  # task -> env, built once per process
+_worker_envs: dict = {}  # (task, demos) -> env, built once per process
 
 
 def _episode_summary(job: tuple[str, int, str]) -> tuple[int, bool, int]:
     task, seed, demos = job
-    if task not in _worker_envs:
+    if (task, demos) not in _worker_envs:
         from envs.robosuite_env import make_env
 
-        _worker_envs[task] = make_env(task)
-    ep = expert_episode(_worker_envs[task], task, seed, demos)
+        _worker_envs[task, demos] = make_env(task, scene=demo_scene(task, demos))
+    ep = expert_episode(_worker_envs[task, demos], task, seed, demos)
     return seed, ep["succeeded"], ep["length"]
 
 

@@ -228,7 +228,7 @@ def render_store(src: str | os.PathLike, out_path: str | os.PathLike, obs: ObsCo
         if not seeds or len(seeds) != store.n_episodes:
             raise UserError(f"{src}: attrs.episode_seeds: missing or not one per episode (the seed fixes "
                             f"the model each state belongs to)")
-        env = make_env(store.task, obs=obs)
+        env = make_env(store.task, obs=obs, scene=store.attrs.get("scene"))
         episodes = []
         try:
             for i in tqdm(range(store.n_episodes), desc=f"render {Path(src).name}", unit="demo",

@@ -22,7 +22,7 @@ def replay_episode(store, i: int, env=None) -> ReplayCheck:
 
     ep = store.episode(i)
     seed = int(store.attrs["episode_seeds"][i])
-    env = env or make_env(store.task)
+    env = env or make_env(store.task, scene=store.attrs.get("scene"))
     env.reset(seed=seed)  # the seed fixes the model (Lift's cube size); the state does the rest
     obs = [env.set_state(ep["state"][0])]
     success = False

@@ -105,6 +105,8 @@ class RobosuiteEnv(gym.Env):
         from robosuite.controllers import load_composite_controller_config
 
         t = self.spec_task
+        if t.scene:
+            import envs.scenes  # noqa: F401  (registers the scenes' environments with robosuite)
         controller = load_composite_controller_config(controller=t.controller)
         # The BASIC config has a part for every robot robosuite knows (left arm, torso, head,
         # base, legs); a single arm has only its right one, and robosuite warns about each other.
@@ -330,6 +332,8 @@ class RobosuiteEnv(gym.Env):
         return np.concatenate(parts)
 
 
-def make_env(task: str, seed: int | None = None, render: bool = False, **kwargs: Any) -> RobosuiteEnv:
-    """A gymnasium env for `task` (lift, can or square); see `RobosuiteEnv`."""
-    return RobosuiteEnv(task, seed=seed, render=render, **kwargs)
+def make_env(task: str, seed: int | None = None, render: bool = False, scene: str | None = None,
+             **kwargs: Any) -> RobosuiteEnv:
+    """A gymnasium env for `task` (lift, can or square), in `scene` if given (can: `divider`, the
+    scene of its mh demonstrations); see `RobosuiteEnv`."""
+    return RobosuiteEnv(get_task(task).in_scene(scene), seed=seed, render=render, **kwargs)

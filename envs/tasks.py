@@ -6,7 +6,7 @@ Nothing in this module imports robosuite.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from common.errors import UserError
 
@@ -21,6 +21,27 @@ DEMO_SETS = ("ph", "mh")  # proficient (one scripted operator) and mixed-profici
 CONTROL_FREQ = 20  # Hz, robomimic's PH protocol
 HORIZON = 400  # control steps per episode, robomimic's PH protocol
 ACTION_DIM = 7  # OSC_POSE delta: dx dy dz, axis-angle drx dry drz, gripper (-1 open, +1 close)
+
+
+@dataclass(frozen=True)
+class Divider:
+    """Can mh's divider (envs/scenes.py): a wall across the straight carry path, in the gap
+    between the bins (world frame, m). The can is carried round one end or the other."""
+
+    x: float = 0.13  # centre, along the gap
+    y: float = 0.015  # the middle of the 4 cm gap between the bins' walls
+    half_length: float = 0.07  # along x: covers where the straight carry crosses the gap
+    half_thickness: float = 0.008
+    bottom: float = 0.8  # the table top
+    height: float = 0.23  # its top 13 cm above the walls: above every carried can's bottom, below the forearm
+
+    @property
+    def ends(self) -> tuple[float, float]:
+        """x of its near end (towards the robot) and its far end."""
+        return self.x - self.half_length, self.x + self.half_length
+
+
+DIVIDER = Divider()
 
 
 # The task of a store imported from outside the simulator (a LeRobotDataset): it says itself what
@@ -130,6 +151,17 @@ class TaskSpec:
     horizon: int = HORIZON
     env_kwargs: dict = field(default_factory=dict)
     cameras: tuple[str, ...] = ARENA_CAMERAS + ROBOT_CAMERAS  # what obs.cameras may name
+    scenes: dict = field(default_factory=dict)  # scene name -> its robosuite environment (envs/scenes.py)
+    scene: str = ""  # which of them this spec builds ("": the task's own)
+
+    def in_scene(self, scene: str | None) -> TaskSpec:
+        """This task in `scene` (None or "": its own); UserError naming `scene` if it has none such."""
+        if not scene or scene == self.scene:
+            return self
+        if scene not in self.scenes:
+            raise UserError(f"scene: task {self.name!r} has no scene {scene!r}; "
+                            f"known: {', '.join(self.scenes) or 'none'}")
+        return replace(self, env_name=self.scenes[scene], scene=scene)
 
     @property
     def obs_layout(self) -> dict[str, tuple[int, int]]:
@@ -162,6 +194,7 @@ class TaskSpec:
             "control_freq": self.control_freq,
             "horizon": self.horizon,
             "reward_shaping": False,
+            **({"scene": self.scene} if self.scene else {}),
             **self.env_kwargs,
         }
 
@@ -169,9 +202,20 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "lift": TaskSpec("lift", "Lift", object_dim=10),
     "can": TaskSpec("can", "PickPlaceCan", object_dim=14,
-                    cameras=("frontview", "birdview", "agentview") + ROBOT_CAMERAS),  # bins: no sideview
+                    cameras=("frontview", "birdview", "agentview") + ROBOT_CAMERAS,  # bins: no sideview
+                    scenes={"divider": "PickPlaceCanDivider"}),
     "square": TaskSpec("square", "NutAssemblySquare", object_dim=14),
 }
+
+
+# The scene each task's demonstration sets are collected in, and their policies evaluated in,
+# where it is not the task's own: can's mh set needs an obstacle to go round one way or the other.
+DEMO_SCENES = {("can", "mh"): "divider"}
+
+
+def demo_scene(task: str, demos: str) -> str:
+    """The scene of `task`'s `demos` set ("" for the task's own)."""
+    return DEMO_SCENES.get((task, demos), "")
 
 
 def get_task(name: str) -> TaskSpec:

@@ -166,7 +166,9 @@ def load_data(cfg: TrainConfig) -> tuple[Batches, Batches | None, Normalizer, di
     meta = {"task": cfg.task.name, "obs_layout": {k: list(v) for k, v in layout.items()},
             # the training episodes are the selection's others: not written, as they follow from these
             "data": str(cfg.data), "val_episodes": val_eps.tolist(), **described,
-            **({"episodes": cfg.episodes} if cfg.episodes != "all" else {})}
+            **({"episodes": cfg.episodes} if cfg.episodes != "all" else {}),
+            # the scene its demonstrations were made in (can mh: the divider), which its episodes need
+            **({"scene": store.attrs["scene"]} if store.attrs.get("scene") else {})}
     val = Batches(obs, action, val_rows, p) if len(val_rows) else None
     return Batches(obs, action, train_rows, p), val, normalizer, meta
 

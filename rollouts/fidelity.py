@@ -117,7 +117,7 @@ def run_fidelity(pol, cfg) -> tuple[list[dict], dict]:
             r["evals"].append(res.model_evals)  # per chunk: a batch of draws counts as one plan
             r["iters"].append(res.parallel_iters)
             if modes is not None and decision[k]:
-                r["modes"].append(modes.classify(x.cpu().numpy()))
+                r["modes"].append(modes.classify(x.cpu().numpy(), obs[k], pol.meta["obs_layout"]))
     floor = rows[REFERENCE]["dist"]
     results = [_row(name, specs[name], r, floor, modes, decision, pol) for name, r in rows.items()]
     context = {"checkpoint": pol.meta.get("checkpoint"), "task": pol.meta.get("task"), "data": data,
@@ -126,7 +126,8 @@ def run_fidelity(pol, cfg) -> tuple[list[dict], dict]:
                "device": str(pol.device), "threads": torch.get_num_threads(), "machine": machine(pol.device),
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if modes is not None and decision.any():
-        ref_modes = [modes.classify(x.cpu().numpy()) for x, d in zip(ref, decision) if d]
+        ref_modes = [modes.classify(x.cpu().numpy(), h, pol.meta["obs_layout"])
+                     for x, h, d in zip(ref, obs, decision) if d]
         context["reference_modes"] = _fractions(ref_modes, modes.names)
         context["multimodal_states"] = _multimodal(ref_modes, len(modes.names))
     return results, context

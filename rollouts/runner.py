@@ -49,14 +49,15 @@ def check_simulated(policy) -> None:
 
 
 def make_policy_env(policy, **kwargs):
-    """The env `policy` acts in: its task, observing what it was trained on (state, or its
-    cameras at its size); UserError if the layouts disagree or no simulator runs its task."""
+    """The env `policy` acts in: its task in the scene of its demonstrations, observing what it
+    was trained on (state, or its cameras at its size); UserError if the layouts disagree or no
+    simulator runs its task."""
     from envs import make_env
     from policy.checkpoint import check_matches
 
     check_simulated(policy)
     task = policy.meta["task"]
-    env = make_env(task, obs=policy.obs_config, **kwargs)
+    env = make_env(task, obs=policy.obs_config, scene=policy.meta.get("scene"), **kwargs)
     check_matches(policy, task, env.observation_layout)
     return env
 

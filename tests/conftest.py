@@ -67,6 +67,18 @@ def mh_store(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def can_mh_store(tmp_path_factory):
+    """Two real mixed-proficiency can demonstrations by dp-collect in the divider scene (seeds 0
+    and 1: two better operators, past the divider's near end and its far end)."""
+    from commands import dp
+
+    out = tmp_path_factory.mktemp("can_mh") / "can_mh.zarr"
+    r = dp("dp-collect", "task=can", "demos=mh", "n_demos=2", "seed=0", "workers=2", f"out={out}")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 SMALL_IMAGES = {"mode": "image", "cameras": ["agentview", "robot0_eye_in_hand"], "size": 32, "render": "fast"}
 
 

@@ -43,7 +43,8 @@ def test_the_chunk_the_operator_ran_at_the_decision_state_shows_its_strategy(mh_
         for i in range(store.n_episodes):
             ep, step = store.episode(i), store.episode_meta["decision_step"][i]
             chunk = ep["action"][step:step + 16]
-            assert modes.classify(chunk[None])[0] == store.episode_meta["strategy"][i]
+            way = modes.classify(chunk[None], ep["obs"][:step + 1], layout)[0]
+            assert way == store.episode_meta["strategy"][i]
             # the nut ends on the alignment that strategy turns to: a quarter-turn symmetry of the peg
             cw, ccw = square_turns(nut_yaw(ep["obs"][step], layout))
             goal = nut_yaw(ep["obs"][step], layout) + (cw, ccw)[store.episode_meta["strategy"][i]]
@@ -58,7 +59,7 @@ def test_square_turns_go_each_way_to_the_nearest_reachable_alignment():
     assert cw == pytest.approx(-math.pi / 2 - 0.2) and ccw == pytest.approx(math.pi / 2 - 0.2)
     chunks = np.zeros((3, 16, 7))
     chunks[0, :, 5], chunks[1, :, 5] = -0.5, 0.5  # turning each way; the third not at all (averaged)
-    assert list(SquareModes().classify(chunks)) == [0, 1, BETWEEN]
+    assert list(SquareModes().classify(chunks, np.zeros((2, 23)), {})) == [0, 1, BETWEEN]
 
 
 def test_episodes_are_selected_by_proficiency_operator_and_strategy(mh_store):
