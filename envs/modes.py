@@ -89,15 +89,20 @@ class CanModes:
         """Each raw chunk's way round [M] (index into `names`, or BETWEEN) from chunks [M, H, 7]:
         the hand's path the chunk commands (the base frame's axes are the world's), from where the
         hand is, crosses the divider's line (y) at some x; a chunk that stops short of the line
-        is extended along its last heading. Past an end by the can's radius counts as that way."""
+        is extended along the way it went. Past an end by the can's radius counts as that way."""
         start = eef_xy(obs_history[-1], layout)
         path = start + np.cumsum(np.asarray(actions, np.float64)[..., :2], axis=-2) * POS_SCALE  # [M, H, 2]
         path = np.concatenate([np.broadcast_to(start, (*path.shape[:-2], 1, 2)), path], axis=-2)
         crossed = path[..., 1] >= DIVIDER.y
-        # the last point short of the line and the next (or, if none crosses, the last two)
-        k = np.where(crossed.any(-1), np.argmax(crossed, -1), path.shape[-2] - 1).clip(1)
-        a = np.take_along_axis(path, (k - 1)[..., None, None].repeat(2, -1), -2)[..., 0, :]
-        b = np.take_along_axis(path, k[..., None, None].repeat(2, -1), -2)[..., 0, :]
+        reaches = crossed.any(-1)
+        # the step across the line, or (a chunk short of it) the whole chunk from start to end
+        k = np.argmax(crossed, -1).clip(1)
+
+        def point(i: np.ndarray) -> np.ndarray:
+            return np.take_along_axis(path, i[..., None, None].repeat(2, -1), -2)[..., 0, :]
+
+        a = np.where(reaches[..., None], point(k - 1), path[..., 0, :])
+        b = np.where(reaches[..., None], point(k), path[..., -1, :])
         dy = b[..., 1] - a[..., 1]
         heading_across = (dy > 1e-6) & (path[..., -1, 1] - start[1] > 0.02)
         x = a[..., 0] + (b[..., 0] - a[..., 0]) * (DIVIDER.y - a[..., 1]) / np.where(heading_across, dy, 1.0)

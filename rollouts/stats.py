@@ -92,21 +92,35 @@ def recommend(rows: list[dict], deadline_ms: float) -> dict:
     best = max(fits, key=lambda r: (r["success_rate"], -r["latency_ms"]["p95"]))
     for r in sorted(fits, key=lambda r: r["latency_ms"]["p95"]):
         test = paired(row_outcomes(r), row_outcomes(best), best["sampler"])
+        if r is not best and _decided_below(r, rows) and not _decided_below(best, rows):
+            # a sequential run stopped both early, so their shared seeds may be too few to
+            # separate them; its own test already found this one below the reference
+            continue
         if r is best or r["success_rate"] >= best["success_rate"] or test["p_value"] >= SIGNIFICANT:
             break
     if len(fits) == 1:
         reason = f"the only sampler whose p95 fits {deadline_ms:g} ms"
     elif r is best:
+        sequential = any(_decided_below(f, rows) for f in fits)
         faster = sum(f["latency_ms"]["p95"] < r["latency_ms"]["p95"] for f in fits)
         reason = (f"the most successful of the {len(fits)} samplers whose p95 fits {deadline_ms:g} ms"
                   + (f"; the {faster} faster ones are significantly less successful "
-                     f"(paired p < {SIGNIFICANT:g})" if faster else ", and the fastest of them"))
+                     f"(paired p < {SIGNIFICANT:g}"
+                     + (", or below the reference by the sequential test)" if sequential else ")")
+                     if faster else ", and the fastest of them"))
     else:
         reason = (f"the fastest sampler whose p95 fits {deadline_ms:g} ms and whose success is not "
                   f"significantly below the best that fits ({best['sampler']} {best['success_rate']:.0%}; "
                   f"paired p = {test['p_value']:.2g} over {test['seeds']} seeds)")
     return out | {"sampler": r["sampler"], "success_rate": r["success_rate"],
                   "latency_p95_ms": r["latency_ms"]["p95"], "reason": reason}
+
+
+def _decided_below(row: dict, rows: list[dict]) -> bool:
+    """Whether `stop=sequential` decided that `row` differs from the reference, and below it."""
+    ref = next((r for r in rows if (r.get("sequential") or {}).get("decision") == "reference"), None)
+    return ((row.get("sequential") or {}).get("decision") == "differs" and ref is not None
+            and row["success_rate"] < ref["success_rate"])
 
 
 def row_outcomes(row: dict) -> dict[int, bool]:

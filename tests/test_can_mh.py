@@ -89,7 +89,7 @@ def test_a_can_mh_store_goes_round_the_divider_each_way_without_touching_it(can_
             assert modes.decisive(history, LAYOUT)
             assert modes.classify(ep["action"][step:step + 16][None], history, LAYOUT)[0] == strategy[i]
             # where the can crossed the divider's line: beyond the end its strategy names
-            can_xy = ep["obs"][:, 7:9]  # the object block: the can's pose relative to the hand, then in the world
+            can_xy = ep["obs"][:, 7:9]  # the object block: the can relative to the hand, then in the world
             k = int(np.argmax(can_xy[:, 1] >= DIVIDER.y))
             near, far = DIVIDER.ends
             assert (can_xy[k, 0] < near) if strategy[i] == 0 else (can_xy[k, 0] > far)

@@ -91,6 +91,21 @@ def test_the_recommendation_is_the_fastest_that_fits_and_is_not_significantly_wo
     assert rec["sampler"] == "slow-best" and "significantly less successful" in rec["reason"]
 
 
+def test_a_sampler_the_sequential_test_found_below_the_reference_is_not_recommended():
+    """As on can mh: DDIM-2 stopped 'differs' (below DDPM-100), DDIM-3 stopped 'no difference'
+    after 20 seeds, too few for DDIM-2 to be significantly below DDIM-3 on their own."""
+    ref = _row("ddpm100", 300, [1] * 40)
+    ddim2 = _row("ddim2", 12, [1] * 30 + [0] * 10)
+    ddim3 = _row("ddim3", 16, [1] * 20)
+    ref["sequential"] = {"decision": "reference"}
+    ddim2["sequential"], ddim3["sequential"] = {"decision": "differs"}, {"decision": "no difference"}
+    rows = [ref, ddim2, ddim3]
+    assert recommend(rows, 50)["sampler"] == "ddim3"
+    for r in rows:
+        del r["sequential"]  # the same rows from a fixed-size run: the paired test alone decides
+    assert recommend(rows, 50)["sampler"] == "ddim2"
+
+
 def test_compare_names_an_unknown_reference_and_says_when_seeds_differ():
     rows = [_row("a", 10, [1, 0, 1]), _row("b", 20, [1, 1, 1, 0])]
     compare(rows, "b")
