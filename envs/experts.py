@@ -29,12 +29,9 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from envs.modes import square_turns
-from envs.tasks import ACTION_DIM, DEMO_SETS, DIVIDER, TASKS, demo_scene, get_task
+from envs.tasks import ACTION_DIM, DEMO_SETS, DIVIDER, POS_SCALE, ROT_SCALE, TASKS, demo_scene, get_task
 
 GRIP_OPEN, GRIP_CLOSE = -1.0, 1.0
-# The OSC controller's output at action 1.0 (robosuite's BASIC composite config for the Panda).
-POS_SCALE = 0.05  # m per step
-ROT_SCALE = 0.5  # rad per step
 EXPERT_STREAM = 1  # the second word of the expert generator's seed (see expert_rng)
 MAX_YAW_STEP = 1.0  # rad: how far ahead of the hand a yaw target is put (keeps axis-angle < pi)
 
@@ -173,7 +170,7 @@ class ScriptedExpert:
         self.decision_step: int | None = None  # steps taken when DECISION_PHASE began
         if self.operator is not None:
             self.max_action *= self.operator.speed
-            if self.DECISION_PHASE is not None:
+            if self.offers_strategies(env):
                 self.strategy = int(self.rng.random() < self.operator.ccw)
         self._pending: Move | None = None  # the phase a hesitation or an overshoot put off
         self._taken = 0
@@ -203,6 +200,10 @@ class ScriptedExpert:
 
     def script(self) -> Iterator[Move | None]:
         raise NotImplementedError
+
+    def offers_strategies(self, env) -> bool:
+        """Whether an operator chooses between two strategies in `env` (at DECISION_PHASE)."""
+        return self.DECISION_PHASE is not None
 
     # -- privileged state --------------------------------------------------------------------
     def eef_pos(self) -> np.ndarray:
@@ -419,11 +420,12 @@ class CanExpert(ScriptedExpert):
     HAND_HALF = (0.103, 0.032)  # the hand's half-extent along the finger axis and across it
     HAND_ROOM = 0.125  # from the divider's line to the can, for the hand to turn freely
 
+    def offers_strategies(self, env) -> bool:
+        return env.spec_task.scene == "divider"  # elsewhere nothing to go round: one way to the goal
+
     def reset(self, env) -> None:
-        super().reset(env)
         self.divider = env.spec_task.scene == "divider"
-        if not self.divider:
-            self.strategy = None  # nothing to go round: one way to the goal
+        super().reset(env)
 
     def script(self) -> Iterator[Move | None]:
         can = self.rs.obj_body_id[self.rs.obj_to_use]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from envs.tasks import DIVIDER
+from envs.tasks import DIVIDER, POS_SCALE, ROT_SCALE
 
 STRATEGIES = ("clockwise", "counterclockwise")  # square's
 CAN_STRATEGIES = ("near", "far")  # past the divider's end towards the robot, or its far end
@@ -24,8 +24,6 @@ BETWEEN = -1  # a chunk that takes neither strategy
 # Square: nut headings that fit the peg with the hand in reach (the handle towards the robot or to
 # either side; pointing away, the hand is out of reach).
 SQUARE_ALIGNMENTS = (math.pi / 2, math.pi, 3 * math.pi / 2)
-ROT_SCALE = 0.5  # rad per step at action 1.0 (the OSC controller's output limit)
-POS_SCALE = 0.05  # m per step at action 1.0
 # A chunk whose commanded turn stays under this (rad, over the chunk) turns neither way.
 SQUARE_DEAD_ZONE = 1.0
 # Decision states whose two turns are both at least this far (rad) tell the strategies apart.

@@ -21,6 +21,9 @@ DEMO_SETS = ("ph", "mh")  # proficient (one scripted operator) and mixed-profici
 CONTROL_FREQ = 20  # Hz, robomimic's PH protocol
 HORIZON = 400  # control steps per episode, robomimic's PH protocol
 ACTION_DIM = 7  # OSC_POSE delta: dx dy dz, axis-angle drx dry drz, gripper (-1 open, +1 close)
+# The OSC controller's output at action 1.0 (robosuite's BASIC composite config for the Panda).
+POS_SCALE = 0.05  # m per step
+ROT_SCALE = 0.5  # rad per step
 
 
 @dataclass(frozen=True)
