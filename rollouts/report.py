@@ -251,14 +251,25 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _values(summary: list[dict], key: str) -> str:
+    """The values rows give `key`, each once, in order ("2 or 1" for a report merged from runs
+    with different settings)."""
+    seen = []
+    for s in summary:
+        if s.get(key, "?") not in seen:
+            seen.append(s.get(key, "?"))
+    return " or ".join(str(v) for v in seen)
+
+
 def _title(summary: list[dict]) -> str:
     s = summary[0]
     loop, r = s.get("loop") or {}, s.get("realtime") or {}
     rt = (f"\nreal time at {r['rate_hz']:g} Hz, {loop.get('transport', '?')} planner, merge "
           f"{loop.get('merge', '?')}"
           if r.get("rate_hz") else "")
-    return (f"{s.get('task', '?')}: {s['episodes']} episodes per sampler; {s.get('workers', '?')} workers x "
-            f"{s.get('threads', '?')} torch threads, {s.get('device', '?')}{rt}")
+    return (f"{_values(summary, 'task')}: {_values(summary, 'episodes')} episodes per sampler; "
+            f"{_values(summary, 'workers')} workers x {_values(summary, 'threads')} torch threads, "
+            f"{_values(summary, 'device')}{rt}")
 
 
 def write_report(out: Path, summary: list[dict], episodes: list[dict] | None = None,

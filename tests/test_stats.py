@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from rollouts.report import compare, read_rows, seed_note
+from rollouts.report import _title, compare, read_rows, seed_note
 from rollouts.stats import (e_path, e_value, loop_deadline_ms, mcnemar_p, paired, paired_diff_ci,
                             predictive_power, recommend, sequential_decision, wilson)
 
@@ -115,6 +115,13 @@ def test_compare_names_an_unknown_reference_and_says_when_seeds_differ():
         compare(rows, "c")
     with pytest.raises(Exception, match="reference: '' is not one of the samplers"):  # not the first
         compare(rows, "")
+
+
+def test_a_merged_report_title_names_each_runs_settings():
+    rows = [{"task": "square", "episodes": 50, "workers": 2, "threads": 1, "device": "cpu"},
+            {"task": "square", "episodes": 50, "workers": 1, "threads": 1, "device": "cpu"}]
+    assert _title(rows) == "square: 50 episodes per sampler; 2 or 1 workers x 1 torch threads, cpu"
+    assert _title(rows[:1]) == "square: 50 episodes per sampler; 2 workers x 1 torch threads, cpu"
 
 
 def test_the_loop_allows_a_plan_what_the_current_chunk_still_covers():

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from common.errors import UserError
 import policy
+from policy.samplers import SamplerConfig
 from policy.zoo import HISTORIES, MAX_MB, WEIGHTS, export, record
 
 from commands import dp
@@ -91,3 +92,12 @@ def test_every_shipped_policy_loads_plans_and_says_what_it_measured(zoo):
     assert info["weights_dtype"] == "float16" and info["command"]
     suffix = ("_image" if pol.obs_config.image else "") + ("_mh" if pol.meta.get("demos") == "mh" else "")
     assert info["measured"]["results"] and zoo.name == pol.meta["task"] + suffix
+    for chain in sorted((zoo / "aligner").glob("ddim-*-trailing.json")):  # shipped DPM-Aligner timesteps
+        steps = int(chain.stem.split("-")[1])
+        pol.sampler = SamplerConfig.parse(f"ddim{steps}+aligner")
+        pol.seed(0)
+        aligned = pol.plan(np.zeros((pol.cfg.n_obs_steps, pol.obs_dim), np.float32)).actions
+        pol.sampler = SamplerConfig.parse(f"ddim{steps}")
+        pol.seed(0)
+        plain = pol.plan(np.zeros((pol.cfg.n_obs_steps, pol.obs_dim), np.float32)).actions
+        assert np.isfinite(aligned).all() and not np.allclose(aligned, plain)  # its timesteps are used
