@@ -70,8 +70,12 @@ def workers_ignore_ctrl_c() -> Iterator[None]:
     try:
         yield
     finally:
+        # Unblock first, under the noting handler: one held back is delivered now and noted. The
+        # other order can lose every later Ctrl-C: a signal another thread took during the block
+        # runs its Python handler in this thread at the first chance, which may be just after
+        # `before` is back; a KeyboardInterrupt there would skip the unblocking for good.
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGINT, before)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one held back is delivered now
     if noted:
         signal.raise_signal(signal.SIGINT)
 

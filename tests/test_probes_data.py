@@ -113,6 +113,29 @@ def test_a_ctrl_c_while_the_workers_start_is_answered_after_not_lost():
         time.sleep(0.2)
         done = True  # the block (starting the pool) is not cut short
     assert done
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the next one is answered too
+
+
+def test_a_ctrl_c_answered_as_the_block_ends_leaves_the_next_one_unblocked(monkeypatch):
+    """A Ctrl-C another thread took during the block may have its handler run the moment the old
+    handler is back (Python runs signal handlers in the main thread, at its next chance); its
+    KeyboardInterrupt must not leave SIGINT blocked, or every later Ctrl-C is lost."""
+    import common.cli as cli
+
+    real = signal.signal
+
+    def restoring(signum, handler):
+        old = real(signum, handler)
+        if handler is signal.default_int_handler:  # the old handler is back: the pending one runs now
+            raise KeyboardInterrupt
+        return old
+
+    monkeypatch.setattr(cli.signal, "signal", restoring)
+    with pytest.raises(KeyboardInterrupt), cli.workers_ignore_ctrl_c():
+        pass
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
 @pytest.mark.parametrize("when", ["imports", "pool+0s", "pool+1s", "pool+3s"])
