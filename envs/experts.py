@@ -35,10 +35,11 @@ GRIP_OPEN, GRIP_CLOSE = -1.0, 1.0
 EXPERT_STREAM = 1  # the second word of the expert generator's seed (see expert_rng)
 MAX_YAW_STEP = 1.0  # rad: how far ahead of the hand a yaw target is put (keeps axis-angle < pi)
 
-# A target for the grip site: position (3,) in the world and the heading of the finger axis, with
-# the gripper pointing straight down. Headings are unwrapped (not reduced mod 2 pi) so that a
-# script says which way round the wrist turns: joint 7 has less than one turn of travel.
-Target = tuple[np.ndarray, float]
+# A target for the grip site: position (3,) in the world and either the heading of the finger axis,
+# with the gripper pointing straight down, or a full orientation (a 3x3 rotation of the grip site,
+# for tasks that turn what they hold on its side). Headings are unwrapped (not reduced mod 2 pi)
+# so that a script says which way round the wrist turns: joint 7 has less than one turn of travel.
+Target = tuple[np.ndarray, "float | np.ndarray"]
 
 
 @dataclass(frozen=True)
@@ -352,20 +353,29 @@ class ScriptedExpert:
         if self._steps < p.min_steps:
             return False
         pos_err = np.linalg.norm(target[0] - self.eef_pos())
-        tilt = math.acos(np.clip(-self.eef_rot()[2, 2], -1.0, 1.0))
-        within = pos_err <= p.pos_tol and math.hypot(target[1] - self._yaw, tilt) <= p.rot_tol
+        within = pos_err <= p.pos_tol and self._rot_error(target[1]) <= p.rot_tol
         within = within and (p.until is None or p.until())
         self._settled = self._settled + 1 if within else 0
         return self._settled >= p.settle
+
+    def _rot_error(self, goal: float | np.ndarray) -> float:
+        """Angle (rad) between the hand and `goal`: a full orientation, or a heading (its error
+        and the hand's tilt from pointing down, together)."""
+        if np.ndim(goal) == 2:
+            return float(Rotation.from_matrix(goal @ self.eef_rot().T).magnitude())
+        tilt = math.acos(np.clip(-self.eef_rot()[2, 2], -1.0, 1.0))
+        return math.hypot(goal - self._yaw, tilt)
 
     def _command(self, target: Target, gripper: float, speed: float) -> np.ndarray:
         limit = self.max_action * speed
         move = self.gain * (target[0] - self.eef_pos()) / POS_SCALE
         move *= min(1.0, limit / max(np.linalg.norm(move), 1e-12))
-        # Aim the rotation at most MAX_YAW_STEP ahead, so its axis-angle never wraps past pi and
-        # the wrist turns the way the unwrapped target says; this also levels any tilt.
-        yaw = self._yaw + np.clip(target[1] - self._yaw, -MAX_YAW_STEP, MAX_YAW_STEP)
-        turn = Rotation.from_matrix(top_down(yaw) @ self.eef_rot().T).as_rotvec()
+        goal = target[1]
+        if np.ndim(goal) != 2:
+            # Aim the rotation at most MAX_YAW_STEP ahead, so its axis-angle never wraps past pi and
+            # the wrist turns the way the unwrapped target says; this also levels any tilt.
+            goal = top_down(self._yaw + np.clip(goal - self._yaw, -MAX_YAW_STEP, MAX_YAW_STEP))
+        turn = Rotation.from_matrix(goal @ self.eef_rot().T).as_rotvec()
         turn *= self.rot_gain / ROT_SCALE
         turn *= min(1.0, limit / max(np.linalg.norm(turn), 1e-12))
         action = np.empty(ACTION_DIM)
@@ -650,7 +660,12 @@ EXPERTS: dict[str, type[ScriptedExpert]] = {"lift": LiftExpert, "can": CanExpert
 def make_expert(task: str, rng: np.random.Generator, operator: Operator | None = None) -> ScriptedExpert:
     """The scripted expert for `task`, drawing its randomness from `rng`, acting as `operator`
     (mixed-proficiency demonstrations) if given."""
-    return EXPERTS[get_task(task).name](rng, operator)
+    name = get_task(task).name
+    if name == "toolhang":  # a module of its own (it builds on this one's ScriptedExpert)
+        from envs.expert_toolhang import ToolHangExpert
+
+        return ToolHangExpert(rng, operator)
+    return EXPERTS[name](rng, operator)
 
 
 # -- episodes ------------------------------------------------------------------------------------

@@ -208,6 +208,10 @@ TASKS: dict[str, TaskSpec] = {
                     cameras=("frontview", "birdview", "agentview") + ROBOT_CAMERAS,  # bins: no sideview
                     scenes={"divider": "PickPlaceCanDivider"}),
     "square": TaskSpec("square", "NutAssemblySquare", object_dim=14),
+    # Stand the frame in its base, then hang the tool on its hook: robomimic's long-horizon task,
+    # with its 700-step horizon; object: stand base, frame and tool poses, 14 each, then two flags
+    # (frame assembled, tool on frame).
+    "toolhang": TaskSpec("toolhang", "ToolHang", object_dim=44, horizon=700),
 }
 
 

@@ -1,0 +1,321 @@
+"""ToolHang's scripted expert: stand the frame in its base, then hang the tool on the frame's hook.
+
+Both parts start lying on the table and must be turned on their side in the hand, so unlike the
+other experts this one drives full orientations of the grip site. Each grasp is top-down with the
+fingers across the part (the frame's rod, the tool's handle) and the grip site's y axis towards
+one of its ends; the part is then turned so that this axis points up or down:
+
+- the frame is carried with the hand pointing to the robot's right (-y), its rod upright, and
+  lowered tip first into the stand's mount, closed-loop on where the tip is and how the rod leans
+  (it pivots a little in the fingers);
+- that leaves the hook pointing away from the robot (+x), where the hand cannot point along it
+  (the wrist runs into its limits). So the hand takes the hook's bar near the corner and turns the
+  frame a quarter turn in its mount, until the hook points to the right;
+- the tool is carried with the hand pointing along the hook and its hole below the hand, taken
+  past the hook's free end and threaded onto it, then let go, to hang.
+
+A turn goes in two stages, the yaw first (pointing down) and then the pitch: the one-stage turn
+along the shortest rotation often runs the Panda's wrist (joint 6) into its limit. Threading is
+the hard part: the ring's octagonal hole is 19.4 mm across its flats and the hook's raised end
+with the bar under it 19.45 mm tall, so it goes on only square and pressed (docs/tasks-and-data.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from envs.experts import GRIP_CLOSE, GRIP_OPEN, Move, ScriptedExpert, Target, heading, wrap_near
+
+DOWN = np.array([0.0, 0.0, -1.0])
+UP = -DOWN
+RIGHT = np.array([0.0, -1.0, 0.0])
+RING_PAST = 0.009  # m: the ring (7 mm thick) past the raised end (7.5 mm), from the raised end's middle
+CARRY_Z = 1.16  # m: above the assembled frame's hook (about 1.03), where the hand turns freely
+
+
+def hand_frame(y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The grip site's rotation whose y axis is `y` and z axis (the approach) `z` (orthogonal)."""
+    y, z = y / np.linalg.norm(y), z / np.linalg.norm(z)
+    return np.stack([np.cross(y, z), y, z], axis=1)
+
+
+def level(v: np.ndarray) -> np.ndarray:
+    """`v` projected on the horizontal plane, unit length."""
+    h = np.array([v[0], v[1], 0.0])
+    return h / max(np.linalg.norm(h), 1e-9)
+
+
+def pitch_back(rot: np.ndarray) -> np.ndarray:
+    """The pointing-down orientation that `rot` tilts from: `rot` turned about a horizontal axis
+    until its approach axis points down (the first stage of a two-stage turn to `rot`)."""
+    axis = np.cross(rot[:, 2], DOWN)
+    s = np.linalg.norm(axis)
+    if s < 1e-9:
+        return rot
+    return Rotation.from_rotvec(axis / s * math.atan2(s, rot[:, 2] @ DOWN)).as_matrix() @ rot
+
+
+class ToolHangExpert(ScriptedExpert):
+    """The ToolHang script: frame into the stand, then tool onto the hook (see the module)."""
+
+    def script(self) -> Iterator[Move | None]:
+        rng = self.rng
+        # The parts are dropped onto the table at reset: let them come to rest first.
+        steps = int(rng.integers(12, 18))
+        yield Move("settle", None, GRIP_OPEN, pos_tol=np.inf, rot_tol=np.inf, min_steps=steps,
+                   max_steps=steps)
+        frame_ends = ("frame_tip_site", "frame_intersection_site")
+        plan = self._plan("frame_grip_frame", frame_ends, (hand_frame(DOWN, RIGHT), hand_frame(UP, RIGHT)))
+        yield from self._pick("frame_grip_frame", plan, (0.1, 0.15))
+        yield from self._stand_frame(plan)
+        yield from self._level()
+        yield from self._turn_frame()
+        end, along = self.hook()
+        tool_ends = ("tool_hole1_center", "tool_hole2_center")
+        plan = self._plan("tool_grip_g0", tool_ends, (hand_frame(DOWN, along), hand_frame(UP, along)))
+        yield Move("over-tool", lambda: (np.array([*self.geom_pos("tool_grip_g0")[:2], CARRY_Z - 0.06]),
+                   plan[0]), GRIP_OPEN, pos_tol=0.02, rot_tol=0.1, max_steps=80, free=True)
+        yield from self._pick("tool_grip_g0", plan, (0.12, 0.16))
+        yield from self._hang_tool(plan)
+
+    # -- privileged state ---------------------------------------------------------------------
+    def geom_pos(self, name: str) -> np.ndarray:
+        return np.array(self.sim.data.geom_xpos[self.sim.model.geom_name2id(name)])
+
+    def mount(self) -> np.ndarray:
+        """The middle of the stand's mount (between its four walls), at the walls' top."""
+        walls = np.array([self.geom_pos(f"stand_wall{i}") for i in range(4)])
+        top = self.top_of(self.sim.model.geom_bodyid[self.sim.model.geom_name2id("stand_wall0")])
+        return np.array([*walls[:, :2].mean(axis=0), top])
+
+    def rod(self) -> np.ndarray:
+        """Unit vector along the frame's rod, from its top corner to its tip."""
+        v = self.site_pos("frame_tip_site") - self.site_pos("frame_intersection_site")
+        return v / np.linalg.norm(v)
+
+    def hook(self) -> tuple[np.ndarray, np.ndarray]:
+        """The hook's free end and its unit direction (from the rod to the free end)."""
+        corner, end = self.site_pos("frame_intersection_site"), self.site_pos("frame_hang_site")
+        return end, (end - corner) / np.linalg.norm(end - corner)
+
+    def geom_span(self, name: str) -> tuple[float, float]:
+        """Lowest and highest point of geom `name` (its bounding box, as placed now)."""
+        m, d = self.sim.model, self.sim.data
+        g = m.geom_name2id(name)
+        row = d.geom_xmat[g].reshape(3, 3)[2]
+        centre, half = m.geom_aabb[g][:3], m.geom_aabb[g][3:]
+        mid, reach = d.geom_xpos[g][2] + row @ centre, np.abs(row) @ half
+        return float(mid - reach), float(mid + reach)
+
+    def _ring(self) -> tuple[np.ndarray, np.ndarray]:
+        """The tool's ring: the unit direction from its centre to its first segment (along the
+        handle, away from the grip) and its axis (unit, the right-hand normal of segments 0, 2)."""
+        c = self.site_pos("tool_hole1_center")
+        first = self.geom_pos("tool_hole1_hc_0") - c
+        third = self.geom_pos("tool_hole1_hc_2") - c
+        axis = np.cross(first, third)
+        return first / np.linalg.norm(first), axis / np.linalg.norm(axis)
+
+    def bring(self, point: Callable[[], np.ndarray], goal: Callable[[], np.ndarray],
+              rot: Callable[[], np.ndarray]) -> Callable[[], Target]:
+        """A target that moves the hand so that the held `point` reaches `goal` (the hand moved by
+        the point's error, so a part that slips in the fingers is still brought there)."""
+        return lambda: (self.eef_pos() + goal() - point(), rot())
+
+    # -- planning -------------------------------------------------------------------------------
+    def _plan(self, grip: str, ends: tuple[str, str], finals: tuple[np.ndarray, np.ndarray]):
+        """How to grasp part `grip` and turn it: (grasp heading, heading before the pitch, final
+        orientation), headings unwrapped within the wrist's travel.
+
+        The fingers close across the part with the site's y axis towards `ends[0]` or `ends[1]`;
+        `finals[i]` is the orientation the part is carried in after the grasp towards `ends[i]`.
+        Of the grasps and turns that keep joint 7 inside its travel, the one that turns it least.
+        """
+        lo, hi = self.wrist_room()
+        plans = []
+        for end, final in zip(ends, finals):
+            grasp = heading(hand_frame(level(self.site_pos(end) - self.geom_pos(grip)), DOWN))
+            turn = wrap_near(heading(pitch_back(final)) - grasp, 2 * math.pi, 0.0)
+            for k in range(-2, 3):
+                g = wrap_near(grasp, 2 * math.pi, self.eef_yaw()) + 2 * math.pi * k
+                for t in (turn - 2 * math.pi, turn, turn + 2 * math.pi):
+                    if lo <= g <= hi and lo <= g + t <= hi:
+                        plans.append((abs(g - self.eef_yaw()) + abs(t), g, g + t, final))
+        if not plans:
+            raise RuntimeError("no grasp and turn within joint 7's range")
+        return min(plans, key=lambda p: p[0])[1:]
+
+    # -- phases ---------------------------------------------------------------------------------
+    def _pick(self, grip: str, plan: tuple, lift: tuple[float, float]) -> Iterator[Move | None]:
+        """Grasp part `grip` top-down at the plan's heading and lift it by `lift` (m, drawn from
+        the range); grasp again (from above) after a miss."""
+        rng = self.rng
+        yaw = plan[0]
+        for attempt in range(2):
+            hover = rng.uniform(0.06, 0.1)
+            dz = rng.uniform(-0.002, 0.003)
+            along = rng.uniform(-0.004, 0.004) * np.array([-math.sin(yaw), math.cos(yaw), 0.0])
+
+            def point() -> np.ndarray:
+                return self.geom_pos(grip) + along
+
+            yield Move("approach", lambda: (point() + [0, 0, hover], yaw), GRIP_OPEN, pos_tol=0.01,
+                       rot_tol=0.08, max_steps=120, free=True)
+            yield Move("descend", lambda: (point() + [0, 0, dz], yaw), GRIP_OPEN, pos_tol=0.003,
+                       rot_tol=0.05, max_steps=60, speed=rng.uniform(0.4, 0.7))
+            yield self.grip(GRIP_CLOSE)
+            up = rng.uniform(*lift)
+            yield Move("lift", lambda: (self.eef_pos() + [0, 0, up], yaw), GRIP_CLOSE, pos_tol=0.02,
+                       rot_tol=0.1, max_steps=60, track=False, speed=rng.uniform(0.5, 0.8))
+            if self.holding(self.geom_pos(grip), radius=0.04):
+                return
+            yield self.grip(GRIP_OPEN)
+            yield self.rise(GRIP_OPEN, 0.05)
+
+    def _turn(self, pos: Callable[[], np.ndarray], plan: tuple, name: str) -> Iterator[Move | None]:
+        """Turn the hand as planned in two stages, the yaw (pointing down), then the pitch to the
+        final orientation, while holding it at `pos`."""
+        speed = self.rng.uniform(0.55, 0.8)
+        _, yaw, final = plan
+        yield Move(f"{name}-yaw", lambda: (pos(), yaw), GRIP_CLOSE, pos_tol=0.03, rot_tol=0.1,
+                   max_steps=60, speed=speed)
+        yield Move(f"{name}-pitch", lambda: (pos(), final), GRIP_CLOSE, pos_tol=0.02, rot_tol=0.06,
+                   max_steps=90, speed=speed)
+
+    def _stand_frame(self, plan: tuple) -> Iterator[Move | None]:
+        rng = self.rng
+        tip = lambda: self.site_pos("frame_tip_site")  # noqa: E731
+        mount = self.mount()
+        # Turn beside the mount, high enough that the rod, once upright, hangs clear of the stand.
+        reach = np.linalg.norm(tip() - self.eef_pos())
+        side = np.array([mount[0], mount[1] - rng.uniform(0.06, 0.1),
+                         mount[2] + reach + rng.uniform(0.04, 0.07)])
+        yield Move("carry", lambda: (side, plan[0]), GRIP_CLOSE, pos_tol=0.03, rot_tol=0.1,
+                   max_steps=80, track=False, free=True)
+        yield from self._turn(lambda: side, plan, "turn-frame")
+
+        def lean() -> np.ndarray:
+            """The hand's orientation that would stand the rod straight up as it is held now."""
+            axis = np.cross(self.rod(), DOWN)
+            s = np.linalg.norm(axis)
+            turn = Rotation.from_rotvec(axis / max(s, 1e-9) * math.asin(min(s, 1.0))).as_matrix()
+            return turn @ self.eef_rot()
+
+        hover = rng.uniform(0.015, 0.03)
+        yield Move("over-mount", self.bring(tip, lambda: mount + [0, 0, hover], lean), GRIP_CLOSE,
+                   pos_tol=0.002, rot_tol=0.03, settle=2, max_steps=120, speed=rng.uniform(0.3, 0.5))
+        yield self.pause(GRIP_CLOSE)
+
+        def down() -> np.ndarray:
+            # Down only while the tip is over the mount; off it, hold height and come back over.
+            off = np.linalg.norm(tip()[:2] - mount[:2]) > 0.003
+            return np.array([*mount[:2], tip()[2] if off else mount[2] - 0.13])
+
+        yield Move("insert", self.bring(tip, down, lean), GRIP_CLOSE, pos_tol=0.004, rot_tol=0.05,
+                   max_steps=150, speed=rng.uniform(0.2, 0.35),
+                   until=lambda: tip()[2] < mount[2] - 0.1)
+        yield self.grip(GRIP_OPEN)
+        back = rng.uniform(0.06, 0.1)
+        yield Move("back", lambda: (self.eef_pos() - back * self.eef_rot()[:, 2], self.eef_rot()), GRIP_OPEN,
+                   pos_tol=0.01, rot_tol=np.inf, max_steps=40, track=False)
+
+    def _level(self) -> Iterator[Move | None]:
+        """Up above the frame, then point the hand down again (a pitch, no yaw)."""
+        yield Move("up", lambda: (np.array([*self.eef_pos()[:2], CARRY_Z]), self.eef_rot()), GRIP_OPEN,
+                   pos_tol=0.02, rot_tol=np.inf, max_steps=40, track=False)
+        yield Move("level", lambda: (np.array([*self.eef_pos()[:2], CARRY_Z]), pitch_back(self.eef_rot())),
+                   GRIP_OPEN, pos_tol=0.03, rot_tol=0.08, max_steps=60, track=False)
+
+    def _turn_frame(self) -> Iterator[Move | None]:
+        """Turn the standing frame a quarter turn about its rod, so that its hook points to the
+        robot's right (-y) instead of away from it: the hand can point along the hook there to
+        thread the tool, where pointing away from the robot runs the wrist into its limits. The rod
+        turns freely in the mount (its diagonal, 1.06 cm, is less than the mount's 1.2 cm)."""
+        rng = self.rng
+        end, along = self.hook()
+        corner = self.site_pos("frame_intersection_site")
+        bar_z = corner[2]
+        reach = rng.uniform(0.015, 0.025)  # along the hook from the corner
+        grasp = corner + along * reach
+        across = heading(np.array([[-along[1]], [along[0]], [0.0]]))  # the fingers across the bar
+        lo, hi = self.wrist_room()
+        turn = -math.pi / 2  # the hook from +x round to -y: the heading falls by a quarter turn
+        yaws = [wrap_near(across, math.pi, self.eef_yaw()) + k * math.pi for k in range(-2, 3)]
+        yaws = [y for y in yaws if lo <= y <= hi and lo <= y + turn <= hi] or yaws
+        yaw = min(yaws, key=lambda y: abs(y - self.eef_yaw()))
+        hover = rng.uniform(0.05, 0.08)
+        yield Move("over-bar", lambda: (grasp + [0, 0, hover], yaw), GRIP_OPEN, pos_tol=0.01, rot_tol=0.08,
+                   max_steps=100, free=True)
+        yield Move("onto-bar", lambda: (np.array([*grasp[:2], bar_z]), yaw), GRIP_OPEN, pos_tol=0.003,
+                   rot_tol=0.05, max_steps=60, speed=rng.uniform(0.4, 0.6))
+        yield self.grip(GRIP_CLOSE)
+        # Round the rod's axis in two steps, the grasp point on a circle about it.
+        pivot = np.array([*corner[:2], bar_z])
+        for k in (1, 2):
+            r = Rotation.from_rotvec([0.0, 0.0, turn * k / 2]).as_matrix()
+            point = pivot + r @ (grasp - pivot)
+            yield Move("turn-frame", lambda p=point, y=yaw + turn * k / 2: (p, y), GRIP_CLOSE, pos_tol=0.004,
+                       rot_tol=0.06, max_steps=40, speed=rng.uniform(0.5, 0.7), track=False)
+        yield self.grip(GRIP_OPEN)
+        yield self.rise(GRIP_OPEN, rng.uniform(0.06, 0.09))
+
+    def _hang_tool(self, plan: tuple) -> Iterator[Move | None]:
+        """Carry the tool beyond the hook's free end, turn it so that the hand points along the
+        hook with the hole below it, then thread the ring onto the hook along the hook's axis."""
+        rng = self.rng
+        hole = lambda: self.site_pos("tool_hole1_center")  # noqa: E731
+        end, along = self.hook()
+        near = end + along * 0.08 + [0, 0, 0.16]  # beyond the hook's free end, high
+        yield Move("carry", lambda: (near, plan[0]), GRIP_CLOSE, pos_tol=0.03, rot_tol=0.1,
+                   max_steps=80, track=False, free=True)
+        yield from self._turn(lambda: near, plan, "turn-tool")
+        # The hook as it stands now, before the ring touches it (the frame leans and turns a little
+        # in its mount when pushed: targets that followed it would push it further). The ring goes
+        # on coaxial with the hook, its centre first raised off the hook's axis to the middle of
+        # the bar's underside and the raised end's top: that span is 19.45 mm, and the octagonal
+        # hole is 19.4 mm across its flats, so the last 0.05 mm is pressed through.
+        end, along = self.hook()
+        up = UP - (UP @ along) * along
+        up /= np.linalg.norm(up)
+        sense = up if plan[2][:, 1] @ UP > 0 else -up  # the site's y axis, as planned
+        rot = hand_frame(sense, along)
+        m = self.sim.model
+        post, bar = m.geom_name2id("frame_hook_frame"), m.geom_name2id("frame_horizontal_frame")
+        top = (self.geom_pos("frame_hook_frame") - end) @ up + m.geom_size[post][2]
+        bottom = (self.geom_pos("frame_horizontal_frame") - end) @ up - m.geom_size[bar][2]
+        clear = (top + bottom) / 2
+        past_post = (end - self.geom_pos("frame_hook_frame")) @ along + RING_PAST
+
+        axis_sign = 1.0 if self._ring()[1] @ along > 0 else -1.0
+
+        def aligned() -> np.ndarray:
+            """The hand's orientation that would put the ring as it is held now square on the hook:
+            its axis along the hook and a flat of its octagon at the bottom (the tool can turn a
+            little in the fingers, and a degree off costs more than the 0.05 mm there is)."""
+            down, axis = self._ring()
+            now = np.stack([down, axis * axis_sign, np.cross(down, axis * axis_sign)], axis=1)
+            goal = np.stack([-up, along, np.cross(-up, along)], axis=1)
+            return goal @ now.T @ self.eef_rot()
+
+        def at(depth: float, lift: float) -> Callable[[], np.ndarray]:
+            return lambda: end - along * depth + up * lift
+
+        out = rng.uniform(0.025, 0.035)
+        yield Move("past-hook", self.bring(hole, at(-out, clear + rng.uniform(0.03, 0.05)), lambda: rot),
+                   GRIP_CLOSE, pos_tol=0.005, rot_tol=0.05, max_steps=100, free=True)
+        yield Move("line-up", self.bring(hole, at(-out, clear), aligned), GRIP_CLOSE, pos_tol=0.001,
+                   rot_tol=0.015, settle=2, max_steps=80, speed=rng.uniform(0.3, 0.45))
+        yield self.pause(GRIP_CLOSE)
+        # Over the raised end at its clearing height, then down onto the bar's axis and on.
+        yield Move("thread", self.bring(hole, at(past_post, clear), aligned), GRIP_CLOSE, pos_tol=0.0015,
+                   rot_tol=0.02, max_steps=100, speed=rng.uniform(0.25, 0.35))
+        yield Move("slide-on", self.bring(hole, at(rng.uniform(0.04, 0.055), 0.0), lambda: rot), GRIP_CLOSE,
+                   pos_tol=0.002, rot_tol=0.02, max_steps=100, speed=rng.uniform(0.25, 0.35))
+        yield self.grip(GRIP_OPEN)
+        back = rng.uniform(0.07, 0.1)
+        yield Move("back", lambda: (self.eef_pos() - back * self.eef_rot()[:, 2], self.eef_rot()), GRIP_OPEN,
+                   pos_tol=0.01, rot_tol=np.inf, max_steps=40, track=False)

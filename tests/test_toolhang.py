@@ -1,0 +1,89 @@
+"""ToolHang (`task=toolhang`): robomimic's long-horizon task as a gymnasium env, and what its scripted
+expert does so far in the real simulator: it stands the frame in its base and turns it so that its
+hook points to the robot's right. (Hanging the tool is not reliable yet: see docs/tasks-and-data.md.)"""
+
+import math
+
+import numpy as np
+import pytest
+
+import envs
+from envs.expert_toolhang import DOWN, hand_frame, pitch_back
+from envs.experts import expert_rng, make_expert
+from envs.tasks import TASKS
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = envs.make_env("toolhang")
+    yield e
+    e.close()
+
+
+def test_toolhang_is_robomimics_task_with_its_horizon_and_state(env):
+    obs, info = env.reset(seed=0)
+    spec = TASKS["toolhang"]
+    assert spec.env_name == "ToolHang" and spec.horizon == 700 and spec.object_dim == 44
+    assert obs.shape == (44 + 3 + 4 + 2,) and not info["success"]
+    assert obs[42] == 0.0 and obs[43] == 0.0  # robosuite's flags: frame assembled, tool on frame
+
+
+def run_until(env, expert, phase: str, most: int = 700) -> int:
+    """Step `expert` until its phase log records `phase` as finished; returns the steps taken."""
+    for step in range(most):
+        env.step(expert.act(env))
+        if any(name == phase for name, _ in expert.phase_log):
+            return step + 1
+    raise AssertionError(f"phase {phase!r} not reached in {most} steps: {expert.phase_log}")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_expert_stands_the_frame_in_its_base_and_turns_its_hook_to_the_right(env, seed):
+    env.reset(seed=seed)
+    expert = make_expert("toolhang", expert_rng(seed))
+    expert.reset(env)
+    rs = env.unwrapped_robosuite
+    run_until(env, expert, "back")  # let go of the frame, standing in the mount
+    assert rs._check_frame_assembled() and env.low_dim_obs()[42] == 1.0
+    end, along = expert.hook()
+    assert along[0] > 0.9  # the hook as the frame went in: away from the robot
+    run_until(env, expert, "retreat")  # took the bar, turned the frame a quarter turn, let go
+    end, along = expert.hook()
+    assert rs._check_frame_assembled() and along[1] < -0.9  # still standing, the hook to the right
+    assert not rs._check_tool_on_frame()
+
+
+def test_hand_frames_are_rotations_and_pitch_back_points_the_hand_down():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        z = rng.normal(size=3)
+        y = np.cross(z, rng.normal(size=3))
+        r = hand_frame(y, z)
+        np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
+        assert math.isclose(np.linalg.det(r), 1.0) and np.allclose(r[:, 2], z / np.linalg.norm(z))
+        down = pitch_back(r)
+        np.testing.assert_allclose(down[:, 2], DOWN, atol=1e-9)  # pointing down
+        axis = np.cross(r[:, 2], DOWN)  # turned only about the horizontal axis the tilt is about
+        np.testing.assert_allclose(down @ r.T @ axis, axis, atol=1e-9)
+
+
+def test_full_orientation_targets_turn_the_hand_to_them(env):
+    """The expert's phase machine takes a 3x3 orientation as a target as well as a heading."""
+    from envs.experts import GRIP_OPEN, Move, ScriptedExpert
+
+    goal = hand_frame(DOWN, np.array([0.0, -1.0, 0.0]))  # pointing right, the site's y axis down
+
+    class Turn(ScriptedExpert):
+        def script(self):
+            here = self.eef_pos()
+            yield Move("turn", lambda: (here, goal), GRIP_OPEN, pos_tol=0.01, rot_tol=0.05, max_steps=150)
+
+    env.reset(seed=0)
+    expert = Turn(np.random.default_rng(0))
+    expert.reset(env)
+    start = expert._rot_error(goal)
+    for _ in range(150):
+        env.step(expert.act(env))
+        if expert.phase_log:
+            break
+    assert start > 1.0 and expert._rot_error(goal) < 0.05 and expert.phase_log[0][0] == "turn"
