@@ -104,7 +104,19 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_a_ctrl_c_while_the_workers_start_is_answered_after_not_lost():
+@pytest.fixture
+def python_ctrl_c():
+    """SIGINT answered by Python's KeyboardInterrupt and unblocked, as in a command started from a
+    terminal, whatever this test process inherited or an earlier test left (a background job
+    starts with SIGINT ignored); put back afterwards."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    signal.signal(signal.SIGINT, handler)
+
+
+def test_a_ctrl_c_while_the_workers_start_is_answered_after_not_lost(python_ctrl_c):
     from common.cli import workers_ignore_ctrl_c
 
     done = False
@@ -116,7 +128,7 @@ def test_a_ctrl_c_while_the_workers_start_is_answered_after_not_lost():
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the next one is answered too
 
 
-def test_a_ctrl_c_answered_as_the_block_ends_leaves_the_next_one_unblocked(monkeypatch):
+def test_a_ctrl_c_answered_as_the_block_ends_leaves_the_next_one_unblocked(python_ctrl_c, monkeypatch):
     """A Ctrl-C another thread took during the block may have its handler run the moment the old
     handler is back (Python runs signal handlers in the main thread, at its next chance); its
     KeyboardInterrupt must not leave SIGINT blocked, or every later Ctrl-C is lost."""
