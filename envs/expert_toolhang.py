@@ -52,11 +52,12 @@ def level(v: np.ndarray) -> np.ndarray:
 def pitch_back(rot: np.ndarray) -> np.ndarray:
     """The pointing-down orientation that `rot` tilts from: `rot` turned about a horizontal axis
     until its approach axis points down (the first stage of a two-stage turn to `rot`)."""
-    axis = np.cross(rot[:, 2], DOWN)
-    s = np.linalg.norm(axis)
-    if s < 1e-9:
-        return rot
-    return Rotation.from_rotvec(axis / s * math.atan2(s, rot[:, 2] @ DOWN)).as_matrix() @ rot
+    return turn_onto(rot[:, 2], DOWN) @ rot
+
+
+def turn_onto(v: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    """The smallest rotation that turns unit vector `v` onto unit vector `goal`."""
+    return Rotation.align_vectors(goal[None], v[None])[0].as_matrix()
 
 
 class ToolHangExpert(ScriptedExpert):
@@ -74,7 +75,7 @@ class ToolHangExpert(ScriptedExpert):
         yield from self._stand_frame(plan)
         yield from self._level()
         yield from self._turn_frame()
-        end, along = self.hook()
+        along = self.hook()[1]
         tool_ends = ("tool_hole1_center", "tool_hole2_center")
         plan = self._plan("tool_grip_g0", tool_ends, (hand_frame(DOWN, along), hand_frame(UP, along)))
         yield Move("over-tool", lambda: (np.array([*self.geom_pos("tool_grip_g0")[:2], CARRY_Z - 0.06]),
@@ -101,15 +102,6 @@ class ToolHangExpert(ScriptedExpert):
         """The hook's free end and its unit direction (from the rod to the free end)."""
         corner, end = self.site_pos("frame_intersection_site"), self.site_pos("frame_hang_site")
         return end, (end - corner) / np.linalg.norm(end - corner)
-
-    def geom_span(self, name: str) -> tuple[float, float]:
-        """Lowest and highest point of geom `name` (its bounding box, as placed now)."""
-        m, d = self.sim.model, self.sim.data
-        g = m.geom_name2id(name)
-        row = d.geom_xmat[g].reshape(3, 3)[2]
-        centre, half = m.geom_aabb[g][:3], m.geom_aabb[g][3:]
-        mid, reach = d.geom_xpos[g][2] + row @ centre, np.abs(row) @ half
-        return float(mid - reach), float(mid + reach)
 
     def _ring(self) -> tuple[np.ndarray, np.ndarray]:
         """The tool's ring: the unit direction from its centre to its first segment (along the
@@ -200,10 +192,7 @@ class ToolHangExpert(ScriptedExpert):
 
         def lean() -> np.ndarray:
             """The hand's orientation that would stand the rod straight up as it is held now."""
-            axis = np.cross(self.rod(), DOWN)
-            s = np.linalg.norm(axis)
-            turn = Rotation.from_rotvec(axis / max(s, 1e-9) * math.asin(min(s, 1.0))).as_matrix()
-            return turn @ self.eef_rot()
+            return turn_onto(self.rod(), DOWN) @ self.eef_rot()
 
         hover = rng.uniform(0.015, 0.03)
         yield Move("over-mount", self.bring(tip, lambda: mount + [0, 0, hover], lean), GRIP_CLOSE,
@@ -236,7 +225,7 @@ class ToolHangExpert(ScriptedExpert):
         thread the tool, where pointing away from the robot runs the wrist into its limits. The rod
         turns freely in the mount (its diagonal, 1.06 cm, is less than the mount's 1.2 cm)."""
         rng = self.rng
-        end, along = self.hook()
+        along = self.hook()[1]
         corner = self.site_pos("frame_intersection_site")
         bar_z = corner[2]
         reach = rng.uniform(0.015, 0.025)  # along the hook from the corner
@@ -296,10 +285,9 @@ class ToolHangExpert(ScriptedExpert):
             """The hand's orientation that would put the ring as it is held now square on the hook:
             its axis along the hook and a flat of its octagon at the bottom (the tool can turn a
             little in the fingers, and a degree off costs more than the 0.05 mm there is)."""
-            down, axis = self._ring()
-            now = np.stack([down, axis * axis_sign, np.cross(down, axis * axis_sign)], axis=1)
-            goal = np.stack([-up, along, np.cross(-up, along)], axis=1)
-            return goal @ now.T @ self.eef_rot()
+            down, axis = self._ring()  # both pairs orthonormal: the rotation is exact
+            turn = Rotation.align_vectors(np.stack([-up, along]), np.stack([down, axis * axis_sign]))[0]
+            return turn.as_matrix() @ self.eef_rot()
 
         def at(depth: float, lift: float) -> Callable[[], np.ndarray]:
             return lambda: end - along * depth + up * lift

@@ -654,18 +654,24 @@ class SquareExpert(ScriptedExpert):
 
 
 
-EXPERTS: dict[str, type[ScriptedExpert]] = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert}
+# A class, or "module:Class" for an expert in a module of its own (built on this one, so imported
+# when first asked for).
+EXPERTS: dict[str, type[ScriptedExpert] | str] = {
+    "lift": LiftExpert, "can": CanExpert, "square": SquareExpert,
+    "toolhang": "envs.expert_toolhang:ToolHangExpert",
+}
 
 
 def make_expert(task: str, rng: np.random.Generator, operator: Operator | None = None) -> ScriptedExpert:
     """The scripted expert for `task`, drawing its randomness from `rng`, acting as `operator`
     (mixed-proficiency demonstrations) if given."""
-    name = get_task(task).name
-    if name == "toolhang":  # a module of its own (it builds on this one's ScriptedExpert)
-        from envs.expert_toolhang import ToolHangExpert
+    cls = EXPERTS[get_task(task).name]
+    if isinstance(cls, str):
+        import importlib
 
-        return ToolHangExpert(rng, operator)
-    return EXPERTS[name](rng, operator)
+        module, name = cls.split(":")
+        cls = getattr(importlib.import_module(module), name)
+    return cls(rng, operator)
 
 
 # -- episodes ------------------------------------------------------------------------------------

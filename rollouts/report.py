@@ -254,11 +254,7 @@ def _csv(rows: list[dict]) -> str:
 def _values(summary: list[dict], key: str) -> str:
     """The values rows give `key`, each once, in order ("2 or 1" for a report merged from runs
     with different settings)."""
-    seen = []
-    for s in summary:
-        if s.get(key, "?") not in seen:
-            seen.append(s.get(key, "?"))
-    return " or ".join(str(v) for v in seen)
+    return " or ".join(str(v) for v in dict.fromkeys(s.get(key, "?") for s in summary))
 
 
 def _title(summary: list[dict]) -> str:
