@@ -1,9 +1,9 @@
 """ToolHang's scripted expert: stand the frame in its base, then hang the tool on the frame's hook.
 
-Both parts start lying on the table and must be turned on their side in the hand, so unlike the
+The frame starts lying on the table and must be stood on its end in the hand, so unlike the
 other experts this one drives full orientations of the grip site. Each grasp is top-down with the
 fingers across the part (the frame's rod, the tool's handle) and the grip site's y axis towards
-one of its ends; the part is then turned so that this axis points up or down:
+one of its ends; the frame is then turned so that this axis points up or down:
 
 - the frame is carried with the hand pointing to the robot's right (-y), its rod upright, and
   lowered tip first into the stand's mount, closed-loop on where the tip is and how the rod leans
@@ -11,13 +11,16 @@ one of its ends; the part is then turned so that this axis points up or down:
 - that leaves the hook pointing away from the robot (+x), where the hand cannot point along it
   (the wrist runs into its limits). So the hand takes the hook's bar near the corner and turns the
   frame a quarter turn in its mount, until the hook points to the right;
-- the tool is carried with the hand pointing along the hook and its hole below the hand, taken
-  past the hook's free end and threaded onto it, then let go, to hang.
+- the tool stays flat, grasped top-down across its handle and turned so that the handle points
+  along the hook, away from the frame: its ring is lowered over the hook's raised end until it
+  rests on the bar, then the handle is tipped down about that resting point, so that the ring
+  swings round the bar past the raised end, slid on a little, and let go, to hang.
 
 A turn goes in two stages, the yaw first (pointing down) and then the pitch: the one-stage turn
-along the shortest rotation often runs the Panda's wrist (joint 6) into its limit. Threading is
-the hard part: the ring's octagonal hole is 19.4 mm across its flats and the hook's raised end
-with the bar under it 19.45 mm tall, so it goes on only square and pressed (docs/tasks-and-data.md).
+along the shortest rotation often runs the Panda's wrist (joint 6) into its limit. The ring cannot
+be threaded on from the hook's free end: its octagonal hole is 19.4 mm across its flats and the
+raised end with the bar under it 19.45 mm tall. Lowered flat over the raised end (7.5 mm square)
+it has 6 mm to spare on every side (docs/tasks-and-data.md).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from envs.experts import GRIP_CLOSE, GRIP_OPEN, Move, ScriptedExpert, Target, he
 DOWN = np.array([0.0, 0.0, -1.0])
 UP = -DOWN
 RIGHT = np.array([0.0, -1.0, 0.0])
-RING_PAST = 0.009  # m: the ring (7 mm thick) past the raised end (7.5 mm), from the raised end's middle
 CARRY_Z = 1.16  # m: above the assembled frame's hook (about 1.03), where the hand turns freely
 
 
@@ -66,7 +68,7 @@ class ToolHangExpert(ScriptedExpert):
     def script(self) -> Iterator[Move | None]:
         rng = self.rng
         # The parts are dropped onto the table at reset: let them come to rest first.
-        steps = int(rng.integers(12, 18))
+        steps = int(rng.integers(6, 11))
         yield Move("settle", None, GRIP_OPEN, pos_tol=np.inf, rot_tol=np.inf, min_steps=steps,
                    max_steps=steps)
         frame_ends = ("frame_tip_site", "frame_intersection_site")
@@ -77,7 +79,7 @@ class ToolHangExpert(ScriptedExpert):
         yield from self._turn_frame()
         along = self.hook()[1]
         tool_ends = ("tool_hole1_center", "tool_hole2_center")
-        plan = self._plan("tool_grip_g0", tool_ends, (hand_frame(DOWN, along), hand_frame(UP, along)))
+        plan = self._plan("tool_grip_g0", tool_ends, (hand_frame(-along, DOWN), hand_frame(along, DOWN)))
         yield Move("over-tool", lambda: (np.array([*self.geom_pos("tool_grip_g0")[:2], CARRY_Z - 0.06]),
                    plan[0]), GRIP_OPEN, pos_tol=0.02, rot_tol=0.1, max_steps=80, free=True)
         yield from self._pick("tool_grip_g0", plan, (0.12, 0.16))
@@ -205,7 +207,7 @@ class ToolHangExpert(ScriptedExpert):
             return np.array([*mount[:2], tip()[2] if off else mount[2] - 0.13])
 
         yield Move("insert", self.bring(tip, down, lean), GRIP_CLOSE, pos_tol=0.004, rot_tol=0.05,
-                   max_steps=150, speed=rng.uniform(0.2, 0.35),
+                   max_steps=150, speed=rng.uniform(0.3, 0.45),
                    until=lambda: tip()[2] < mount[2] - 0.1)
         yield self.grip(GRIP_OPEN)
         back = rng.uniform(0.06, 0.1)
@@ -248,62 +250,52 @@ class ToolHangExpert(ScriptedExpert):
             r = Rotation.from_rotvec([0.0, 0.0, turn * k / 2]).as_matrix()
             point = pivot + r @ (grasp - pivot)
             yield Move("turn-frame", lambda p=point, y=yaw + turn * k / 2: (p, y), GRIP_CLOSE, pos_tol=0.004,
-                       rot_tol=0.06, max_steps=40, speed=rng.uniform(0.5, 0.7), track=False)
+                       rot_tol=0.06, max_steps=40, speed=rng.uniform(0.6, 0.8), track=False)
         yield self.grip(GRIP_OPEN)
         yield self.rise(GRIP_OPEN, rng.uniform(0.06, 0.09))
 
     def _hang_tool(self, plan: tuple) -> Iterator[Move | None]:
-        """Carry the tool beyond the hook's free end, turn it so that the hand points along the
-        hook with the hole below it, then thread the ring onto the hook along the hook's axis."""
+        """Lower the ring over the hook's raised end, flat, until it rests on the bar beside it;
+        then tip the handle down about that resting point, so the ring swings round the bar past
+        the raised end, and let go: the tool hangs on the bar, the raised end keeping it on."""
         rng = self.rng
-        hole = lambda: self.site_pos("tool_hole1_center")  # noqa: E731
-        end, along = self.hook()
-        near = end + along * 0.08 + [0, 0, 0.16]  # beyond the hook's free end, high
-        yield Move("carry", lambda: (near, plan[0]), GRIP_CLOSE, pos_tol=0.03, rot_tol=0.1,
-                   max_steps=80, track=False, free=True)
-        yield from self._turn(lambda: near, plan, "turn-tool")
-        # The hook as it stands now, before the ring touches it (the frame leans and turns a little
-        # in its mount when pushed: targets that followed it would push it further). The ring goes
-        # on coaxial with the hook, its centre first raised off the hook's axis to the middle of
-        # the bar's underside and the raised end's top: that span is 19.45 mm, and the octagonal
-        # hole is 19.4 mm across its flats, so the last 0.05 mm is pressed through.
-        end, along = self.hook()
-        up = UP - (UP @ along) * along
-        up /= np.linalg.norm(up)
-        sense = up if plan[2][:, 1] @ UP > 0 else -up  # the site's y axis, as planned
-        rot = hand_frame(sense, along)
         m = self.sim.model
-        post, bar = m.geom_name2id("frame_hook_frame"), m.geom_name2id("frame_horizontal_frame")
-        top = (self.geom_pos("frame_hook_frame") - end) @ up + m.geom_size[post][2]
-        bottom = (self.geom_pos("frame_horizontal_frame") - end) @ up - m.geom_size[bar][2]
-        clear = (top + bottom) / 2
-        past_post = (end - self.geom_pos("frame_hook_frame")) @ along + RING_PAST
+        hole = lambda: self.site_pos("tool_hole1_center")  # noqa: E731
+        half = 0.0035  # the ring's half height
+        toward = rng.uniform(0.001, 0.003)  # the ring's centre from the raised end's, towards the corner
 
-        axis_sign = 1.0 if self._ring()[1] @ along > 0 else -1.0
+        def over(height: float, rest_on: str = "frame_hook_frame") -> Callable[[], np.ndarray]:
+            """The ring's centre over the raised end (where it stands now: the frame can lean and
+            drift in its mount), its underside `height` above the top of geom `rest_on`."""
+            def point() -> np.ndarray:
+                c = self.geom_pos("frame_hook_frame") - self.hook()[1] * toward
+                top = self.geom_pos(rest_on)[2] + m.geom_size[m.geom_name2id(rest_on)][2]
+                return np.array([c[0], c[1], top + half + height])
+            return point
 
-        def aligned() -> np.ndarray:
-            """The hand's orientation that would put the ring as it is held now square on the hook:
-            its axis along the hook and a flat of its octagon at the bottom (the tool can turn a
-            little in the fingers, and a degree off costs more than the 0.05 mm there is)."""
-            down, axis = self._ring()  # both pairs orthonormal: the rotation is exact
-            turn = Rotation.align_vectors(np.stack([-up, along]), np.stack([down, axis * axis_sign]))[0]
-            return turn.as_matrix() @ self.eef_rot()
-
-        def at(depth: float, lift: float) -> Callable[[], np.ndarray]:
-            return lambda: end - along * depth + up * lift
-
-        out = rng.uniform(0.025, 0.035)
-        yield Move("past-hook", self.bring(hole, at(-out, clear + rng.uniform(0.03, 0.05)), lambda: rot),
-                   GRIP_CLOSE, pos_tol=0.005, rot_tol=0.05, max_steps=100, free=True)
-        yield Move("line-up", self.bring(hole, at(-out, clear), aligned), GRIP_CLOSE, pos_tol=0.001,
-                   rot_tol=0.015, settle=2, max_steps=80, speed=rng.uniform(0.3, 0.45))
-        yield self.pause(GRIP_CLOSE)
-        # Over the raised end at its clearing height, then down onto the bar's axis and on.
-        yield Move("thread", self.bring(hole, at(past_post, clear), aligned), GRIP_CLOSE, pos_tol=0.0015,
-                   rot_tol=0.02, max_steps=100, speed=rng.uniform(0.25, 0.35))
-        yield Move("slide-on", self.bring(hole, at(rng.uniform(0.04, 0.055), 0.0), lambda: rot), GRIP_CLOSE,
-                   pos_tol=0.002, rot_tol=0.02, max_steps=100, speed=rng.uniform(0.25, 0.35))
+        yaw = plan[1]  # pointing down: the heading, unwrapped within the wrist's travel
+        yield Move("carry", self.bring(hole, over(rng.uniform(0.03, 0.05)), lambda: yaw), GRIP_CLOSE,
+                   pos_tol=0.01, rot_tol=0.08, max_steps=100, free=True)
+        yield Move("over-post", self.bring(hole, over(0.006), lambda: yaw), GRIP_CLOSE, pos_tol=0.0015,
+                   rot_tol=0.03, settle=2, max_steps=80, speed=rng.uniform(0.35, 0.5))
+        yield Move("lower", self.bring(hole, over(0.001, "frame_horizontal_frame"), lambda: yaw), GRIP_CLOSE,
+                   pos_tol=0.002, rot_tol=0.04, max_steps=60, speed=rng.uniform(0.3, 0.45))
+        along = self.hook()[1]
+        # Tip the handle down about the ring's inner edge on the bar, beyond the raised end.
+        pivot = hole() - along * 0.0097 - np.array([0, 0, half])
+        axis = np.cross(along, DOWN)
+        axis /= np.linalg.norm(axis)
+        start_pos, start_rot = self.eef_pos(), self.eef_rot()
+        tip = rng.uniform(0.9, 1.1)
+        for k in range(1, 4):
+            r = Rotation.from_rotvec(axis * tip * k / 3).as_matrix()
+            yield Move("tip", lambda r=r: (pivot + r @ (start_pos - pivot), r @ start_rot), GRIP_CLOSE,
+                       pos_tol=0.004, rot_tol=0.06, max_steps=40, speed=rng.uniform(0.4, 0.6), track=False)
+        # On along the bar, so that the ring clears the raised end, then let go.
+        slide = rng.uniform(0.01, 0.015)
+        yield Move("slide-on", lambda: (self.eef_pos() - along * slide, self.eef_rot()), GRIP_CLOSE,
+                   pos_tol=0.003, rot_tol=0.06, max_steps=30, speed=rng.uniform(0.3, 0.45), track=False)
         yield self.grip(GRIP_OPEN)
-        back = rng.uniform(0.07, 0.1)
+        back = rng.uniform(0.05, 0.08)
         yield Move("back", lambda: (self.eef_pos() - back * self.eef_rot()[:, 2], self.eef_rot()), GRIP_OPEN,
                    pos_tol=0.01, rot_tol=np.inf, max_steps=40, track=False)

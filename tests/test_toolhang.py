@@ -1,6 +1,7 @@
-"""ToolHang (`task=toolhang`): robomimic's long-horizon task as a gymnasium env, and what its scripted
-expert does so far in the real simulator: it stands the frame in its base and turns it so that its
-hook points to the robot's right. (Hanging the tool is not reliable yet: see docs/tasks-and-data.md.)"""
+"""ToolHang (`task=toolhang`): robomimic's long-horizon task as a gymnasium env, and its scripted
+expert's stages in the real simulator: the frame stood in its base and turned so that its hook
+points to the robot's right, then the tool's ring lowered over the hook's raised end and tipped
+round the bar. (tests/test_experts.py tests whole episodes, as for every task.)"""
 
 import math
 
@@ -38,7 +39,7 @@ def run_until(env, expert, phase: str, most: int = 700) -> int:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_the_expert_stands_the_frame_in_its_base_and_turns_its_hook_to_the_right(env, seed):
+def test_the_expert_stands_the_frame_turns_its_hook_right_and_lowers_the_ring_over_its_end(env, seed):
     env.reset(seed=seed)
     expert = make_expert("toolhang", expert_rng(seed))
     expert.reset(env)
@@ -51,6 +52,11 @@ def test_the_expert_stands_the_frame_in_its_base_and_turns_its_hook_to_the_right
     end, along = expert.hook()
     assert rs._check_frame_assembled() and along[1] < -0.9  # still standing, the hook to the right
     assert not rs._check_tool_on_frame()
+    run_until(env, expert, "lower")  # the ring, flat, lowered over the raised end onto the bar
+    ring, post = expert.site_pos("tool_hole1_center"), expert.geom_pos("frame_hook_frame")
+    post_top = post[2] + rs.sim.model.geom_size[rs.sim.model.geom_name2id("frame_hook_frame")][2]
+    assert np.linalg.norm((ring - post)[:2]) < 0.004 and ring[2] < post_top  # the raised end through it
+    assert abs(expert._ring()[1][2]) > 0.99 and not rs._check_tool_on_frame()  # flat, not yet hung
 
 
 def test_hand_frames_are_rotations_and_pitch_back_points_the_hand_down():
