@@ -127,7 +127,8 @@ class ToolHangExpert(ScriptedExpert):
 
         The fingers close across the part with the site's y axis towards `ends[0]` or `ends[1]`;
         `finals[i]` is the orientation the part is carried in after the grasp towards `ends[i]`.
-        Of the grasps and turns that keep joint 7 inside its travel, the one that turns it least.
+        Of the grasps and turns that keep joint 7 inside its travel, the one that turns it least;
+        where none does (a part lying at an awkward heading), the one that leaves it least.
         """
         lo, hi = self.wrist_room()
         plans = []
@@ -137,11 +138,9 @@ class ToolHangExpert(ScriptedExpert):
             for k in range(-2, 3):
                 g = wrap_near(grasp, 2 * math.pi, self.eef_yaw()) + 2 * math.pi * k
                 for t in (turn - 2 * math.pi, turn, turn + 2 * math.pi):
-                    if lo <= g <= hi and lo <= g + t <= hi:
-                        plans.append((abs(g - self.eef_yaw()) + abs(t), g, g + t, final))
-        if not plans:
-            raise RuntimeError("no grasp and turn within joint 7's range")
-        return min(plans, key=lambda p: p[0])[1:]
+                    outside = max(0.0, lo - g, g - hi, lo - (g + t), g + t - hi)
+                    plans.append((outside, abs(g - self.eef_yaw()) + abs(t), g, g + t, final))
+        return min(plans, key=lambda p: p[:2])[2:]
 
     # -- phases ---------------------------------------------------------------------------------
     def _pick(self, grip: str, plan: tuple, lift: tuple[float, float]) -> Iterator[Move | None]:

@@ -31,6 +31,7 @@ from common.files import building, replace_symlink
 from policy.device import resolve_device
 from policy.diffusion import DiffusionPolicy, PolicyConfig
 from policy.network import UNetConfig
+from policy.transformer import TransformerConfig
 from policy.normalizer import Normalizer
 from policy.schedule import ScheduleConfig
 from policy.vision import VisionConfig
@@ -112,9 +113,16 @@ def latest(run_dir: str | Path) -> Path | None:
     return link.resolve() if (link / "policy.json").is_file() else None
 
 
+def saved_config(meta: dict) -> dict:
+    """The policy config `meta` (a policy.json) records, with the keys PolicyConfig gained since it
+    was written set to what that policy was: policies before `net` were all UNets."""
+    return {"net": "unet", "transformer": asdict(TransformerConfig()), **meta["config"]}
+
+
 def build_policy(meta: dict, normalizer: Normalizer) -> DiffusionPolicy:
-    cfg = dict(meta["config"])
+    cfg = saved_config(meta)
     cfg = PolicyConfig(**{**cfg, "unet": UNetConfig(**cfg["unet"]),
+                          "transformer": TransformerConfig(**cfg["transformer"]),
                           "schedule": ScheduleConfig(**cfg["schedule"]),
                           "vision": VisionConfig(**cfg.get("vision", {}))})
     return DiffusionPolicy(cfg, meta["obs_dim"], meta["action_dim"], normalizer, meta.get("meta"))

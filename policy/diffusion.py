@@ -25,7 +25,10 @@ from policy.safety import (ACTION_FLOOR, ACTION_RELATIVE, MARGIN, OBS_MARGIN, Un
                            check_observation, check_observation_range)
 from policy.samplers.solvers import get_plan
 from policy.schedule import ScheduleConfig, add_noise, make_scheduler
+from policy.transformer import TransformerConfig, TransformerForDiffusion
 from policy.warm import PlanSession, WarmStart
+
+NETS = ("unet", "transformer")  # policy.net's choices
 
 
 @dataclass
@@ -33,7 +36,9 @@ class PolicyConfig:
     horizon: int = 16  # actions predicted per plan
     n_obs_steps: int = 2  # observation history the plan is conditioned on
     n_action_steps: int = 8  # actions executed per plan
+    net: str = "unet"  # the denoiser: Diffusion Policy's 1-D UNet, or its transformer ("transformer")
     unet: UNetConfig = field(default_factory=UNetConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)  # image policies' encoder
 
@@ -46,8 +51,12 @@ class PolicyConfig:
         `UserError` naming the key (`policy.unet.n_groups: ...`)."""
         from common.checks import check_number
 
-        if isinstance(self.unet, UNetConfig):
+        if self.net not in NETS:
+            raise UserError(f"policy.net: {self.net!r} is not a network here; one of {', '.join(NETS)}")
+        if self.net == "unet" and isinstance(self.unet, UNetConfig):
             self.unet.check("policy.unet")
+        if self.net == "transformer" and isinstance(self.transformer, TransformerConfig):
+            self.transformer.check("policy.transformer")
         if isinstance(self.schedule, ScheduleConfig):
             self.schedule.check("policy.schedule")
         check_number("policy.horizon", self.horizon, 1, integer=True)
@@ -57,7 +66,8 @@ class PolicyConfig:
                             "horizon actions")
         check_number("policy.n_obs_steps", self.n_obs_steps, 1, integer=True)
         check_number("policy.n_action_steps", self.n_action_steps, 1, integer=True)
-        halvings = len(self.unet.down_dims) - 1 if isinstance(self.unet, UNetConfig) else 0
+        unet = self.net == "unet" and isinstance(self.unet, UNetConfig)
+        halvings = len(self.unet.down_dims) - 1 if unet else 0  # a transformer takes any horizon
         if self.horizon < 1 or self.horizon % 2**halvings:
             raise UserError(f"policy.horizon: {self.horizon} is not a positive multiple of {2**halvings} "
                             f"(the UNet halves it {halvings} times and doubles it back)")
@@ -114,7 +124,11 @@ class DiffusionPolicy(nn.Module):
             self.encoder = ObsEncoder(cfg.vision, obs_dim - image_dims, self.obs_config.image_keys,
                                       self.obs_config.image_shape)
         self.cond_dim = cfg.n_obs_steps * (obs_dim if self.encoder is None else self.encoder.out_dim)
-        self.net = ConditionalUnet1D(action_dim, self.cond_dim, cfg.unet)
+        if cfg.net == "transformer":
+            self.net = TransformerForDiffusion(action_dim, self.cond_dim, cfg.horizon, cfg.n_obs_steps,
+                                               cfg.transformer)
+        else:
+            self.net = ConditionalUnet1D(action_dim, self.cond_dim, cfg.unet)
         self.scheduler = make_scheduler(cfg.schedule)
         # the one-caller API's plan state (`seed`, `plan`); callers may bring their own
         self.session = PlanSession()

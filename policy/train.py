@@ -33,7 +33,8 @@ from common.files import naming, remove_stale_partials
 from envs.store import open_store, select_episodes
 from envs.tasks import EXTERNAL, ObsConfig, TaskConfig, get_task
 from policy.device import resolve_device
-from policy.checkpoint import latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint
+from policy.checkpoint import (latest, load_meta, load_normalizer, load_weights, read_file, save_checkpoint,
+                               saved_config)
 from policy.diffusion import DiffusionPolicy, PolicyConfig, TrainingLoss
 from policy.distributed import World, join, leave
 from policy.normalizer import Normalizer
@@ -207,7 +208,7 @@ def start_from(model: torch.nn.Module, init: str, policy: DiffusionPolicy) -> No
 
     ckpt = resolve(init)
     meta = load_meta(ckpt)
-    diff = saved_difference(meta["config"], json.loads(json.dumps(asdict(policy.cfg))), "policy")
+    diff = saved_difference(saved_config(meta), json.loads(json.dumps(asdict(policy.cfg))), "policy")
     if diff is not None:
         key, a, b = diff
         raise UserError(f"init: {ckpt} has {key}={a!r}, this run {b!r}; "
@@ -230,7 +231,7 @@ def check_resumable(resume: Path, state: dict, cfg: TrainConfig) -> None:
     if was != now:
         raise UserError(f"{out}: holds a run on data={was}, not {now}; "
                         "choose another out= (or the same data)")
-    saved = load_meta(resume)["config"]
+    saved = saved_config(load_meta(resume))
     diff = first_difference(saved, json.loads(json.dumps(asdict(cfg.policy))), "policy")
     if diff is not None:
         key, a, b = diff

@@ -36,23 +36,45 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """A tiny policy trained for a few steps on 3 real expert demonstrations of lift."""
+def lift_store(tmp_path_factory):
+    """3 real expert demonstrations of lift in a zarr store."""
     from envs.collect import collect, store_attrs
     from envs.store import write_store
-    from policy.diffusion import PolicyConfig
-    from policy.network import UNetConfig
-    from policy.train import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("rollout")
+    root = tmp_path_factory.mktemp("lift")
     episodes, failed = collect("lift", n_demos=3, seed=0, workers=1, progress=False)
     keys = ("obs", "action", "state", "reward", "success")
-    store = write_store(root / "lift.zarr", [{k: e[k] for k in keys} for e in episodes],
-                        store_attrs("lift", episodes, failed, 0))
-    cfg = TrainConfig(data=str(store), out=str(root / "run"), steps=20, batch_size=16, val_fraction=0.0,
-                      progress=False, threads=1, checkpoint_every=20,
-                      policy=PolicyConfig(unet=UNetConfig(down_dims=[16, 32], step_embed_dim=16, n_groups=4)))
+    return write_store(root / "lift.zarr", [{k: e[k] for k in keys} for e in episodes],
+                       store_attrs("lift", episodes, failed, 0))
+
+
+def _tiny_run(store, out, policy):
+    from policy.train import TrainConfig, train
+
+    cfg = TrainConfig(data=str(store), out=str(out), steps=20, batch_size=16, val_fraction=0.0,
+                      progress=False, threads=1, checkpoint_every=20, policy=policy)
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, lift_store):
+    """A tiny policy trained for a few steps on 3 real expert demonstrations of lift."""
+    from policy.diffusion import PolicyConfig
+    from policy.network import UNetConfig
+
+    return _tiny_run(lift_store, tmp_path_factory.mktemp("rollout") / "run",
+                     PolicyConfig(unet=UNetConfig(down_dims=[16, 32], step_embed_dim=16, n_groups=4)))
+
+
+@pytest.fixture(scope="session")
+def transformer_checkpoint(tmp_path_factory, lift_store):
+    """The same, with Diffusion Policy's transformer denoiser (2 layers, 2 heads, 16 wide)."""
+    from policy.diffusion import PolicyConfig
+    from policy.transformer import TransformerConfig
+
+    return _tiny_run(lift_store, tmp_path_factory.mktemp("transformer") / "run",
+                     PolicyConfig(net="transformer",
+                                  transformer=TransformerConfig(n_layer=2, n_head=2, n_emb=16)))
 
 
 @pytest.fixture(scope="session")

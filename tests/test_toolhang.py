@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import envs
-from envs.expert_toolhang import DOWN, hand_frame, pitch_back
+from envs.expert_toolhang import DOWN, RIGHT, hand_frame, pitch_back
 from envs.experts import expert_rng, make_expert
 from envs.tasks import TASKS
 
@@ -93,3 +93,17 @@ def test_full_orientation_targets_turn_the_hand_to_them(env):
         if expert.phase_log:
             break
     assert start > 1.0 and expert._rot_error(goal) < 0.05 and expert.phase_log[0][0] == "turn"
+
+
+def test_a_part_at_a_heading_no_grasp_fits_still_gets_the_grasp_that_leaves_the_wrist_least(env):
+    env.reset(seed=0)
+    expert = make_expert("toolhang", expert_rng(0))
+    expert.reset(env)
+    ends = ("tool_hole1_center", "tool_hole2_center")
+    finals = (hand_frame(RIGHT, DOWN), hand_frame(-RIGHT, DOWN))
+    lo, hi = expert.wrist_room()
+    grasp, before_pitch, _ = expert._plan("tool_grip_g0", ends, finals)
+    assert lo <= grasp <= hi and lo <= before_pitch <= hi
+    expert.wrist_room = lambda: (hi + 10.0, hi + 10.5)  # no heading fits: the nearest to that range
+    grasp, before_pitch, _ = expert._plan("tool_grip_g0", ends, finals)
+    assert grasp > hi + 5.0 and before_pitch > hi + 5.0
