@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = {
     "dp-collect": "envs.collect", "dp-import": "envs.importers", "dp-train": "policy.train",
+    "dp-distill": "policy.distill",
     "dp-rollout": "rollouts.rollout", "dp-bench": "rollouts.bench", "dp-align": "rollouts.align",
     "dp-serve": "rollouts.serve", "dp-eval": "rollouts.evaluate", "dp-report": "rollouts.report",
     "dp-quickstart": "rollouts.quickstart", "dp-export": "policy.zoo",
@@ -61,6 +62,10 @@ def dp_export_lerobot() -> None:
 
 def dp_train() -> None:
     run("dp-train")
+
+
+def dp_distill() -> None:
+    run("dp-distill")
 
 
 def dp_rollout() -> None:

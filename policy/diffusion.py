@@ -19,8 +19,8 @@ from policy.vision import ObsEncoder, PlanningEncoder, VisionConfig
 from policy.normalizer import Normalizer
 from policy.backends import Runtime, check_device
 from policy.denoiser import Denoiser, resolve_capture
-from policy.samplers import (SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of, resolve,
-                             takes_pad)
+from policy.samplers import (DISTILLED, SampleResult, SamplerConfig, aligner_choice, call_rows, chain_of,
+                             resolve, takes_pad)
 from policy.safety import (ACTION_FLOOR, ACTION_RELATIVE, MARGIN, OBS_MARGIN, UnsafeActions, check_actions,
                            check_observation, check_observation_range)
 from policy.samplers.solvers import get_plan
@@ -136,7 +136,7 @@ class DiffusionPolicy(nn.Module):
         # (precision, capture, device, backend) -> the samplers' denoiser
         self._denoisers: dict[tuple, Denoiser] = {}
         self._backends: dict[str, str] = {}  # sampler setting -> the backend backend=auto chose
-        self.sampler = SamplerConfig()
+        self.sampler = SamplerConfig(name="consistency", steps=1) if self.distilled else SamplerConfig()
         self._encoder_runtime: Runtime | None = None  # the encoder's planning path on the backend's runtime
 
     @property
@@ -155,6 +155,7 @@ class DiffusionPolicy(nn.Module):
         if not isinstance(cfg, SamplerConfig):
             cfg = SamplerConfig(**cfg)
         fn, options = resolve(cfg)
+        self._check_kind(cfg)
         which = aligner_choice(cfg)
         if which is not None:  # the DPM-Aligner's timesteps for this chain, from the checkpoint
             from policy.aligner import load_taus
@@ -170,6 +171,23 @@ class DiffusionPolicy(nn.Module):
             resolve_capture("graph", torch.device("cpu"))
         check_device(cfg.backend, self.device)
         return Sampling(cfg, fn, options, auto_window)
+
+    @property
+    def distilled(self) -> dict | None:
+        """How this policy was distilled (`policy.consistency`), or None for a diffusion policy."""
+        return self.meta.get("distilled")
+
+    def _check_kind(self, cfg: SamplerConfig) -> None:
+        """A consistency student samples with the consistency sampler only, and a diffusion policy
+        with every sampler but that one: its chain of noise estimates is not a consistency function's."""
+        if self.distilled and cfg.name not in DISTILLED:
+            raise UserError(f"sampler: {cfg.name} samples a diffusion policy; this one is a consistency "
+                            f"student (distilled from {self.distilled.get('teacher')}): consistency1, "
+                            "consistency2 or consistency3")
+        if not self.distilled and cfg.name in DISTILLED:
+            raise UserError(f"sampler: {cfg.name} samples a consistency student, and this policy is a "
+                            "diffusion policy: distill one with dp-distill checkpoint=..., or sample this "
+                            "one with ddpm, ddim, dpmsolver or their parallel forms")
 
     def use(self, sampling: Sampling) -> None:
         """Plan with `sampling` (from `sampling()`) from now on; no plan state changes."""

@@ -184,8 +184,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def validation_loss(policy: DiffusionPolicy, net: torch.nn.Module, val: Batches, device, seed: int) -> float:
-    """Mean loss of `net` on every validation window, with fixed noise (comparable across steps)."""
+def validation_loss(policy: DiffusionPolicy, net: torch.nn.Module, val: Batches, device, seed: int,
+                    objective: torch.nn.Module | None = None) -> float:
+    """Mean loss of `net` on every validation window, with fixed noise (comparable across steps):
+    the training objective's (`objective`, over `policy`'s network; default the diffusion loss)."""
+    objective = TrainingLoss(policy) if objective is None else objective
     g = torch.Generator(device).manual_seed(seed)
     trained, policy.trainable = policy.trainable, net
     policy.eval()  # centre crops: the loss of the policy as it plans
@@ -193,7 +196,7 @@ def validation_loss(policy: DiffusionPolicy, net: torch.nn.Module, val: Batches,
         losses = []
         for i in range(0, len(val), 512):
             obs, act = val.get(val.rows[i : i + 512], device)
-            losses.append(policy.loss(obs, act, generator=g).item() * len(obs))
+            losses.append(objective(obs, act, g).item() * len(obs))
         return sum(losses) / len(val)
     finally:
         policy.trainable = trained
@@ -250,9 +253,10 @@ def first_difference(a, b, where: str) -> tuple[str, object, object] | None:
     return None if a == b else (where, a, b)
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, distill=None, command: str = "dp-train") -> Path:
     """Train (or resume) the run in `cfg.out`; returns its latest checkpoint. Each checkpoint's
-    config.yaml holds `cfg`, resolved."""
+    config.yaml holds `cfg`, resolved. `distill` (`policy.consistency.ConsistencySpec`): the run
+    distills the teacher it names into a consistency student instead (dp-distill)."""
     from omegaconf import OmegaConf
 
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
@@ -260,8 +264,8 @@ def train(cfg: TrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     world, device = join(resolve_device(cfg.device))
     # one run an `out`: a second would resume from this one's step and interleave its checkpoints
-    with exclusive(cfg.out, "dp-train") if world.main else contextlib.nullcontext():
-        return _train(cfg, world, device, config_yaml)
+    with exclusive(cfg.out, command) if world.main else contextlib.nullcontext():
+        return _train(cfg, world, device, config_yaml, distill)
 
 
 class _Run:
@@ -269,11 +273,19 @@ class _Run:
     sources, and the counters a checkpoint keeps."""
 
     def __init__(self, cfg: TrainConfig, world, device: torch.device, config_yaml: str, train_set: Batches,
-                 normalizer: Normalizer, meta: dict):
+                 normalizer: Normalizer, meta: dict, distill=None):
         from diffusers.training_utils import EMAModel
 
         self.cfg, self.world, self.device, self.config_yaml = cfg, world, device, config_yaml
         self.out = Path(cfg.out)
+        teacher = None
+        if distill is not None:  # the teacher's normalizer: its noise estimates are in its units
+            from dataclasses import asdict
+
+            from policy.checkpoint import load_policy
+
+            teacher = load_policy(distill.teacher, device=str(device))
+            normalizer, meta = teacher.normalizer, {**meta, "distilled": asdict(distill)}
         torch.manual_seed(cfg.seed)  # the network's initial weights
         self.policy = DiffusionPolicy(cfg.policy, train_set.obs.dim, train_set.action.shape[1], normalizer,
                                       meta).to(device)
@@ -285,7 +297,12 @@ class _Run:
         self.ema = EMAModel(self.model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True,
                             inv_gamma=1.0, power=cfg.ema_power)
         self.ema_net = copy.deepcopy(self.model)
-        self.objective = TrainingLoss(self.policy)
+        if teacher is None:
+            self.objective = self.loss = TrainingLoss(self.policy)
+        else:
+            from policy.consistency import ConsistencyLoss
+
+            self.objective = self.loss = ConsistencyLoss(self.policy, teacher, distill)
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -309,6 +326,9 @@ class _Run:
         self.policy.normalizer = load_normalizer(resume)
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
+        if "target" in state:  # a distillation's target network
+            self.loss.target.load_state_dict(state["target"])
+            self.loss.target.copy_to(self.loss.target_net[0].parameters())
         self.rng.bit_generator.state = state["numpy_rng"]
         self.noise_gen.set_state(state["torch_rng"].to("cpu") if device.type == "cpu" else state["torch_rng"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
@@ -319,7 +339,8 @@ class _Run:
         self.ema.copy_to(self.ema_net.parameters())
         state = {"step": self.step, "elapsed_s": self.elapsed, "optimizer": self.optimizer.state_dict(),
                  "ema": self.ema.state_dict(), "numpy_rng": self.rng.bit_generator.state,
-                 "torch_rng": self.noise_gen.get_state(), "data": str(Path(self.cfg.data).resolve())}
+                 "torch_rng": self.noise_gen.get_state(), "data": str(Path(self.cfg.data).resolve()),
+                 **({"target": self.loss.target.state_dict()} if hasattr(self.loss, "target") else {})}
         return save_checkpoint(self.out, self.step, self.policy, self.ema_net, state, self.config_yaml,
                                keep=self.cfg.keep_checkpoints)
 
@@ -340,6 +361,8 @@ class _Run:
         loss.backward()
         self.optimizer.step()
         self.ema.step(self.model.parameters())
+        if hasattr(self.loss, "after_step"):
+            self.loss.after_step()
         t2 = time.perf_counter()
         self.data_s, self.compute_s = self.data_s + (t1 - t0), self.compute_s + (t2 - t1)
         self.elapsed += t2 - t0
@@ -355,7 +378,7 @@ class _Run:
 
     def validate(self, writer, val_set: Batches) -> None:
         self.ema.copy_to(self.ema_net.parameters())
-        val = validation_loss(self.policy, self.ema_net, val_set, self.device, self.cfg.seed)
+        val = validation_loss(self.policy, self.ema_net, val_set, self.device, self.cfg.seed, self.loss)
         writer.add_scalar("val/loss_ema", val, self.step)
         tqdm.write(f"step {self.step}: val loss (EMA) {val:.4f}")
 
@@ -386,10 +409,10 @@ class _Logs:
             self.writer.close()
 
 
-def _train(cfg: TrainConfig, world, device: torch.device, config_yaml: str) -> Path:
+def _train(cfg: TrainConfig, world, device: torch.device, config_yaml: str, distill=None) -> Path:
     share = world.share(cfg.batch_size)
     train_set, val_set, normalizer, meta = load_data(cfg)
-    run = _Run(cfg, world, device, config_yaml, train_set, normalizer, meta)
+    run = _Run(cfg, world, device, config_yaml, train_set, normalizer, meta, distill)
     run.resume()
     if world.main:
         remove_stale_partials(run.out / "checkpoints")  # what a killed run of this `out` left half-written

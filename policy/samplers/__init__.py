@@ -11,6 +11,7 @@ into that entry and its options, refusing options the sampler does not take.
 | name | what |
 |---|---|
 | ddpm, ddim, dpmsolver | sequential DDPM (ancestral), DDIM (eta 0), DPM-Solver++(2M); `start`: Falcon |
+| consistency | a distilled student's multistep consistency sampling, 1-3 steps (`policy.consistency`) |
 | paraddpm, paraddim, paradpmsolver | ParaDiGMS Picard iteration over the same chains |
 | piadm | PIADM: blocks of fixed parallel Picard iterations (solver=ddim: ODE, ddpm: SDE) |
 
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from policy.samplers.result import SampleResult
-from policy.samplers.spec import (ALIGNER_OFF, ALIGNER_ON, ALIGNER_STRATEGIES, FLOATS, INTS, PARALLEL,
-                                  POLICY_OPTIONS, SEQUENTIAL, SamplerConfig, aligner_choice, chain_of, check,
-                                  check_name, options_of, solver_of)
+from policy.samplers.spec import (ALIGNER_OFF, ALIGNER_ON, ALIGNER_STRATEGIES, DISTILLED, FLOATS, INTS,
+                                  PARALLEL, POLICY_OPTIONS, SEQUENTIAL, SamplerConfig, aligner_choice,
+                                  chain_of, check, check_name, options_of, solver_of)
 
 CHAIN_OPTIONS = ("solver", "steps", "spacing", "taus", "step_noise", "init", "inpaint")  # build_chain's
 
@@ -115,6 +116,6 @@ def resolve(cfg: SamplerConfig) -> tuple[Sampler, dict]:
     return get_sampler(cfg.name), options
 
 
-__all__ = ["ALIGNER_OFF", "ALIGNER_ON", "ALIGNER_STRATEGIES", "FLOATS", "INTS", "POLICY_OPTIONS",
+__all__ = ["ALIGNER_OFF", "ALIGNER_ON", "ALIGNER_STRATEGIES", "DISTILLED", "FLOATS", "INTS", "POLICY_OPTIONS",
            "SampleResult", "Sampler", "SamplerConfig", "aligner_choice", "call_rows", "chain_of",
            "get_sampler", "options_of", "resolve", "solver_of", "takes_pad"]

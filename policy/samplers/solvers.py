@@ -216,7 +216,30 @@ def _dpmsolver(a: np.ndarray, ap: np.ndarray, ts: np.ndarray) -> _Coefficients:
     return _coefficients(a, sqrt_a=alpha, sqrt_1ma=sigma, cx=cx, c0=c0, c1=c1)
 
 
-_COEFFICIENTS = {"ddpm": _ddpm, "ddim": _ddim, "dpmsolver": _dpmsolver}
+def consistency_scalings(t):
+    """A consistency function's boundary scalings at step(s) `t`: f(x, t) = c_skip x + c_out x0(x, t),
+    with f(x, 0) = x. Latent Consistency Models' discrete-time form, computed by diffusers'
+    `LCMScheduler` (its default timestep scaling 10 and sigma_data 0.5), so that the student
+    trains (`policy.consistency`) and samples with one definition."""
+    return _lcm().get_scalings_for_boundary_condition_discrete(t)
+
+
+@lru_cache(maxsize=1)
+def _lcm():
+    from diffusers import LCMScheduler
+
+    return LCMScheduler()
+
+
+def _consistency(a: np.ndarray, ap: np.ndarray, ts: np.ndarray) -> _Coefficients:
+    """Multistep consistency sampling: each step's consistency estimate f = c_skip x + c_out x0,
+    noised again to the next step's level (none after the last: the plan ends at f)."""
+    c_skip, c_out = consistency_scalings(ts)
+    return _coefficients(a, cx=np.sqrt(ap) * c_skip, c0=np.sqrt(ap) * c_out, std=np.sqrt(1 - ap),
+                         noisy=tuple(bool(v < 1.0) for v in ap))
+
+
+_COEFFICIENTS = {"ddpm": _ddpm, "ddim": _ddim, "dpmsolver": _dpmsolver, "consistency": _consistency}
 SOLVERS = tuple(_COEFFICIENTS)
 
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from common.checks import check_number
 from common.errors import UserError
 
-SEQUENTIAL = frozenset({"ddpm", "ddim", "dpmsolver"})
+# consistency: a distilled student's 1-3 step chain (policy.consistency); the others sample a teacher
+DISTILLED = frozenset({"consistency"})
+SEQUENTIAL = frozenset({"ddpm", "ddim", "dpmsolver"}) | DISTILLED
 PARALLEL = frozenset({"paraddpm", "paraddim", "paradpmsolver"})
 PIADM = frozenset({"piadm"})
 EVERY = SEQUENTIAL | PARALLEL | PIADM
@@ -276,8 +278,9 @@ def _check_values(options: dict) -> None:
 
     if options.get("spacing", "trailing") not in SPACINGS:
         bad("spacing", f"is not a spacing; known: {', '.join(SPACINGS)}")
-    if options.get("solver", "ddim") not in SOLVERS:
-        bad("solver", f"is not a solver; known: {', '.join(SOLVERS)}")
+    if options.get("solver", "ddim") not in SOLVERS or options.get("solver") in DISTILLED:
+        teachers = sorted(set(SOLVERS) - DISTILLED)
+        bad("solver", f"is not a solver of a teacher's chain; known: {', '.join(teachers)}")
     if isinstance(options.get("window"), str) and options["window"] != "auto":
         bad("window", "is not a number of steps or auto")
     for key, value in options.items():
