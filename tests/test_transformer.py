@@ -3,6 +3,8 @@ see, that batched rows are single rows, that dp-train takes it and checks its nu
 trained one plans with every sampler preset, ParaDiGMS at zero tolerance reproducing its
 sequential twin on both backends."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -56,25 +58,33 @@ def test_batched_rows_are_the_rows_one_at_a_time():
         torch.testing.assert_close(net(x[:1], t[0], cond[:1]), one[:1], atol=0, rtol=0)  # a scalar step
 
 
-@pytest.mark.parametrize("setting, says", [
-    ("policy.net=lstm", "policy.net: 'lstm' is not a network here; one of unet, transformer"),
-    ("policy.transformer.n_head=3", "policy.transformer.n_emb: 16 is not a multiple of n_head=3"),
-    ("policy.transformer.n_layer=0", "policy.transformer.n_layer: 0 must be at least 1"),
-    ("policy.transformer.p_drop_attn=1.5", "policy.transformer.p_drop_attn: 1.5 must be a probability"),
-    ("policy.horizon=10", None),  # no halvings: any horizon
+@pytest.mark.parametrize("settings, says", [
+    ({"net": "lstm"}, "policy.net: 'lstm' is not a network here; one of unet, transformer"),
+    ({"transformer": {"n_head": 3}}, "policy.transformer.n_emb: 256 is not a multiple of n_head=3"),
+    ({"transformer": {"n_layer": 0}}, "policy.transformer.n_layer: 0 must be at least 1"),
+    ({"transformer": {"p_drop_attn": 1.5}}, "policy.transformer.p_drop_attn: 1.5 must be a probability"),
 ])
-def test_dp_train_takes_the_transformer_and_checks_its_numbers_before_writing(lift_store, tmp_path, setting,
-                                                                             says):
-    out = tmp_path / "run"
-    r = dp("dp-train", f"data={lift_store}", f"out={out}", "steps=2", "batch_size=8", "val_fraction=0",
-           "threads=1", "progress=false", "policy.net=transformer", "policy.transformer.n_layer=1",
-           "policy.transformer.n_head=2", "policy.transformer.n_emb=16", setting)
-    if says is None:
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert isinstance(policy.load(out).net, TransformerForDiffusion)
-        return
-    one_line_error(r, "dp-train", says)
-    assert not out.exists()
+def test_the_transformers_numbers_are_checked_by_name(settings, says):
+    from common.errors import UserError
+    from policy.diffusion import PolicyConfig
+
+    kw = {"net": "transformer", **settings}
+    if "transformer" in kw:
+        kw["transformer"] = TransformerConfig(**kw["transformer"])
+    with pytest.raises(UserError, match=re.escape(says)):
+        PolicyConfig(**kw)
+
+
+def test_dp_train_takes_the_transformer_at_any_horizon_and_refuses_a_bad_net(lift_store, tmp_path):
+    base = [f"data={lift_store}", "steps=2", "batch_size=8", "val_fraction=0", "threads=1", "progress=false",
+            "policy.transformer.n_layer=1", "policy.transformer.n_head=2", "policy.transformer.n_emb=16"]
+    r = dp("dp-train", *base, f"out={tmp_path / 'run'}", "policy.net=transformer", "policy.horizon=10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pol = policy.load(tmp_path / "run")
+    assert isinstance(pol.net, TransformerForDiffusion) and pol.cfg.horizon == 10  # no halvings: any horizon
+    r = dp("dp-train", *base, f"out={tmp_path / 'bad'}", "policy.net=lstm")
+    one_line_error(r, "dp-train", "policy.net: 'lstm' is not a network here")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_unet_policy_is_no_start_for_a_transformer_run(checkpoint, lift_store, tmp_path):
