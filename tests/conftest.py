@@ -36,7 +36,7 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def lift_store(tmp_path_factory):
+def lift_demos(tmp_path_factory):
     """3 real expert demonstrations of lift in a zarr store."""
     from envs.collect import collect, store_attrs
     from envs.store import write_store
@@ -57,22 +57,22 @@ def _tiny_run(store, out, policy):
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, lift_store):
+def checkpoint(tmp_path_factory, lift_demos):
     """A tiny policy trained for a few steps on 3 real expert demonstrations of lift."""
     from policy.diffusion import PolicyConfig
     from policy.network import UNetConfig
 
-    return _tiny_run(lift_store, tmp_path_factory.mktemp("rollout") / "run",
+    return _tiny_run(lift_demos, tmp_path_factory.mktemp("rollout") / "run",
                      PolicyConfig(unet=UNetConfig(down_dims=[16, 32], step_embed_dim=16, n_groups=4)))
 
 
 @pytest.fixture(scope="session")
-def transformer_checkpoint(tmp_path_factory, lift_store):
+def transformer_checkpoint(tmp_path_factory, lift_demos):
     """The same, with Diffusion Policy's transformer denoiser (2 layers, 2 heads, 16 wide)."""
     from policy.diffusion import PolicyConfig
     from policy.transformer import TransformerConfig
 
-    return _tiny_run(lift_store, tmp_path_factory.mktemp("transformer") / "run",
+    return _tiny_run(lift_demos, tmp_path_factory.mktemp("transformer") / "run",
                      PolicyConfig(net="transformer",
                                   transformer=TransformerConfig(n_layer=2, n_head=2, n_emb=16)))
 

@@ -50,9 +50,9 @@ def test_the_consistency_sampler_walks_lcm_schedulers_chain(steps):
 
 
 @pytest.fixture(scope="module")
-def student(checkpoint, lift_store, tmp_path_factory):
+def student(checkpoint, lift_demos, tmp_path_factory):
     out = tmp_path_factory.mktemp("distill") / "student"
-    r = dp("dp-distill", f"checkpoint={checkpoint}", f"out={out}", f"data={lift_store}", "steps=4",
+    r = dp("dp-distill", f"checkpoint={checkpoint}", f"out={out}", f"data={lift_demos}", "steps=4",
            "batch_size=8", "val_fraction=0", "threads=1", "progress=false", "checkpoint_every=2",
            "warmup_steps=1")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -83,9 +83,9 @@ def test_the_student_starts_from_the_teacher_and_the_teacher_is_left_as_it_was(s
     assert all(torch.equal(after.get(f"net.{k}", after.get(k)), v) for k, v in before.items())
 
 
-def test_an_interrupted_distillation_resumes_to_the_weights_of_a_straight_run(checkpoint, lift_store,
+def test_an_interrupted_distillation_resumes_to_the_weights_of_a_straight_run(checkpoint, lift_demos,
                                                                               tmp_path):
-    args = [f"checkpoint={checkpoint}", f"data={lift_store}", "steps=4", "batch_size=8", "val_fraction=0",
+    args = [f"checkpoint={checkpoint}", f"data={lift_demos}", "steps=4", "batch_size=8", "val_fraction=0",
             "threads=1", "progress=false", "checkpoint_every=2", "warmup_steps=1", "target_decay=0.5"]
     straight = dp("dp-distill", *args, f"out={tmp_path / 'a'}")
     assert straight.returncode == 0, straight.stderr[-2000:]

@@ -57,7 +57,8 @@ def test_dp_rollout_takes_a_sampler_preset_and_its_options(checkpoint):
     assert bad.stderr.strip().startswith("dp-rollout: sampler.tol: not an option of ddim")
     unknown = dp("dp-rollout", f"checkpoint={checkpoint}", "sampler=ddim99")
     assert unknown.returncode == 2
-    assert "dp-rollout: unknown sampler 'ddim99'; known: ddim1, ddim10" in unknown.stderr
+    known = "known: consistency1, consistency2, consistency3, ddim1, ddim10"
+    assert f"dp-rollout: unknown sampler 'ddim99'; {known}" in unknown.stderr
 
 
 def test_dp_rollout_refuses_a_policy_of_an_imported_dataset(checkpoint, tmp_path):

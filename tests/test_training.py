@@ -221,7 +221,7 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
         policy.load(tmp_path / "nothing")
 
 
-def test_data_parallel_training_under_torchrun_takes_the_steps_one_process_takes(lift_store, tmp_path):
+def test_data_parallel_training_under_torchrun_takes_the_steps_one_process_takes(lift_demos, tmp_path):
     """2 gloo processes (torchrun) on the same global batch end at the weights of one process, to
     float tolerance; a run checkpointed by 2 processes resumes in 1 and still agrees."""
     import subprocess
@@ -231,7 +231,7 @@ def test_data_parallel_training_under_torchrun_takes_the_steps_one_process_takes
 
     from commands import dp
 
-    store = lift_store  # the tiny policy's three demonstrations
+    store = lift_demos  # the tiny policy's three demonstrations
     args = [f"data={store}", "batch_size=8", "val_fraction=0", "threads=1", "progress=false",
             "checkpoint_every=3", "warmup_steps=1", "policy.unet.down_dims=[16,32]",
             "policy.unet.step_embed_dim=16", "policy.unet.n_groups=4"]

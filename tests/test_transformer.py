@@ -75,8 +75,8 @@ def test_the_transformers_numbers_are_checked_by_name(settings, says):
         PolicyConfig(**kw)
 
 
-def test_dp_train_takes_the_transformer_at_any_horizon_and_refuses_a_bad_net(lift_store, tmp_path):
-    base = [f"data={lift_store}", "steps=2", "batch_size=8", "val_fraction=0", "threads=1", "progress=false",
+def test_dp_train_takes_the_transformer_at_any_horizon_and_refuses_a_bad_net(lift_demos, tmp_path):
+    base = [f"data={lift_demos}", "steps=2", "batch_size=8", "val_fraction=0", "threads=1", "progress=false",
             "policy.transformer.n_layer=1", "policy.transformer.n_head=2", "policy.transformer.n_emb=16"]
     r = dp("dp-train", *base, f"out={tmp_path / 'run'}", "policy.net=transformer", "policy.horizon=10")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -87,8 +87,8 @@ def test_dp_train_takes_the_transformer_at_any_horizon_and_refuses_a_bad_net(lif
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_unet_policy_is_no_start_for_a_transformer_run(checkpoint, lift_store, tmp_path):
-    r = dp("dp-train", f"data={lift_store}", f"out={tmp_path / 'run'}", f"init={checkpoint}", "steps=1",
+def test_a_unet_policy_is_no_start_for_a_transformer_run(checkpoint, lift_demos, tmp_path):
+    r = dp("dp-train", f"data={lift_demos}", f"out={tmp_path / 'run'}", f"init={checkpoint}", "steps=1",
            "batch_size=8", "val_fraction=0", "threads=1", "progress=false", "policy.net=transformer")
     one_line_error(r, "dp-train", "has policy.net='unet', this run 'transformer'")
 
