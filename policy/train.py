@@ -322,6 +322,17 @@ class _Run:
         state = read_file(resume / "trainer.pt",
                           lambda p: torch.load(p, map_location=device, weights_only=False))
         check_resumable(resume, state, self.cfg)
+        was = (load_meta(resume).get("meta") or {}).get("distilled")
+        now = self.policy.meta.get("distilled")
+        if (was is None) != (now is None):
+            kinds = ("a training run (dp-train)", "a distillation (dp-distill)")
+            raise UserError(f"{self.out}: holds {kinds[was is not None]}, not {kinds[now is not None]}; "
+                            "choose another out=")
+        if was != now:  # another distillation
+            key = next((k for k in sorted(set(was or {}) | set(now or {}))
+                        if (was or {}).get(k) != (now or {}).get(k)), "distilled")
+            raise UserError(f"{self.out}: holds a run with {key}={(was or {}).get(key)!r}, not "
+                            f"{(now or {}).get(key)!r}; choose another out= (or the same {key})")
         load_weights(self.model, resume / "weights.safetensors")
         self.policy.normalizer = load_normalizer(resume)
         self.optimizer.load_state_dict(state["optimizer"])

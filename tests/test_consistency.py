@@ -108,3 +108,12 @@ def test_dp_distill_refuses_a_student_a_missing_store_and_a_bad_setting(student,
     r = dp("dp-distill", f"checkpoint={checkpoint}", f"out={tmp_path / 'x'}", "skip=0")
     one_line_error(r, "dp-distill", "skip: 0 must be at least 1")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_distillation_resumes_only_as_the_same_distillation(checkpoint, lift_demos, tmp_path):
+    args = [f"checkpoint={checkpoint}", f"data={lift_demos}", "steps=4", "stop_at=2", "batch_size=8",
+            "val_fraction=0", "threads=1", "progress=false", "checkpoint_every=2", "warmup_steps=1"]
+    first = dp("dp-distill", *args, f"out={tmp_path / 'run'}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = dp("dp-distill", *args, "skip=3", f"out={tmp_path / 'run'}")
+    one_line_error(other, "dp-distill", "holds a run with skip=5, not 3")
