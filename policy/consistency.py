@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from policy.diffusion import TrainingLoss
 from policy.samplers.solvers import consistency_scalings
 from policy.schedule import add_noise
 
@@ -59,15 +60,15 @@ def x0_of(scheduler, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, clip: 
     return x0.clamp(-1.0, 1.0) if clip else x0
 
 
-class ConsistencyLoss(nn.Module):
+class ConsistencyLoss(TrainingLoss):
     """The distillation objective as a module's forward (as `TrainingLoss`, so DistributedDataParallel
     can wrap it): `student` (a DiffusionPolicy, trained), `teacher` (frozen), and the target network."""
 
     def __init__(self, student, teacher, spec: ConsistencySpec):
-        super().__init__()
+        super().__init__(student)
         from diffusers.training_utils import EMAModel
 
-        self.policy, self.spec = student, spec
+        self.spec = spec
         self.teacher = [teacher]  # a list: not a submodule (its weights are no part of the student's)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -104,6 +105,13 @@ class ConsistencyLoss(nn.Module):
             x_lo = a_lo.sqrt() * x0_of(teacher.scheduler, x_t, t, eps, clip) + (1 - a_lo).sqrt() * eps
             target = self.consistency(target_net, x_lo, lo, cond.detach())
         return nn.functional.mse_loss(self.consistency(net, x_t, t, cond), target)
+
+    def extra_state(self) -> dict:
+        return {"target": self.target.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.target.load_state_dict(state["target"])
+        self.target.copy_to(self.target_net[0].parameters())
 
     def after_step(self) -> None:
         """Move the target network toward the student (each optimizer step)."""

@@ -99,6 +99,17 @@ class TrainingLoss(nn.Module):
     def forward(self, obs, action, generator=None, part=None):
         return self.policy.loss(obs, action, generator, part)
 
+    # What a training run asks of its objective besides the loss (ConsistencyLoss has a target network)
+    def after_step(self) -> None:
+        """Called after each optimizer step."""
+
+    def extra_state(self) -> dict:
+        """What a checkpoint's trainer state keeps for the objective."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore `extra_state()` from a checkpoint's trainer state."""
+
 
 @dataclass
 class Sampling:

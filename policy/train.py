@@ -225,7 +225,7 @@ def start_from(model: torch.nn.Module, init: str, policy: DiffusionPolicy) -> No
     load_weights(model, ckpt / "weights_ema.safetensors")
 
 
-def check_resumable(resume: Path, state: dict, cfg: TrainConfig) -> None:
+def check_resumable(resume: Path, state: dict, cfg: TrainConfig, distilled: dict | None = None) -> None:
     """Refuse to resume checkpoint `resume` (its trainer `state`) with another policy config or
     another store, naming what differs; the same store spelled differently (relative, absolute,
     a trailing slash) is the same store."""
@@ -238,6 +238,17 @@ def check_resumable(resume: Path, state: dict, cfg: TrainConfig) -> None:
     diff = first_difference(saved, json.loads(json.dumps(asdict(cfg.policy))), "policy")
     if diff is not None:
         key, a, b = diff
+        raise UserError(f"{out}: holds a run with {key}={a!r}, not {b!r}; "
+                        f"choose another out= (or the same {key})")
+    was = (load_meta(resume).get("meta") or {}).get("distilled")
+    if (was is None) != (distilled is None):
+        kinds = ("a training run (dp-train)", "a distillation (dp-distill)")
+        raise UserError(f"{out}: holds {kinds[was is not None]}, not {kinds[distilled is not None]}; "
+                        "choose another out=")
+    diff = first_difference(was, distilled, "distilled") if was is not None else None
+    if diff is not None:
+        key, a, b = diff
+        key = key.rsplit(".", 1)[-1]
         raise UserError(f"{out}: holds a run with {key}={a!r}, not {b!r}; "
                         f"choose another out= (or the same {key})")
 
@@ -321,25 +332,12 @@ class _Run:
         device = self.device
         state = read_file(resume / "trainer.pt",
                           lambda p: torch.load(p, map_location=device, weights_only=False))
-        check_resumable(resume, state, self.cfg)
-        was = (load_meta(resume).get("meta") or {}).get("distilled")
-        now = self.policy.meta.get("distilled")
-        if (was is None) != (now is None):
-            kinds = ("a training run (dp-train)", "a distillation (dp-distill)")
-            raise UserError(f"{self.out}: holds {kinds[was is not None]}, not {kinds[now is not None]}; "
-                            "choose another out=")
-        if was != now:  # another distillation
-            key = next((k for k in sorted(set(was or {}) | set(now or {}))
-                        if (was or {}).get(k) != (now or {}).get(k)), "distilled")
-            raise UserError(f"{self.out}: holds a run with {key}={(was or {}).get(key)!r}, not "
-                            f"{(now or {}).get(key)!r}; choose another out= (or the same {key})")
+        check_resumable(resume, state, self.cfg, self.policy.meta.get("distilled"))
         load_weights(self.model, resume / "weights.safetensors")
         self.policy.normalizer = load_normalizer(resume)
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
-        if "target" in state:  # a distillation's target network
-            self.loss.target.load_state_dict(state["target"])
-            self.loss.target.copy_to(self.loss.target_net[0].parameters())
+        self.loss.load_extra_state(state)
         self.rng.bit_generator.state = state["numpy_rng"]
         self.noise_gen.set_state(state["torch_rng"].to("cpu") if device.type == "cpu" else state["torch_rng"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
@@ -351,7 +349,7 @@ class _Run:
         state = {"step": self.step, "elapsed_s": self.elapsed, "optimizer": self.optimizer.state_dict(),
                  "ema": self.ema.state_dict(), "numpy_rng": self.rng.bit_generator.state,
                  "torch_rng": self.noise_gen.get_state(), "data": str(Path(self.cfg.data).resolve()),
-                 **({"target": self.loss.target.state_dict()} if hasattr(self.loss, "target") else {})}
+                 **self.loss.extra_state()}
         return save_checkpoint(self.out, self.step, self.policy, self.ema_net, state, self.config_yaml,
                                keep=self.cfg.keep_checkpoints)
 
@@ -372,8 +370,7 @@ class _Run:
         loss.backward()
         self.optimizer.step()
         self.ema.step(self.model.parameters())
-        if hasattr(self.loss, "after_step"):
-            self.loss.after_step()
+        self.loss.after_step()
         t2 = time.perf_counter()
         self.data_s, self.compute_s = self.data_s + (t1 - t0), self.compute_s + (t2 - t1)
         self.elapsed += t2 - t0
