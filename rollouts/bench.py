@@ -32,6 +32,7 @@ from policy.device import machine, sync
 from policy.samplers import SamplerConfig, aligner_choice, chain_of
 from policy.samplers.spec import on_command_backend
 from policy.warm import PlanSession
+from rollouts.teacher import row_policy, split
 
 DEFAULT_SAMPLERS = ["ddpm100", "paraddpm100", "ddim15", "paraddim15", "dpmsolver15",
                     "paradpmsolver15", "piadm15"]
@@ -123,8 +124,8 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
     pol = _load(cfg)
     check_writable(out_dir(cfg, pol.meta.get("task")))  # now, not after minutes of timing
     data, obs_all, first = _histories(pol, cfg)
-    specs, baselines = _rows(pol, cfg.samplers)
-    trials = Trials(pol, specs, baselines, first, cfg.seed)
+    specs, pols, baselines = _rows(pol, cfg.samplers)
+    trials = Trials(pols, specs, baselines, first, cfg.seed)
     obs = torch.as_tensor(obs_all, device=pol.device)
     windows = trials.prepare(obs[:1])
     trials.warm_up(obs, cfg.warmup)
@@ -136,6 +137,7 @@ def run_bench(cfg: BenchConfig) -> tuple[list[dict], dict]:
         "data": str(data), "plans": timed, "closed_loop": cfg.closed_loop, "device": str(pol.device),
         "threads": torch.get_num_threads(), "machine": machine(pol.device),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "window_auto": windows,
+        **({"teacher": pol.distilled["teacher"]} if any(split(n)[0] for n in specs) else {}),
     }
     curves = trials.curves(results, cfg.batch_sizes)
     # the first row's backend (the table's first curve)
@@ -168,40 +170,45 @@ def _histories(pol, cfg: BenchConfig) -> tuple[str, np.ndarray, np.ndarray]:
     return data, observation_histories(pol, data, cfg.plans, cfg.seed), np.ones(cfg.plans, bool)
 
 
-def _rows(pol, samplers: list[str]) -> tuple[dict[str, SamplerConfig], dict[str, str]]:
-    """The samplers asked for, plus the sequential baseline of each (timed too, listed after), and
-    each one's baseline label."""
-    specs = {spec: on_command_backend(SamplerConfig.parse(spec)) for spec in samplers}
-    for sc in specs.values():
-        pol.sampling(sc)  # a missing aligner fails here, before anything is timed
+def _rows(pol, samplers: list[str]) -> tuple[dict[str, SamplerConfig], dict, dict[str, str]]:
+    """The samplers asked for, plus the sequential baseline of each (timed too, listed after), the
+    policy each row samples (a student's `teacher:` rows its teacher's, `rollouts.teacher`), and
+    each row's baseline label."""
+    specs, pols = {}, {}
+    for spec in samplers:
+        pols[spec], bare = row_policy(pol, spec)
+        specs[spec] = on_command_backend(SamplerConfig.parse(bare))
+        pols[spec].sampling(specs[spec])  # a missing aligner, or the wrong kind, fails here, before timing
     baselines: dict[str, str] = {}
     for spec, sc in list(specs.items()):
-        base = sc.baseline()
+        base, own = sc.baseline(), pols[spec]
         # a warm sequential sampler (Falcon) walks part of the chain: it is nobody's twin
-        match = next((s for s, c in specs.items()
-                      if c.name == base.name and not c.warm and _same_chain(c, base, pol)), None)
+        match = next((s for s, c in specs.items() if pols[s] is own and c.name == base.name and not c.warm
+                      and _same_chain(c, base, own)), None)
         if match is None:
-            match = base.label(pol.cfg.schedule.num_train_timesteps)
-            specs[match] = base
+            match = split(spec)[0] + base.label(own.cfg.schedule.num_train_timesteps)
+            specs[match], pols[match] = base, own
         baselines[spec] = match
-    return specs, baselines
+    return specs, pols, baselines
 
 
 class Trials:
-    """Plans of every row: a warm sampler's along the episodes from its own session (its noise
-    shifted from plan to plan, a stream per episode), the others from each plan's own noise."""
+    """Plans of every row (each on its own policy: the checkpoint's, or a student's teacher): a warm
+    sampler's along the episodes from its own session (its noise shifted from plan to plan, a
+    stream per episode), the others from each plan's own noise."""
 
-    def __init__(self, pol, specs: dict, baselines: dict[str, str], first: np.ndarray, seed: int):
-        self.pol, self.specs, self.baselines, self.first, self.seed = pol, specs, baselines, first, seed
+    def __init__(self, pols: dict, specs: dict, baselines: dict[str, str], first: np.ndarray, seed: int):
+        self.pols, self.specs, self.baselines, self.first, self.seed = pols, specs, baselines, first, seed
         self.names = list(specs)
-        self.samplings = {n: pol.sampling(s) for n, s in specs.items()}  # set up once
+        self.samplings = {n: pols[n].sampling(s) for n, s in specs.items()}  # set up once
         self.sessions = {n: PlanSession() for n in self.names}  # each warm sampler's own state
         self.scratch = PlanSession()  # the cold plans'
 
     def run(self, name: str, i: int, obs: torch.Tensor, twin: bool = True):
         """(ms, normalized actions, result, normalized actions of the baseline on the same noise or
         None, encode ms)."""
-        pol, dev, key = self.pol, self.pol.device, self.seed * 1_000_003 + i
+        pol, key = self.pols[name], self.seed * 1_000_003 + i
+        dev = pol.device
         pol.use(self.samplings[name])
         session, noise, gen, advance = self.scratch, None, None, None
         if self.specs[name].warm and i >= 0:
@@ -232,8 +239,8 @@ class Trials:
         timed; the chosen windows."""
         windows = {}
         for name in self.names:
-            self.pol.use(self.samplings[name])
-            entry = self.pol.prepare(obs)
+            self.pols[name].use(self.samplings[name])
+            entry = self.pols[name].prepare(obs)
             if entry is not None:
                 windows[name] = entry
         return windows
@@ -249,8 +256,8 @@ class Trials:
         timed (waiting for the device at each call, so only here, not in the timed plans)."""
         total, inside = 0.0, 0.0
         for i in range(plans):
-            self.pol.use(self.samplings[name])
-            den = self.pol.denoiser
+            self.pols[name].use(self.samplings[name])
+            den = self.pols[name].denoiser
             den.timed = 0.0
             # a twin's calls would count as the model's
             total += self.run(name, i, obs[i][None], twin=False)[0] / 1e3
@@ -262,10 +269,11 @@ class Trials:
         use its own); each row's `backend` set."""
         curves = {}
         for r in results:
-            self.pol.use(self.samplings[r["name"]])
-            r["backend"] = self.pol.backend
-            if r["backend"] not in curves:
-                curves[r["backend"]] = batch_scaling(self.pol, batch_sizes)
+            pol = self.pols[r["name"]]
+            pol.use(self.samplings[r["name"]])
+            r["backend"] = pol.backend
+            if r["backend"] not in curves:  # a student's network is its teacher's: one curve a backend
+                curves[r["backend"]] = batch_scaling(pol, batch_sizes)
         return curves
 
 

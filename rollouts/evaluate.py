@@ -95,12 +95,16 @@ EVERY_SAMPLER = {"backend", "capture", "precision"}
 def sampler_specs(samplers: list[str], options: dict) -> dict[str, SamplerConfig]:
     """Label -> checked config for each requested sampler, with `options` applied where taken."""
     from policy.samplers.spec import on_command_backend, options_of, with_options
+    from rollouts.teacher import PREFIX as TEACHER
 
     options = {k: v for k, v in options.items() if v is not None}
     if not samplers:
         raise UserError("samplers: empty list")
     specs, used = {}, set()
     for spec in samplers:
+        if spec.startswith(TEACHER):  # dp-bench's: a worker loads one policy
+            raise UserError(f"samplers: {spec}: dp-eval runs one policy; evaluate the teacher with dp-eval "
+                            "checkpoint=<teacher> on the same seeds and merge both runs with dp-report")
         allowed = options_of(SamplerConfig.parse(spec).name) | EVERY_SAMPLER
         extra = {k: v for k, v in options.items() if k in allowed}
         used |= set(extra)

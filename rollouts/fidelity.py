@@ -5,7 +5,8 @@ decision states of a mixed-proficiency store, where its strategies diverge) ever
 `draws` plans per history, and so does DDPM-100, the reference, from other noise. The table gives
 each sampler's energy distance from the reference's plans (normalized action chunks, averaged
 over the histories) next to the floor: DDPM-100 itself, drawn from the same noise as the
-samplers. A sampler that reproduces DDPM-100 sits at the floor (a parallel one at tolerance 0
+samplers (a consistency student's reference: its teacher's DDPM-100, `rollouts.teacher`). A
+sampler that reproduces DDPM-100 sits at the floor (a parallel one at tolerance 0
 exactly on it); one that loses a mode or averages two rises above it. Where the task defines
 strategies (`envs.modes`), each row also gives the fraction of decision-state plans taking each
 one and the fraction between them. No simulator: minutes, where a success sweep takes hours.
@@ -29,6 +30,7 @@ from policy.device import machine
 from policy.samplers import SamplerConfig
 from policy.samplers.spec import on_command_backend
 from policy.warm import PlanSession
+from rollouts.teacher import PREFIX, row_policy
 
 REFERENCE = "ddpm100"
 REFERENCE_STREAM, SAMPLER_STREAM = 0, 1  # the reference's noise, and everyone else's (the floor's too)
@@ -95,33 +97,37 @@ def run_fidelity(pol, cfg) -> tuple[list[dict], dict]:
     data, obs, decision = histories(pol, cfg)
     if len(obs) < 2:
         raise UserError(f"data: {data}: fewer than 2 held-out observation histories")
-    specs = {REFERENCE: on_command_backend(SamplerConfig.parse(REFERENCE))}
-    specs.update({s: on_command_backend(SamplerConfig.parse(s)) for s in cfg.samplers if s != REFERENCE})
+    # a student's reference is its teacher's DDPM-100 (`rollouts.teacher`): what distilling kept
+    reference = PREFIX + REFERENCE if pol.distilled else REFERENCE
+    specs, pols = {}, {}
+    for label in [reference, *(s for s in cfg.samplers if s != reference)]:
+        pols[label], bare = row_policy(pol, label)
+        specs[label] = on_command_backend(SamplerConfig.parse(bare))
     # A warm-started sampler's plan depends on the previous plan: here every plan is drawn cold,
     # as the first plan of an episode is (ParaDiGMS' warm starts only save rounds).
     cold = [name for name, spec in specs.items() if spec.warm]
     specs = {name: dataclasses.replace(spec, warm=False, start=None) for name, spec in specs.items()}
-    samplings = {n: pol.sampling(s) for n, s in specs.items()}  # a missing aligner fails here
+    samplings = {n: pols[n].sampling(s) for n, s in specs.items()}  # a missing aligner fails here
     norm = pol.normalizer.normalize
     modes = task_modes(pol.meta.get("task"))
     ref, rows = [], {n: {"dist": [], "evals": [], "iters": [], "modes": []} for n in specs}
     for k in tqdm(range(len(obs)), desc="dp-bench fidelity", unit="history"):
         key = cfg.seed * 1_000_003 + 2 * k
-        ref_x, _ = _draw(pol, samplings[REFERENCE], obs[k], cfg.draws, key + REFERENCE_STREAM)
+        ref_x, _ = _draw(pols[reference], samplings[reference], obs[k], cfg.draws, key + REFERENCE_STREAM)
         ref_flat = norm("action", ref_x).flatten(1)
         ref.append(ref_x)
         for name, sampling in samplings.items():
-            x, res = _draw(pol, sampling, obs[k], cfg.draws, key + SAMPLER_STREAM)
+            x, res = _draw(pols[name], sampling, obs[k], cfg.draws, key + SAMPLER_STREAM)
             r = rows[name]
             r["dist"].append(energy_distance(norm("action", x).flatten(1), ref_flat))
             r["evals"].append(res.model_evals)  # per chunk: a batch of draws counts as one plan
             r["iters"].append(res.parallel_iters)
             if modes is not None and decision[k]:
                 r["modes"].append(modes.classify(x.cpu().numpy(), obs[k], pol.meta["obs_layout"]))
-    floor = rows[REFERENCE]["dist"]
-    results = [_row(name, specs[name], r, floor, modes, decision, pol) for name, r in rows.items()]
+    floor = rows[reference]["dist"]
+    results = [_row(name, specs[name], r, floor, modes, decision, pols[name]) for name, r in rows.items()]
     context = {"checkpoint": pol.meta.get("checkpoint"), "task": pol.meta.get("task"), "data": data,
-               "fidelity": True, "reference": REFERENCE, "draws": cfg.draws, "drawn_cold": cold,
+               "fidelity": True, "reference": reference, "draws": cfg.draws, "drawn_cold": cold,
                "histories": int((~decision).sum()), "decision_states": int(decision.sum()),
                "device": str(pol.device), "threads": torch.get_num_threads(), "machine": machine(pol.device),
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -3,6 +3,8 @@ the sampler walks diffusers' LCMScheduler's chain, dp-distill trains a student f
 teacher (frozen, resumable to the same weights), and students and teachers refuse each other's
 samplers in one line."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,39 @@ def test_a_distillation_resumes_only_as_the_same_distillation(checkpoint, lift_d
     assert first.returncode == 0, first.stderr[-2000:]
     other = dp("dp-distill", *args, "skip=3", f"out={tmp_path / 'run'}")
     one_line_error(other, "dp-distill", "holds a run with skip=5, not 3")
+
+
+def test_dp_bench_times_the_teachers_samplers_beside_the_student_in_one_run(student, checkpoint, lift_demos,
+                                                                             tmp_path):
+    out = tmp_path / "bench"
+    r = dp("dp-bench", f"checkpoint={student}", f"data={lift_demos}",
+           "samplers=[consistency1,teacher:ddim1,'teacher:paraddim15:tol=0']", "plans=2", "warmup=0",
+           "batch_sizes=[1]", "overhead_plans=1", "threads=1", f"out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["name"]: row for row in json.loads((out / "results.json").read_text())}
+    # the parallel teacher row's twin is the teacher's own DDIM-15, added and timed beside it
+    assert list(rows) == ["consistency1", "teacher:ddim1", "teacher:paraddim15:tol=0", "teacher:ddim15"]
+    assert rows["teacher:paraddim15:tol=0"]["baseline"] == "teacher:ddim15"
+    # exact at tol 0, to the float sums of batched rows
+    assert rows["teacher:paraddim15:tol=0"]["action_max_abs_diff"] < 1e-4
+    assert rows["consistency1"]["model_evals_mean"] == rows["teacher:ddim1"]["model_evals_mean"] == 1
+    assert json.loads((out / "context.json").read_text())["teacher"] == str(checkpoint)
+    r = dp("dp-bench", f"checkpoint={checkpoint}", f"data={lift_demos}", "samplers=[teacher:ddim1]",
+           "plans=2", f"out={tmp_path / 'x'}")
+    one_line_error(r, "dp-bench", "is a diffusion policy: name its samplers without teacher:")
+    r = dp("dp-eval", f"checkpoint={student}", "samplers=[consistency1,teacher:ddpm100]", "episodes=1",
+           f"out={tmp_path / 'eval'}")
+    one_line_error(r, "dp-eval", "merge both runs with dp-report")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_the_fidelity_of_a_student_is_measured_against_its_teachers_ddpm100(student, lift_demos, tmp_path):
+    out = tmp_path / "fid"
+    r = dp("dp-bench", f"checkpoint={student}", "fidelity=true", f"data={lift_demos}",
+           "samplers=[consistency1,teacher:ddim1]", "states=2", "draws=4", "threads=1", f"out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["name"]: row for row in json.loads((out / "results.json").read_text())}
+    assert list(rows) == ["teacher:ddpm100", "consistency1", "teacher:ddim1"]
+    assert rows["consistency1"]["model_evals_per_plan"] == 1
+    assert json.loads((out / "context.json").read_text())["reference"] == "teacher:ddpm100"
+    assert "teacher:ddpm100's plans" in r.stdout
