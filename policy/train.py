@@ -226,31 +226,27 @@ def start_from(model: torch.nn.Module, init: str, policy: DiffusionPolicy) -> No
 
 
 def check_resumable(resume: Path, state: dict, cfg: TrainConfig, distilled: dict | None = None) -> None:
-    """Refuse to resume checkpoint `resume` (its trainer `state`) with another policy config or
-    another store, naming what differs; the same store spelled differently (relative, absolute,
+    """Refuse to resume checkpoint `resume` (its trainer `state`) with another policy config,
+    another store, or as another kind of run or distillation (`distilled`), naming what differs; the same store spelled differently (relative, absolute,
     a trailing slash) is the same store."""
     out = resume.parent.parent
     was, now = Path(state["data"]).resolve(), Path(cfg.data).resolve()
     if was != now:
         raise UserError(f"{out}: holds a run on data={was}, not {now}; "
                         "choose another out= (or the same data)")
-    saved = saved_config(load_meta(resume))
-    diff = first_difference(saved, json.loads(json.dumps(asdict(cfg.policy))), "policy")
-    if diff is not None:
-        key, a, b = diff
-        raise UserError(f"{out}: holds a run with {key}={a!r}, not {b!r}; "
-                        f"choose another out= (or the same {key})")
-    was = (load_meta(resume).get("meta") or {}).get("distilled")
+    meta = load_meta(resume)
+    was = (meta.get("meta") or {}).get("distilled")
     if (was is None) != (distilled is None):
         kinds = ("a training run (dp-train)", "a distillation (dp-distill)")
         raise UserError(f"{out}: holds {kinds[was is not None]}, not {kinds[distilled is not None]}; "
                         "choose another out=")
-    diff = first_difference(was, distilled, "distilled") if was is not None else None
-    if diff is not None:
-        key, a, b = diff
-        key = key.rsplit(".", 1)[-1]
-        raise UserError(f"{out}: holds a run with {key}={a!r}, not {b!r}; "
-                        f"choose another out= (or the same {key})")
+    for diff in (first_difference(saved_config(meta), json.loads(json.dumps(asdict(cfg.policy))), "policy"),
+                 first_difference(was, distilled, "distilled") if was is not None else None):
+        if diff is not None:
+            key, a, b = diff
+            key = key.removeprefix("distilled.")  # a distillation's settings are dp-distill's keys
+            raise UserError(f"{out}: holds a run with {key}={a!r}, not {b!r}; "
+                            f"choose another out= (or the same {key})")
 
 
 def first_difference(a, b, where: str) -> tuple[str, object, object] | None:

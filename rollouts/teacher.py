@@ -9,13 +9,12 @@ student's plans against the teacher's DDPM-100. The teacher is the checkpoint th
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from common.errors import UserError
 
 PREFIX = "teacher:"
-
-_loaded: dict[tuple[str, str], object] = {}  # (teacher path, device) -> the loaded teacher
 
 
 def split(spec: str) -> tuple[str, str]:
@@ -26,8 +25,6 @@ def split(spec: str) -> tuple[str, str]:
 def teacher_of(pol):
     """The policy that student `pol` was distilled from; a one-line error for a diffusion policy or
     a teacher that is not on this machine."""
-    import policy
-
     if not pol.distilled:
         raise UserError(f"samplers: {PREFIX}<preset> samples a consistency student's teacher, and "
                         f"{pol.meta.get('checkpoint')} is a diffusion policy: name its samplers without "
@@ -36,10 +33,14 @@ def teacher_of(pol):
     if not Path(path).exists():
         raise UserError(f"{PREFIX} {path} (the teacher {pol.meta.get('checkpoint')} was distilled from) "
                         "is not here; run from the folder it was distilled in, or drop the teacher rows")
-    key = (path, str(pol.device))
-    if key not in _loaded:
-        _loaded[key] = policy.load(path, device=str(pol.device))
-    return _loaded[key]
+    return _load(path, str(pol.device))
+
+
+@cache  # one teacher per (path, device) in a process, however many rows sample it
+def _load(path: str, device: str):
+    import policy
+
+    return policy.load(path, device=device)
 
 
 def row_policy(pol, spec: str) -> tuple[object, str]:
