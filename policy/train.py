@@ -227,8 +227,8 @@ def start_from(model: torch.nn.Module, init: str, policy: DiffusionPolicy) -> No
 
 def check_resumable(resume: Path, state: dict, cfg: TrainConfig, distilled: dict | None = None) -> None:
     """Refuse to resume checkpoint `resume` (its trainer `state`) with another policy config,
-    another store, or as another kind of run or distillation (`distilled`), naming what differs; the same store spelled differently (relative, absolute,
-    a trailing slash) is the same store."""
+    another store, or as another kind of run or distillation (`distilled`), naming what differs;
+    the same store spelled differently (relative, absolute, a trailing slash) is the same store."""
     out = resume.parent.parent
     was, now = Path(state["data"]).resolve(), Path(cfg.data).resolve()
     if was != now:
