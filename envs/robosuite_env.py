@@ -6,6 +6,7 @@ This is the only module that imports robosuite, and only when an env is built.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -333,7 +334,11 @@ class RobosuiteEnv(gym.Env):
 
 
 def make_env(task: str, seed: int | None = None, render: bool = False, scene: str | None = None,
-             **kwargs: Any) -> RobosuiteEnv:
+             horizon: int | None = None, **kwargs: Any) -> RobosuiteEnv:
     """A gymnasium env for `task` (lift, can or square), in `scene` if given (can: `divider`, the
-    scene of its mh demonstrations); see `RobosuiteEnv`."""
-    return RobosuiteEnv(get_task(task).in_scene(scene), seed=seed, render=render, **kwargs)
+    scene of its mh demonstrations), its episodes truncated at `horizon` control steps if given
+    (default: the task's); see `RobosuiteEnv`."""
+    spec = get_task(task).in_scene(scene)
+    if horizon is not None:
+        spec = replace(spec, horizon=horizon)
+    return RobosuiteEnv(spec, seed=seed, render=render, **kwargs)

@@ -137,6 +137,9 @@ def record(zoo: str | Path, evaluation: str | Path) -> dict:
     keep = ("sampler", "episodes", "success_rate", "success_ci95", "latency_ms", "model_evals_per_plan",
             "parallel_iters_per_plan", "threads", "workers", "device")
     run = read_file(evaluation / "run.json", lambda p: json.loads(p.read_text()))
+    if run.get("horizon") is not None:  # a shipped figure is one of whole episodes
+        raise UserError(f"{evaluation}: its episodes were cut at horizon={run['horizon']}, not the task's; "
+                        "evaluate without horizon=")
     measured = {"seed": run.get("seed"), "results": [{k: r.get(k) for k in keep} for r in results]}
     meta.setdefault("zoo", {})["measured"] = measured
     write_json(zoo / "policy.json", meta, indent=1)

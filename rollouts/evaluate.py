@@ -70,6 +70,7 @@ class EvalConfig:
     workers: int | None = None  # default: one per core (realtime: 1, as each episode keeps two cores busy)
     threads: int = 1  # torch threads per worker
     videos: int = 0  # render the first k episodes of each sampler to mp4
+    horizon: int | None = None  # end each episode after this many control steps (default: the task's own)
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
     data: str | None = None  # the demonstration store whose seeds must not be reused (default: the policy's)
     restart: bool = False  # discard a previous run in `out` instead of continuing it
@@ -136,7 +137,7 @@ def check_seeds(data: str | None, seeds: range, recorded: list[int] | None = Non
 
 def _run_info(cfg: EvalConfig, pol, specs: dict[str, SamplerConfig]) -> dict:
     return {"checkpoint": pol.meta["checkpoint"], "step": pol.meta["step"], "task": pol.meta["task"],
-            "seed": cfg.seed, "threads": cfg.threads, "device": str(pol.device),
+            "seed": cfg.seed, "threads": cfg.threads, "device": str(pol.device), "horizon": cfg.horizon,
             "realtime": dataclasses.asdict(cfg.loop) if cfg.realtime else None,
             "samplers": {k: dataclasses.asdict(v) for k, v in specs.items()}}
 
@@ -163,7 +164,7 @@ def prepare_out(out: Path, info: dict, restart: bool) -> list[dict]:
             (out / name).unlink(missing_ok=True)
     elif run_file.exists():
         before = json.loads(run_file.read_text())
-        for key in ("checkpoint", "seed", "threads", "device", "realtime"):
+        for key in ("checkpoint", "seed", "threads", "device", "horizon", "realtime"):
             if before.get(key) != info[key]:
                 raise UserError(f"{out}: holds an evaluation with {key}={before.get(key)!r}, "
                                 f"not {info[key]!r}; pass restart=true to discard it, or another out=")
@@ -182,7 +183,8 @@ def prepare_out(out: Path, info: dict, restart: bool) -> list[dict]:
 def evaluate(cfg: EvalConfig) -> Path:
     import policy
 
-    for name, low in (("episodes", 1), ("threads", 1), ("workers", 1), ("videos", 0), ("block", 1)):
+    for name, low in (("episodes", 1), ("threads", 1), ("workers", 1), ("videos", 0), ("block", 1),
+                      ("horizon", 1)):
         value = getattr(cfg, name)
         if value is not None and value < low:
             raise UserError(f"{name}: {value} must be at least {low}")
@@ -364,7 +366,7 @@ def _run_jobs(jobs: list[dict], log: Path, cfg: EvalConfig, workers: int, checkp
                 tqdm.write(f"{record['sampler']} seed {record['seed']}: {record['error']}")
 
         loop = dataclasses.asdict(cfg.loop) if cfg.realtime else None
-        init = WorkerInit(checkpoint, cfg.device, cfg.threads, loop)
+        init = WorkerInit(checkpoint, cfg.device, cfg.threads, loop, horizon=cfg.horizon)
         try:
             if cfg.launcher == "ray":
                 from rollouts.cluster import run_on_ray

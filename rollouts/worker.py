@@ -29,6 +29,7 @@ class WorkerInit:
     threads: int  # torch threads
     loop: dict | None = None  # the real-time loop's settings (`LoopConfig`'s fields); None: not real time
     pooled: bool = False  # a pool worker: the parent answers Ctrl-C and stops the pool
+    horizon: int | None = None  # control steps an episode may take (None: the task's)
 
 
 @dataclass
@@ -63,7 +64,7 @@ def init_worker(init: WorkerInit) -> None:
 
     torch.set_num_threads(init.threads)
     state.policy = policy.load(init.checkpoint, device=init.device)
-    state.env = make_policy_env(state.policy)
+    state.env = make_policy_env(state.policy, horizon=init.horizon)
     state.threads, state.checkpoint, state.device = init.threads, init.checkpoint, init.device
     state.loop = LoopConfig(**init.loop) if init.loop is not None else None
     state.init = init
@@ -141,7 +142,7 @@ def _run_episode_job(job: dict, record: dict) -> dict:
     if render and state.render_env is None:
         from rollouts.runner import make_policy_env
 
-        state.render_env = make_policy_env(pol, render=True)
+        state.render_env = make_policy_env(pol, render=True, horizon=state.init.horizon)
     r = run_episode(state.render_env if render else state.env, pol, job["seed"], render=render)
     record.update(_outcome(r), plans=[dataclasses.asdict(p) for p in r.plans], backend=pol.backend)
     if render:

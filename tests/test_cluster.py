@@ -36,7 +36,7 @@ def _episode_workers() -> list[int]:
 
 def test_ray_run_with_a_worker_killed_records_every_episode_once_as_the_pool_does(checkpoint, tmp_path):
     common = [f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']", "episodes=3", "threads=1",
-              "progress=false"]
+              "horizon=100", "progress=false"]  # 100 of lift's 400 steps: long enough to be killed in
     pool = dp("dp-eval", *common, "workers=1", f"out={tmp_path / 'pool'}")
     assert pool.returncode == 0, pool.stderr
     exe = Path(sys.executable).with_name("dp-eval")

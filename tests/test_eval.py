@@ -18,6 +18,9 @@ from commands import dp
 
 BIN = Path(sys.executable).parent
 FAST = ["ddim5:steps=2", "paraddim15:steps=2,window=2"]
+# Episodes of 40 control steps, not lift's 400: a policy of 20 training steps lifts nothing in either,
+# and a test's episode costs a tenth as much (dp-eval's `horizon`).
+SHORT = "horizon=40"
 
 
 def samplers(*specs):
@@ -31,7 +34,7 @@ def run(cmd, **kw):
 def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
     out = tmp_path / "eval"
     r = run(["dp-eval", f"checkpoint={checkpoint}", samplers(*FAST), "episodes=1",
-             "workers=1", "videos=1", f"out={out}"])
+             "workers=1", "videos=1", SHORT, f"out={out}"])
     assert r.returncode == 0, r.stderr
     results = read_rows(out / "results.json")
     assert [e["sampler"] for e in results] == FAST
@@ -48,20 +51,22 @@ def test_short_evaluation_writes_every_report_file(checkpoint, tmp_path):
     assert episodes[0].startswith("sampler,seed,episode,success") and len(episodes) == 3
     plans = (out / "plans.csv").read_text().splitlines()
     assert plans[0] == "sampler,seed,step,latency_ms,model_evals,parallel_iters,converged,encode_ms"
-    assert len(plans) == 1 + 2 * 50  # 400 steps, a plan every 8
+    assert len(plans) == 1 + 2 * 5  # 40 steps (horizon=40, not lift's 400), a plan every 8
+    assert json.loads((out / "run.json").read_text())["horizon"] == 40
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     videos = sorted(p.name for p in (out / "videos").iterdir())
     assert videos == ["ddim5_steps_2-100000.mp4", "paraddim15_steps_2_window_2-100000.mp4"]
     import cv2
 
     cap = cv2.VideoCapture(str(out / "videos" / videos[0]))
-    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 401
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 41
     assert "paraddim15:steps=2,window=2" in r.stdout and "95% CI" in r.stdout and "backend" in r.stdout
 
 
 def test_interrupted_run_keeps_finished_episodes_and_continues(checkpoint, tmp_path):
     out = tmp_path / "eval"
-    args = ["dp-eval", f"checkpoint={checkpoint}", samplers(FAST[0]), "episodes=5", "workers=1", f"out={out}"]
+    args = ["dp-eval", f"checkpoint={checkpoint}", samplers(FAST[0]), "episodes=5", "workers=1",
+            "horizon=100", f"out={out}"]
     proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True,
                             # a shell's background job inherits SIGINT ignored; Ctrl-C is what we test
@@ -92,7 +97,7 @@ def test_interrupted_run_keeps_finished_episodes_and_continues(checkpoint, tmp_p
 def test_a_cut_log_line_is_ignored_and_that_episode_rerun(checkpoint, tmp_path):
     out = tmp_path / "eval"
     cfg = EvalConfig(checkpoint=str(checkpoint), samplers=[FAST[0]], episodes=2, workers=1, out=str(out),
-                     progress=False)
+                     progress=False, horizon=40)
     evaluate(cfg)
     lines = (out / "episodes.jsonl").read_text().splitlines()
     (out / "episodes.jsonl").write_text(lines[0] + "\n" + lines[1][:40])  # a kill mid-write
@@ -100,6 +105,10 @@ def test_a_cut_log_line_is_ignored_and_that_episode_rerun(checkpoint, tmp_path):
     evaluate(cfg)
     again = read_log(out / "episodes.jsonl")
     assert [r["seed"] for r in again] == [100000, 100001] and json.dumps(again[0]) == lines[0]
+    assert [r["length"] for r in again] == [40, 40]  # horizon=40: truncated there
+    cfg.horizon = None  # the task's 400: not the same evaluation
+    with pytest.raises(UserError, match="holds an evaluation with horizon=40, not None"):
+        evaluate(cfg)
 
 
 # A full disk (simulated by a file-size limit): an episode's log line is 7 kB, pareto.png 30 kB.
@@ -198,7 +207,7 @@ def test_every_command_plans_on_auto_unless_the_spec_or_an_option_names_a_backen
 def test_multirun_sweep_and_report_merge(checkpoint, tmp_path):
     out = tmp_path / "sweep"
     r = run(["dp-eval", "-m", f"checkpoint={checkpoint}", "samplers=[paraddim15]", "options.steps=2",
-             "options.window=1,2", "episodes=1", "workers=1", f"out={out}/w" + "${options.window}"],
+             "options.window=1,2", "episodes=1", "workers=1", SHORT, f"out={out}/w" + "${options.window}"],
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for w in (1, 2):
@@ -261,7 +270,7 @@ def test_a_sampler_whose_episodes_all_crashed_still_gets_a_report(tmp_path):
 def test_sequential_stopping_runs_blocks_and_reports_each_decision_and_its_episodes(checkpoint, tmp_path):
     out = tmp_path / "eval"
     r = run(["dp-eval", f"checkpoint={checkpoint}", samplers(*FAST), "episodes=2", "block=1",
-             "stop=sequential", "workers=1", f"out={out}"])
+             "stop=sequential", "workers=1", SHORT, f"out={out}"])
     assert r.returncode == 0, r.stderr
     rows = {row["sampler"]: row for row in read_rows(out / "results.json")}
     ref, other = rows[FAST[0]], rows[FAST[1]]

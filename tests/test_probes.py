@@ -479,7 +479,7 @@ def test_dp_collect_killed_with_sigkill_then_rerun_writes_a_complete_store(tmp_p
 def test_dp_eval_killed_with_sigkill_continues_with_nothing_lost_or_doubled(checkpoint, tmp_path):
     out = tmp_path / "eval"
     args = [f"checkpoint={checkpoint}", "samplers=['ddim5:steps=2']", "episodes=3", "workers=1", f"out={out}",
-            "progress=false"]
+            "horizon=100", "progress=false"]  # episodes of 100 steps, not 400
     proc = subprocess.Popen([str(BIN / "dp-eval"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     log = out / "episodes.jsonl"

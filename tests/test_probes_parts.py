@@ -49,7 +49,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_a_second_dp_eval_on_a_live_output_is_refused_and_a_dead_holders_lock_is_taken(checkpoint, tmp_path):
     out = tmp_path / "eval"
-    args = [f"checkpoint={checkpoint}", "samplers=[ddim5]", "episodes=1", "workers=1",
+    args = [f"checkpoint={checkpoint}", "horizon=40", "samplers=[ddim5]", "episodes=1", "workers=1",
             "progress=false", f"out={out}"]
     assert dp("dp-eval", *args).returncode == 0
     before = snapshot(out)

@@ -133,7 +133,8 @@ def test_dp_eval_compares_each_sampler_with_the_reference_and_recommends_for_a_d
     out = tmp_path / "eval"
     specs = ["ddim5:steps=2", "ddim5:steps=3"]
     r = dp("dp-eval", f"checkpoint={checkpoint}", "samplers=[" + ",".join(f"'{s}'" for s in specs) + "]",
-           "episodes=2", "workers=1", f"out={out}", "reference='ddim5:steps=3'", "deadline_ms=1000")
+           "episodes=2", "workers=1", "horizon=40", f"out={out}", "reference='ddim5:steps=3'",
+           "deadline_ms=1000")
     assert r.returncode == 0, r.stderr
     rows = read_rows(out / "results.json")
     first, ref = rows

@@ -78,6 +78,12 @@ def test_evaluation_of_a_zoo_policy_refuses_its_demonstration_seeds_and_is_recor
     shutil.copytree(out, other)
     with pytest.raises(UserError, match="not an evaluation of"):
         record(other, ev)
+    cut = tmp_path / "cut"  # the same evaluation with its episodes cut short: no shipped figure
+    shutil.copytree(ev, cut)
+    run = json.loads((cut / "run.json").read_text())
+    (cut / "run.json").write_text(json.dumps({**run, "horizon": 40}))
+    with pytest.raises(UserError, match="cut at horizon=40"):
+        record(out, cut)
 
 
 @pytest.mark.parametrize("zoo", SHIPPED, ids=lambda p: p.name)
