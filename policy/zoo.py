@@ -57,6 +57,12 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "",
     store = meta.get("meta", {}).get("data")
     weights = read_file(ckpt / WEIGHTS, load_file)
     meta["meta"] = {**meta.get("meta", {}), **_store_facts(meta.get("meta", {}).get("data"))}
+    distilled = meta["meta"].get("distilled")
+    if distilled and Path(distilled["teacher"]).is_relative_to(Path.cwd()):
+        # a teacher in this tree (zoo/square) named from its root, as zoo/ policies are run: a
+        # clone anywhere else finds it (`teacher:` rows)
+        teacher = Path(distilled["teacher"]).relative_to(Path.cwd())
+        meta["meta"]["distilled"] = {**distilled, "teacher": str(teacher)}
     meta["zoo"] = {"source": str(ckpt), "weights_dtype": str(dtype).removeprefix("torch."),
                    "command": command, "training_s": _training_seconds(ckpt)}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ teacher (frozen, resumable to the same weights), and students and teachers refus
 samplers in one line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,17 @@ def test_the_fidelity_of_a_student_is_measured_against_its_teachers_ddpm100(stud
     assert rows["consistency1"]["model_evals_per_plan"] == 1
     assert json.loads((out / "context.json").read_text())["reference"] == "teacher:ddpm100"
     assert "teacher:ddpm100's plans" in r.stdout
+
+
+def test_an_exported_student_names_a_teacher_in_its_tree_from_the_trees_root(student, checkpoint, tmp_path,
+                                                                            monkeypatch):
+    from policy.checkpoint import resolve
+    from policy.zoo import export
+    from rollouts.teacher import teacher_of
+
+    tree = Path(checkpoint).resolve().parents[1]  # where the teacher lives, as zoo/square in a clone
+    monkeypatch.chdir(tree)
+    out = export(student, tree / "zoo" / tmp_path.name)
+    teacher = json.loads((out / "policy.json").read_text())["meta"]["distilled"]["teacher"]
+    assert not Path(teacher).is_absolute() and (tree / teacher).resolve() == resolve(checkpoint)
+    assert teacher_of(policy.load(out)).meta["step"] == policy.load(checkpoint).meta["step"]
