@@ -58,11 +58,11 @@ def export(checkpoint: str | Path, out: str | Path, command: str = "",
     weights = read_file(ckpt / WEIGHTS, load_file)
     meta["meta"] = {**meta.get("meta", {}), **_store_facts(meta.get("meta", {}).get("data"))}
     distilled = meta["meta"].get("distilled")
-    if distilled and Path(distilled["teacher"]).is_relative_to(Path.cwd()):
+    teacher = Path(distilled["teacher"]) if distilled else None
+    if teacher is not None and teacher.is_relative_to(Path.cwd()):
         # a teacher in this tree (zoo/square) named from its root, as zoo/ policies are run: a
         # clone anywhere else finds it (`teacher:` rows)
-        teacher = Path(distilled["teacher"]).relative_to(Path.cwd())
-        meta["meta"]["distilled"] = {**distilled, "teacher": str(teacher)}
+        meta["meta"]["distilled"] = {**distilled, "teacher": str(teacher.relative_to(Path.cwd()))}
     meta["zoo"] = {"source": str(ckpt), "weights_dtype": str(dtype).removeprefix("torch."),
                    "command": command, "training_s": _training_seconds(ckpt)}
     out.parent.mkdir(parents=True, exist_ok=True)
